@@ -1,0 +1,368 @@
+//! Runs a tensor's stage chain: encode with per-stage accounting, decode in
+//! reverse.
+//!
+//! A chain lists transforms, then decompositions, then one quantizer, then
+//! entropy coders (`hcx_protocol::job::validate_chain` checks the order).
+//! While encoding, the chain keeps the parts written so far and the signal
+//! still to encode. After each stage it records the representation's size
+//! (parts plus the remaining signal at the source's bytes per element) and
+//! the squared error the stage added. Transforms are orthonormal and
+//! decompositions additive, so an error added anywhere is the same error in
+//! the original domain; the quantizer's share is fixed up after a full
+//! decode so the shares add up to the true final error exactly.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use hcx_protocol::manifest::StepRecord;
+use hcx_protocol::stage::{StageCategory, StageSpec};
+use serde_json::json;
+
+use crate::part::Coded;
+use crate::rng::seed_for;
+use crate::stats::{energy, sqnr_from, squared_error};
+use crate::{KernelError, Part, Parts, Signal};
+use crate::{
+    cast, entropy, hadamard, lowrank, nonuniform, rtn, seedlm, sparse, ternary, uniform, vq,
+};
+
+/// An encoded tensor: what each stage did and the parts to store.
+#[derive(Debug, Clone)]
+pub struct EncodedTensor {
+    /// One record per stage, in encode order.
+    pub steps: Vec<StepRecord>,
+    /// Parts named `<stage>.<part>` (the caller prefixes the tensor name).
+    pub parts: Vec<Part>,
+    /// SQNR of the decoded tensor against the input, dB (`None` when exact).
+    pub sqnr_db: Option<f64>,
+    /// Wall time of each stage, seconds.
+    pub seconds: Vec<f64>,
+}
+
+fn quantize(stage: &StageSpec, x: &Signal, seed: u64) -> Result<Coded, KernelError> {
+    match stage {
+        StageSpec::Cast(s) => cast::encode(s, x),
+        StageSpec::Rtn(s) => rtn::encode(s, x),
+        StageSpec::Uniform(s) => uniform::encode(s, x),
+        StageSpec::Nonuniform(s) => nonuniform::encode(s, x),
+        StageSpec::Ternary(s) => ternary::encode(s, x),
+        StageSpec::Seedlm(s) => seedlm::encode(s, x, seed),
+        StageSpec::Vq(s) => vq::encode(s, x, seed),
+        other => Err(KernelError::Meta {
+            stage: other.kind().into(),
+            why: "not a quantizer".into(),
+        }),
+    }
+}
+
+fn dequantize(
+    stage: &StageSpec,
+    meta: &serde_json::Value,
+    parts: &Parts,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, KernelError> {
+    match stage {
+        StageSpec::Cast(_) => cast::decode(meta, parts, rows, cols),
+        StageSpec::Rtn(_) => rtn::decode(meta, parts, rows, cols),
+        StageSpec::Uniform(_) => uniform::decode(meta, parts, rows, cols),
+        StageSpec::Nonuniform(_) => nonuniform::decode(meta, parts, rows, cols),
+        StageSpec::Ternary(_) => ternary::decode(meta, parts, rows, cols),
+        StageSpec::Seedlm(_) => seedlm::decode(meta, parts, rows, cols),
+        StageSpec::Vq(_) => vq::decode(meta, parts, rows, cols),
+        other => Err(KernelError::Meta {
+            stage: other.kind().into(),
+            why: "not a quantizer".into(),
+        }),
+    }
+}
+
+fn prefixed(kind: &str, parts: Vec<Part>) -> impl Iterator<Item = Part> + '_ {
+    parts.into_iter().map(move |mut p| {
+        p.name = format!("{kind}.{}", p.name);
+        p
+    })
+}
+
+fn bytes_of(parts: &[Part]) -> u64 {
+    parts.iter().map(|p| p.len() as u64).sum()
+}
+
+/// Encodes one tensor through `stages`. `name` and `job_seed` seed every
+/// random choice; `elem_bytes` is the source dtype's width, used for the
+/// size accounting of the signal not yet encoded.
+pub fn encode_tensor(
+    name: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+    stages: &[StageSpec],
+    job_seed: u64,
+    elem_bytes: usize,
+) -> Result<EncodedTensor, KernelError> {
+    let original = values.clone();
+    let total = energy(&original);
+    let mut sig = Some(Signal::from_shape(values, shape));
+    let (rows0, cols0) = sig.as_ref().map(|s| (s.rows, s.cols)).unwrap_or((0, 0));
+    let mut parts: Vec<Part> = Vec::new();
+    let mut steps = Vec::with_capacity(stages.len());
+    let mut seconds = Vec::with_capacity(stages.len());
+    let mut cum_err = 0.0f64;
+    let size = |parts: &[Part], sig: &Option<Signal>| {
+        bytes_of(parts) + sig.as_ref().map_or(0, |s| (s.len() * elem_bytes) as u64)
+    };
+    for stage in stages {
+        let t0 = Instant::now();
+        let bytes_in = size(&parts, &sig);
+        let (rows, cols) = sig.as_ref().map(|s| (s.rows, s.cols)).unwrap_or((0, 0));
+        let kind = stage.kind();
+        let seed = seed_for(job_seed, name, kind);
+        let mut err = 0.0f64;
+        let no_signal = || KernelError::Meta {
+            stage: kind.into(),
+            why: "no signal left to encode (a quantizer or a dropping low-rank stage came before)"
+                .into(),
+        };
+        let codec = match stage {
+            StageSpec::Hadamard(h) => {
+                let s = sig.as_mut().ok_or_else(no_signal)?;
+                crate::part::to_meta(&hadamard::forward(s, h.block, seed)?)
+            }
+            StageSpec::Lowrank(l) => {
+                let s = sig.take().ok_or_else(no_signal)?;
+                let split = lowrank::encode(l, &s, seed)?;
+                parts.extend(prefixed(kind, split.parts));
+                sig = split.rest;
+                err = split.dropped_energy;
+                split.meta
+            }
+            StageSpec::Sparse(sp) => {
+                let s = sig.take().ok_or_else(no_signal)?;
+                let split = sparse::encode(sp, &s, seed)?;
+                parts.extend(prefixed(kind, split.parts));
+                sig = split.rest;
+                err = split.dropped_energy;
+                split.meta
+            }
+            StageSpec::Zstd(z) => entropy::encode(z.level, &mut parts)?,
+            q => {
+                let s = sig.take().ok_or_else(no_signal)?;
+                let coded = quantize(q, &s, seed)?;
+                let local = Parts::new(coded.parts);
+                let back = dequantize(q, &coded.meta, &local, s.rows, s.cols)?;
+                err = squared_error(&s.data, &back);
+                parts.extend(prefixed(kind, local.into_vec()));
+                coded.meta
+            }
+        };
+        cum_err += err;
+        steps.push(StepRecord {
+            spec: stage.clone(),
+            meta: json!({ "rows": rows, "cols": cols, "codec": codec }),
+            bytes_in,
+            bytes_out: size(&parts, &sig),
+            error_added: if total > 0.0 { err / total } else { 0.0 },
+            sqnr_db: sqnr_from(total, cum_err),
+        });
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    if sig.is_some() {
+        return Err(KernelError::Meta {
+            stage: "chain".into(),
+            why: format!("the chain for a [{rows0}, {cols0}] tensor ends with no quantizer"),
+        });
+    }
+    // Verify by a full decode and make the per-stage errors add up exactly.
+    let decoded = decode_tensor(&steps, parts.clone(), shape)?;
+    let final_err = squared_error(&original, &decoded);
+    let sqnr = sqnr_from(total, final_err);
+    if let Some(qi) = steps
+        .iter()
+        .position(|s| s.spec.category() == StageCategory::Quantizer)
+    {
+        let others: f64 = steps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != qi)
+            .map(|(_, s)| s.error_added)
+            .sum();
+        let fixed = if total > 0.0 {
+            (final_err / total - others).max(0.0)
+        } else {
+            0.0
+        };
+        steps[qi].error_added = fixed;
+        for s in steps.iter_mut().skip(qi) {
+            s.sqnr_db = sqnr;
+        }
+    }
+    Ok(EncodedTensor {
+        steps,
+        parts,
+        sqnr_db: sqnr,
+        seconds,
+    })
+}
+
+fn dims(step: &StepRecord) -> Result<(usize, usize, &serde_json::Value), KernelError> {
+    let bad = || KernelError::Meta {
+        stage: step.spec.kind().into(),
+        why: "missing rows/cols/codec".into(),
+    };
+    let rows = step
+        .meta
+        .get("rows")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(bad)? as usize;
+    let cols = step
+        .meta
+        .get("cols")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(bad)? as usize;
+    let codec = step.meta.get("codec").ok_or_else(bad)?;
+    rows.checked_mul(cols)
+        .filter(|n| *n <= 1 << 40)
+        .ok_or_else(bad)?;
+    Ok((rows, cols, codec))
+}
+
+/// Decodes a tensor from its stage records and parts (named `<stage>.<part>`).
+pub fn decode_tensor(
+    steps: &[StepRecord],
+    mut parts: Vec<Part>,
+    shape: &[usize],
+) -> Result<Vec<f32>, KernelError> {
+    for step in steps.iter().rev() {
+        if let StageSpec::Zstd(_) = step.spec {
+            let (_, _, codec) = dims(step)?;
+            entropy::decode(codec, &mut parts)?;
+        }
+    }
+    let mut by_stage: HashMap<String, Vec<Part>> = HashMap::new();
+    for mut p in parts {
+        let Some((kind, rest)) = p.name.split_once('.') else {
+            return Err(KernelError::corrupt(
+                &p.name,
+                "part name has no stage prefix",
+            ));
+        };
+        let kind = kind.to_string();
+        p.name = rest.to_string();
+        by_stage.entry(kind).or_default().push(p);
+    }
+    let mut take = |kind: &str| Parts::new(by_stage.remove(kind).unwrap_or_default());
+    let mut cur: Option<Vec<f32>> = None;
+    for step in steps.iter().rev() {
+        let (rows, cols, codec) = dims(step)?;
+        let kind = step.spec.kind();
+        match &step.spec {
+            StageSpec::Zstd(_) => {}
+            StageSpec::Hadamard(_) => {
+                let v = cur.as_mut().ok_or_else(|| KernelError::Meta {
+                    stage: kind.into(),
+                    why: "nothing to rotate back".into(),
+                })?;
+                let m: hadamard::HadamardMeta = crate::part::parse_meta(kind, codec)?;
+                hadamard::inverse(v, rows, cols, &m)?;
+            }
+            StageSpec::Lowrank(_) => {
+                cur = Some(lowrank::decode(codec, &take(kind), cur.take(), rows, cols)?)
+            }
+            StageSpec::Sparse(_) => {
+                cur = Some(sparse::decode(codec, &take(kind), cur.take(), rows, cols)?)
+            }
+            q => cur = Some(dequantize(q, codec, &take(kind), rows, cols)?),
+        }
+    }
+    let expect: usize = shape.iter().product();
+    match cur {
+        Some(v) if v.len() == expect => Ok(v),
+        Some(v) => Err(KernelError::Meta {
+            stage: "chain".into(),
+            why: format!("decoded {} values for shape {shape:?}", v.len()),
+        }),
+        None => Err(KernelError::Meta {
+            stage: "chain".into(),
+            why: "the chain has no stage that produces values".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::gaussian_vec;
+    use hcx_protocol::stage::*;
+
+    fn chain(yaml_like: Vec<StageSpec>) -> Vec<StageSpec> {
+        yaml_like
+    }
+
+    #[test]
+    fn hadamard_uniform_zstd_round_trip_and_accounting() {
+        let x = gaussian_vec(1, 64 * 384);
+        let stages = chain(vec![
+            StageSpec::Hadamard(HadamardSpec::default()),
+            StageSpec::Uniform(UniformSpec {
+                bits: 4.0,
+                deadzone: 0.0,
+            }),
+            StageSpec::Zstd(ZstdSpec::default()),
+        ]);
+        let e = encode_tensor("w", x.clone(), &[64, 384], &stages, 7, 4).unwrap();
+        assert_eq!(e.steps.len(), 3);
+        assert_eq!(e.steps[0].bytes_in, 64 * 384 * 4);
+        assert_eq!(e.steps[0].bytes_out, 64 * 384 * 4);
+        assert_eq!(e.steps[1].bytes_out, 64 * 384);
+        let stored: u64 = e.parts.iter().map(|p| p.len() as u64).sum();
+        assert_eq!(e.steps[2].bytes_out, stored);
+        assert!(stored * 8 < (64 * 384 * 41 / 10) as u64, "{stored}");
+        let s = e.sqnr_db.unwrap();
+        assert!(s > 22.0, "{s}");
+        let y = decode_tensor(&e.steps, e.parts.clone(), &[64, 384]).unwrap();
+        assert_eq!(crate::stats::sqnr_db(&x, &y), e.sqnr_db);
+        // Same input, same bytes.
+        let again = encode_tensor("w", x, &[64, 384], &stages, 7, 4).unwrap();
+        assert_eq!(again.parts, e.parts);
+    }
+
+    #[test]
+    fn errors_add_up() {
+        let x = gaussian_vec(2, 32 * 256);
+        let stages = vec![
+            StageSpec::Sparse(SparseSpec {
+                pattern: SparsePattern::TwoFour,
+                density: 0.5,
+            }),
+            StageSpec::Rtn(RtnSpec {
+                bits: 4,
+                group: Some(64),
+                symmetric: true,
+                search: false,
+            }),
+        ];
+        let e = encode_tensor("w", x, &[32, 256], &stages, 1, 4).unwrap();
+        let total: f64 = e.steps.iter().map(|s| s.error_added).sum();
+        let s = e.sqnr_db.unwrap();
+        assert!((-10.0 * total.log10() - s).abs() < 1e-6, "{total} vs {s}");
+        assert!(e.steps[0].error_added > 0.0);
+    }
+
+    #[test]
+    fn missing_part_is_an_error_not_a_panic() {
+        let x = gaussian_vec(3, 4 * 128);
+        let stages = vec![
+            StageSpec::Rtn(RtnSpec {
+                bits: 4,
+                group: None,
+                symmetric: true,
+                search: false,
+            }),
+            StageSpec::Zstd(ZstdSpec::default()),
+        ];
+        let e = encode_tensor("w", x, &[4, 128], &stages, 1, 4).unwrap();
+        let mut parts = e.parts.clone();
+        parts.pop();
+        assert!(decode_tensor(&e.steps, parts, &[4, 128]).is_err());
+        assert!(decode_tensor(&e.steps, e.parts.clone(), &[4, 129]).is_err());
+    }
+}

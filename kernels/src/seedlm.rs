@@ -1,0 +1,953 @@
+//! SeedLM: each block of weights is a seed of a pseudo-random generator and
+//! a few low-bit coefficients (Shafipour et al., "SeedLM: Compressing LLM
+//! Weights into Seeds of Pseudo-Random Generators", 2024).
+//!
+//! Each row is split into blocks of `C = block` weights. A block `w` is
+//! approximated as `U t`, where `U` is a `C × P` (`P = coefficients`) sign
+//! matrix generated from a 16-bit seed and `t` is stored as a shared
+//! power-of-two exponent and `P` small integers. The encoder tries every one
+//! of the 65535 seeds for every block and keeps the one whose *quantized*
+//! coefficients give the least squared error.
+//!
+//! # Conventions (the decoder depends on all of them)
+//!
+//! **Generator.** A 16-bit Fibonacci LFSR with taps 16, 14, 13, 11
+//! (feedback polynomial x^16 + x^14 + x^13 + x^11 + 1, maximal length: it
+//! visits all 65535 nonzero states). On a state `s`, one step outputs bit
+//! `s & 1`, then computes `f = (s ^ s>>2 ^ s>>3 ^ s>>5) & 1` and moves to
+//! `(s >> 1) | (f << 15)`.
+//!
+//! **Seed to matrix.** The LFSR starts in state `seed` (1..=65535; 0 is
+//! invalid). Its first `C·P` output bits `o_0, o_1, …` fill `U` column-major:
+//! `U[i][j] = (2·o_{j·C+i} − 1) / √C`, i.e. bit 1 → +1/√C, bit 0 → −1/√C, so
+//! every column has unit norm.
+//!
+//! **Coefficients.** `t ≈ 2^e · q` with `q_j` in `−2^(b−1) ..= 2^(b−1) − 1`
+//! (`b = coefficient_bits`), stored as `b`-bit two's complement.
+//!
+//! **Exponent.** The stored code `k` (`exponent_bits` bits, offset binary)
+//! stands for `e = exponent_min + k`; `exponent_min` is chosen per tensor
+//! and kept in the metadata, so any weight scale fits without a fixed
+//! offset. The encoder sets `e_top = ceil(log2(2 · max_block ‖w‖ / qmax))`
+//! (clamped to −126..=100; the factor 2 is headroom for least-squares
+//! coefficients of moderately conditioned bases, which exceed `‖w‖`) and
+//! `exponent_min = e_top − (2^exponent_bits − 1)`, so the exponents cover
+//! the `2^exponent_bits` octaves below the tensor's largest block.
+//!
+//! **Encoder rule.** With `qmax = 2^(b−1) − 1` and `t` the least-squares
+//! coefficients for a seed, `e = ceil(log2(max_j |t_j| / qmax))` clamped to
+//! the stored range (and to ≥ −126); then `q = clamp(round(t / 2^e), −qmax−1,
+//! qmax)`. (The exponent rule printed in the paper performs badly; this is
+//! the rule of a public replication.) `e − 1` is tried as well — a finer
+//! step that clips the largest coefficient is sometimes better — and the
+//! (seed, e) pair with the least squared error after quantization is kept,
+//! the lowest seed on ties.
+//!
+//! **Reconstruction.** `w_i = (Σ_j ±q_j) · f32(2^e / √C)`: the sign sum is an
+//! exact integer, and the factor is computed in f64 and rounded once to f32,
+//! so the decoder reproduces the encoder's reconstruction bit for bit.
+//!
+//! Storage: `16 + exponent_bits + P · coefficient_bits` bits per block (parts
+//! `seeds`: u16 per block; `exponents`: packed codes; `coefficients`: packed
+//! two's complement, block-major), e.g. C = 8, P = 3, 4-bit coefficients and
+//! a 4-bit exponent: (16 + 4 + 12) / 8 = 4 bits per weight.
+//!
+//! # Search
+//!
+//! The pseudo-inverse `(UᵀU)⁻¹Uᵀ` and the Gram matrix `UᵀU` depend only on
+//! the seed, C and P, so they are computed once per encode call, a chunk of
+//! seeds at a time (a table of about 256 KiB that stays in cache), laid out
+//! eight seeds side by side so the per-seed arithmetic vectorises. For each
+//! seed the least-squares residual `‖w‖² − tᵀGt` is a lower bound on the
+//! quantized error, `‖w‖² − tᵀGt + dᵀGd` with `d = t − 2^e q`, so only seeds
+//! whose residual beats the block's best so far are quantized. Blocks are
+//! searched in parallel; each block's result depends only on its own
+//! weights, so the output does not depend on the number of threads. Rank
+//! deficient bases (possible for small C) drop dependent columns, whose
+//! coefficients are then 0.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::part::{Coded, parse_meta, to_meta};
+use crate::{KernelError, Part, Parts, Signal, bits};
+use hcx_protocol::stage::SeedlmSpec;
+
+const STAGE: &str = "seedlm";
+/// Number of seeds: every nonzero 16-bit LFSR state.
+const SEEDS: usize = 65535;
+/// Largest block length.
+const MAX_BLOCK: usize = 64;
+/// Largest number of coefficients.
+const MAX_COEFS: usize = 16;
+/// Largest exponent the encoder uses: keeps reconstructions finite.
+const EXP_MAX: i32 = 100;
+/// Smallest exponent the encoder uses: 2^e stays a normal f32.
+const EXP_MIN: i32 = -126;
+/// Seeds evaluated side by side.
+const LANES: usize = 8;
+/// Target size of one chunk of the seed table.
+const TABLE_BYTES: usize = 256 * 1024;
+/// Blocks per parallel task.
+const TASK_BLOCKS: usize = 8;
+/// Cholesky pivots below this drop the column (the basis is rank deficient).
+const PIVOT_MIN: f64 = 1e-6;
+
+/// What the decoder needs besides the parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedlmMeta {
+    /// Weights per block (C).
+    pub block: usize,
+    /// Coefficients per block (P).
+    pub coefficients: usize,
+    /// Bits per coefficient (two's complement).
+    pub coefficient_bits: u8,
+    /// Bits per block exponent.
+    pub exponent_bits: u8,
+    /// The exponent that a stored exponent code of 0 stands for.
+    pub exponent_min: i32,
+}
+
+/// Validated block geometry.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    c: usize,
+    p: usize,
+    cb: u8,
+    eb: u8,
+}
+
+impl Geometry {
+    fn new(c: usize, p: usize, cb: u8, eb: u8) -> Result<Geometry, KernelError> {
+        let why = if !(2..=MAX_BLOCK).contains(&c) {
+            format!("block {c} is not in 2..={MAX_BLOCK}")
+        } else if !(1..=MAX_COEFS).contains(&p) || p > c {
+            format!("coefficients {p} is not in 1..={MAX_COEFS} and at most block {c}")
+        } else if !(2..=8).contains(&cb) {
+            format!("coefficient_bits {cb} is not in 2..=8")
+        } else if !(2..=8).contains(&eb) {
+            format!("exponent_bits {eb} is not in 2..=8")
+        } else {
+            return Ok(Geometry { c, p, cb, eb });
+        };
+        Err(KernelError::Meta {
+            stage: STAGE.into(),
+            why,
+        })
+    }
+
+    /// Largest coefficient magnitude on the positive side.
+    fn qmax(self) -> i32 {
+        (1 << (self.cb - 1)) - 1
+    }
+
+    /// Number of exponent codes minus one.
+    fn exp_span(self) -> i32 {
+        (1 << self.eb) - 1
+    }
+
+    /// Upper-triangle entries of the Gram matrix.
+    fn tri(self) -> usize {
+        self.p * (self.p + 1) / 2
+    }
+
+    /// Floats per group of `LANES` seeds in the table.
+    fn group_stride(self) -> usize {
+        (self.p * self.c + self.tri()) * LANES
+    }
+
+    fn check_cols(self, rows: usize, cols: usize) -> Result<(), KernelError> {
+        if !cols.is_multiple_of(self.c) {
+            return Err(KernelError::shape(
+                rows,
+                cols,
+                format!("row length {cols} not divisible by block {}", self.c),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One LFSR step: returns the next state and the output bit.
+#[inline]
+fn lfsr_step(s: u16) -> (u16, u16) {
+    let out = s & 1;
+    let f = (s ^ (s >> 2) ^ (s >> 3) ^ (s >> 5)) & 1;
+    ((s >> 1) | (f << 15), out)
+}
+
+/// The signs of `U` for a seed: bit `i` of column `j` is set when
+/// `U[i][j] = +1/√C`.
+fn basis_columns(seed: u16, c: usize, p: usize) -> [u64; MAX_COEFS] {
+    let mut s = seed;
+    let mut cols = [0u64; MAX_COEFS];
+    for col in cols.iter_mut().take(p) {
+        for i in 0..c {
+            let (next, out) = lfsr_step(s);
+            *col |= (out as u64) << i;
+            s = next;
+        }
+    }
+    cols
+}
+
+/// The reconstruction factor `2^e / √C`, rounded once to f32.
+fn step(e: i32, c: usize) -> f32 {
+    (2f64.powi(e) / (c as f64).sqrt()) as f32
+}
+
+/// Reconstructs one block from its seed, exponent and coefficients.
+fn reconstruct_block(seed: u16, e: i32, q: &[i32], out: &mut [f32]) {
+    let c = out.len();
+    let cols = basis_columns(seed, c, q.len());
+    let f = step(e, c);
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = 0i32;
+        for (col, qj) in cols.iter().zip(q) {
+            acc += if (col >> i) & 1 == 1 { *qj } else { -*qj };
+        }
+        *o = acc as f32 * f;
+    }
+}
+
+/// Fills one seed's lane of a table group: the pseudo-inverse `(UᵀU)⁻¹Uᵀ`
+/// (row `j`, column `i` at `[(i·P + j)·LANES + lane]`) followed by the upper
+/// triangle of `UᵀU` with off-diagonal entries doubled, so that
+/// `Σ_{j≤k} g_jk v_j v_k = vᵀ(UᵀU)v`.
+fn build_lane(seed: u16, g: Geometry, lane: usize, out: &mut [f32]) {
+    let (c, p) = (g.c, g.p);
+    let cols = basis_columns(seed, c, p);
+    let mut gram = [[0f64; MAX_COEFS]; MAX_COEFS];
+    for j in 0..p {
+        for k in 0..p {
+            let differ = (cols[j] ^ cols[k]).count_ones() as f64;
+            gram[j][k] = (c as f64 - 2.0 * differ) / c as f64;
+        }
+    }
+    // Cholesky factor of the Gram matrix restricted to independent columns.
+    let mut l = [[0f64; MAX_COEFS]; MAX_COEFS];
+    let mut kept = [false; MAX_COEFS];
+    for j in 0..p {
+        let d = gram[j][j] - (0..j).map(|m| l[j][m] * l[j][m]).sum::<f64>();
+        if d <= PIVOT_MIN {
+            continue;
+        }
+        kept[j] = true;
+        let r = d.sqrt();
+        l[j][j] = r;
+        for i in j + 1..p {
+            l[i][j] = (gram[i][j] - (0..j).map(|m| l[i][m] * l[j][m]).sum::<f64>()) / r;
+        }
+    }
+    let scale = 1.0 / (c as f64).sqrt();
+    for i in 0..c {
+        // Solve (LLᵀ) x = Uᵀ e_i on the kept columns.
+        let mut y = [0f64; MAX_COEFS];
+        for j in 0..p {
+            if kept[j] {
+                let b = if (cols[j] >> i) & 1 == 1 {
+                    scale
+                } else {
+                    -scale
+                };
+                y[j] = (b - (0..j).map(|m| l[j][m] * y[m]).sum::<f64>()) / l[j][j];
+            }
+        }
+        let mut x = [0f64; MAX_COEFS];
+        for j in (0..p).rev() {
+            if kept[j] {
+                x[j] = (y[j] - (j + 1..p).map(|m| l[m][j] * x[m]).sum::<f64>()) / l[j][j];
+            }
+        }
+        for j in 0..p {
+            out[(i * p + j) * LANES + lane] = x[j] as f32;
+        }
+    }
+    let mut at = p * c;
+    for (j, row) in gram.iter().enumerate().take(p) {
+        for (k, g) in row.iter().enumerate().take(p).skip(j) {
+            let v = if j == k { *g } else { 2.0 * g };
+            out[at * LANES + lane] = v as f32;
+            at += 1;
+        }
+    }
+}
+
+/// Fills a chunk of the table: groups of `LANES` seeds starting at seed
+/// `first`; lanes past `max_seed` are left zero (and skipped by the search).
+fn build_table(table: &mut [f32], first: usize, max_seed: usize, g: Geometry) {
+    table
+        .par_chunks_mut(g.group_stride())
+        .enumerate()
+        .for_each(|(gi, group)| {
+            group.fill(0.0);
+            for lane in 0..LANES {
+                let seed = first + gi * LANES + lane;
+                if seed <= max_seed {
+                    build_lane(seed as u16, g, lane, group);
+                }
+            }
+        });
+}
+
+/// `ceil(log2(y))` for positive finite `y` (−127 or less for 0 and subnormals).
+#[inline]
+fn ceil_log2(y: f32) -> i32 {
+    let b = y.to_bits();
+    let e = ((b >> 23) & 0xff) as i32 - 127;
+    if b & 0x7f_ffff == 0 { e } else { e + 1 }
+}
+
+/// `2^e` for `e` in −126..=127.
+#[inline]
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// Rounds to nearest (ties to even) for `|x| < 2^22`.
+#[inline]
+fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (x + MAGIC) - MAGIC
+}
+
+/// The best (seed, exponent, coefficients) found so far for one block.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    /// Squared error, in the units of the block scaled by `2^-shift`.
+    err: f32,
+    seed: u16,
+    /// Absolute exponent.
+    exp: i32,
+    q: [i8; MAX_COEFS],
+}
+
+/// Per-tensor exponent range.
+#[derive(Debug, Clone, Copy)]
+struct ExpRange {
+    /// Smallest exponent the encoder uses.
+    lo: i32,
+    /// Largest exponent.
+    top: i32,
+}
+
+/// Signature of [`search_block`] for one number of coefficients.
+type SearchFn = fn(&[f32], &[f32], usize, usize, Geometry, ExpRange, &mut Best);
+
+/// [`search_block`] compiled for `p` coefficients (`p` is validated to
+/// 1..=16), so the per-seed arrays live in registers.
+fn searcher(p: usize) -> SearchFn {
+    macro_rules! by_p {
+        ($($n:literal)*) => {
+            match p {
+                $($n => search_block::<$n>,)*
+                _ => unreachable!("coefficients are validated to 1..=16"),
+            }
+        };
+    }
+    by_p!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+/// Searches one chunk of the table (seeds from `first`) for one block of
+/// `P` coefficients, updating `best`.
+fn search_block<const P: usize>(
+    w: &[f32],
+    table: &[f32],
+    first: usize,
+    max_seed: usize,
+    g: Geometry,
+    range: ExpRange,
+    best: &mut Best,
+) {
+    let c = g.c;
+    // Scale the block by a power of two so its norm is in (1/2, 1]: keeps the
+    // f32 search arithmetic far from overflow and underflow.
+    let norm = w
+        .iter()
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 {
+        return;
+    }
+    let shift = norm.log2().ceil() as i32;
+    let lo = (range.lo - shift).max(-100);
+    let hi = (range.top - shift).min(100);
+    if range.lo - shift > 60 || lo > hi {
+        // Every coefficient rounds to 0 at the smallest step: keep the zero block.
+        return;
+    }
+    let unscale = 2f64.powi(-shift);
+    let mut ws = [0f32; MAX_BLOCK];
+    for (s, v) in ws.iter_mut().zip(w) {
+        *s = (*v as f64 * unscale) as f32;
+    }
+    let ws = &ws[..c];
+    let ww: f32 = ws.iter().map(|v| v * v).sum();
+    if best.err.is_infinite() {
+        // The zero block (q = 0, any seed) is the first candidate to beat.
+        best.err = ww;
+    }
+    let qmax = g.qmax() as f32;
+    let inv_qmax = 1.0 / qmax;
+    for (gi, group) in table.chunks_exact(g.group_stride()).enumerate() {
+        let (pinv, gram) = group.split_at(P * c * LANES);
+        let (pinv, _) = pinv.as_chunks::<LANES>();
+        let (gram, _) = gram.as_chunks::<LANES>();
+        // t = pinv · w for eight seeds at once.
+        let mut t = [[0f32; LANES]; P];
+        for (rows, wi) in pinv.chunks_exact(P).zip(ws) {
+            for (tj, row) in t.iter_mut().zip(rows) {
+                for l in 0..LANES {
+                    tj[l] += row[l] * wi;
+                }
+            }
+        }
+        // Least-squares fit tᵀGt; the residual ww − fit bounds the error.
+        let mut fit = [0f32; LANES];
+        let mut at = 0;
+        for j in 0..P {
+            for k in j..P {
+                let gjk = &gram[at];
+                at += 1;
+                for l in 0..LANES {
+                    fit[l] += gjk[l] * t[j][l] * t[k][l];
+                }
+            }
+        }
+        let mut promising = false;
+        for f in fit {
+            promising |= ww - f < best.err;
+        }
+        if !promising {
+            continue;
+        }
+        for l in 0..LANES {
+            let resid = ww - fit[l];
+            let seed = first + gi * LANES + l;
+            if resid >= best.err || seed > max_seed {
+                continue;
+            }
+            let tl: [f32; P] = std::array::from_fn(|j| t[j][l]);
+            let amax = tl.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let e0 = ceil_log2(amax * inv_qmax).clamp(lo, hi);
+            for e in [e0, e0 - 1] {
+                if e < lo {
+                    break;
+                }
+                let (s, inv) = (pow2(e), pow2(-e));
+                let q: [f32; P] =
+                    std::array::from_fn(|j| round_small((tl[j] * inv).clamp(-qmax - 1.0, qmax)));
+                let d: [f32; P] = std::array::from_fn(|j| tl[j] - s * q[j]);
+                let mut dgd = 0f32;
+                let mut at = 0;
+                for j in 0..P {
+                    for k in j..P {
+                        dgd += gram[at][l] * d[j] * d[k];
+                        at += 1;
+                    }
+                }
+                let err = resid + dgd;
+                if err < best.err {
+                    best.err = err;
+                    best.seed = seed as u16;
+                    best.exp = e + shift;
+                    for (bq, qv) in best.q.iter_mut().zip(q) {
+                        *bq = qv as i8;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checks that values are finite.
+fn check_finite(x: &[f32]) -> Result<(), KernelError> {
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::Values(format!(
+            "value {} at flat index {i} is not finite",
+            x[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes with seeds 1..=`max_seed`; returns the coded form and the
+/// encoder's own reconstruction.
+fn encode_with(
+    spec: &SeedlmSpec,
+    x: &Signal,
+    max_seed: usize,
+) -> Result<(Coded, Vec<f32>), KernelError> {
+    let g = Geometry::new(
+        spec.block,
+        spec.coefficients,
+        spec.coefficient_bits,
+        spec.exponent_bits,
+    )?;
+    if x.data.len() != x.rows * x.cols {
+        return Err(KernelError::shape(
+            x.rows,
+            x.cols,
+            format!("{} values do not fill the shape", x.data.len()),
+        ));
+    }
+    g.check_cols(x.rows, x.cols)?;
+    check_finite(&x.data)?;
+    let (c, p) = (g.c, g.p);
+    let nb = x.len() / c;
+
+    let max_norm = x
+        .data
+        .chunks_exact(c)
+        .map(|b| b.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
+        .fold(0f64, f64::max)
+        .sqrt();
+    let top = if max_norm > 0.0 {
+        let raw = (2.0 * max_norm / g.qmax() as f64).log2().ceil();
+        raw.clamp(EXP_MIN as f64, EXP_MAX as f64) as i32
+    } else {
+        0
+    };
+    let exponent_min = top - g.exp_span();
+    let range = ExpRange {
+        lo: exponent_min.max(EXP_MIN),
+        top,
+    };
+
+    let zero = Best {
+        err: f32::INFINITY,
+        seed: 1,
+        exp: range.lo,
+        q: [0; MAX_COEFS],
+    };
+    let mut best = vec![zero; nb];
+    if nb > 0 {
+        let stride = g.group_stride();
+        let groups_per_chunk = (TABLE_BYTES / (stride * 4)).max(1);
+        let mut table = vec![0f32; groups_per_chunk * stride];
+        let mut first = 1;
+        while first <= max_seed {
+            let groups = groups_per_chunk.min((max_seed + 1 - first).div_ceil(LANES));
+            let chunk = &mut table[..groups * stride];
+            build_table(chunk, first, max_seed, g);
+            let chunk = &*chunk;
+            let search = searcher(p);
+            x.data
+                .par_chunks(c * TASK_BLOCKS)
+                .zip(best.par_chunks_mut(TASK_BLOCKS))
+                .for_each(|(ws, bs)| {
+                    for (w, b) in ws.chunks_exact(c).zip(bs.iter_mut()) {
+                        search(w, chunk, first, max_seed, g, range, b);
+                    }
+                });
+            first += groups * LANES;
+        }
+    }
+
+    let qmask = ((1u16 << g.cb) - 1) as u8;
+    let seeds: Vec<u16> = best.iter().map(|b| b.seed).collect();
+    let exps: Vec<u8> = best.iter().map(|b| (b.exp - exponent_min) as u8).collect();
+    let coefs: Vec<u8> = best
+        .iter()
+        .flat_map(|b| b.q[..p].iter().map(|q| (*q as u8) & qmask))
+        .collect();
+    let mut recon = vec![0f32; x.len()];
+    recon
+        .par_chunks_mut(c)
+        .zip(best.par_iter())
+        .for_each(|(o, b)| {
+            let mut q = [0i32; MAX_COEFS];
+            for (qi, bi) in q.iter_mut().zip(&b.q[..p]) {
+                *qi = *bi as i32;
+            }
+            reconstruct_block(b.seed, b.exp, &q[..p], o);
+        });
+    let meta = SeedlmMeta {
+        block: c,
+        coefficients: p,
+        coefficient_bits: g.cb,
+        exponent_bits: g.eb,
+        exponent_min,
+    };
+    let coded = Coded {
+        meta: to_meta(&meta),
+        parts: vec![
+            Part::u16("seeds", &seeds, vec![nb]),
+            Part::bytes("exponents", bits::pack(&exps, g.eb)),
+            Part::bytes("coefficients", bits::pack(&coefs, g.cb)),
+        ],
+    };
+    Ok((coded, recon))
+}
+
+/// Encodes a signal (rows × cols, row-major) into the decoder's metadata and
+/// the parts `seeds`, `exponents` and `coefficients`. The search over seeds
+/// is exhaustive and makes no random choice: `seed` is accepted for the
+/// quantizers' common interface and unused.
+pub fn encode(spec: &SeedlmSpec, x: &Signal, seed: u64) -> Result<Coded, KernelError> {
+    let _ = seed;
+    encode_with(spec, x, SEEDS).map(|(coded, _)| coded)
+}
+
+/// Decodes `rows × cols` values from the metadata and the parts.
+pub fn decode(
+    meta: &serde_json::Value,
+    parts: &Parts,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let m: SeedlmMeta = parse_meta(STAGE, meta)?;
+    let g = Geometry::new(m.block, m.coefficients, m.coefficient_bits, m.exponent_bits)?;
+    if m.exponent_min < EXP_MIN - g.exp_span() || m.exponent_min > EXP_MAX - g.exp_span() {
+        return Err(KernelError::Meta {
+            stage: STAGE.into(),
+            why: format!("exponent_min {} out of range", m.exponent_min),
+        });
+    }
+    g.check_cols(rows, cols)?;
+    let n = rows
+        .checked_mul(cols)
+        .ok_or_else(|| KernelError::shape(rows, cols, "too many values"))?;
+    let (c, p) = (g.c, g.p);
+    let nb = n / c;
+    let seeds = parts.u16_values("seeds", nb)?;
+    if let Some(i) = seeds.iter().position(|s| *s == 0) {
+        return Err(KernelError::corrupt(
+            "seeds",
+            format!("seed 0 at block {i}"),
+        ));
+    }
+    let packed = parts.byte_values("exponents", bits::packed_len(nb, g.eb))?;
+    let exps = bits::unpack(packed, g.eb, nb)
+        .ok_or_else(|| KernelError::corrupt("exponents", "too short"))?;
+    let packed = parts.byte_values("coefficients", bits::packed_len(nb * p, g.cb))?;
+    let coefs = bits::unpack(packed, g.cb, nb * p)
+        .ok_or_else(|| KernelError::corrupt("coefficients", "too short"))?;
+    let half = 1i32 << (g.cb - 1);
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(c)
+        .zip(coefs.par_chunks(p))
+        .zip(seeds.par_iter().zip(exps.par_iter()))
+        .for_each(|((o, qc), (seed, ec))| {
+            let mut q = [0i32; MAX_COEFS];
+            for (qi, code) in q.iter_mut().zip(qc) {
+                let v = *code as i32;
+                *qi = if v >= half { v - 2 * half } else { v };
+            }
+            reconstruct_block(*seed, m.exponent_min + *ec as i32, &q[..p], o);
+        });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::gaussian_vec;
+    use crate::stats::sqnr_db;
+    use proptest::prelude::*;
+
+    fn spec(
+        block: usize,
+        coefficients: usize,
+        coefficient_bits: u8,
+        exponent_bits: u8,
+    ) -> SeedlmSpec {
+        SeedlmSpec {
+            block,
+            coefficients,
+            coefficient_bits,
+            exponent_bits,
+        }
+    }
+
+    fn round_trip(s: &SeedlmSpec, x: &Signal) -> (Coded, Vec<f32>) {
+        let coded = encode(s, x, 7).unwrap();
+        let parts = Parts::new(coded.parts.clone());
+        let y = decode(&coded.meta, &parts, x.rows, x.cols).unwrap();
+        (coded, y)
+    }
+
+    #[test]
+    fn lfsr_is_maximal_length() {
+        let mut seen = vec![false; 1 << 16];
+        let mut s = 1u16;
+        for _ in 0..SEEDS {
+            assert!(!seen[s as usize], "state {s} repeats early");
+            seen[s as usize] = true;
+            s = lfsr_step(s).0;
+        }
+        assert_eq!(s, 1);
+        assert!(!seen[0]);
+    }
+
+    #[test]
+    fn seed_to_matrix_follows_the_documented_convention() {
+        // From state 1: outputs 1, then state 0x8000 outputs 0 for 15 steps.
+        let cols = basis_columns(1, 8, 2);
+        assert_eq!(cols[0], 0b0000_0001);
+        assert_eq!(cols[1], 0);
+        // 0xACE1 = 1010 1100 1110 0001: the first 16 outputs are its bits, LSB first.
+        let cols = basis_columns(0xACE1, 8, 2);
+        assert_eq!(cols[0], 0xE1);
+        assert_eq!(cols[1], 0xAC);
+        // Reconstruction: bit 1 → +q, bit 0 → −q, times 2^e/√C.
+        let mut out = [0f32; 8];
+        reconstruct_block(1, 0, &[3, 1], &mut out);
+        let f = (1.0 / 8f64.sqrt()) as f32;
+        assert_eq!(out[0], 2.0 * f);
+        assert_eq!(out[1], -4.0 * f);
+    }
+
+    #[test]
+    fn pseudo_inverse_solves_least_squares() {
+        let g = Geometry::new(8, 3, 4, 4).unwrap();
+        let mut group = vec![0f32; g.group_stride()];
+        build_lane(0xACE1, g, 0, &mut group);
+        // pinv · U = I for a full-rank basis.
+        let cols = basis_columns(0xACE1, 8, 3);
+        let u = |i: usize, j: usize| if (cols[j] >> i) & 1 == 1 { 1.0 } else { -1.0 } / 8f32.sqrt();
+        for j in 0..3 {
+            for k in 0..3 {
+                let v: f32 = (0..8).map(|i| group[(i * 3 + j) * LANES] * u(i, k)).sum();
+                assert!(
+                    (v - if j == k { 1.0 } else { 0.0 }).abs() < 1e-5,
+                    "{j} {k} {v}"
+                );
+            }
+        }
+    }
+
+    /// SQNR on Gaussian data at 4 bits per weight (C = 8, P = 3, 4-bit
+    /// coefficients and exponent).
+    ///
+    /// Bound: a single fixed basis (no search) keeps on average P/C of a
+    /// Gaussian block's energy, SQNR ≈ 10·log10(C / (C − P)) = 2.0 dB before
+    /// quantization; searching 65535 bases must do far better. Order
+    /// statistics give the target: the unquantized residual fraction of a
+    /// random P-dim subspace is Beta((C−P)/2, P/2), P(r < x) ≈ 2.04·x^2.5,
+    /// so the best of 65535 has median r ≈ (ln 2 / (65535 · 2.04))^0.4 ≈
+    /// 0.0077 (21 dB); the 4-bit coefficients with a shared exponent add
+    /// noise of the same order (step ≈ max|t|/7, P·step²/12 ≈ 1–2 % of
+    /// the block's energy), so after quantization about 13–16 dB is what
+    /// the method can reach. Measured: 14.6 dB with search, 2.8 dB with
+    /// seed 1 only; we assert ≥ 12 dB and ≥ 10 dB above the no-search fit.
+    #[test]
+    fn gaussian_sqnr_beats_the_derived_bound() {
+        let x = Signal::new(gaussian_vec(11, 64 * 64), 64, 64);
+        let s = spec(8, 3, 4, 4);
+        let (coded, y) = round_trip(&s, &x);
+        let searched = sqnr_db(&x.data, &y).unwrap();
+        let (_, single) = encode_with(&s, &x, 1).unwrap();
+        let single = sqnr_db(&x.data, &single).unwrap();
+        eprintln!(
+            "seedlm gaussian 64x64 C=8 P=3 4/4 bits: {searched:.2} dB searched, {single:.2} dB seed 1 only"
+        );
+        assert!(searched >= 12.0, "{searched}");
+        assert!(searched >= single + 10.0, "{searched} vs {single}");
+        // 4 bits per weight: (16 + 4 + 3·4) / 8.
+        let bytes: usize = coded.parts.iter().map(|p| p.len()).sum();
+        assert_eq!(bytes * 8, 64 * 64 * 4);
+    }
+
+    #[test]
+    fn decode_reproduces_the_encoder_exactly() {
+        let x = Signal::new(
+            gaussian_vec(5, 16 * 32).iter().map(|v| v * 0.02).collect(),
+            16,
+            32,
+        );
+        let s = spec(8, 3, 4, 4);
+        let (coded, recon) = encode_with(&s, &x, SEEDS).unwrap();
+        let y = decode(&coded.meta, &Parts::new(coded.parts), 16, 32).unwrap();
+        assert_eq!(
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            recon.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_planted_block_is_found_exactly() {
+        let q = [3, -5, 7];
+        let mut planted = vec![0f32; 8];
+        reconstruct_block(12345, -2, &q, &mut planted);
+        // A second, larger block sets the tensor's exponent range.
+        let mut other = vec![0f32; 8];
+        reconstruct_block(999, 1, &[1, -7, 2], &mut other);
+        let data: Vec<f32> = planted.iter().chain(&other).copied().collect();
+        let x = Signal::new(data.clone(), 2, 8);
+        let s = spec(8, 3, 4, 4);
+        let coded = encode(&s, &x, 0).unwrap();
+        let parts = Parts::new(coded.parts.clone());
+        assert_eq!(parts.u16_values("seeds", 2).unwrap(), vec![12345, 999]);
+        let y = decode(&coded.meta, &parts, 2, 8).unwrap();
+        assert_eq!(y, data);
+    }
+
+    #[test]
+    fn zero_and_tiny_tensors_encode() {
+        let s = spec(4, 2, 3, 3);
+        let (_, y) = round_trip(&s, &Signal::new(vec![0.0; 8], 2, 4));
+        assert_eq!(y, vec![0.0; 8]);
+        let (_, y) = round_trip(&s, &Signal::new(vec![], 0, 4));
+        assert!(y.is_empty());
+        // Blocks far below the tensor's largest one come back as zeros, finite.
+        let x = Signal::new(
+            vec![1e30, -2e30, 3e30, 1e30, 1e-30, 2e-30, -1e-30, 0.0],
+            2,
+            4,
+        );
+        let (_, y) = round_trip(&s, &x);
+        assert!(y.iter().all(|v| v.is_finite()));
+        assert!(sqnr_db(&x.data, &y).unwrap() > 3.0);
+    }
+
+    #[test]
+    fn bad_shapes_and_values_are_refused() {
+        let s = spec(8, 3, 4, 4);
+        let e = encode(&s, &Signal::new(vec![0.0; 30], 3, 10), 0).unwrap_err();
+        assert!(matches!(e, KernelError::Shape { .. }));
+        assert!(e.to_string().contains("not divisible by block 8"), "{e}");
+        let mut v = vec![0.0; 8];
+        v[3] = f32::NAN;
+        assert!(matches!(
+            encode(&s, &Signal::new(v, 1, 8), 0),
+            Err(KernelError::Values(_))
+        ));
+        assert!(matches!(
+            encode(&spec(1, 1, 4, 4), &Signal::new(vec![0.0; 8], 1, 8), 0),
+            Err(KernelError::Meta { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_parts_are_errors() {
+        let x = Signal::new(gaussian_vec(3, 16), 2, 8);
+        let s = spec(8, 3, 4, 4);
+        let coded = encode_with(&s, &x, 64).unwrap().0;
+        let ok = Parts::new(coded.parts.clone());
+        assert!(decode(&coded.meta, &ok, 2, 8).is_ok());
+        assert!(matches!(
+            decode(&coded.meta, &ok, 2, 12),
+            Err(KernelError::Shape { .. })
+        ));
+        assert!(decode(&coded.meta, &ok, 3, 8).is_err());
+        for name in ["seeds", "exponents", "coefficients"] {
+            let mut short = coded.parts.clone();
+            let p = short.iter_mut().find(|p| p.name == name).unwrap();
+            p.data.pop();
+            assert!(
+                matches!(
+                    decode(&coded.meta, &Parts::new(short), 2, 8),
+                    Err(KernelError::Corrupt { .. })
+                ),
+                "{name}"
+            );
+            let missing: Vec<Part> = coded
+                .parts
+                .iter()
+                .filter(|p| p.name != name)
+                .cloned()
+                .collect();
+            assert!(matches!(
+                decode(&coded.meta, &Parts::new(missing), 2, 8),
+                Err(KernelError::MissingPart(_))
+            ));
+        }
+        let mut zero_seed = coded.parts.clone();
+        zero_seed[0] = Part::u16("seeds", &[0, 5], vec![2]);
+        assert!(matches!(
+            decode(&coded.meta, &Parts::new(zero_seed), 2, 8),
+            Err(KernelError::Corrupt { .. })
+        ));
+        let mut meta = coded.meta.clone();
+        meta["exponent_min"] = serde_json::json!(1000);
+        assert!(matches!(
+            decode(&meta, &ok, 2, 8),
+            Err(KernelError::Meta { .. })
+        ));
+        meta["exponent_min"] = serde_json::json!("x");
+        assert!(matches!(
+            decode(&meta, &ok, 2, 8),
+            Err(KernelError::Meta { .. })
+        ));
+        let mut meta = coded.meta.clone();
+        meta["coefficients"] = serde_json::json!(9);
+        assert!(matches!(
+            decode(&meta, &ok, 2, 8),
+            Err(KernelError::Meta { .. })
+        ));
+    }
+
+    #[test]
+    #[ignore]
+    fn zz_speed_probe() {
+        for (rows, cols) in [(64usize, 64usize), (256, 256)] {
+            let x = Signal::new(gaussian_vec(11, rows * cols), rows, cols);
+            let t = std::time::Instant::now();
+            let (_, y) = encode_with(&spec(8, 3, 4, 4), &x, SEEDS).unwrap();
+            let dt = t.elapsed().as_secs_f64();
+            eprintln!(
+                "PROBE seedlm {rows}x{cols}: {:.3}s, {:.0} blocks/s, sqnr {:.2}",
+                dt,
+                (rows * cols / 8) as f64 / dt,
+                sqnr_db(&x.data, &y).unwrap()
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        #[test]
+        fn round_trips(
+            block in prop_oneof![Just(2usize), Just(4), Just(8)],
+            p_raw in 1usize..=4,
+            cb in 2u8..=8,
+            eb in 2u8..=8,
+            rows in 1usize..4,
+            blocks in 1usize..3,
+            scale in -8i32..8,
+            data_seed in any::<u64>(),
+        ) {
+            let p = p_raw.min(block);
+            let cols = block * blocks;
+            let f = 10f32.powi(scale);
+            let data: Vec<f32> = gaussian_vec(data_seed, rows * cols).iter().map(|v| v * f).collect();
+            let x = Signal::new(data, rows, cols);
+            let s = spec(block, p, cb, eb);
+            let (coded, y) = round_trip(&s, &x);
+            prop_assert_eq!(y.len(), rows * cols);
+            prop_assert!(y.iter().all(|v| v.is_finite()));
+            let parts = Parts::new(coded.parts.clone());
+            prop_assert_eq!(&decode(&coded.meta, &parts, rows, cols).unwrap(), &y);
+            let again = encode(&s, &x, 99).unwrap();
+            prop_assert_eq!(&again.meta, &coded.meta);
+            prop_assert_eq!(&again.parts, &coded.parts);
+            // Never worse than coding the block as zeros.
+            prop_assert!(crate::stats::squared_error(&x.data, &y) <= crate::stats::energy(&x.data) * 1.0001);
+        }
+
+        #[test]
+        fn garbage_never_panics(
+            seeds in proptest::collection::vec(any::<u8>(), 0..12),
+            exps in proptest::collection::vec(any::<u8>(), 0..4),
+            coefs in proptest::collection::vec(any::<u8>(), 0..12),
+            exponent_min in -400i32..120,
+            rows in 0usize..3,
+        ) {
+            let meta = serde_json::json!({
+                "block": 4, "coefficients": 2, "coefficient_bits": 4,
+                "exponent_bits": 3, "exponent_min": exponent_min,
+            });
+            let parts = Parts::new(vec![
+                Part { name: "seeds".into(), dtype: crate::PartDtype::U16, shape: vec![seeds.len() / 2], data: seeds },
+                Part::bytes("exponents", exps),
+                Part::bytes("coefficients", coefs),
+            ]);
+            if let Ok(y) = decode(&meta, &parts, rows, 8) {
+                prop_assert!(y.iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+}

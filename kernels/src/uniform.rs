@@ -1,0 +1,285 @@
+//! Entropy-constrained uniform scalar quantization.
+//!
+//! One step Δ for the whole tensor, codes q = round(x/Δ) (optionally with a
+//! dead zone), one code per byte (a second byte plane only when |q| > 127).
+//! Δ is found by bisection so that the empirical entropy of the codes meets
+//! the spec's `bits`; the bytes themselves are left to the entropy stage
+//! after it (zstd's Huffman literals come within a few hundredths of a bit
+//! of that entropy). With a single step every weight gets the same noise
+//! Δ²/12, which is what minimises squared error for a given rate (reverse
+//! water-filling); on Gaussian data this sits about 1.5 dB from the Shannon
+//! bound at high rate, closer at low rate.
+//!
+//! Reconstruction points: q·Δ shifted toward the centroid of the values
+//! that chose them, for |q| = 1..=8 (eight f32 offsets in the metadata),
+//! which recovers a few tenths of a dB at low rates.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::part::{Coded, parse_meta, to_meta};
+use crate::rtn::check_finite;
+use crate::{KernelError, Part, Parts, Signal};
+use hcx_protocol::stage::UniformSpec;
+
+/// Number of magnitudes with their own reconstruction offset.
+pub const OFFSETS: usize = 8;
+
+/// What the decoder needs besides the parts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UniformMeta {
+    /// Step.
+    pub step: f32,
+    /// Reconstruction offsets (in steps) for |q| = 1..=8.
+    pub offsets: Vec<f32>,
+    /// Whether the `codes_hi` plane exists (codes beyond ±127).
+    pub wide: bool,
+    /// Empirical entropy of the codes, bits per weight.
+    pub entropy_bits: f64,
+}
+
+#[inline]
+fn quantize(x: f32, inv: f32, dz: f32) -> i32 {
+    let a = (x.abs() * inv + 0.5 - dz).floor().max(0.0);
+    if x < 0.0 { -(a as i32) } else { a as i32 }
+}
+
+/// Zero-order entropy (bits per value) of the codes for step `1/inv`.
+fn entropy_at(x: &[f32], inv: f32, dz: f32) -> f64 {
+    use std::collections::HashMap;
+    const R: i32 = 512;
+    let hist = x
+        .par_chunks(1 << 16)
+        .map(|c| {
+            let mut h = vec![0u64; (2 * R + 1) as usize];
+            let mut far: HashMap<i32, u64> = HashMap::new();
+            for &v in c {
+                let q = quantize(v, inv, dz);
+                if q.abs() <= R {
+                    h[(q + R) as usize] += 1;
+                } else {
+                    *far.entry(q).or_default() += 1;
+                }
+            }
+            (h, far)
+        })
+        .reduce(
+            || (vec![0u64; (2 * R + 1) as usize], HashMap::new()),
+            |(mut a, mut fa), (b, fb)| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                for (k, v) in fb {
+                    *fa.entry(k).or_default() += v;
+                }
+                (a, fa)
+            },
+        );
+    let n = x.len() as f64;
+    hist.0
+        .iter()
+        .copied()
+        .chain(hist.1.values().copied())
+        .filter(|c| *c > 0)
+        .map(|c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// Encodes a signal.
+pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
+    check_finite(&x.data)?;
+    let dz = spec.deadzone as f32;
+    let n = x.len();
+    let rms = (crate::stats::energy(&x.data) / n.max(1) as f64).sqrt();
+    let (step, entropy_bits) = if rms == 0.0 {
+        (1.0f32, 0.0)
+    } else {
+        // Bisection on log2(step): entropy falls as the step grows.
+        let mut lo = (rms * 1e-4).log2();
+        let mut hi = (rms * 64.0).log2();
+        for _ in 0..40 {
+            let mid = 0.5 * (lo + hi);
+            let inv = (1.0 / mid.exp2()) as f32;
+            if entropy_at(&x.data, inv, dz) > spec.bits {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let step = hi.exp2() as f32;
+        (step, entropy_at(&x.data, 1.0 / step, dz))
+    };
+    let inv = 1.0 / step;
+    let codes: Vec<i32> = x.data.par_iter().map(|v| quantize(*v, inv, dz)).collect();
+    // Centroid offsets per magnitude.
+    let mut sums = [0f64; OFFSETS];
+    let mut counts = [0u64; OFFSETS];
+    for (v, q) in x.data.iter().zip(&codes) {
+        let m = q.unsigned_abs() as usize;
+        if (1..=OFFSETS).contains(&m) {
+            sums[m - 1] += (v.abs() * inv) as f64 - m as f64;
+            counts[m - 1] += 1;
+        }
+    }
+    let offsets: Vec<f32> = (0..OFFSETS)
+        .map(|i| {
+            if counts[i] > 0 {
+                (sums[i] / counts[i] as f64) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let wide = codes.iter().any(|q| !(-127..=127).contains(q));
+    if codes.iter().any(|q| !(-32767..=32767).contains(q)) {
+        return Err(KernelError::Values("uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`".into()));
+    }
+    let mut parts = vec![Part::bytes(
+        "codes",
+        codes.iter().map(|q| (*q as i16).to_le_bytes()[0]).collect(),
+    )];
+    if wide {
+        parts.push(Part::bytes(
+            "codes_hi",
+            codes.iter().map(|q| (*q as i16).to_le_bytes()[1]).collect(),
+        ));
+    }
+    Ok(Coded {
+        meta: to_meta(&UniformMeta {
+            step,
+            offsets,
+            wide,
+            entropy_bits,
+        }),
+        parts,
+    })
+}
+
+/// Decodes `rows × cols` values.
+pub fn decode(
+    meta: &serde_json::Value,
+    parts: &Parts,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let m: UniformMeta = parse_meta("uniform", meta)?;
+    if m.offsets.len() != OFFSETS || !m.step.is_finite() {
+        return Err(KernelError::Meta {
+            stage: "uniform".into(),
+            why: "step or offsets malformed".into(),
+        });
+    }
+    let n = rows * cols;
+    let lo = parts.byte_values("codes", n)?;
+    let hi = if m.wide {
+        Some(parts.byte_values("codes_hi", n)?)
+    } else {
+        None
+    };
+    let mut out = vec![0f32; n];
+    out.par_iter_mut().enumerate().for_each(|(i, o)| {
+        let q = match hi {
+            Some(h) => i16::from_le_bytes([lo[i], h[i]]) as i32,
+            None => lo[i] as i8 as i32,
+        };
+        let a = q.unsigned_abs() as usize;
+        let mag = if (1..=OFFSETS).contains(&a) {
+            a as f32 + m.offsets[a - 1]
+        } else {
+            a as f32
+        };
+        *o = if q < 0 { -mag * m.step } else { mag * m.step };
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::gaussian_vec;
+    use crate::stats::sqnr_db;
+    use proptest::prelude::*;
+
+    fn run(bits: f64, x: &Signal) -> (Vec<f32>, f64) {
+        let c = encode(
+            &UniformSpec {
+                bits,
+                deadzone: 0.0,
+            },
+            x,
+        )
+        .unwrap();
+        let m: UniformMeta = parse_meta("uniform", &c.meta).unwrap();
+        (
+            decode(&c.meta, &Parts::new(c.parts), x.rows, x.cols).unwrap(),
+            m.entropy_bits,
+        )
+    }
+
+    #[test]
+    fn gaussian_within_entropy_coded_bound() {
+        // Entropy-coded uniform quantization of a Gaussian: SQNR ≥ 6.02·H − 1.53 dB
+        // at high rate (the πe/6 gap); at lower rate the gap only shrinks.
+        let x = Signal::new(gaussian_vec(9, 512 * 512), 512, 512);
+        for bits in [2.0, 3.0, 4.0, 5.0] {
+            let (y, h) = run(bits, &x);
+            assert!((h - bits).abs() < 0.01, "entropy {h} for target {bits}");
+            let s = sqnr_db(&x.data, &y).unwrap();
+            let bound = 6.02 * h - 1.53 - 0.1;
+            assert!(s > bound, "{bits} bits: {s:.2} dB ≤ {bound:.2}");
+            assert!(
+                s < 6.02 * h + 0.1,
+                "{s:.2} dB beats the Shannon bound at {h} bits"
+            );
+        }
+    }
+
+    #[test]
+    fn wide_codes_round_trip() {
+        let mut v = gaussian_vec(4, 4096);
+        v[7] = 500.0;
+        let x = Signal::new(v, 4, 1024);
+        let c = encode(
+            &UniformSpec {
+                bits: 6.0,
+                deadzone: 0.0,
+            },
+            &x,
+        )
+        .unwrap();
+        assert!(c.parts.iter().any(|p| p.name == "codes_hi"));
+        let y = decode(&c.meta, &Parts::new(c.parts), 4, 1024).unwrap();
+        assert!((y[7] - 500.0).abs() < 0.5);
+    }
+
+    #[test]
+    fn corrupt_is_an_error() {
+        let x = Signal::new(gaussian_vec(4, 256), 1, 256);
+        let c = encode(
+            &UniformSpec {
+                bits: 3.0,
+                deadzone: 0.0,
+            },
+            &x,
+        )
+        .unwrap();
+        assert!(decode(&c.meta, &Parts::new(vec![]), 1, 256).is_err());
+        assert!(decode(&serde_json::json!({}), &Parts::new(c.parts), 1, 256).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_error_at_most_a_step(seed in any::<u64>(), bits in 1.0f64..6.0, dz in 0.0f64..0.3) {
+            let x = Signal::new(gaussian_vec(seed, 300), 3, 100);
+            let c = encode(&UniformSpec { bits, deadzone: dz }, &x).unwrap();
+            let m: UniformMeta = parse_meta("uniform", &c.meta).unwrap();
+            let y = decode(&c.meta, &Parts::new(c.parts), 3, 100).unwrap();
+            for (a, b) in x.data.iter().zip(&y) {
+                prop_assert!((a - b).abs() <= m.step * (1.0 + dz as f32) + 1e-6);
+            }
+        }
+    }
+}

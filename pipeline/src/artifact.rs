@@ -1,0 +1,365 @@
+//! Reading artifacts back: verification, decompression to a dense model,
+//! and inspection.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use hcx_kernels::{Part, PartDtype, decode_tensor};
+use hcx_protocol::manifest::{FORMAT, MANIFEST_FILE};
+use hcx_protocol::{Manifest, TensorEntry};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::SafeTensors;
+use serde::Serialize;
+
+use crate::PipelineError;
+use crate::attribution::{Subset, is_compressed, subset, tensor_bytes};
+use crate::model::{f32_to_bytes, parse_dtype};
+use crate::run::WAVE_ELEMENTS;
+use crate::writer::{TensorFileWriter, sha256_file};
+
+/// Reads and checks an artifact's manifest.
+pub fn read_manifest(artifact: &Path) -> Result<Manifest, PipelineError> {
+    let path = artifact.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        PipelineError::io(
+            &path,
+            "cannot read the manifest (is this an hcx artifact?)",
+            e,
+        )
+    })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| PipelineError::Artifact {
+        path: path.clone(),
+        why: format!("malformed manifest: {e}"),
+    })?;
+    if m.format != FORMAT {
+        return Err(PipelineError::Artifact {
+            path,
+            why: format!("format `{}` is not `{FORMAT}`", m.format),
+        });
+    }
+    Ok(m)
+}
+
+/// Checks every tensor file's size and SHA-256 against the manifest.
+pub fn verify(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
+    for f in &m.files {
+        if f.name.contains('/') || f.name.contains("..") {
+            return Err(PipelineError::Artifact {
+                path: artifact.to_path_buf(),
+                why: format!("file name `{}` leaves the folder", f.name),
+            });
+        }
+        let p = artifact.join(&f.name);
+        let len = std::fs::metadata(&p)
+            .map_err(|e| PipelineError::io(&p, "cannot open", e))?
+            .len();
+        if len != f.bytes {
+            return Err(PipelineError::Artifact {
+                path: p,
+                why: format!("{len} bytes on disk, the manifest says {}", f.bytes),
+            });
+        }
+        let h = sha256_file(&p)?;
+        if h != f.sha256 {
+            return Err(PipelineError::Artifact {
+                path: p,
+                why: "SHA-256 does not match the manifest: the file is corrupt".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct TensorFiles {
+    maps: BTreeMap<String, Mmap>,
+}
+
+impl TensorFiles {
+    fn open(artifact: &Path, m: &Manifest) -> Result<TensorFiles, PipelineError> {
+        let mut maps = BTreeMap::new();
+        for f in &m.files {
+            let p = artifact.join(&f.name);
+            let file = File::open(&p).map_err(|e| PipelineError::io(&p, "cannot open", e))?;
+            // SAFETY: read-only map of a file we just verified; see Model::open.
+            let map =
+                unsafe { Mmap::map(&file) }.map_err(|e| PipelineError::io(&p, "cannot map", e))?;
+            SafeTensors::deserialize(&map).map_err(|e| PipelineError::Artifact {
+                path: p.clone(),
+                why: format!("not a valid safetensors file: {e:?}"),
+            })?;
+            maps.insert(f.name.clone(), map);
+        }
+        Ok(TensorFiles { maps })
+    }
+
+    fn parts(&self, artifact: &Path, t: &TensorEntry) -> Result<Vec<Part>, PipelineError> {
+        let map = self
+            .maps
+            .get(&t.file)
+            .ok_or_else(|| PipelineError::Artifact {
+                path: artifact.to_path_buf(),
+                why: format!(
+                    "tensor `{}` names file `{}`, which the manifest does not list",
+                    t.name, t.file
+                ),
+            })?;
+        let st = SafeTensors::deserialize(map).map_err(|e| PipelineError::Artifact {
+            path: artifact.join(&t.file),
+            why: format!("{e:?}"),
+        })?;
+        let prefix = format!("{}.", t.name);
+        let mut out = Vec::with_capacity(t.parts.len());
+        for p in &t.parts {
+            let view = st.tensor(&p.name).map_err(|_| PipelineError::Artifact {
+                path: artifact.join(&t.file),
+                why: format!("part `{}` of tensor `{}` is missing", p.name, t.name),
+            })?;
+            let local = p.name.strip_prefix(&prefix).unwrap_or(&p.name).to_string();
+            let dtype = PartDtype::parse(&format!("{:?}", view.dtype())).unwrap_or(PartDtype::U8);
+            out.push(Part {
+                name: local,
+                dtype,
+                shape: view.shape().to_vec(),
+                data: view.data().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn decode_entry(
+    artifact: &Path,
+    files: &TensorFiles,
+    t: &TensorEntry,
+) -> Result<Vec<u8>, PipelineError> {
+    let parts = files.parts(artifact, t)?;
+    if t.steps.is_empty() {
+        let p = parts
+            .into_iter()
+            .next()
+            .ok_or_else(|| PipelineError::Artifact {
+                path: artifact.to_path_buf(),
+                why: format!("tensor `{}` has no data", t.name),
+            })?;
+        if p.data.len() as u64 != t.source_bytes {
+            return Err(PipelineError::Artifact {
+                path: artifact.to_path_buf(),
+                why: format!(
+                    "tensor `{}`: {} bytes stored, {} expected",
+                    t.name,
+                    p.data.len(),
+                    t.source_bytes
+                ),
+            });
+        }
+        return Ok(p.data);
+    }
+    let values =
+        decode_tensor(&t.steps, parts, &t.shape).map_err(|source| PipelineError::Tensor {
+            tensor: t.name.clone(),
+            source,
+        })?;
+    let dtype = parse_dtype(&t.dtype).ok_or_else(|| PipelineError::Artifact {
+        path: artifact.to_path_buf(),
+        why: format!("tensor `{}`: unknown dtype {}", t.name, t.dtype),
+    })?;
+    Ok(f32_to_bytes(&values, dtype))
+}
+
+/// Decodes one tensor of an artifact to f32 values (float tensors only).
+pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f32>, PipelineError> {
+    let t = m
+        .tensors
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| PipelineError::Artifact {
+            path: artifact.to_path_buf(),
+            why: format!("no tensor `{name}`"),
+        })?;
+    let files = TensorFiles::open(artifact, m)?;
+    let parts = files.parts(artifact, t)?;
+    decode_tensor(&t.steps, parts, &t.shape).map_err(|source| PipelineError::Tensor {
+        tensor: t.name.clone(),
+        source,
+    })
+}
+
+/// Writes a dense safetensors model (`model.safetensors`, the source's
+/// names, shapes and dtypes) plus the copied config and tokenizer files.
+pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineError> {
+    let m = read_manifest(artifact)?;
+    verify(artifact, &m)?;
+    let files = TensorFiles::open(artifact, &m)?;
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(PipelineError::Output {
+            path: output.to_path_buf(),
+            why: format!("parent folder {} does not exist", parent.display()),
+        });
+    }
+    if output.exists()
+        && std::fs::read_dir(output)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(PipelineError::Output {
+            path: output.to_path_buf(),
+            why: "exists and is not empty".into(),
+        });
+    }
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot create", e))?;
+    let result = (|| {
+        let mut w = TensorFileWriter::create(&tmp.join("model.safetensors"))?;
+        let mut i = 0;
+        while i < m.tensors.len() {
+            let mut j = i;
+            let mut elems = 0usize;
+            while j < m.tensors.len()
+                && (j == i || elems + m.tensors[j].shape.iter().product::<usize>() <= WAVE_ELEMENTS)
+            {
+                elems += m.tensors[j].shape.iter().product::<usize>();
+                j += 1;
+            }
+            let wave: Vec<Result<Vec<u8>, PipelineError>> = m.tensors[i..j]
+                .par_iter()
+                .map(|t| decode_entry(artifact, &files, t))
+                .collect();
+            for (t, bytes) in m.tensors[i..j].iter().zip(wave) {
+                w.add(&t.name, &t.dtype, &t.shape, &bytes?)?;
+            }
+            i = j;
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        w.finish(&meta)?;
+        for c in &m.source.copied {
+            if c.contains('/') || c.contains("..") {
+                continue;
+            }
+            let from = artifact.join(c);
+            std::fs::copy(&from, tmp.join(c))
+                .map_err(|e| PipelineError::io(&from, "cannot copy", e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if output.exists() {
+        std::fs::remove_dir(output)
+            .map_err(|e| PipelineError::io(output, "cannot replace the empty folder", e))?;
+    }
+    std::fs::rename(&tmp, output)
+        .map_err(|e| PipelineError::io(output, "cannot move into place", e))?;
+    Ok(output.to_path_buf())
+}
+
+/// One tensor in an inspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorRow {
+    /// Name.
+    pub name: String,
+    /// Parameters.
+    pub params: u64,
+    /// Stored bytes (parts and header entries).
+    pub bytes: u64,
+    /// 8 × bytes / params.
+    pub bits_per_weight: f64,
+    /// SQNR against the source, dB (`null` when exact).
+    pub sqnr_db: Option<f64>,
+    /// The stage chain, e.g. `hadamard→uniform→zstd` (`keep` when copied).
+    pub chain: String,
+}
+
+/// What `hcx-cluster inspect` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// Job name.
+    pub job: String,
+    /// Source safetensors bytes on disk.
+    pub source_bytes: u64,
+    /// Tensor files plus manifest, bytes on disk.
+    pub artifact_bytes: u64,
+    /// source_bytes / artifact_bytes.
+    pub ratio: f64,
+    /// The compressed tensors (quantizer other than a cast).
+    pub compressed: Subset,
+    /// Tensors selected by the caller's glob (all compressed ones by default).
+    pub selected: Subset,
+    /// Every tensor.
+    pub tensors: Vec<TensorRow>,
+}
+
+/// Summarises an artifact; `select` picks the tensors of `selected`.
+pub fn inspect(
+    artifact: &Path,
+    select: Option<&dyn Fn(&str) -> bool>,
+) -> Result<Inspection, PipelineError> {
+    let m = read_manifest(artifact)?;
+    let mut artifact_bytes = 0u64;
+    for name in m
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain([MANIFEST_FILE])
+    {
+        let p = artifact.join(name);
+        artifact_bytes += std::fs::metadata(&p)
+            .map_err(|e| PipelineError::io(&p, "cannot open", e))?
+            .len();
+    }
+    let tensors = m
+        .tensors
+        .iter()
+        .map(|t| {
+            let params = t.shape.iter().product::<usize>() as u64;
+            let bytes = tensor_bytes(t);
+            let chain = if t.steps.is_empty() {
+                "keep".to_string()
+            } else {
+                t.steps
+                    .iter()
+                    .map(|s| s.spec.kind())
+                    .collect::<Vec<_>>()
+                    .join("→")
+            };
+            TensorRow {
+                name: t.name.clone(),
+                params,
+                bytes,
+                bits_per_weight: if params > 0 {
+                    8.0 * bytes as f64 / params as f64
+                } else {
+                    0.0
+                },
+                sqnr_db: t.sqnr_db,
+                chain,
+            }
+        })
+        .collect();
+    let selected = match select {
+        Some(f) => subset(m.tensors.iter().filter(|t| f(&t.name))),
+        None => subset(m.tensors.iter().filter(|t| is_compressed(t))),
+    };
+    Ok(Inspection {
+        job: m.job.name.clone(),
+        source_bytes: m.source.bytes,
+        artifact_bytes,
+        ratio: m.source.bytes as f64 / artifact_bytes.max(1) as f64,
+        compressed: subset(m.tensors.iter().filter(|t| is_compressed(t))),
+        selected,
+        tensors,
+    })
+}

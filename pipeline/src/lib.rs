@@ -1,0 +1,107 @@
+//! Runs a compression job on one machine: reads the model, runs each
+//! tensor's stage chain (tensors in parallel, memory bounded), and writes
+//! the artifact; also decompresses and inspects artifacts.
+//!
+//! Entry points: [`run::run_job`], [`artifact::decompress`],
+//! [`artifact::inspect`].
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod artifact;
+pub mod attribution;
+pub mod model;
+pub mod run;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+/// Why a job, a decompression or an inspection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A file operation failed.
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The source model is unusable.
+    #[error("{}: {why}", path.display())]
+    Model {
+        /// The model file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A tensor could not be encoded or decoded.
+    #[error("tensor `{tensor}`: {source}")]
+    Tensor {
+        /// The tensor's name.
+        tensor: String,
+        /// What the kernel said.
+        source: hcx_kernels::KernelError,
+    },
+    /// An artifact is incomplete, corrupt or of another format.
+    #[error("{}: {why}", path.display())]
+    Artifact {
+        /// The artifact folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The output location cannot be used.
+    #[error("output {}: {why}", path.display())]
+    Output {
+        /// The output folder.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl PipelineError {
+    /// An I/O error with its path and what was being done.
+    pub fn io(path: &Path, what: &'static str, source: std::io::Error) -> PipelineError {
+        PipelineError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+}
+
+/// The layer a tensor belongs to, from the first `layers.N`, `layer.N`,
+/// `h.N` or `blocks.N` in its name (as `layer.N`); other tensors are grouped
+/// by their first name component (`embeddings`, `pooler`, …).
+pub fn layer_of(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    for w in parts.windows(2) {
+        if matches!(w[0], "layers" | "layer" | "h" | "blocks")
+            && !w[1].is_empty()
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+        {
+            return format!("layer.{}", w[1]);
+        }
+    }
+    parts.first().map(|s| s.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_of;
+
+    #[test]
+    fn layers_from_names() {
+        assert_eq!(
+            layer_of("encoder.layer.3.attention.self.query.weight"),
+            "layer.3"
+        );
+        assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), "layer.12");
+        assert_eq!(layer_of("transformer.h.0.attn.c_attn.weight"), "layer.0");
+        assert_eq!(layer_of("blocks.7.norm.weight"), "layer.7");
+        assert_eq!(layer_of("embeddings.word_embeddings.weight"), "embeddings");
+        assert_eq!(layer_of("h.x.y"), "h");
+    }
+}

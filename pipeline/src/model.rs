@@ -1,0 +1,260 @@
+//! Reading a source model: one `.safetensors` file, or a Hugging Face folder
+//! (`model.safetensors`, or shards listed by `model.safetensors.index.json`,
+//! or every `*.safetensors` in it). Files are memory-mapped and tensors read
+//! one at a time, so memory tracks the largest tensor, not the model.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::PipelineError;
+
+/// One tensor of the source.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Dtype as safetensors spells it.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Which file (index into [`Model::files`]).
+    pub file: usize,
+    /// Byte range in that file's data section.
+    pub range: (usize, usize),
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of data.
+    pub fn bytes(&self) -> usize {
+        self.range.1 - self.range.0
+    }
+
+    /// True for F32, F16 and BF16, the dtypes the codecs take.
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+    }
+
+    /// True for integer and boolean tensors (always copied as they are).
+    pub fn is_integer(&self) -> bool {
+        matches!(
+            self.dtype,
+            Dtype::BOOL
+                | Dtype::U8
+                | Dtype::I8
+                | Dtype::I16
+                | Dtype::U16
+                | Dtype::I32
+                | Dtype::U32
+                | Dtype::I64
+                | Dtype::U64
+        )
+    }
+}
+
+/// An opened source model.
+pub struct Model {
+    /// The folder (or the file's folder).
+    pub dir: PathBuf,
+    /// The safetensors files, names relative to `dir`.
+    pub files: Vec<String>,
+    maps: Vec<Mmap>,
+    headers: Vec<usize>,
+    /// Every tensor, sorted by name.
+    pub tensors: Vec<TensorInfo>,
+}
+
+fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}")
+}
+
+impl Model {
+    /// Opens a model folder or file and reads every header.
+    pub fn open(path: &Path) -> Result<Model, PipelineError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| PipelineError::io(path, "cannot open the model", e))?;
+        let (dir, files): (PathBuf, Vec<String>) = if meta.is_file() {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            (dir, vec![name])
+        } else {
+            let index = path.join("model.safetensors.index.json");
+            let files = if index.is_file() {
+                let text = std::fs::read_to_string(&index)
+                    .map_err(|e| PipelineError::io(&index, "cannot read", e))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| PipelineError::Model {
+                        path: index.clone(),
+                        why: format!("not a valid index: {e}"),
+                    })?;
+                let map = v
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| PipelineError::Model {
+                        path: index.clone(),
+                        why: "no `weight_map` object".into(),
+                    })?;
+                let mut f: Vec<String> = map
+                    .values()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect();
+                f.sort();
+                f.dedup();
+                for name in &f {
+                    if name.contains("..") || name.contains('/') {
+                        return Err(PipelineError::Model {
+                            path: index.clone(),
+                            why: format!("shard name `{name}` leaves the folder"),
+                        });
+                    }
+                }
+                f
+            } else {
+                let mut f: Vec<String> = std::fs::read_dir(path)
+                    .map_err(|e| PipelineError::io(path, "cannot list", e))?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.ends_with(".safetensors"))
+                    .collect();
+                f.sort();
+                f
+            };
+            if files.is_empty() {
+                return Err(PipelineError::Model {
+                    path: path.to_path_buf(),
+                    why: "no *.safetensors file in this folder".into(),
+                });
+            }
+            (path.to_path_buf(), files)
+        };
+        let mut maps = Vec::new();
+        let mut headers = Vec::new();
+        let mut by_name: BTreeMap<String, TensorInfo> = BTreeMap::new();
+        for (fi, name) in files.iter().enumerate() {
+            let p = dir.join(name);
+            let f = File::open(&p).map_err(|e| PipelineError::io(&p, "cannot open", e))?;
+            // SAFETY: the map is read-only; a source changed while we run is the
+            // operator's error and shows up as a hash or decode mismatch, not UB
+            // in our code paths, which only copy bytes out of it.
+            let map =
+                unsafe { Mmap::map(&f) }.map_err(|e| PipelineError::io(&p, "cannot map", e))?;
+            let (n, metadata) =
+                SafeTensors::read_metadata(&map).map_err(|e| PipelineError::Model {
+                    path: p.clone(),
+                    why: format!("not a valid safetensors file: {e:?}"),
+                })?;
+            for (tname, info) in metadata.tensors() {
+                if by_name.contains_key(&tname) {
+                    return Err(PipelineError::Model {
+                        path: p.clone(),
+                        why: format!("tensor `{tname}` appears in two files"),
+                    });
+                }
+                by_name.insert(
+                    tname.clone(),
+                    TensorInfo {
+                        name: tname,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        file: fi,
+                        range: info.data_offsets,
+                    },
+                );
+            }
+            headers.push(8 + n);
+            maps.push(map);
+        }
+        let tensors: Vec<TensorInfo> = by_name.into_values().collect();
+        for t in &tensors {
+            if !t.is_float() && !t.is_integer() {
+                return Err(PipelineError::Model {
+                    path: dir.join(&files[t.file]),
+                    why: format!(
+                        "tensor `{}`: dtype {} is not supported (F32, F16, BF16; integer tensors are copied)",
+                        t.name,
+                        dtype_name(t.dtype)
+                    ),
+                });
+            }
+        }
+        Ok(Model {
+            dir,
+            files,
+            maps,
+            headers,
+            tensors,
+        })
+    }
+
+    /// Raw bytes of a tensor as stored.
+    pub fn raw(&self, t: &TensorInfo) -> &[u8] {
+        let start = self.headers[t.file];
+        &self.maps[t.file][start + t.range.0..start + t.range.1]
+    }
+
+    /// A float tensor's values as f32.
+    pub fn read_f32(&self, t: &TensorInfo) -> Vec<f32> {
+        let raw = self.raw(t);
+        match t.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Size on disk of every safetensors file.
+    pub fn file_sizes(&self) -> Vec<u64> {
+        self.maps.iter().map(|m| m.len() as u64).collect()
+    }
+
+    /// The full bytes of file `i` (for hashing).
+    pub fn file_bytes(&self, i: usize) -> &[u8] {
+        &self.maps[i]
+    }
+}
+
+/// Converts f32 values to a float dtype's bytes.
+pub fn f32_to_bytes(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Parses a dtype name as safetensors writes it.
+pub fn parse_dtype(s: &str) -> Option<Dtype> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+/// The name safetensors uses for a dtype.
+pub fn dtype_str(d: Dtype) -> String {
+    dtype_name(d)
+}

@@ -1,0 +1,499 @@
+//! The job spec: what an operator writes in `job.yaml`.
+//!
+//! Parsing is strict: unknown fields are errors, and every error names the
+//! file, the line and column, and the field. [`JobSpec::parse`] is the entry
+//! point; it parses, resolves relative paths against the job file's folder
+//! and runs [`JobSpec::validate`].
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::stage::{StageCategory, StageSpec};
+
+/// A compression job: a model, where the artifact goes, and the stages that
+/// compress each tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Short name of the job, used in reports.
+    pub name: String,
+    /// Seed of every random choice (rotations, k-means starts, sketches);
+    /// combined with each tensor's name.
+    #[serde(default)]
+    pub seed: u64,
+    /// The source model: a folder in Hugging Face layout (`config.json` plus
+    /// one or more `*.safetensors`, sharded with `model.safetensors.index.json`)
+    /// or a single `.safetensors` file. Relative to the job file.
+    pub model: PathBuf,
+    /// Folder the artifact is written to. Relative to the job file.
+    pub output: PathBuf,
+    /// Stages applied to every tensor no rule matches.
+    pub pipeline: Vec<StageSpec>,
+    /// Per-tensor overrides, first match wins.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Calibration data (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub calibration: Option<serde_json::Value>,
+    /// Distillation steps (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub distillation: Option<serde_json::Value>,
+    /// Placement constraints for a cluster run (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub placement: Option<serde_json::Value>,
+}
+
+/// A per-tensor override: tensors whose name matches `match` get `pipeline`
+/// or are kept as they are (`keep`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Glob pattern(s) on tensor names (`*` matches dots too).
+    #[serde(rename = "match")]
+    pub patterns: Patterns,
+    /// The stages for matching tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Vec<StageSpec>>,
+    /// Keep matching tensors instead, optionally converted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<Keep>,
+}
+
+/// One glob or a list of globs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Patterns {
+    /// A single glob.
+    One(String),
+    /// Any of several globs.
+    Many(Vec<String>),
+}
+
+impl Patterns {
+    /// The globs as a slice.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Patterns::One(s) => std::slice::from_ref(s),
+            Patterns::Many(v) => v,
+        }
+    }
+}
+
+/// How a kept tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// Byte for byte as in the source.
+    Source,
+    /// Converted to IEEE half precision.
+    F16,
+    /// Converted to bfloat16.
+    Bf16,
+    /// Converted to f32.
+    F32,
+    /// Symmetric 8-bit integers with one f16 scale per row.
+    Int8,
+}
+
+impl Keep {
+    /// The stage chain that implements this keep mode (empty for `source`).
+    pub fn stages(self) -> Vec<StageSpec> {
+        use crate::stage::{CastDtype, CastSpec, RtnSpec};
+        match self {
+            Keep::Source => Vec::new(),
+            Keep::F16 => vec![StageSpec::Cast(CastSpec {
+                dtype: CastDtype::F16,
+            })],
+            Keep::Bf16 => vec![StageSpec::Cast(CastSpec {
+                dtype: CastDtype::Bf16,
+            })],
+            Keep::F32 => vec![StageSpec::Cast(CastSpec {
+                dtype: CastDtype::F32,
+            })],
+            Keep::Int8 => vec![StageSpec::Rtn(RtnSpec {
+                bits: 8,
+                group: None,
+                symmetric: true,
+                search: false,
+            })],
+        }
+    }
+}
+
+/// Where in a job file something is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The job file.
+    pub file: PathBuf,
+    /// 1-based line, 0 when unknown.
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.file.display())
+        } else {
+            write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+        }
+    }
+}
+
+/// Why a job file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The file could not be read.
+    #[error("{}: cannot read job file: {source}", path.display())]
+    Read {
+        /// The job file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or does not fit the schema.
+    #[error("{place}: {message}")]
+    Syntax {
+        /// Where.
+        place: Place,
+        /// What is wrong, as the parser says it.
+        message: String,
+    },
+    /// The YAML parsed but a field's value is not acceptable.
+    #[error("{place}: field `{field}`: {message}")]
+    Invalid {
+        /// Where (the field's line when known).
+        place: Place,
+        /// Path of the field, e.g. `rules[2].pipeline[0].rtn.bits`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl JobSpec {
+    /// Reads, parses and validates a job file; relative paths in it are
+    /// resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<JobSpec, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        JobSpec::parse(&text, path, base)
+    }
+
+    /// Parses and validates job YAML. `file` names the source in errors;
+    /// `base` is the folder relative paths resolve against.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<JobSpec, JobError> {
+        let mut spec: JobSpec = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            JobError::Syntax {
+                place: Place {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                },
+                message: first_line(&e.to_string()),
+            }
+        })?;
+        spec.validate()
+            .map_err(|(field, message)| JobError::Invalid {
+                place: locate_field(text, file, &field),
+                field,
+                message,
+            })?;
+        if spec.model.is_relative() {
+            spec.model = base.join(&spec.model);
+        }
+        if spec.output.is_relative() {
+            spec.output = base.join(&spec.output);
+        }
+        Ok(spec)
+    }
+
+    /// Checks values the schema cannot: stage order, parameter ranges, globs.
+    /// Returns the field path and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.name.trim().is_empty() {
+            return Err(("name".into(), "must not be empty".into()));
+        }
+        for (section, value) in [
+            ("calibration", &self.calibration),
+            ("distillation", &self.distillation),
+            ("placement", &self.placement),
+        ] {
+            if value.is_some() {
+                return Err((
+                    section.into(),
+                    format!("`{section}` is not supported yet by this version of hcx-cluster"),
+                ));
+            }
+        }
+        if self.model.as_os_str().is_empty() {
+            return Err((
+                "model".into(),
+                "must name a folder or a .safetensors file".into(),
+            ));
+        }
+        if self.output.as_os_str().is_empty() {
+            return Err(("output".into(), "must name a folder".into()));
+        }
+        validate_chain(&self.pipeline, "pipeline")?;
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = format!("rules[{i}]");
+            if rule.patterns.as_slice().is_empty() {
+                return Err((format!("{at}.match"), "needs at least one glob".into()));
+            }
+            for (j, p) in rule.patterns.as_slice().iter().enumerate() {
+                if let Err(e) = globset::Glob::new(p) {
+                    return Err((format!("{at}.match[{j}]"), format!("bad glob `{p}`: {e}")));
+                }
+            }
+            match (&rule.pipeline, &rule.keep) {
+                (Some(_), Some(_)) => {
+                    return Err((at, "give either `pipeline` or `keep`, not both".into()));
+                }
+                (None, None) => return Err((at, "give `pipeline` or `keep`".into())),
+                (Some(p), None) => validate_chain(p, &format!("{at}.pipeline"))?,
+                (None, Some(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The stages for a tensor name: the first matching rule's, or the
+    /// default pipeline. Integer tensors are copied by the caller whatever
+    /// this says.
+    pub fn stages_for(&self, tensor: &str) -> Vec<StageSpec> {
+        for rule in &self.rules {
+            let hit = rule.patterns.as_slice().iter().any(|p| {
+                globset::GlobBuilder::new(p)
+                    .literal_separator(false)
+                    .build()
+                    .map(|g| g.compile_matcher().is_match(tensor))
+                    .unwrap_or(false)
+            });
+            if hit {
+                return match (&rule.pipeline, rule.keep) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(k)) => k.stages(),
+                    (None, None) => self.pipeline.clone(),
+                };
+            }
+        }
+        self.pipeline.clone()
+    }
+}
+
+/// Checks that a chain reads transforms, decompositions, one quantizer,
+/// entropy coders, in that order, with valid parameters.
+pub fn validate_chain(chain: &[StageSpec], at: &str) -> Result<(), (String, String)> {
+    let mut last = StageCategory::Transform;
+    let mut quantizers = 0;
+    let mut seen: Vec<&'static str> = Vec::new();
+    let mut ends_signal = false;
+    for (i, stage) in chain.iter().enumerate() {
+        let field = format!("{at}[{i}].{}", stage.kind());
+        stage.validate().map_err(|(f, m)| {
+            if f.is_empty() {
+                (field.clone(), m)
+            } else {
+                (format!("{field}.{f}"), m)
+            }
+        })?;
+        if seen.contains(&stage.kind()) {
+            return Err((field, format!("stage `{}` appears twice", stage.kind())));
+        }
+        seen.push(stage.kind());
+        let cat = stage.category();
+        if cat < last {
+            return Err((
+                field,
+                format!(
+                    "a {} stage cannot follow a {} stage (order: transforms, decompositions, one quantizer, entropy coders)",
+                    cat.name(),
+                    last.name()
+                ),
+            ));
+        }
+        if cat == StageCategory::Quantizer {
+            quantizers += 1;
+            if ends_signal {
+                return Err((field, "nothing is left to quantize: the low-rank stage drops its residual (keep_residual: false)".into()));
+            }
+        }
+        if let StageSpec::Lowrank(l) = stage
+            && !l.keep_residual
+        {
+            ends_signal = true;
+        }
+        if let StageSpec::Uniform(_) = stage
+            && !chain.iter().any(|s| matches!(s, StageSpec::Zstd(_)))
+        {
+            return Err((
+                field,
+                "the uniform quantizer writes one byte per code and needs an entropy coder after it (add `- zstd: {}`)".into(),
+            ));
+        }
+        last = cat;
+    }
+    if quantizers == 0 && !ends_signal && !chain.is_empty() {
+        return Err((
+            at.to_string(),
+            "needs exactly one quantizer (cast, rtn, uniform, nonuniform, ternary, seedlm, vq) or a low-rank stage with keep_residual: false".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// Best-effort location of a field path such as `rules[1].pipeline[0].rtn.bits`
+/// in the YAML text: the line of the deepest key that can be found in order.
+fn locate_field(text: &str, file: &Path, field: &str) -> Place {
+    let mut line_no = 0usize;
+    let mut col = 0usize;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0usize;
+    for segment in field.split('.') {
+        let (key, index) = match segment.find('[') {
+            Some(p) => (
+                &segment[..p],
+                segment[p + 1..segment.len().saturating_sub(1)]
+                    .parse::<usize>()
+                    .ok(),
+            ),
+            None => (segment, None),
+        };
+        let found = (from..lines.len()).find(|&i| {
+            let t = lines[i].trim_start().trim_start_matches("- ").trim_start();
+            t.starts_with(&format!("{key}:"))
+                || t.starts_with(&format!("{key} :"))
+                || t.starts_with(&format!("{{{key}:"))
+        });
+        let Some(mut i) = found else { break };
+        line_no = i + 1;
+        col = lines[i].find(key).map(|c| c + 1).unwrap_or(1);
+        if let Some(n) = index {
+            // Walk to the n-th list item after the key.
+            let mut count = 0usize;
+            let mut j = i + 1;
+            let mut hit = None;
+            while j < lines.len() {
+                if lines[j].trim_start().starts_with("- ") || lines[j].trim() == "-" {
+                    if count == n {
+                        hit = Some(j);
+                        break;
+                    }
+                    count += 1;
+                }
+                j += 1;
+            }
+            match hit {
+                Some(j) => {
+                    i = j;
+                    line_no = j + 1;
+                    col = lines[j].find('-').map(|c| c + 1).unwrap_or(1);
+                }
+                None => break,
+            }
+        }
+        from = i;
+    }
+    Place {
+        file: file.to_path_buf(),
+        line: line_no as u64,
+        column: col as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<JobSpec, JobError> {
+        JobSpec::parse(y, Path::new("job.yaml"), Path::new("/base"))
+    }
+
+    const GOOD: &str = "name: t\nseed: 7\nmodel: m\noutput: out\npipeline:\n  - hadamard: {}\n  - rtn: {bits: 4, group: 128}\n  - zstd: {}\nrules:\n  - match: [\"*LayerNorm*\", \"*.bias\"]\n    keep: source\n  - match: \"embeddings.*\"\n    keep: int8\n";
+
+    #[test]
+    fn good_job_parses_and_resolves_paths() {
+        let j = parse(GOOD).unwrap();
+        assert_eq!(j.model, PathBuf::from("/base/m"));
+        assert_eq!(j.output, PathBuf::from("/base/out"));
+        assert_eq!(j.pipeline.len(), 3);
+        assert_eq!(
+            j.stages_for("encoder.layer.0.output.LayerNorm.weight"),
+            vec![]
+        );
+        assert_eq!(
+            j.stages_for("embeddings.word_embeddings.weight"),
+            Keep::Int8.stages()
+        );
+        assert_eq!(j.stages_for("encoder.layer.0.output.dense.weight").len(), 3);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_column() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\nbogus: 1\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("job.yaml:5:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn unknown_stage_parameter_is_refused() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - rtn: {bits: 4, grup: 64}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("grup"), "{e}");
+        assert!(e.contains("job.yaml:5:"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_the_field_and_line() {
+        let y =
+            "name: t\nmodel: m\noutput: o\npipeline:\n  - hadamard: {}\n  - rtn:\n      bits: 12\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("pipeline[1].rtn.bits"), "{e}");
+        assert!(e.contains("job.yaml:7:7"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_sections_are_refused_clearly() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  file: x\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("not supported yet"), "{e}");
+        assert!(e.contains("job.yaml:5:"), "{e}");
+    }
+
+    #[test]
+    fn stage_order_is_checked() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - rtn: {bits: 4}\n  - hadamard: {}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("cannot follow"), "{e}");
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - hadamard: {}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("exactly one quantizer"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_has_a_place() {
+        let y = "name: t\nmodel: [unclosed\n";
+        let e = parse(y).unwrap_err();
+        assert!(matches!(e, JobError::Syntax { .. }));
+        assert!(e.to_string().starts_with("job.yaml:"), "{e}");
+    }
+}

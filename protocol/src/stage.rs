@@ -1,0 +1,399 @@
+//! Stage specs: one variant per compression stage a job can name.
+//!
+//! In YAML each stage is a one-key map, `- rtn: {bits: 4, group: 128}`.
+//! The math lives in `hcx-kernels`; this module only says what the
+//! parameters are and which values are acceptable.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One stage of a tensor's pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StageSpec {
+    /// Random-sign Walsh–Hadamard rotation along rows (lossless).
+    Hadamard(HadamardSpec),
+    /// Truncated SVD: factors stored f16, the residual goes on down the chain.
+    Lowrank(LowrankSpec),
+    /// Magnitude pruning: a mask is stored, the kept values go on.
+    Sparse(SparseSpec),
+    /// Store as a float type (f16, bf16, f32).
+    Cast(CastSpec),
+    /// Round-to-nearest integers, per row or by group.
+    Rtn(RtnSpec),
+    /// Uniform grid, step chosen for a target entropy; needs `zstd` after it.
+    Uniform(UniformSpec),
+    /// Non-uniform scalar grid (Lloyd–Max or learned levels) by group.
+    Nonuniform(NonuniformSpec),
+    /// BitNet b1.58 absmean ternary, 1.6 bits per weight.
+    Ternary(TernarySpec),
+    /// SeedLM: LFSR-generated bases chosen by seed, low-bit coefficients.
+    Seedlm(SeedlmSpec),
+    /// Vector quantization with k-means codebooks.
+    Vq(VqSpec),
+    /// zstd over every part, floats split into byte planes first (lossless).
+    Zstd(ZstdSpec),
+}
+
+/// The kinds of stage, in the order a chain must list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StageCategory {
+    /// Lossless rotations.
+    Transform,
+    /// Splits off a part (factors, mask) and passes a residual on.
+    Decomposition,
+    /// Turns the signal into codes; exactly one per chain.
+    Quantizer,
+    /// Lossless coding of the parts.
+    Entropy,
+}
+
+impl StageCategory {
+    /// Lowercase name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageCategory::Transform => "transform",
+            StageCategory::Decomposition => "decomposition",
+            StageCategory::Quantizer => "quantizer",
+            StageCategory::Entropy => "entropy",
+        }
+    }
+}
+
+impl StageSpec {
+    /// The stage's name as written in YAML.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageSpec::Hadamard(_) => "hadamard",
+            StageSpec::Lowrank(_) => "lowrank",
+            StageSpec::Sparse(_) => "sparse",
+            StageSpec::Cast(_) => "cast",
+            StageSpec::Rtn(_) => "rtn",
+            StageSpec::Uniform(_) => "uniform",
+            StageSpec::Nonuniform(_) => "nonuniform",
+            StageSpec::Ternary(_) => "ternary",
+            StageSpec::Seedlm(_) => "seedlm",
+            StageSpec::Vq(_) => "vq",
+            StageSpec::Zstd(_) => "zstd",
+        }
+    }
+
+    /// Where the stage sits in a chain.
+    pub fn category(&self) -> StageCategory {
+        match self {
+            StageSpec::Hadamard(_) => StageCategory::Transform,
+            StageSpec::Lowrank(_) | StageSpec::Sparse(_) => StageCategory::Decomposition,
+            StageSpec::Zstd(_) => StageCategory::Entropy,
+            _ => StageCategory::Quantizer,
+        }
+    }
+
+    /// Checks the parameters; on error returns the parameter name (empty for
+    /// the stage as a whole) and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn err(f: &str, m: impl Into<String>) -> Result<(), (String, String)> {
+            Err((f.to_string(), m.into()))
+        }
+        match self {
+            StageSpec::Hadamard(h) => {
+                if let Some(b) = h.block
+                    && (!b.is_power_of_two() || !(2..=1 << 16).contains(&b))
+                {
+                    return err("block", format!("{b} is not a power of two in 2..=65536"));
+                }
+            }
+            StageSpec::Lowrank(l) => {
+                let given = [
+                    l.rank.is_some(),
+                    l.rank_fraction.is_some(),
+                    l.energy.is_some(),
+                ]
+                .iter()
+                .filter(|x| **x)
+                .count();
+                if given != 1 {
+                    return err("", "give exactly one of `rank`, `rank_fraction`, `energy`");
+                }
+                if let Some(0) = l.rank {
+                    return err("rank", "must be at least 1");
+                }
+                if let Some(f) = l.rank_fraction
+                    && !(f > 0.0 && f <= 1.0)
+                {
+                    return err("rank_fraction", format!("{f} is not in (0, 1]"));
+                }
+                if let Some(e) = l.energy
+                    && !(e > 0.0 && e <= 1.0)
+                {
+                    return err("energy", format!("{e} is not in (0, 1]"));
+                }
+            }
+            StageSpec::Sparse(s) => match s.pattern {
+                SparsePattern::Unstructured => {
+                    if !(s.density > 0.0 && s.density < 1.0) {
+                        return err("density", format!("{} is not in (0, 1)", s.density));
+                    }
+                }
+                SparsePattern::TwoFour => {
+                    if s.density != 0.5 {
+                        return err("density", "2:4 sparsity keeps exactly 0.5");
+                    }
+                }
+            },
+            StageSpec::Cast(_) => {}
+            StageSpec::Rtn(r) => {
+                if !(2..=8).contains(&r.bits) {
+                    return err("bits", format!("{} is not in 2..=8", r.bits));
+                }
+                check_group(r.group)?;
+            }
+            StageSpec::Uniform(u) => {
+                if !(u.bits >= 0.5 && u.bits <= 8.0) {
+                    return err("bits", format!("{} is not in 0.5..=8", u.bits));
+                }
+                if !(u.deadzone >= 0.0 && u.deadzone <= 0.5) {
+                    return err("deadzone", format!("{} is not in 0..=0.5", u.deadzone));
+                }
+            }
+            StageSpec::Nonuniform(n) => {
+                if !(2..=4).contains(&n.bits) {
+                    return err("bits", format!("{} is not in 2..=4", n.bits));
+                }
+                check_group(Some(n.group))?;
+            }
+            StageSpec::Ternary(t) => check_group(t.group)?,
+            StageSpec::Seedlm(s) => {
+                if !(2..=64).contains(&s.block) {
+                    return err("block", format!("{} is not in 2..=64", s.block));
+                }
+                if !(1..=16).contains(&s.coefficients) || s.coefficients > s.block {
+                    return err("coefficients", "must be in 1..=16 and at most `block`");
+                }
+                if !(2..=8).contains(&s.coefficient_bits) {
+                    return err("coefficient_bits", "must be in 2..=8");
+                }
+                if !(2..=8).contains(&s.exponent_bits) {
+                    return err("exponent_bits", "must be in 2..=8");
+                }
+            }
+            StageSpec::Vq(v) => {
+                if !(1..=16).contains(&v.dim) {
+                    return err("dim", format!("{} is not in 1..=16", v.dim));
+                }
+                if !(1..=16).contains(&v.bits) {
+                    return err("bits", format!("{} is not in 1..=16", v.bits));
+                }
+                if v.iterations == 0 || v.iterations > 1000 {
+                    return err("iterations", "must be in 1..=1000");
+                }
+            }
+            StageSpec::Zstd(z) => {
+                if !(1..=22).contains(&z.level) {
+                    return err("level", format!("{} is not in 1..=22", z.level));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_group(group: Option<usize>) -> Result<(), (String, String)> {
+    if let Some(g) = group
+        && !(2..=1 << 20).contains(&g)
+    {
+        return Err(("group".into(), format!("{g} is not in 2..=1048576")));
+    }
+    Ok(())
+}
+
+/// Parameters of the Hadamard rotation.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HadamardSpec {
+    /// Block length; default: the largest power of two dividing the row
+    /// length, at most 4096 (384 → 128, 1536 → 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<usize>,
+}
+
+/// Parameters of the low-rank decomposition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LowrankSpec {
+    /// Fixed rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// Rank as a fraction of min(rows, cols).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_fraction: Option<f64>,
+    /// Smallest rank keeping this fraction of the squared singular values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// Pass the residual on to the next stages (true) or drop it (false:
+    /// pure low-rank approximation).
+    #[serde(default = "yes")]
+    pub keep_residual: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which weights a sparse stage keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SparsePattern {
+    /// The largest-magnitude fraction `density` of the tensor.
+    #[serde(rename = "unstructured")]
+    Unstructured,
+    /// The two largest of every four consecutive weights.
+    #[serde(rename = "2:4")]
+    TwoFour,
+}
+
+/// Parameters of magnitude pruning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SparseSpec {
+    /// Unstructured or 2:4.
+    pub pattern: SparsePattern,
+    /// Fraction of weights kept (0.5 for 2:4).
+    pub density: f64,
+}
+
+/// A float storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CastDtype {
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// IEEE single.
+    F32,
+}
+
+/// Parameters of a cast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CastSpec {
+    /// Target type.
+    pub dtype: CastDtype,
+}
+
+/// Parameters of round-to-nearest quantization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RtnSpec {
+    /// Bits per code, 2..=8.
+    pub bits: u8,
+    /// Group length along rows; absent: one scale per row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+    /// Symmetric (scale only) or asymmetric (scale and zero point).
+    #[serde(default = "yes")]
+    pub symmetric: bool,
+    /// Search the clipping scale that minimises squared error per group.
+    #[serde(default)]
+    pub search: bool,
+}
+
+/// Parameters of the entropy-constrained uniform quantizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UniformSpec {
+    /// Target empirical entropy of the codes, bits per weight.
+    pub bits: f64,
+    /// Rounding offset toward zero (0 = plain rounding, up to 0.5); a small
+    /// dead zone trades a little error for fewer bits.
+    #[serde(default)]
+    pub deadzone: f64,
+}
+
+/// Where non-uniform levels come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LevelSource {
+    /// Lloyd–Max levels for a unit Gaussian, scaled per group.
+    LloydMax,
+    /// Levels fitted to this tensor by Lloyd iterations, stored f16.
+    Learned,
+}
+
+/// Parameters of the non-uniform scalar quantizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NonuniformSpec {
+    /// Bits per code, 2..=4.
+    pub bits: u8,
+    /// Group length along rows.
+    pub group: usize,
+    /// Level set.
+    #[serde(default = "lloyd")]
+    pub levels: LevelSource,
+}
+
+fn lloyd() -> LevelSource {
+    LevelSource::LloydMax
+}
+
+/// Parameters of ternary quantization.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TernarySpec {
+    /// Group length; absent: one absmean scale for the whole tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<usize>,
+}
+
+/// Parameters of SeedLM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeedlmSpec {
+    /// Weights per block (C).
+    pub block: usize,
+    /// Basis vectors per block (P).
+    pub coefficients: usize,
+    /// Bits per coefficient (two's complement).
+    pub coefficient_bits: u8,
+    /// Bits of the shared exponent.
+    pub exponent_bits: u8,
+}
+
+/// Parameters of vector quantization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VqSpec {
+    /// Vector length v.
+    pub dim: usize,
+    /// Index bits k: the codebook has 2^k entries.
+    pub bits: u8,
+    /// Add a second codebook over the first one's residual.
+    #[serde(default)]
+    pub residual: bool,
+    /// k-means iterations.
+    #[serde(default = "twenty")]
+    pub iterations: usize,
+}
+
+fn twenty() -> usize {
+    20
+}
+
+/// Parameters of the zstd entropy stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ZstdSpec {
+    /// zstd level, 1..=22.
+    #[serde(default = "nineteen")]
+    pub level: i32,
+}
+
+impl Default for ZstdSpec {
+    fn default() -> Self {
+        ZstdSpec { level: 19 }
+    }
+}
+
+fn nineteen() -> i32 {
+    19
+}

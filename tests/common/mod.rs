@@ -1,0 +1,121 @@
+//! Shared helpers of the whole-system tests: the binary, the real model,
+//! and small models written on the fly.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The project root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// all-MiniLM-L6-v2, fetched by `scripts/fetch-model.sh` (run by `scripts/test.sh`).
+pub fn minilm() -> PathBuf {
+    let dir = std::env::var_os("HCX_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the test model is missing at {}: run scripts/fetch-model.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs the binary with arguments.
+pub fn hcx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))
+        .args(args)
+        .output()
+        .expect("cannot start hcx-cluster")
+}
+
+/// Runs the binary and insists on success; returns stdout.
+pub fn hcx_ok(args: &[&str]) -> String {
+    let out = hcx(args);
+    assert!(
+        out.status.success(),
+        "hcx-cluster {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// Writes a job file whose model and output are absolute paths.
+pub fn write_job(dir: &Path, name: &str, model: &Path, output: &Path, body: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    let text = format!(
+        "name: {name}\nseed: 1\nmodel: {}\noutput: {}\n{body}",
+        model.display(),
+        output.display()
+    );
+    std::fs::write(&p, text).expect("write job");
+    p
+}
+
+/// A job file from configs/jobs with its model replaced and output set.
+pub fn example_job(dir: &Path, example: &str, model: &Path, output: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("configs/jobs").join(format!("{example}.yaml")))
+        .expect("read example");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("model:") {
+                format!("model: {}", model.display())
+            } else if l.starts_with("output:") {
+                format!("output: {}", output.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let p = dir.join(format!("{example}.yaml"));
+    std::fs::write(&p, text).expect("write job");
+    p
+}
+
+/// Copies the named tensors of a safetensors model into a new folder
+/// (with the source's config and tokenizer), for tests of slow codecs.
+pub fn subset_model(src: &Path, dst: &Path, names: &[&str]) {
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("read model");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse model");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = names
+        .iter()
+        .map(|n| (n.to_string(), st.tensor(n).expect("tensor")))
+        .collect();
+    std::fs::create_dir_all(dst).expect("mkdir");
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors"))
+        .expect("write subset");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).expect("copy");
+    }
+}
+
+/// Every file of a folder, name → bytes.
+pub fn read_dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("list").flatten() {
+        out.insert(
+            e.file_name().to_string_lossy().to_string(),
+            std::fs::read(e.path()).expect("read"),
+        );
+    }
+    out
+}
+
+/// Removes every `seconds` field from a JSON value (run metadata).
+pub fn without_times(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("seconds");
+            for x in m.values_mut() {
+                without_times(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_times),
+        _ => {}
+    }
+}
