@@ -44,7 +44,7 @@ pub fn choose_block(
             ),
         ));
     }
-    if !block.is_power_of_two() || cols % block != 0 {
+    if !block.is_power_of_two() || !cols.is_multiple_of(block) {
         return Err(KernelError::shape(
             rows,
             cols,

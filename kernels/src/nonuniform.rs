@@ -157,7 +157,7 @@ pub fn decode(
     cols: usize,
 ) -> Result<Vec<f32>, KernelError> {
     let m: NonuniformMeta = parse_meta("nonuniform", meta)?;
-    if !(2..=4).contains(&m.bits) || m.group == 0 || cols % m.group != 0 {
+    if !(2..=4).contains(&m.bits) || m.group == 0 || !cols.is_multiple_of(m.group) {
         return Err(KernelError::Meta {
             stage: "nonuniform".into(),
             why: format!(

@@ -29,7 +29,7 @@ pub struct RtnMeta {
 /// The group length for a row of `cols` values.
 pub fn group_len(group: Option<usize>, rows: usize, cols: usize) -> Result<usize, KernelError> {
     let g = group.unwrap_or(cols);
-    if g == 0 || cols % g != 0 {
+    if g == 0 || !cols.is_multiple_of(g) {
         return Err(KernelError::shape(
             rows,
             cols,
@@ -158,7 +158,7 @@ pub fn decode(
     cols: usize,
 ) -> Result<Vec<f32>, KernelError> {
     let m: RtnMeta = parse_meta("rtn", meta)?;
-    if !(2..=8).contains(&m.bits) || m.group == 0 || cols % m.group != 0 {
+    if !(2..=8).contains(&m.bits) || m.group == 0 || !cols.is_multiple_of(m.group) {
         return Err(KernelError::Meta {
             stage: "rtn".into(),
             why: format!(

@@ -60,7 +60,7 @@ pub fn decode(
 ) -> Result<Vec<f32>, KernelError> {
     let m: TernaryMeta = parse_meta("ternary", meta)?;
     let n = rows * cols;
-    if m.group == 0 || n % m.group != 0 {
+    if m.group == 0 || !n.is_multiple_of(m.group) {
         return Err(KernelError::Meta {
             stage: "ternary".into(),
             why: format!("group {} does not divide {n} values", m.group),

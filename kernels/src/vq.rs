@@ -97,36 +97,63 @@ fn to_f16_grid(v: f32) -> f32 {
     round_f16(v.clamp(-F16_MAX, F16_MAX))
 }
 
-/// The nearest entry of a codebook of `V`-vectors and its squared distance
-/// (lowest index on ties).
-#[inline]
-fn nearest<const V: usize>(x: &[f32], codebook: &[[f32; V]]) -> (u32, f32) {
-    let mut xa = [0f32; V];
-    xa.copy_from_slice(x);
-    let mut best = (0u32, f32::INFINITY);
-    for (j, c) in codebook.iter().enumerate() {
-        let mut d = 0f32;
-        for t in 0..V {
-            let e = xa[t] - c[t];
-            d += e * e;
-        }
-        if d < best.1 {
-            best = (j as u32, d);
-        }
-    }
-    best
+/// Codebook entries compared side by side in the assignment loop.
+const LANES: usize = 8;
+
+/// A codebook laid out for the assignment loop: coordinate `t` of entry `j`
+/// at `[t · padded + j]`, padded to a multiple of [`LANES`] entries with
+/// infinitely distant ones, so eight distances are computed at once.
+struct Transposed {
+    rows: Vec<[f32; LANES]>,
+    blocks: usize,
 }
 
-/// [`nearest`] for a vector length known only at run time.
-fn nearest_dyn(x: &[f32], codebook: &[f32]) -> (u32, f32) {
-    let mut best = (0u32, f32::INFINITY);
-    for (j, c) in codebook.chunks_exact(x.len()).enumerate() {
-        let d: f32 = x.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum();
-        if d < best.1 {
-            best = (j as u32, d);
+impl Transposed {
+    fn new(codebook: &[f32], v: usize) -> Transposed {
+        let k = codebook.len() / v;
+        let blocks = k.div_ceil(LANES);
+        let mut rows = vec![[f32::INFINITY; LANES]; blocks * v];
+        for (j, entry) in codebook.chunks_exact(v).enumerate() {
+            for (t, c) in entry.iter().enumerate() {
+                rows[t * blocks + j / LANES][j % LANES] = *c;
+            }
         }
+        Transposed { rows, blocks }
     }
-    best
+
+    /// The nearest entry to `x` and its squared distance (lowest index on
+    /// ties; entry 0 when every distance overflows).
+    #[inline]
+    fn nearest(&self, x: &[f32]) -> (u32, f32) {
+        let mut best_d = [f32::INFINITY; LANES];
+        let mut best_j = [0u32; LANES];
+        for b in 0..self.blocks {
+            let mut d = [0f32; LANES];
+            for (t, xt) in x.iter().enumerate() {
+                let row = &self.rows[t * self.blocks + b];
+                for l in 0..LANES {
+                    let e = xt - row[l];
+                    d[l] += e * e;
+                }
+            }
+            for l in 0..LANES {
+                let better = d[l] < best_d[l];
+                best_d[l] = if better { d[l] } else { best_d[l] };
+                best_j[l] = if better {
+                    (b * LANES + l) as u32
+                } else {
+                    best_j[l]
+                };
+            }
+        }
+        let mut best = (0u32, f32::INFINITY);
+        for (j, d) in best_j.into_iter().zip(best_d) {
+            if d < best.1 || (d == best.1 && j < best.0) {
+                best = (j, d);
+            }
+        }
+        best
+    }
 }
 
 /// Runs `find` on every vector in parallel, storing labels and distances;
@@ -159,21 +186,8 @@ fn assign(
     labels: &mut [u32],
     dists: &mut [f32],
 ) -> usize {
-    macro_rules! fixed {
-        ($v:literal) => {{
-            let (cb, _) = codebook.as_chunks::<$v>();
-            assign_with(data, v, labels, dists, |x| nearest::<$v>(x, cb))
-        }};
-    }
-    match v {
-        1 => fixed!(1),
-        2 => fixed!(2),
-        3 => fixed!(3),
-        4 => fixed!(4),
-        8 => fixed!(8),
-        16 => fixed!(16),
-        _ => assign_with(data, v, labels, dists, |x| nearest_dyn(x, codebook)),
-    }
+    let transposed = Transposed::new(codebook, v);
+    assign_with(data, v, labels, dists, |x| transposed.nearest(x))
 }
 
 /// Lowers each vector's squared distance to `center` where it is closer.
@@ -535,6 +549,18 @@ mod tests {
         }
     }
 
+    /// Reference nearest-entry search, one entry at a time.
+    fn nearest_dyn(x: &[f32], codebook: &[f32]) -> (u32, f32) {
+        let mut best = (0u32, f32::INFINITY);
+        for (j, c) in codebook.chunks_exact(x.len()).enumerate() {
+            let d: f32 = x.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum();
+            if d < best.1 {
+                best = (j as u32, d);
+            }
+        }
+        best
+    }
+
     fn round_trip(s: &VqSpec, x: &Signal, seed: u64) -> (Coded, Vec<f32>) {
         let coded = encode(s, x, seed).unwrap();
         let y = decode(
@@ -635,6 +661,19 @@ mod tests {
         }
         // Lloyd–Max 2-D at 1 bit per weight on a Gaussian: about 4.4 dB.
         assert!(sqnr_db(&x.data, &y).unwrap() > 4.0);
+    }
+
+    #[test]
+    fn transposed_search_matches_the_reference() {
+        for (v, k) in [(1usize, 3usize), (2, 8), (3, 13), (5, 40), (16, 9)] {
+            let mut codebook = gaussian_vec(k as u64, k * v);
+            // A duplicate entry: ties go to the lower index.
+            codebook.copy_within(0..v, (k - 1) * v);
+            let t = Transposed::new(&codebook, v);
+            for x in gaussian_vec(99, 50 * v).chunks(v).chain([&codebook[..v]]) {
+                assert_eq!(t.nearest(x), nearest_dyn(x, &codebook), "v {v} k {k}");
+            }
+        }
     }
 
     #[test]

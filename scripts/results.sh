@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every example job on all-MiniLM-L6-v2 with a release build and prints
+# the README's results table: bits per weight over the 36 encoder linear
+# weights (every part and header entry counted), whole-model ratio against
+# the source file, their parameter-weighted mean SQNR, and the mean cosine
+# of sentence embeddings against the original model.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/fetch-model.sh >&2
+cargo build --release --locked --quiet
+bin="${CARGO_TARGET_DIR:-$root/target}/release/hcx-cluster"
+model="$root/models/all-MiniLM-L6-v2"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "| job | bits per weight (36 encoder linear weights) | whole-model ratio | mean SQNR (dB) | mean embedding cosine | run time (s) |"
+echo "|---|---:|---:|---:|---:|---:|"
+for job in int8 4bit 3bit 2bit ternary seedlm vq lowrank-sparse; do
+  name="minilm-$job"
+  out="$work/$name"
+  start=$(date +%s.%N)
+  "$bin" run "configs/jobs/$name.yaml" --output "$out" >/dev/null
+  end=$(date +%s.%N)
+  "$bin" inspect "$out" --json >"$work/inspect.json"
+  "$bin" eval --reference "$model" --candidate "$out" --json >"$work/eval.json"
+  python3 - "$name" "$work/inspect.json" "$work/eval.json" "$start" "$end" <<'PY'
+import json, re, sys
+name, ins, ev, start, end = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3])), float(sys.argv[4]), float(sys.argv[5])
+lin = re.compile(r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight$")
+ts = [t for t in ins["tensors"] if lin.match(t["name"])]
+assert len(ts) == 36, len(ts)
+params = sum(t["params"] for t in ts)
+bpw = 8 * sum(t["bytes"] for t in ts) / params
+sqnr = sum(t["sqnr_db"] * t["params"] for t in ts) / params
+cos = ev["embeddings"]["mean_cosine"]
+print(f"| `{name}` | {bpw:.3f} | {ins['ratio']:.2f}× | {sqnr:.2f} | {cos:.5f} | {end - start:.1f} |")
+PY
+done
