@@ -223,3 +223,91 @@ fn bad_inputs_fail_cleanly() {
     );
     assert!(!dense.exists());
 }
+
+#[test]
+fn sharded_half_precision_model_round_trips() {
+    // Two shards listed by an index, F16 and BF16 tensors, an integer tensor.
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("sharded");
+    std::fs::create_dir(&m).unwrap();
+    let vals = hcx_kernels::rng::gaussian_vec(5, 64 * 128);
+    let f16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v * 0.05).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v * 0.05).to_le_bytes())
+        .collect();
+    let ids: Vec<u8> = (0i64..16).flat_map(|v| v.to_le_bytes()).collect();
+    let a =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![64, 128], &f16).unwrap();
+    let ids_v =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![16], &ids).unwrap();
+    safetensors::serialize_to_file(
+        vec![("model.layers.0.mlp.weight", a), ("model.ids", ids_v)],
+        None,
+        &m.join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    let b = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![64, 128], &bf16)
+        .unwrap();
+    safetensors::serialize_to_file(
+        vec![("model.layers.1.mlp.weight", b)],
+        None,
+        &m.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"model.layers.0.mlp.weight": "model-00001-of-00002.safetensors", "model.ids": "model-00001-of-00002.safetensors", "model.layers.1.mlp.weight": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::write(m.join("config.json"), "{}").unwrap();
+    let out = t.path().join("out");
+    let job = write_job(
+        t.path(),
+        "sharded",
+        &m,
+        &out,
+        "pipeline:\n  - hadamard: {}\n  - rtn: {bits: 8, group: 64}\n  - zstd: {}\n",
+    );
+    hcx_ok(&["run", job.to_str().unwrap()]);
+    let dense = t.path().join("dense");
+    hcx_ok(&[
+        "decompress",
+        out.to_str().unwrap(),
+        "--output",
+        dense.to_str().unwrap(),
+    ]);
+    assert!(dense.join("config.json").is_file());
+    let bytes = std::fs::read(dense.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("model.layers.0.mlp.weight").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
+    assert_eq!(
+        st.tensor("model.layers.1.mlp.weight").unwrap().dtype(),
+        safetensors::Dtype::BF16
+    );
+    assert_eq!(st.tensor("model.ids").unwrap().data(), &ids[..]);
+    let cmp = hcx_eval::compare_tensors(&m, &dense).unwrap();
+    for row in &cmp.tensors {
+        if row.name.ends_with("weight") {
+            let s = row.sqnr_db.unwrap();
+            assert!(s > 35.0, "{}: {s}", row.name);
+        }
+    }
+    // Layers are attributed by index.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
+            .unwrap();
+    let layers: Vec<&str> = report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(layers, vec!["model", "layer.0", "layer.1"]);
+}

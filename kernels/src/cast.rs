@@ -64,3 +64,37 @@ pub fn decode(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::gaussian_vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn round_trip_within_the_dtype_precision(seed in any::<u64>(), which in 0u8..3) {
+            let dtype = [CastDtype::F16, CastDtype::Bf16, CastDtype::F32][which as usize];
+            let x = Signal::new(gaussian_vec(seed, 96), 3, 32);
+            let c = encode(&CastSpec { dtype }, &x).unwrap();
+            let y = decode(&c.meta, &Parts::new(c.parts), 3, 32).unwrap();
+            // Relative rounding error: 2^-11 (f16), 2^-8 (bf16), exact (f32).
+            let rel = [1.0 / 2048.0, 1.0 / 256.0, 0.0][which as usize];
+            for (a, b) in x.data.iter().zip(&y) {
+                prop_assert!((a - b).abs() <= a.abs() * rel + 1e-7);
+            }
+        }
+    }
+
+    #[test]
+    fn short_part_is_an_error() {
+        let c = encode(
+            &CastSpec {
+                dtype: CastDtype::F16,
+            },
+            &Signal::new(vec![1.0; 8], 2, 4),
+        )
+        .unwrap();
+        assert!(decode(&c.meta, &Parts::new(c.parts), 3, 4).is_err());
+    }
+}

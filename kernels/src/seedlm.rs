@@ -60,7 +60,10 @@
 //! eight seeds side by side so the per-seed arithmetic vectorises. For each
 //! seed the least-squares residual `‖w‖² − tᵀGt` is a lower bound on the
 //! quantized error, `‖w‖² − tᵀGt + dᵀGd` with `d = t − 2^e q`, so only seeds
-//! whose residual beats the block's best so far are quantized. Blocks are
+//! whose residual beats the block's best so far (at first: the all-zero
+//! block) are quantized; `round` is to nearest, ties to even, and the
+//! errors are estimated in f32 on the block scaled by a power of two to
+//! unit norm (exact, and safe from overflow for any finite input). Blocks are
 //! searched in parallel; each block's result depends only on its own
 //! weights, so the output does not depend on the number of threads. Rank
 //! deficient bases (possible for small C) drop dependent columns, whose
@@ -721,17 +724,18 @@ mod tests {
     /// SQNR on Gaussian data at 4 bits per weight (C = 8, P = 3, 4-bit
     /// coefficients and exponent).
     ///
-    /// Bound: a single fixed basis (no search) keeps on average P/C of a
-    /// Gaussian block's energy, SQNR ≈ 10·log10(C / (C − P)) = 2.0 dB before
-    /// quantization; searching 65535 bases must do far better. Order
-    /// statistics give the target: the unquantized residual fraction of a
-    /// random P-dim subspace is Beta((C−P)/2, P/2), P(r < x) ≈ 2.04·x^2.5,
-    /// so the best of 65535 has median r ≈ (ln 2 / (65535 · 2.04))^0.4 ≈
-    /// 0.0077 (21 dB); the 4-bit coefficients with a shared exponent add
-    /// noise of the same order (step ≈ max|t|/7, P·step²/12 ≈ 1–2 % of
-    /// the block's energy), so after quantization about 13–16 dB is what
-    /// the method can reach. Measured: 14.6 dB with search, 2.8 dB with
-    /// seed 1 only; we assert ≥ 12 dB and ≥ 10 dB above the no-search fit.
+    /// Bound. Without search, one basis keeps on average P/C of a Gaussian
+    /// block's energy: SQNR ≈ 10·log10(C / (C − P)) = 2.0 dB before
+    /// quantization. With search, order statistics: the residual fraction
+    /// of a random P-dim subspace is Beta((C−P)/2, P/2), P(r < x) ≈
+    /// 2.04·x^2.5, so the best of 65535 has median r ≈ (ln 2 / (65535 ·
+    /// 2.04))^0.4 ≈ 0.77 % of the energy (21 dB). Quantization adds P·s²/12
+    /// with step s = 2^e in [max|t|/7, 2·max|t|/7); with max|t| ≈ ‖w‖ ≈ √8
+    /// that is 0.5–2 % of the energy. Together 1.3–2.8 %, i.e. 15.5–19 dB,
+    /// and choosing the seed after quantization only helps; the floor
+    /// asserted is 15 dB, and at least 10 dB above the no-search fit.
+    /// Measured: 16.71 dB (16.36 dB without the e − 1 retry); seed 1 alone
+    /// gives 1.21 dB (its basis is unusually regular: mostly −1).
     #[test]
     fn gaussian_sqnr_beats_the_derived_bound() {
         let x = Signal::new(gaussian_vec(11, 64 * 64), 64, 64);
@@ -743,7 +747,7 @@ mod tests {
         eprintln!(
             "seedlm gaussian 64x64 C=8 P=3 4/4 bits: {searched:.2} dB searched, {single:.2} dB seed 1 only"
         );
-        assert!(searched >= 12.0, "{searched}");
+        assert!(searched >= 15.0, "{searched}");
         assert!(searched >= single + 10.0, "{searched} vs {single}");
         // 4 bits per weight: (16 + 4 + 3·4) / 8.
         let bytes: usize = coded.parts.iter().map(|p| p.len()).sum();
@@ -782,6 +786,34 @@ mod tests {
         assert_eq!(parts.u16_values("seeds", 2).unwrap(), vec![12345, 999]);
         let y = decode(&coded.meta, &parts, 2, 8).unwrap();
         assert_eq!(y, data);
+    }
+
+    #[test]
+    fn largest_geometry_round_trips() {
+        let x = Signal::new(gaussian_vec(6, 2 * 64), 2, 64);
+        let s = spec(64, 16, 8, 8);
+        let (coded, recon) = encode_with(&s, &x, SEEDS).unwrap();
+        let y = decode(&coded.meta, &Parts::new(coded.parts), 2, 64).unwrap();
+        assert_eq!(y, recon);
+        // A random 16-dim subspace of 64 keeps 1.25 dB; the search does better.
+        let db = sqnr_db(&x.data, &y).unwrap();
+        assert!(db > 2.0, "{db}");
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_count() {
+        let x = Signal::new(gaussian_vec(12, 32 * 32), 32, 32);
+        let s = spec(4, 2, 5, 3);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| encode_with(&s, &x, 3000).unwrap().0)
+        };
+        let (a, b) = (run(1), run(3));
+        assert_eq!(a.meta, b.meta);
+        assert_eq!(a.parts, b.parts);
     }
 
     #[test]
@@ -877,23 +909,6 @@ mod tests {
             decode(&meta, &ok, 2, 8),
             Err(KernelError::Meta { .. })
         ));
-    }
-
-    #[test]
-    #[ignore]
-    fn zz_speed_probe() {
-        for (rows, cols) in [(64usize, 64usize), (256, 256)] {
-            let x = Signal::new(gaussian_vec(11, rows * cols), rows, cols);
-            let t = std::time::Instant::now();
-            let (_, y) = encode_with(&spec(8, 3, 4, 4), &x, SEEDS).unwrap();
-            let dt = t.elapsed().as_secs_f64();
-            eprintln!(
-                "PROBE seedlm {rows}x{cols}: {:.3}s, {:.0} blocks/s, sqnr {:.2}",
-                dt,
-                (rows * cols / 8) as f64 / dt,
-                sqnr_db(&x.data, &y).unwrap()
-            );
-        }
     }
 
     proptest! {

@@ -25,6 +25,11 @@
 //!   the first leaves (parts `codebook2`, `indices2`); the decoder adds the
 //!   two entries.
 //!
+//! Cost: k-means++ and each Lloyd iteration take O(k · m · v) for `m ≤
+//! 256 · k` training vectors, so 8-bit codebooks are quick while 12- and
+//! 16-bit ones are heavy work on a CPU. The assignment compares eight
+//! entries at once against a transposed codebook.
+//!
 //! The result does not depend on the number of threads: the assignment is
 //! per vector, k-means++ sums its distances in fixed chunks combined in
 //! order, and each centroid sums its members in index order.
@@ -577,7 +582,8 @@ mod tests {
     /// bits gives 20.2 dB; a 256-entry 2-D codebook can do slightly better
     /// (about 20.6–21 dB), less what 20 Lloyd iterations from k-means++ leave
     /// unconverged and plus a little in-sample fit (128 vectors per entry).
-    /// Measured: 20.74 dB. Asserted floor: 19.5 dB.
+    /// Measured: 21.25 dB here; the same codebook on fresh Gaussian data
+    /// gives 20.86 dB. Asserted floor: 19.5 dB.
     #[test]
     fn gaussian_sqnr_beats_scalar_lloyd_max() {
         let x = Signal::new(gaussian_vec(21, 256 * 256), 256, 256);
@@ -785,39 +791,6 @@ mod tests {
             assert!(
                 matches!(decode(&meta, &ok, 4, 16), Err(KernelError::Meta { .. })),
                 "{key}"
-            );
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn zz_speed_probe() {
-        let a = gaussian_vec(21, 256 * 256);
-        let b = gaussian_vec(22, 256 * 256);
-        let (cb, _) = quantize(&a, 2, 256, 20, 5);
-        let mut l = vec![0u32; b.len() / 2];
-        let mut d = vec![0f32; b.len() / 2];
-        assign(&b, 2, &cb, &mut l, &mut d);
-        let mut y = vec![0f32; b.len()];
-        add_entries(&mut y, 2, &cb, &l);
-        eprintln!("PROBE vq out-of-sample {:.2} dB", sqnr_db(&b, &y).unwrap());
-        for (rows, cols, s) in [
-            (1024usize, 4096usize, spec(2, 8, false, 20)),
-            (1024, 4096, spec(4, 12, false, 10)),
-            (1024, 4096, spec(8, 16, false, 2)),
-        ] {
-            let x = Signal::new(gaussian_vec(11, rows * cols), rows, cols);
-            let t = std::time::Instant::now();
-            let (_, y) = encode_inner(&s, &x, 1).unwrap();
-            let dt = t.elapsed().as_secs_f64();
-            eprintln!(
-                "PROBE vq {rows}x{cols} dim {} bits {} it {}: {:.3}s, {:.2e} weights/s, sqnr {:.2}",
-                s.dim,
-                s.bits,
-                s.iterations,
-                dt,
-                (rows * cols) as f64 / dt,
-                sqnr_db(&x.data, &y).unwrap()
             );
         }
     }
