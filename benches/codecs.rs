@@ -1,182 +1,263 @@
 //! Encode and decode throughput of every codec on a 4096 × 4096 Gaussian f32
-//! tensor (64 MiB), on one thread and on all cores. Throughput is reported
-//! in bytes of f32 input per second. SeedLM searches all 65,535 seeds per
-//! block, so it runs on the first 16 rows (256 KiB) and reports the same unit.
+//! tensor (64 MiB), on one thread and on all cores. Throughput is in bytes
+//! of f32 input per second. Each codec is called directly (no chain, no
+//! verification decode). SeedLM searches all 65,535 seeds per block, so it
+//! runs on the first 16 rows (256 KiB) and reports the same unit.
 //!
 //! `cargo bench --bench codecs` (figures in docs/PERFORMANCE.md).
 
+use std::time::Duration;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hcx_kernels::rng::gaussian_vec;
-use hcx_kernels::{Parts, Signal, chain, entropy, hadamard};
+use hcx_kernels::{
+    Part, Parts, Signal, cast, entropy, hadamard, lowrank, nonuniform, rtn, seedlm, sparse,
+    ternary, uniform, vq,
+};
 use hcx_protocol::stage::*;
 
 const N: usize = 4096;
 
-fn stages() -> Vec<(&'static str, Vec<StageSpec>, usize)> {
-    let rtn4 = StageSpec::Rtn(RtnSpec {
-        bits: 4,
-        group: Some(128),
+type Enc = Box<dyn Fn(&Signal) -> (serde_json::Value, Vec<Part>) + Sync>;
+type Dec = Box<dyn Fn(&serde_json::Value, &Parts, usize, usize) -> Vec<f32> + Sync>;
+
+fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
+    fn q<S: Sync + 'static>(
+        spec: S,
+        enc: fn(&S, &Signal) -> Result<hcx_kernels::Coded, hcx_kernels::KernelError>,
+    ) -> Enc {
+        Box::new(move |x| {
+            let c = enc(&spec, x).expect("encode");
+            (c.meta, c.parts)
+        })
+    }
+    fn d(
+        dec: fn(
+            &serde_json::Value,
+            &Parts,
+            usize,
+            usize,
+        ) -> Result<Vec<f32>, hcx_kernels::KernelError>,
+    ) -> Dec {
+        Box::new(move |m, p, r, c| dec(m, p, r, c).expect("decode"))
+    }
+    let rtn8 = RtnSpec {
+        bits: 8,
+        group: None,
         symmetric: true,
         search: false,
-    });
+    };
     vec![
         (
-            "rtn-int8-row",
-            vec![StageSpec::Rtn(RtnSpec {
-                bits: 8,
-                group: None,
-                symmetric: true,
-                search: false,
-            })],
+            "cast-f16",
             N,
+            q(
+                CastSpec {
+                    dtype: CastDtype::F16,
+                },
+                cast::encode,
+            ),
+            d(cast::decode),
         ),
-        ("rtn-int4-g128", vec![rtn4.clone()], N),
         (
-            "rtn-int4-g128-search",
-            vec![StageSpec::Rtn(RtnSpec {
-                bits: 4,
-                group: Some(128),
-                symmetric: false,
-                search: true,
-            })],
+            "rtn-int8-row",
             N,
+            q(rtn8.clone(), rtn::encode),
+            d(rtn::decode),
+        ),
+        (
+            "rtn-int8-g32",
+            N,
+            q(
+                RtnSpec {
+                    bits: 8,
+                    group: Some(32),
+                    symmetric: true,
+                    search: false,
+                },
+                rtn::encode,
+            ),
+            d(rtn::decode),
+        ),
+        (
+            "rtn-int4-g32",
+            N,
+            q(
+                RtnSpec {
+                    bits: 4,
+                    group: Some(32),
+                    symmetric: true,
+                    search: false,
+                },
+                rtn::encode,
+            ),
+            d(rtn::decode),
+        ),
+        (
+            "rtn-int4-g128-asym-search",
+            N,
+            q(
+                RtnSpec {
+                    bits: 4,
+                    group: Some(128),
+                    symmetric: false,
+                    search: true,
+                },
+                rtn::encode,
+            ),
+            d(rtn::decode),
         ),
         (
             "uniform-4.4",
-            vec![
-                StageSpec::Uniform(UniformSpec {
+            N,
+            q(
+                UniformSpec {
                     bits: 4.4,
                     deadzone: 0.0,
-                }),
-                StageSpec::Zstd(ZstdSpec { level: 3 }),
-            ],
-            N,
+                },
+                uniform::encode,
+            ),
+            d(uniform::decode),
         ),
         (
             "nonuniform-4-g128",
-            vec![StageSpec::Nonuniform(NonuniformSpec {
-                bits: 4,
-                group: 128,
-                levels: LevelSource::LloydMax,
-            })],
             N,
+            q(
+                NonuniformSpec {
+                    bits: 4,
+                    group: 128,
+                    levels: LevelSource::LloydMax,
+                },
+                nonuniform::encode,
+            ),
+            d(nonuniform::decode),
         ),
         (
             "ternary-g128",
-            vec![StageSpec::Ternary(TernarySpec { group: Some(128) })],
             N,
+            q(TernarySpec { group: Some(128) }, ternary::encode),
+            d(ternary::decode),
         ),
         (
             "vq-d2-k8",
-            vec![StageSpec::Vq(VqSpec {
-                dim: 2,
-                bits: 8,
-                residual: false,
-                iterations: 10,
-            })],
             N,
+            Box::new(|x| {
+                let c = vq::encode(
+                    &VqSpec {
+                        dim: 2,
+                        bits: 8,
+                        residual: false,
+                        iterations: 20,
+                    },
+                    x,
+                    1,
+                )
+                .expect("encode");
+                (c.meta, c.parts)
+            }),
+            d(vq::decode),
         ),
         (
-            "seedlm-c8-p3",
-            vec![StageSpec::Seedlm(SeedlmSpec {
-                block: 8,
-                coefficients: 3,
-                coefficient_bits: 4,
-                exponent_bits: 4,
-            })],
+            "seedlm-c8-p3-4bit",
             16,
-        ),
-        (
-            "lowrank-64",
-            vec![StageSpec::Lowrank(LowrankSpec {
-                rank: Some(64),
-                rank_fraction: None,
-                energy: None,
-                keep_residual: false,
-            })],
-            N,
-        ),
-        (
-            "sparse-2:4+rtn8",
-            vec![
-                StageSpec::Sparse(SparseSpec {
-                    pattern: SparsePattern::TwoFour,
-                    density: 0.5,
-                }),
-                StageSpec::Rtn(RtnSpec {
-                    bits: 8,
-                    group: None,
-                    symmetric: true,
-                    search: false,
-                }),
-            ],
-            N,
+            Box::new(|x| {
+                let c = seedlm::encode(
+                    &SeedlmSpec {
+                        block: 8,
+                        coefficients: 3,
+                        coefficient_bits: 4,
+                        exponent_bits: 4,
+                    },
+                    x,
+                    1,
+                )
+                .expect("encode");
+                (c.meta, c.parts)
+            }),
+            d(seedlm::decode),
         ),
     ]
 }
 
+fn group(
+    c: &mut Criterion,
+    name: String,
+    bytes: usize,
+) -> criterion::BenchmarkGroup<'_, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g
+}
+
 fn bench_codecs(c: &mut Criterion) {
     let data = gaussian_vec(42, N * N);
-    let pools = [("1-thread", 1usize), ("all-cores", 0)];
-    for (label, threads) in pools {
+    for (label, threads) in [("1-thread", 1usize), ("all-cores", 0)] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .expect("thread pool");
-        for (name, chain_spec, rows) in stages() {
-            let x = data[..rows * N].to_vec();
-            let mut g = c.benchmark_group(format!("{name}/{label}"));
-            g.sample_size(10);
-            g.throughput(Throughput::Bytes((rows * N * 4) as u64));
-            let encoded = pool
-                .install(|| chain::encode_tensor("bench", x.clone(), &[rows, N], &chain_spec, 1, 4))
-                .expect("encode");
-            g.bench_function("encode", |b| {
-                b.iter(|| {
-                    pool.install(|| {
-                        chain::encode_tensor("bench", x.clone(), &[rows, N], &chain_spec, 1, 4)
-                    })
-                    .expect("encode")
-                })
-            });
+        for (name, rows, enc, dec) in codecs() {
+            let x = Signal::new(data[..rows * N].to_vec(), rows, N);
+            let (meta, parts) = pool.install(|| enc(&x));
+            let parts = Parts::new(parts);
+            let mut g = group(c, format!("{name}/{label}"), rows * N * 4);
+            g.bench_function("encode", |b| b.iter(|| pool.install(|| enc(&x))));
             g.bench_function("decode", |b| {
-                b.iter(|| {
-                    pool.install(|| {
-                        chain::decode_tensor(&encoded.steps, encoded.parts.clone(), &[rows, N])
-                    })
-                    .expect("decode")
-                })
+                b.iter(|| pool.install(|| dec(&meta, &parts, rows, N)))
             });
             g.finish();
         }
-        // Lossless stages on their own.
-        let mut g = c.benchmark_group(format!("hadamard/{label}"));
-        g.sample_size(10);
-        g.throughput(Throughput::Bytes((N * N * 4) as u64));
+        let x = Signal::new(data.clone(), N, N);
+        let mut g = group(c, format!("lowrank-64/{label}"), N * N * 4);
+        let lr = LowrankSpec {
+            rank: Some(64),
+            rank_fraction: None,
+            energy: None,
+            keep_residual: true,
+        };
+        g.bench_function("encode", |b| {
+            b.iter(|| pool.install(|| lowrank::encode(&lr, &x, 1).expect("encode")))
+        });
+        g.finish();
+        let mut g = group(c, format!("sparse-2:4/{label}"), N * N * 4);
+        let sp = SparseSpec {
+            pattern: SparsePattern::TwoFour,
+            density: 0.5,
+        };
+        g.bench_function("encode", |b| {
+            b.iter(|| pool.install(|| sparse::encode(&sp, &x, 1).expect("encode")))
+        });
+        g.finish();
+        let mut g = group(c, format!("hadamard/{label}"), N * N * 4);
         g.bench_function("forward", |b| {
             b.iter(|| {
-                let mut s = Signal::new(data.clone(), N, N);
+                let mut s = x.clone();
                 pool.install(|| hadamard::forward(&mut s, None, 3))
                     .expect("rotate")
             })
         });
         g.finish();
+        if threads != 1 {
+            continue; // zstd runs on one thread per part
+        }
         let codes: Vec<u8> = data
             .iter()
             .map(|v| (v * 4.0).round().clamp(-127.0, 127.0) as i8 as u8)
             .collect();
-        let mut g = c.benchmark_group(format!("zstd-codes/{label}"));
-        g.sample_size(10);
-        g.throughput(Throughput::Bytes(codes.len() as u64));
-        g.bench_function("encode-level3", |b| {
-            b.iter(|| {
-                let mut p = vec![hcx_kernels::Part::bytes("c", codes.clone())];
-                entropy::encode(3, &mut p).expect("zstd")
-            })
-        });
+        let mut g = group(c, format!("zstd-codes/{label}"), codes.len());
+        for level in [3, 19] {
+            g.bench_function(format!("encode-level{level}"), |b| {
+                b.iter(|| {
+                    let mut p = vec![Part::bytes("c", codes.clone())];
+                    entropy::encode(level, &mut p).expect("zstd")
+                })
+            });
+        }
         g.finish();
     }
-    let _ = Parts::default();
 }
 
 criterion_group!(benches, bench_codecs);

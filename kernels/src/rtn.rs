@@ -50,8 +50,18 @@ pub fn check_finite(x: &[f32]) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Quantizes one group with a given (already f16-rounded) scale and minimum.
+/// Round half away from zero without a libm call: `as` truncates, and the
+/// added ±0.5 makes that rounding (plain `f32::round` is a function call on
+/// baseline x86-64, which lacks SSE4.1).
+#[inline(always)]
+pub(crate) fn round_i32(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
+}
+
+/// Quantizes one group with a given (already f16-rounded) scale and minimum;
+/// returns the squared error when `measure` is set (else 0).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn quantize_group(
     g: &[f32],
     codes: &mut [u8],
@@ -60,22 +70,32 @@ fn quantize_group(
     symmetric: bool,
     qmax: i32,
     levels: i32,
+    measure: bool,
 ) -> f64 {
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut err = 0.0f64;
-    for (x, c) in g.iter().zip(codes.iter_mut()) {
-        let (q, r) = if symmetric {
-            let q = ((x * inv).round() as i32).clamp(-qmax, qmax);
-            (q + qmax, q as f32 * scale)
+    if symmetric {
+        for (x, c) in g.iter().zip(codes.iter_mut()) {
+            *c = (round_i32(x * inv).clamp(-qmax, qmax) + qmax) as u8;
+        }
+    } else {
+        for (x, c) in g.iter().zip(codes.iter_mut()) {
+            *c = round_i32((x - lo) * inv).clamp(0, levels - 1) as u8;
+        }
+    }
+    if !measure {
+        return 0.0;
+    }
+    let mut err = 0.0f32;
+    for (x, c) in g.iter().zip(codes.iter()) {
+        let r = if symmetric {
+            (*c as i32 - qmax) as f32 * scale
         } else {
-            let q = (((x - lo) * inv).round() as i32).clamp(0, levels - 1);
-            (q, lo + q as f32 * scale)
+            lo + *c as f32 * scale
         };
-        *c = q as u8;
-        let d = (x - r) as f64;
+        let d = x - r;
         err += d * d;
     }
-    err
+    err as f64
 }
 
 /// Encodes a signal.
@@ -109,13 +129,22 @@ pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
                 let lo = round_f16(mn * r);
                 (round_f16((mx * r - lo).max(0.0) / (levels - 1) as f32), lo)
             };
-            let e = quantize_group(grp, out, scale, lo, symmetric, qmax, levels);
+            let e = quantize_group(
+                grp,
+                out,
+                scale,
+                lo,
+                symmetric,
+                qmax,
+                levels,
+                ratios.len() > 1,
+            );
             if e < best.0 {
                 best = (e, scale, lo);
             }
         }
         if ratios.len() > 1 {
-            quantize_group(grp, out, best.1, best.2, symmetric, qmax, levels);
+            quantize_group(grp, out, best.1, best.2, symmetric, qmax, levels, false);
         }
         let _ = gi;
         (best.1, best.2)

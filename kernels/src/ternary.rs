@@ -37,7 +37,7 @@ pub fn encode(spec: &TernarySpec, x: &Signal) -> Result<Coded, KernelError> {
             );
             let inv = if gamma > 0.0 { 1.0 / gamma } else { 0.0 };
             for (v, t) in grp.iter().zip(out.iter_mut()) {
-                *t = ((v * inv).round().clamp(-1.0, 1.0) as i8 + 1) as u8;
+                *t = (crate::rtn::round_i32(v * inv).clamp(-1, 1) + 1) as u8;
             }
             gamma
         })

@@ -40,8 +40,11 @@ pub struct UniformMeta {
 
 #[inline]
 fn quantize(x: f32, inv: f32, dz: f32) -> i32 {
-    let a = (x.abs() * inv + 0.5 - dz).floor().max(0.0);
-    if x < 0.0 { -(a as i32) } else { a as i32 }
+    // floor(|x|/Δ + 1/2 − dz) clamped at 0; for non-negative values `as`
+    // truncation is that floor, without a libm call.
+    let a = x.abs() * inv + 0.5 - dz;
+    let a = if a > 0.0 { a as i32 } else { 0 };
+    if x < 0.0 { -a } else { a }
 }
 
 /// Zero-order entropy (bits per value) of the codes for step `1/inv`.
@@ -100,7 +103,7 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
         // Bisection on log2(step): entropy falls as the step grows.
         let mut lo = (rms * 1e-4).log2();
         let mut hi = (rms * 64.0).log2();
-        for _ in 0..40 {
+        for _ in 0..30 {
             let mid = 0.5 * (lo + hi);
             let inv = (1.0 / mid.exp2()) as f32;
             if entropy_at(&x.data, inv, dz) > spec.bits {

@@ -126,8 +126,17 @@ fn extra_files(model: &Model) -> Result<Vec<String>, PipelineError> {
     Ok(out)
 }
 
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<u64, PipelineError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| PipelineError::Output {
+fn write_json(
+    path: &Path,
+    value: &impl serde::Serialize,
+    pretty: bool,
+) -> Result<u64, PipelineError> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    };
+    let mut text = text.map_err(|e| PipelineError::Output {
         path: path.to_path_buf(),
         why: e.to_string(),
     })?;
@@ -281,6 +290,7 @@ fn build(
         .collect();
     let mut job = spec.clone();
     job.output = PathBuf::from(".");
+    job.model = std::fs::canonicalize(&spec.model).unwrap_or_else(|_| spec.model.clone());
     let manifest = Manifest {
         format: FORMAT.into(),
         job,
@@ -296,14 +306,15 @@ fn build(
             sha256: written.sha256,
         }],
     };
-    let manifest_bytes = write_json(&tmp.join(MANIFEST_FILE), &manifest)?;
+    // Compact: the manifest's bytes count in the artifact's size.
+    let manifest_bytes = write_json(&tmp.join(MANIFEST_FILE), &manifest, false)?;
     let report = attribution::build(
         &manifest,
         written.bytes + manifest_bytes,
         &seconds,
         started.elapsed().as_secs_f64(),
     );
-    write_json(&tmp.join("attribution.json"), &report)?;
+    write_json(&tmp.join("attribution.json"), &report, true)?;
     let md = tmp.join("attribution.md");
     std::fs::write(&md, attribution::markdown(&report))
         .map_err(|e| PipelineError::io(&md, "cannot write", e))?;
