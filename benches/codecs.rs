@@ -20,6 +20,9 @@ const N: usize = 4096;
 
 type Enc = Box<dyn Fn(&Signal) -> (serde_json::Value, Vec<Part>) + Sync>;
 type Dec = Box<dyn Fn(&serde_json::Value, &Parts, usize, usize) -> Vec<f32> + Sync>;
+/// A codec's decoder, as every codec module spells it.
+type DecodeFn =
+    fn(&serde_json::Value, &Parts, usize, usize) -> Result<Vec<f32>, hcx_kernels::KernelError>;
 
 fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
     fn q<S: Sync + 'static>(
@@ -31,14 +34,7 @@ fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
             (c.meta, c.parts)
         })
     }
-    fn d(
-        dec: fn(
-            &serde_json::Value,
-            &Parts,
-            usize,
-            usize,
-        ) -> Result<Vec<f32>, hcx_kernels::KernelError>,
-    ) -> Dec {
+    fn d(dec: DecodeFn) -> Dec {
         Box::new(move |m, p, r, c| dec(m, p, r, c).expect("decode"))
     }
     let rtn8 = RtnSpec {

@@ -293,21 +293,17 @@ mod tests {
     use crate::rng::gaussian_vec;
     use hcx_protocol::stage::*;
 
-    fn chain(yaml_like: Vec<StageSpec>) -> Vec<StageSpec> {
-        yaml_like
-    }
-
     #[test]
     fn hadamard_uniform_zstd_round_trip_and_accounting() {
         let x = gaussian_vec(1, 64 * 384);
-        let stages = chain(vec![
+        let stages = vec![
             StageSpec::Hadamard(HadamardSpec::default()),
             StageSpec::Uniform(UniformSpec {
                 bits: 4.0,
                 deadzone: 0.0,
             }),
             StageSpec::Zstd(ZstdSpec::default()),
-        ]);
+        ];
         let e = encode_tensor("w", x.clone(), &[64, 384], &stages, 7, 4).unwrap();
         assert_eq!(e.steps.len(), 3);
         assert_eq!(e.steps[0].bytes_in, 64 * 384 * 4);

@@ -44,8 +44,7 @@ pub struct NonuniformMeta {
 }
 
 #[inline]
-fn nearest(levels: &[f32], thresholds: &[f32], v: f32) -> usize {
-    let _ = levels;
+fn nearest(thresholds: &[f32], v: f32) -> usize {
     thresholds.iter().take_while(|t| v > **t).count()
 }
 
@@ -58,7 +57,7 @@ fn code_group(g: &[f32], out: &mut [u8], scale: f32, levels: &[f32], th: &[f32])
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let mut err = 0.0f64;
     for (x, c) in g.iter().zip(out.iter_mut()) {
-        let i = nearest(levels, th, x * inv);
+        let i = nearest(th, x * inv);
         *c = i as u8;
         let d = (x - levels[i] * scale) as f64;
         err += d * d;
@@ -89,7 +88,7 @@ fn learn_levels(x: &[f32], group: usize, start: &[f32]) -> Vec<f32> {
         let mut sum = vec![0f64; levels.len()];
         let mut cnt = vec![0u64; levels.len()];
         for v in &sample {
-            let i = nearest(&levels, &th, *v);
+            let i = nearest(&th, *v);
             sum[i] += *v as f64;
             cnt[i] += 1;
         }

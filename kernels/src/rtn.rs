@@ -107,15 +107,13 @@ pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
     let qmax = (levels / 2) - 1;
     let n_groups = x.len() / g;
     let mut codes = vec![0u8; x.len()];
-    let mut scales = vec![0f32; n_groups];
-    let mut mins = vec![0f32; if spec.symmetric { 0 } else { n_groups }];
     let ratios: Vec<f32> = if spec.search {
         (0..20).map(|i| 1.0 - 0.02 * i as f32).collect()
     } else {
         vec![1.0]
     };
     let symmetric = spec.symmetric;
-    let work = |(gi, (grp, out)): (usize, (&[f32], &mut [u8]))| -> (f32, f32) {
+    let work = |(grp, out): (&[f32], &mut [u8])| -> (f32, f32) {
         let (mn, mx) = grp
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
@@ -146,22 +144,15 @@ pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
         if ratios.len() > 1 {
             quantize_group(grp, out, best.1, best.2, symmetric, qmax, levels, false);
         }
-        let _ = gi;
         (best.1, best.2)
     };
     let results: Vec<(f32, f32)> = x
         .data
         .par_chunks(g)
         .zip(codes.par_chunks_mut(g))
-        .enumerate()
         .map(work)
         .collect();
-    for (i, (s, lo)) in results.into_iter().enumerate() {
-        scales[i] = s;
-        if !symmetric {
-            mins[i] = lo;
-        }
-    }
+    let (scales, mins): (Vec<f32>, Vec<f32>) = results.into_iter().unzip();
     let mut parts = vec![
         Part::bytes("codes", bits::pack(&codes, bits)),
         Part::f16("scales", &scales, vec![n_groups]),
