@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::PipelineError;
 use crate::attribution::{Subset, is_compressed, subset, tensor_bytes};
 use crate::model::{f32_to_bytes, parse_dtype};
-use crate::run::WAVE_ELEMENTS;
+use crate::run::waves;
 use crate::writer::{TensorFileWriter, sha256_file};
 
 /// Reads and checks an artifact's manifest.
@@ -72,8 +72,9 @@ pub fn verify(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// The artifact's tensor files, mapped, with their headers parsed once.
 struct TensorFiles {
-    maps: BTreeMap<String, Mmap>,
+    maps: BTreeMap<String, (Mmap, usize, safetensors::tensor::Metadata)>,
 }
 
 impl TensorFiles {
@@ -85,17 +86,18 @@ impl TensorFiles {
             // SAFETY: read-only map of a file we just verified; see Model::open.
             let map =
                 unsafe { Mmap::map(&file) }.map_err(|e| PipelineError::io(&p, "cannot map", e))?;
-            SafeTensors::deserialize(&map).map_err(|e| PipelineError::Artifact {
-                path: p.clone(),
-                why: format!("not a valid safetensors file: {e:?}"),
-            })?;
-            maps.insert(f.name.clone(), map);
+            let (n, meta) =
+                SafeTensors::read_metadata(&map).map_err(|e| PipelineError::Artifact {
+                    path: p.clone(),
+                    why: format!("not a valid safetensors file: {e:?}"),
+                })?;
+            maps.insert(f.name.clone(), (map, 8 + n, meta));
         }
         Ok(TensorFiles { maps })
     }
 
     fn parts(&self, artifact: &Path, t: &TensorEntry) -> Result<Vec<Part>, PipelineError> {
-        let map = self
+        let (map, start, meta) = self
             .maps
             .get(&t.file)
             .ok_or_else(|| PipelineError::Artifact {
@@ -105,24 +107,22 @@ impl TensorFiles {
                     t.name, t.file
                 ),
             })?;
-        let st = SafeTensors::deserialize(map).map_err(|e| PipelineError::Artifact {
-            path: artifact.join(&t.file),
-            why: format!("{e:?}"),
-        })?;
         let prefix = format!("{}.", t.name);
         let mut out = Vec::with_capacity(t.parts.len());
         for p in &t.parts {
-            let view = st.tensor(&p.name).map_err(|_| PipelineError::Artifact {
+            // read_metadata checked every range lies inside the file.
+            let info = meta.info(&p.name).ok_or_else(|| PipelineError::Artifact {
                 path: artifact.join(&t.file),
                 why: format!("part `{}` of tensor `{}` is missing", p.name, t.name),
             })?;
+            let (a, b) = info.data_offsets;
             let local = p.name.strip_prefix(&prefix).unwrap_or(&p.name).to_string();
-            let dtype = PartDtype::parse(&format!("{:?}", view.dtype())).unwrap_or(PartDtype::U8);
+            let dtype = PartDtype::parse(&format!("{:?}", info.dtype)).unwrap_or(PartDtype::U8);
             out.push(Part {
                 name: local,
                 dtype,
-                shape: view.shape().to_vec(),
-                data: view.data().to_vec(),
+                shape: info.shape.clone(),
+                data: map[start + a..start + b].to_vec(),
             });
         }
         Ok(out)
@@ -221,16 +221,9 @@ pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineErr
     std::fs::create_dir(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot create", e))?;
     let result = (|| {
         let mut w = TensorFileWriter::create(&tmp.join("model.safetensors"))?;
-        let mut i = 0;
-        while i < m.tensors.len() {
-            let mut j = i;
-            let mut elems = 0usize;
-            while j < m.tensors.len()
-                && (j == i || elems + m.tensors[j].shape.iter().product::<usize>() <= WAVE_ELEMENTS)
-            {
-                elems += m.tensors[j].shape.iter().product::<usize>();
-                j += 1;
-            }
+        let sizes: Vec<usize> = m.tensors.iter().map(|t| t.shape.iter().product()).collect();
+        for range in waves(&sizes) {
+            let (i, j) = (range.start, range.end);
             let wave: Vec<Result<Vec<u8>, PipelineError>> = m.tensors[i..j]
                 .par_iter()
                 .map(|t| decode_entry(artifact, &files, t))
@@ -238,7 +231,6 @@ pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineErr
             for (t, bytes) in m.tensors[i..j].iter().zip(wave) {
                 w.add(&t.name, &t.dtype, &t.shape, &bytes?)?;
             }
-            i = j;
         }
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());

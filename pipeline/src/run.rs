@@ -27,6 +27,25 @@ pub const TENSOR_FILE: &str = "model.hcx.safetensors";
 /// Largest number of source values encoded at once.
 pub const WAVE_ELEMENTS: usize = 1 << 26;
 
+/// Splits items of the given element counts, in order, into consecutive
+/// waves of at most [`WAVE_ELEMENTS`] values (an item larger than that
+/// forms a wave alone).
+pub fn waves(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < sizes.len() {
+        let mut j = i;
+        let mut elems = 0usize;
+        while j < sizes.len() && (j == i || elems + sizes[j] <= WAVE_ELEMENTS) {
+            elems += sizes[j];
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -201,16 +220,9 @@ fn build(
         .collect();
     let mut entries: Vec<TensorEntry> = Vec::with_capacity(model.tensors.len());
     let mut seconds: Vec<Vec<f64>> = Vec::with_capacity(model.tensors.len());
-    let mut i = 0;
-    while i < model.tensors.len() {
-        let mut j = i;
-        let mut elems = 0usize;
-        while j < model.tensors.len()
-            && (j == i || elems + model.tensors[j].numel() <= WAVE_ELEMENTS)
-        {
-            elems += model.tensors[j].numel();
-            j += 1;
-        }
+    let sizes: Vec<usize> = model.tensors.iter().map(|t| t.numel()).collect();
+    for range in waves(&sizes) {
+        let (i, j) = (range.start, range.end);
         let wave: Vec<Result<Encoded, PipelineError>> = (i..j)
             .into_par_iter()
             .map(|k| encode_one(model, &model.tensors[k], &plans[k], spec.seed))
@@ -261,7 +273,6 @@ fn build(
             }
             entries.push(entry);
         }
-        i = j;
     }
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
@@ -319,4 +330,18 @@ fn build(
     std::fs::write(&md, attribution::markdown(&report))
         .map_err(|e| PipelineError::io(&md, "cannot write", e))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WAVE_ELEMENTS, waves};
+
+    #[test]
+    fn waves_cover_everything_in_order_within_the_cap() {
+        let big = WAVE_ELEMENTS + 1;
+        let sizes = [10, WAVE_ELEMENTS - 10, 1, big, 5, 5];
+        let w = waves(&sizes);
+        assert_eq!(w, vec![0..2, 2..3, 3..4, 4..6]);
+        assert!(waves(&[]).is_empty());
+    }
 }
