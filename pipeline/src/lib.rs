@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod attribution;
 pub mod model;
 pub mod run;
+pub mod shard;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

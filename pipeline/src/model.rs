@@ -45,19 +45,24 @@ impl TensorInfo {
 
     /// True for integer and boolean tensors (always copied as they are).
     pub fn is_integer(&self) -> bool {
-        matches!(
-            self.dtype,
-            Dtype::BOOL
-                | Dtype::U8
-                | Dtype::I8
-                | Dtype::I16
-                | Dtype::U16
-                | Dtype::I32
-                | Dtype::U32
-                | Dtype::I64
-                | Dtype::U64
-        )
+        is_integer_dtype(self.dtype)
     }
+}
+
+/// True for integer and boolean dtypes (tensors always copied as they are).
+pub fn is_integer_dtype(d: Dtype) -> bool {
+    matches!(
+        d,
+        Dtype::BOOL
+            | Dtype::U8
+            | Dtype::I8
+            | Dtype::I16
+            | Dtype::U16
+            | Dtype::I32
+            | Dtype::U32
+            | Dtype::I64
+            | Dtype::U64
+    )
 }
 
 /// An opened source model.
@@ -205,22 +210,7 @@ impl Model {
 
     /// A float tensor's values as f32.
     pub fn read_f32(&self, t: &TensorInfo) -> Vec<f32> {
-        let raw = self.raw(t);
-        match t.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => Vec::new(),
-        }
+        raw_to_f32(self.raw(t), t.dtype)
     }
 
     /// Size on disk of every safetensors file.
@@ -231,6 +221,25 @@ impl Model {
     /// The full bytes of file `i` (for hashing).
     pub fn file_bytes(&self, i: usize) -> &[u8] {
         &self.maps[i]
+    }
+}
+
+/// A float tensor's stored bytes as f32 values (empty for other dtypes).
+pub fn raw_to_f32(raw: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -19,7 +19,7 @@ use sha2::Digest;
 
 use crate::PipelineError;
 use crate::attribution::{self, Attribution};
-use crate::model::{Model, TensorInfo, dtype_str};
+use crate::model::{Model, dtype_str, is_integer_dtype, raw_to_f32};
 use crate::writer::TensorFileWriter;
 
 /// Name of the tensor file inside an artifact.
@@ -55,34 +55,108 @@ pub struct RunOutcome {
     pub attribution: Attribution,
 }
 
-enum Encoded {
-    Kept(Vec<u8>),
-    Chain(EncodedTensor, f64),
+/// One tensor after its stage chain, ready to be written: its manifest
+/// entry (part header sizes not known yet), each part's bytes, and each
+/// step's seconds.
+#[derive(Debug, Clone)]
+pub struct EncodedEntry {
+    /// The manifest entry.
+    pub entry: TensorEntry,
+    /// Bytes of each part, in the order of `entry.parts`.
+    pub data: Vec<Vec<u8>>,
+    /// Seconds each step took (empty for copied tensors).
+    pub seconds: Vec<f64>,
 }
 
-fn encode_one(
-    model: &Model,
-    t: &TensorInfo,
+/// Runs a tensor's stage chain on its stored bytes. Integer tensors and
+/// tensors with no stages are copied as they are.
+pub fn encode_raw(
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    raw: &[u8],
     stages: &[StageSpec],
     seed: u64,
-) -> Result<Encoded, PipelineError> {
-    if stages.is_empty() || t.is_integer() {
-        return Ok(Encoded::Kept(model.raw(t).to_vec()));
+) -> Result<EncodedEntry, PipelineError> {
+    let mut entry = TensorEntry {
+        name: name.to_string(),
+        dtype: dtype_str(dtype),
+        shape: shape.to_vec(),
+        source_bytes: raw.len() as u64,
+        energy: 0.0,
+        file: TENSOR_FILE.into(),
+        steps: Vec::new(),
+        parts: Vec::new(),
+        sqnr_db: None,
+    };
+    if stages.is_empty() || is_integer_dtype(dtype) {
+        entry.parts.push(PartEntry {
+            name: name.to_string(),
+            dtype: entry.dtype.clone(),
+            shape: shape.to_vec(),
+            bytes: raw.len() as u64,
+            header_bytes: 0,
+        });
+        return Ok(EncodedEntry {
+            entry,
+            data: vec![raw.to_vec()],
+            seconds: Vec::new(),
+        });
     }
-    let values = model.read_f32(t);
-    let energy = hcx_kernels::stats::energy(&values);
-    let elem = t.dtype.bitsize() / 8;
-    encode_tensor(&t.name, values, &t.shape, stages, seed, elem)
-        .map(|e| Encoded::Chain(e, energy))
-        .map_err(|source| PipelineError::Tensor {
-            tensor: t.name.clone(),
-            source,
-        })
+    let numel: usize = shape.iter().product();
+    let elem = dtype.bitsize() / 8;
+    if elem == 0 || raw.len() != numel * elem {
+        return Err(PipelineError::Model {
+            path: PathBuf::from(name),
+            why: format!(
+                "tensor holds {} bytes, its shape {shape:?} and dtype {} need {}",
+                raw.len(),
+                entry.dtype,
+                numel * elem
+            ),
+        });
+    }
+    let values = raw_to_f32(raw, dtype);
+    entry.energy = hcx_kernels::stats::energy(&values);
+    let e: EncodedTensor =
+        encode_tensor(name, values, shape, stages, seed, elem).map_err(|source| {
+            PipelineError::Tensor {
+                tensor: name.to_string(),
+                source,
+            }
+        })?;
+    let mut data = Vec::with_capacity(e.parts.len());
+    for p in e.parts {
+        entry.parts.push(PartEntry {
+            name: format!("{name}.{}", p.name),
+            dtype: p.dtype.name().into(),
+            shape: p.shape.clone(),
+            bytes: p.len() as u64,
+            header_bytes: 0,
+        });
+        data.push(p.data);
+    }
+    entry.steps = e.steps;
+    entry.sqnr_db = e.sqnr_db;
+    Ok(EncodedEntry {
+        entry,
+        data,
+        seconds: e.seconds,
+    })
 }
 
-/// Checks the output can be written: its parent exists and it is absent, or
-/// an earlier artifact (which is replaced), or an empty folder.
-fn check_output(output: &Path) -> Result<PathBuf, PipelineError> {
+/// Appends an encoded tensor's parts to a tensor file.
+pub fn write_entry(writer: &mut TensorFileWriter, e: &EncodedEntry) -> Result<(), PipelineError> {
+    for (p, d) in e.entry.parts.iter().zip(&e.data) {
+        writer.add(&p.name, &p.dtype, &p.shape, d)?;
+    }
+    Ok(())
+}
+
+/// Checks the output can be written: its parent exists (or is created) and
+/// it is absent, or an earlier artifact (which is replaced), or an empty
+/// folder. Returns the temporary folder the artifact is built in.
+pub fn check_output(output: &Path) -> Result<PathBuf, PipelineError> {
     let bad = |why: String| PipelineError::Output {
         path: output.to_path_buf(),
         why,
@@ -166,20 +240,32 @@ fn write_json(
 
 /// Runs `spec`, writing the artifact to `output` (the spec's own output when `None`).
 pub fn run_job(spec: &JobSpec, output: Option<&Path>) -> Result<RunOutcome, PipelineError> {
-    let started = Instant::now();
     let output = output.unwrap_or(&spec.output).to_path_buf();
+    write_artifact(spec, &output, |model, tmp, started| {
+        build(spec, model, tmp, started)
+    })
+}
+
+/// Builds an artifact for `spec` at `output`: opens the model, makes a
+/// temporary folder beside the output, lets `fill` write the artifact's
+/// files into it, and renames it into place only when `fill` succeeds.
+pub fn write_artifact(
+    spec: &JobSpec,
+    output: &Path,
+    fill: impl FnOnce(&Model, &Path, Instant) -> Result<Attribution, PipelineError>,
+) -> Result<RunOutcome, PipelineError> {
+    let started = Instant::now();
     let model = Model::open(&spec.model)?;
-    let tmp = check_output(&output)?;
+    let tmp = check_output(output)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot clear", e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot create", e))?;
-    let result = build(spec, &model, &tmp, started);
-    match result {
+    match fill(&model, &tmp, started) {
         Ok(attribution) => {
-            publish(&tmp, &output)?;
+            publish(&tmp, output)?;
             Ok(RunOutcome {
-                output,
+                output: output.to_path_buf(),
                 attribution,
             })
         }
@@ -223,57 +309,43 @@ fn build(
     let sizes: Vec<usize> = model.tensors.iter().map(|t| t.numel()).collect();
     for range in waves(&sizes) {
         let (i, j) = (range.start, range.end);
-        let wave: Vec<Result<Encoded, PipelineError>> = (i..j)
+        let wave: Vec<Result<EncodedEntry, PipelineError>> = (i..j)
             .into_par_iter()
-            .map(|k| encode_one(model, &model.tensors[k], &plans[k], spec.seed))
+            .map(|k| {
+                let t = &model.tensors[k];
+                encode_raw(
+                    &t.name,
+                    t.dtype,
+                    &t.shape,
+                    model.raw(t),
+                    &plans[k],
+                    spec.seed,
+                )
+            })
             .collect();
-        for (k, enc) in (i..j).zip(wave) {
-            let t = &model.tensors[k];
+        for enc in wave {
             let enc = enc?;
-            let mut entry = TensorEntry {
-                name: t.name.clone(),
-                dtype: dtype_str(t.dtype),
-                shape: t.shape.clone(),
-                source_bytes: t.bytes() as u64,
-                energy: 0.0,
-                file: TENSOR_FILE.into(),
-                steps: Vec::new(),
-                parts: Vec::new(),
-                sqnr_db: None,
-            };
-            match enc {
-                Encoded::Kept(raw) => {
-                    writer.add(&t.name, &entry.dtype, &t.shape, &raw)?;
-                    entry.parts.push(PartEntry {
-                        name: t.name.clone(),
-                        dtype: entry.dtype.clone(),
-                        shape: t.shape.clone(),
-                        bytes: raw.len() as u64,
-                        header_bytes: 0,
-                    });
-                    seconds.push(Vec::new());
-                }
-                Encoded::Chain(e, energy) => {
-                    entry.energy = energy;
-                    for p in &e.parts {
-                        let name = format!("{}.{}", t.name, p.name);
-                        writer.add(&name, p.dtype.name(), &p.shape, &p.data)?;
-                        entry.parts.push(PartEntry {
-                            name,
-                            dtype: p.dtype.name().into(),
-                            shape: p.shape.clone(),
-                            bytes: p.len() as u64,
-                            header_bytes: 0,
-                        });
-                    }
-                    entry.steps = e.steps;
-                    entry.sqnr_db = e.sqnr_db;
-                    seconds.push(e.seconds);
-                }
-            }
-            entries.push(entry);
+            write_entry(&mut writer, &enc)?;
+            entries.push(enc.entry);
+            seconds.push(enc.seconds);
         }
     }
+    finish_artifact(spec, model, tmp, writer, entries, &seconds, started)
+}
+
+/// Writes everything of an artifact but the tensor data: closes the tensor
+/// file, copies the model's extra files, writes the manifest and the
+/// attribution report. `entries` are in model order, their parts already
+/// in `writer`.
+pub fn finish_artifact(
+    spec: &JobSpec,
+    model: &Model,
+    tmp: &Path,
+    writer: TensorFileWriter,
+    mut entries: Vec<TensorEntry>,
+    seconds: &[Vec<f64>],
+    started: Instant,
+) -> Result<Attribution, PipelineError> {
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     let written = writer.finish(&meta)?;
@@ -322,7 +394,7 @@ fn build(
     let report = attribution::build(
         &manifest,
         written.bytes + manifest_bytes,
-        &seconds,
+        seconds,
         started.elapsed().as_secs_f64(),
     );
     write_json(&tmp.join("attribution.json"), &report, true)?;
