@@ -1,0 +1,11 @@
+//! Cluster wire layer: TLS material, gRPC service definitions, QUIC tensor streams.
+
+pub mod client;
+pub mod frames;
+pub mod tls;
+
+/// Generated gRPC messages, clients and servers (`protocol/proto/hcx.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("hcx.v1");
+}
