@@ -11,6 +11,8 @@ use hcx_pipeline::artifact::{self, Inspection};
 use hcx_pipeline::attribution;
 use hcx_protocol::JobSpec;
 
+mod cluster;
+
 /// The example job run when `hcx-cluster run` is given no file.
 const DEFAULT_JOB: &str = include_str!("../configs/jobs/minilm-4bit.yaml");
 
@@ -38,6 +40,134 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Number of in-process worker nodes of the embedded cluster.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Run the pipeline directly in this process, without the embedded
+        /// cluster (same artifact; for comparison).
+        #[arg(long, conflicts_with = "nodes")]
+        local: bool,
+    },
+    /// Make TLS material for a cluster.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run a coordinator (a raft voter serving the cluster API and data plane).
+    Coordinator {
+        /// This coordinator's id in --peers.
+        #[arg(long)]
+        id: u64,
+        /// Address to serve gRPC (TCP) and the data plane (UDP) on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Every voter as ID=HOST:PORT, comma-separated; the same on every coordinator.
+        #[arg(long)]
+        peers: String,
+        /// Where the raft log and snapshots live.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+        /// Milliseconds a node may stay silent before its shards are re-assigned.
+        #[arg(long, default_value_t = 5000)]
+        lease_ms: u64,
+    },
+    /// Run a worker node.
+    Node {
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Local address of the node's QUIC endpoint.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Unique node name.
+        #[arg(long)]
+        name: String,
+        /// KEY=VALUE label (repeatable), e.g. site=a.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Where shard files are built.
+        #[arg(long)]
+        work_dir: PathBuf,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+        /// Cores to offer (default: all).
+        #[arg(long)]
+        cores: Option<u32>,
+        /// Milliseconds between heartbeats.
+        #[arg(long, default_value_t = 500)]
+        heartbeat_ms: u64,
+    },
+    /// Submit a job to a cluster and print its id.
+    Submit {
+        /// The job file.
+        job: PathBuf,
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+        /// Write the artifact here instead of the job's `output`.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Follow the job until it ends; exit non-zero unless it succeeds.
+        #[arg(long)]
+        watch: bool,
+        /// A retried submit with the same key returns the same job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show one job or all jobs.
+    Status {
+        /// The job id; all jobs without it.
+        job: Option<String>,
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running job.
+    Cancel {
+        /// The job id.
+        job: String,
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+    },
+    /// List the worker nodes.
+    Nodes {
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop giving a node new shards (it finishes those it holds).
+    Drain {
+        /// The node name.
+        node: String,
+        /// Coordinator addresses, comma-separated.
+        #[arg(long, env = "HCX_COORDINATORS")]
+        coordinators: String,
+        /// Folder made by `certs init`.
+        #[arg(long, env = "HCX_CERTS")]
+        certs: PathBuf,
     },
     /// Check a job file without running it.
     Validate {
@@ -86,6 +216,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a development cluster CA and certificates for coordinators,
+    /// nodes and clients.
+    Init {
+        /// Folder to write them to.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra host name or IP the coordinator and node certificates are valid for (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -127,11 +274,163 @@ fn glob(pattern: &str) -> Result<globset::GlobMatcher> {
         .compile_matcher())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Runs a job on an in-process cluster of `nodes` nodes.
+fn run_embedded(
+    spec: &JobSpec,
+    output: Option<&Path>,
+    nodes: usize,
+    quiet: bool,
+) -> Result<hcx_pipeline::run::RunOutcome> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let rt = runtime()?;
+    let st = rt.block_on(async {
+        let cluster = cluster::Embedded::start(nodes).await?;
+        let st = cluster.run(spec, output, quiet).await;
+        cluster.stop().await;
+        st
+    })?;
+    if st.state != "succeeded" {
+        bail!(
+            "job {} {}: at {}: {}",
+            st.job_id,
+            st.state,
+            st.failed_stage,
+            st.reason
+        );
+    }
+    let out = PathBuf::from(&st.output);
+    let path = out.join("attribution.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let attribution = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    Ok(hcx_pipeline::run::RunOutcome {
+        output: out,
+        attribution,
+    })
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { job, output, json } => {
+        Command::Certs {
+            command: CertsCommand::Init { dir, hosts, force },
+        } => {
+            let set = hcx_net::tls::init_certs(&dir, &hosts, force)?;
+            println!(
+                "cluster CA and certificates written to {} (CA SHA-256 {}); valid for {}",
+                set.dir.display(),
+                set.ca_sha256,
+                set.server_names.join(", ")
+            );
+            Ok(())
+        }
+        Command::Coordinator {
+            id,
+            listen,
+            peers,
+            data_dir,
+            certs,
+            lease_ms,
+        } => runtime()?.block_on(cluster::coordinator(
+            id, listen, &peers, data_dir, &certs, lease_ms,
+        )),
+        Command::Node {
+            coordinators,
+            listen,
+            name,
+            labels,
+            work_dir,
+            certs,
+            cores,
+            heartbeat_ms,
+        } => runtime()?.block_on(cluster::node(
+            &coordinators,
+            listen,
+            name,
+            &labels,
+            work_dir,
+            &certs,
+            cores,
+            heartbeat_ms,
+        )),
+        Command::Submit {
+            job,
+            coordinators,
+            certs,
+            output,
+            watch,
+            idempotency_key,
+        } => {
+            let spec = JobSpec::load(&job)?;
+            let ok = runtime()?.block_on(async {
+                let c = cluster::client(&coordinators, &certs)?;
+                cluster::submit(
+                    &c,
+                    &spec,
+                    output.as_deref(),
+                    idempotency_key.as_deref(),
+                    watch,
+                )
+                .await
+            })?;
+            if !ok {
+                bail!("the job did not succeed");
+            }
+            Ok(())
+        }
+        Command::Status {
+            job,
+            coordinators,
+            certs,
+            json,
+        } => runtime()?.block_on(async {
+            let c = cluster::client(&coordinators, &certs)?;
+            cluster::status(&c, job, json).await.map(|_| ())
+        }),
+        Command::Cancel {
+            job,
+            coordinators,
+            certs,
+        } => runtime()?.block_on(async {
+            let c = cluster::client(&coordinators, &certs)?;
+            cluster::cancel(&c, job).await
+        }),
+        Command::Nodes {
+            coordinators,
+            certs,
+            json,
+        } => runtime()?.block_on(async {
+            let c = cluster::client(&coordinators, &certs)?;
+            cluster::nodes(&c, json).await
+        }),
+        Command::Drain {
+            node,
+            coordinators,
+            certs,
+        } => runtime()?.block_on(async {
+            let c = cluster::client(&coordinators, &certs)?;
+            cluster::drain(&c, node).await
+        }),
+        Command::Run {
+            job,
+            output,
+            json,
+            nodes,
+            local,
+        } => {
             let spec = load_job(job.as_deref())?;
-            let out = hcx_pipeline::run::run_job(&spec, output.as_deref())?;
+            let out = if local {
+                hcx_pipeline::run::run_job(&spec, output.as_deref())?
+            } else {
+                run_embedded(&spec, output.as_deref(), nodes, json)?
+            };
             let a = &out.attribution;
             if json {
                 println!("{}", serde_json::to_string_pretty(a)?);

@@ -106,11 +106,16 @@ pub fn read_dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>>
     out
 }
 
-/// Removes every `seconds` field from a JSON value (run metadata).
+/// Removes run metadata from a JSON report: every time field (`seconds`,
+/// `kernel_seconds`, …) and the per-node table (which nodes ran what, and
+/// the bytes they moved, which include their timing records).
 pub fn without_times(v: &mut serde_json::Value) {
+    if let serde_json::Value::Object(m) = v {
+        m.remove("nodes");
+    }
     match v {
         serde_json::Value::Object(m) => {
-            m.remove("seconds");
+            m.retain(|k, _| !k.ends_with("seconds"));
             for x in m.values_mut() {
                 without_times(x);
             }

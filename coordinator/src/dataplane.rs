@@ -1,0 +1,271 @@
+//! The coordinator's side of the QUIC data plane: serves source tensors to
+//! nodes and takes their finished shard files (see `hcx_net::frames`).
+//!
+//! Every stream is handled on its own: a malformed or oversized frame, a
+//! short payload or a bad hash ends that stream with an error reply and
+//! nothing else.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use hcx_net::frames::{FrameError, Reply, Request, read_frame, write_frame};
+use hcx_net::tls::Identity;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::service::shard_store;
+use crate::state::{Command, ShardResult};
+use crate::{CoordinatorError, Shared};
+
+/// Shard files larger than this many times their source bytes (plus 16 MiB)
+/// are refused before any byte is stored.
+const MAX_GROWTH: u64 = 4;
+
+/// Starts the QUIC endpoint on `addr` (UDP) and its accept loop.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    tls: Option<&Identity>,
+) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
+    let Some(id) = tls else {
+        return Err(CoordinatorError::Config(
+            "the QUIC data plane needs TLS: give --certs".into(),
+        ));
+    };
+    let config = hcx_net::tls::quinn_server_config(id)?;
+    let endpoint = quinn::Endpoint::server(config, addr)
+        .map_err(|source| CoordinatorError::Bind { addr, source })?;
+    Ok(tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!("data plane: refused a connection: {e}");
+                        return;
+                    }
+                };
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_stream(&shared, send, recv).await {
+                            tracing::info!("data plane stream: {e}");
+                        }
+                    });
+                }
+            });
+        }
+    }))
+}
+
+async fn reply_error(send: &mut quinn::SendStream, message: String, leader: Option<String>) {
+    let _ = write_frame(send, &Reply::Error { message, leader }).await;
+    let _ = send.finish();
+}
+
+async fn serve_stream(
+    shared: &Shared,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), FrameError> {
+    let req: Request = match read_frame(&mut recv).await {
+        Ok(r) => r,
+        Err(e) => {
+            reply_error(&mut send, format!("bad request: {e}"), None).await;
+            let _ = recv.stop(1u32.into());
+            return Err(e);
+        }
+    };
+    match req {
+        Request::Fetch { job, tensor } => fetch(shared, &mut send, &job, &tensor).await,
+        Request::Upload {
+            job,
+            shard,
+            attempt,
+            node,
+            sha256,
+            len,
+            bytes_in,
+            kernel_seconds,
+            wall_seconds,
+        } => {
+            let result = ShardResult {
+                node,
+                attempt,
+                sha256,
+                bytes: len,
+                bytes_in,
+                kernel_seconds,
+                wall_seconds,
+            };
+            match upload(shared, &mut recv, &job, shard, result).await {
+                Ok(()) => {
+                    write_frame(&mut send, &Reply::Stored).await?;
+                    let _ = send.finish();
+                    Ok(())
+                }
+                Err((msg, leader)) => {
+                    let _ = recv.stop(1u32.into());
+                    reply_error(&mut send, msg, leader).await;
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn fetch(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    job: &str,
+    tensor: &str,
+) -> Result<(), FrameError> {
+    let Some(model_path) = shared
+        .view
+        .read(|s| s.jobs.get(job).map(|j| j.spec.model.clone()))
+    else {
+        reply_error(send, format!("no job {job:?}"), None).await;
+        return Ok(());
+    };
+    let model = match shared.model(&model_path).await {
+        Ok(m) => m,
+        Err(e) => {
+            reply_error(send, e.to_string(), None).await;
+            return Ok(());
+        }
+    };
+    let Some(t) = model.tensors.iter().find(|t| t.name == tensor) else {
+        reply_error(
+            send,
+            format!("the model of {job} has no tensor {tensor:?}"),
+            None,
+        )
+        .await;
+        return Ok(());
+    };
+    let raw = model.raw(t);
+    write_frame(
+        send,
+        &Reply::Tensor {
+            dtype: hcx_pipeline::model::dtype_str(t.dtype),
+            shape: t.shape.iter().map(|d| *d as u64).collect(),
+            len: raw.len() as u64,
+        },
+    )
+    .await?;
+    send.write_all(raw).await.map_err(std::io::Error::from)?;
+    let _ = send.finish();
+    Ok(())
+}
+
+type UploadError = (String, Option<String>);
+
+async fn upload(
+    shared: &Shared,
+    recv: &mut quinn::RecvStream,
+    job: &str,
+    shard: u32,
+    result: ShardResult,
+) -> Result<(), UploadError> {
+    if !shared.is_leader() {
+        return Err((
+            "this coordinator is not the leader".into(),
+            shared.leader_addr(),
+        ));
+    }
+    let (output, limit) = shared
+        .view
+        .read(|s| {
+            let j = s.jobs.get(job)?;
+            let r = j.shards.get(shard as usize)?;
+            let current = r.result.is_none()
+                && r.attempt == result.attempt
+                && r.node.as_deref() == Some(result.node.as_str());
+            current.then(|| {
+                (
+                    j.output.clone(),
+                    r.shard.memory_bytes.saturating_mul(MAX_GROWTH) + (16 << 20),
+                )
+            })
+        })
+        .ok_or_else(|| {
+            (
+                format!(
+                    "{job} shard {shard} attempt {} is not held by {}",
+                    result.attempt, result.node
+                ),
+                None,
+            )
+        })?;
+    if result.bytes > limit {
+        return Err((
+            format!(
+                "shard of {} bytes exceeds the {limit}-byte limit for {job} shard {shard}",
+                result.bytes
+            ),
+            None,
+        ));
+    }
+    let dir = shard_store(Path::new(&output), job);
+    let io = |what: &str, e: std::io::Error| (format!("{}: {what}: {e}", dir.display()), None);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| io("cannot create", e))?;
+    let partial = dir.join(format!("shard-{shard:05}.a{}.partial", result.attempt));
+    let fin = dir.join(format!("shard-{shard:05}.a{}.bin", result.attempt));
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|e| io("cannot create", e))?;
+    let mut hash = Sha256::new();
+    let mut left = result.bytes;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = AsyncReadExt::read(recv, &mut buf[..want])
+            .await
+            .map_err(|e| (format!("upload of {job} shard {shard} broke: {e}"), None))?;
+        if n == 0 {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err((
+                format!(
+                    "upload of {job} shard {shard} ended {left} bytes short of {}",
+                    result.bytes
+                ),
+                None,
+            ));
+        }
+        hash.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .await
+            .map_err(|e| io("cannot write", e))?;
+        left -= n as u64;
+    }
+    file.sync_all().await.map_err(|e| io("cannot sync", e))?;
+    drop(file);
+    let got = hex::encode(hash.finalize());
+    if got != result.sha256 {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err((
+            format!(
+                "{job} shard {shard}: SHA-256 {got} does not match the announced {}",
+                result.sha256
+            ),
+            None,
+        ));
+    }
+    tokio::fs::rename(&partial, &fin)
+        .await
+        .map_err(|e| io("cannot rename", e))?;
+    shared.saw(&result.node);
+    let r = shared
+        .propose(Command::ShardDone {
+            job: job.to_string(),
+            shard,
+            result,
+        })
+        .await
+        .map_err(|s| (s.message().to_string(), shared.leader_addr()))?;
+    if r.ok { Ok(()) } else { Err((r.message, None)) }
+}

@@ -1,0 +1,362 @@
+//! Raft-replicated coordinator: job state machine, scheduler, gRPC API,
+//! QUIC data plane and shard merge.
+//!
+//! [`start`] runs one coordinator: its raft member (log and snapshots in
+//! redb under the data dir), the gRPC API on `listen` (TCP), the QUIC data
+//! plane on the same port (UDP), and the leader's supervisor loop that
+//! hands out shards, expires leases and merges finished jobs.
+
+pub mod dataplane;
+pub mod network;
+pub mod scheduler;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hcx_net::client::LEADER_HEADER;
+use hcx_net::proto::cluster_server::ClusterServer;
+use hcx_net::proto::raft_server::RaftServer;
+use hcx_net::tls::Identity;
+use hcx_pipeline::model::Model;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::network::PeerTransport;
+use crate::scheduler::NodeCapacity;
+use crate::state::{Command, CommandResult};
+use crate::store::{NodeId, StateView, TypeConfig};
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The raft store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// A setting is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] hcx_net::tls::TlsError),
+    /// Raft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// How to run one coordinator.
+#[derive(Clone)]
+pub struct CoordinatorConfig {
+    /// This coordinator's raft id (a key of `peers`).
+    pub id: NodeId,
+    /// Address for gRPC (TCP) and the data plane (UDP).
+    pub listen: SocketAddr,
+    /// Every voter: id → `host:port` its peers and nodes reach it at.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Where the raft log and snapshots live.
+    pub data_dir: PathBuf,
+    /// TLS identity; `None` runs plaintext (loopback only).
+    pub tls: Option<Identity>,
+    /// A node silent for this long loses its shards.
+    pub lease: Duration,
+}
+
+/// What every task of a coordinator shares.
+pub struct Shared {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) view: StateView,
+    pub(crate) advertise: String,
+    pub(crate) lease: Duration,
+    seen: Mutex<HashMap<String, Instant>>,
+    models: tokio::sync::Mutex<HashMap<PathBuf, Arc<Model>>>,
+    pub(crate) peers: BTreeMap<NodeId, String>,
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// The leader's address, when one is known.
+    pub(crate) fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        self.peers.get(&id).cloned().or_else(|| {
+            m.membership_config
+                .nodes()
+                .find(|(n, _)| **n == id)
+                .map(|(_, node)| node.addr.clone())
+        })
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Errors with the leader's address unless this coordinator leads.
+    pub(crate) fn require_leader(&self) -> Result<(), Status> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        Err(self.not_leader())
+    }
+
+    fn not_leader(&self) -> Status {
+        match self.leader_addr() {
+            Some(addr) if addr != self.advertise => {
+                let mut s = Status::failed_precondition(format!(
+                    "coordinator {} is not the leader; the leader is {addr}",
+                    self.id
+                ));
+                if let Ok(v) = addr.parse() {
+                    s.metadata_mut().insert(LEADER_HEADER, v);
+                }
+                s
+            }
+            _ => Status::unavailable(format!(
+                "coordinator {} knows no leader yet (election in progress)",
+                self.id
+            )),
+        }
+    }
+
+    /// Commits a command through raft and returns what applying it said.
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, Status> {
+        match self.raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(self.not_leader())
+            }
+            Err(e) => Err(Status::unavailable(format!("raft: {e}"))),
+        }
+    }
+
+    /// Records a heartbeat from `node`.
+    pub(crate) fn saw(&self, node: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(node.to_string(), Instant::now());
+    }
+
+    /// Milliseconds since each node was last heard from.
+    pub(crate) fn seen_ago(&self) -> HashMap<String, u64> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter()
+            .map(|(k, t)| (k.clone(), t.elapsed().as_millis() as u64))
+            .collect()
+    }
+
+    /// Whether `node` has been heard from within its lease.
+    pub(crate) fn alive(&self, node: &str) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(node).is_some_and(|t| t.elapsed() < self.lease)
+    }
+
+    /// Gives every registered node a fresh lease (a new leader's grace period).
+    pub(crate) fn grace_all(&self) {
+        let names: Vec<String> = self.view.read(|s| s.nodes.keys().cloned().collect());
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for n in names {
+            seen.insert(n, now);
+        }
+    }
+
+    /// Registered, non-draining nodes heard from within their lease.
+    pub(crate) fn live_nodes(&self) -> Vec<NodeCapacity> {
+        let nodes: Vec<_> = self.view.read(|s| s.nodes.values().cloned().collect());
+        nodes
+            .iter()
+            .filter(|n| !n.draining && self.alive(&n.name))
+            .map(service::capacity)
+            .collect()
+    }
+
+    /// The source model at `path`, opened once and kept.
+    pub(crate) async fn model(
+        &self,
+        path: &Path,
+    ) -> Result<Arc<Model>, hcx_pipeline::PipelineError> {
+        let mut models = self.models.lock().await;
+        if let Some(m) = models.get(path) {
+            return Ok(m.clone());
+        }
+        let p = path.to_path_buf();
+        let m = tokio::task::spawn_blocking(move || Model::open(&p))
+            .await
+            .map_err(|e| hcx_pipeline::PipelineError::Model {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })??;
+        let m = Arc::new(m);
+        models.insert(path.to_path_buf(), m.clone());
+        Ok(m)
+    }
+}
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The address it serves on.
+    pub addr: SocketAddr,
+}
+
+impl CoordinatorHandle {
+    /// A read handle on its applied state.
+    pub fn view(&self) -> StateView {
+        self.shared.view.clone()
+    }
+
+    /// Whether it leads now.
+    pub fn is_leader(&self) -> bool {
+        self.shared.is_leader()
+    }
+
+    /// Stops serving and shuts raft down.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = self.shared.raft.shutdown().await;
+    }
+}
+
+/// Starts a coordinator and returns once it serves.
+pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
+    if !cfg.peers.contains_key(&cfg.id) {
+        return Err(CoordinatorError::Config(format!(
+            "--id {} is not in --peers ({})",
+            cfg.id,
+            cfg.peers
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )));
+    }
+    if cfg.tls.is_none() {
+        hcx_net::tls::check_insecure_addr(&cfg.listen)?;
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        CoordinatorError::Config(format!(
+            "cannot create the data dir {}: {e}",
+            cfg.data_dir.display()
+        ))
+    })?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    // A peer address with port 0 (the embedded single-voter cluster) takes
+    // the port just bound.
+    if let Some(a) = cfg.peers.get_mut(&cfg.id)
+        && a.ends_with(":0")
+    {
+        *a = addr.to_string();
+    }
+    let (log, sm) = store::open(&cfg.data_dir)?;
+    let view = sm.view();
+    let config = openraft::Config {
+        cluster_name: "hcx-cluster".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
+        max_in_snapshot_log_to_keep: 500,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+    let client_tls = cfg
+        .tls
+        .as_ref()
+        .map(|id| hcx_net::tls::tonic_client_tls(id, "localhost"));
+    let transport = PeerTransport::new(client_tls);
+    let raft = Raft::new(cfg.id, Arc::new(config), transport, log, sm)
+        .await
+        .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+    let members: BTreeMap<NodeId, BasicNode> = cfg
+        .peers
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+        .collect();
+    // Every member initializes with the same voters; openraft refuses it
+    // once the log holds a membership (a restart), which is what we want.
+    if let Err(e) = raft.initialize(members).await {
+        tracing::debug!("initialize: {e}");
+    }
+    let advertise = cfg.peers[&cfg.id].clone();
+    let shared = Arc::new(Shared {
+        id: cfg.id,
+        raft,
+        view,
+        advertise,
+        lease: cfg.lease,
+        seen: Mutex::new(HashMap::new()),
+        models: tokio::sync::Mutex::new(HashMap::new()),
+        peers: cfg.peers.clone(),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(id) = &cfg.tls {
+        builder = builder
+            .tls_config(hcx_net::tls::tonic_server_tls(id))
+            .map_err(|e| CoordinatorError::Config(format!("gRPC TLS: {e}")))?;
+    }
+    let router = builder
+        .add_service(ClusterServer::new(service::ClusterService {
+            shared: shared.clone(),
+        }))
+        .add_service(RaftServer::new(service::RaftService {
+            shared: shared.clone(),
+        }));
+    let mut rx = shutdown_rx.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let grpc = tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+    let quic = dataplane::start(shared.clone(), addr, cfg.tls.as_ref())?;
+    let sup = tokio::spawn(supervisor::run(shared.clone(), shutdown_rx));
+    Ok(CoordinatorHandle {
+        shared,
+        shutdown,
+        tasks: vec![grpc, quic, sup],
+        addr,
+    })
+}

@@ -1,0 +1,514 @@
+//! The coordinator's gRPC services: the cluster API for clients and nodes,
+//! and the raft RPCs between coordinators.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use hcx_net::proto::cluster_server::Cluster;
+use hcx_net::proto::raft_server::Raft as RaftRpc;
+use hcx_net::proto::{
+    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, HeartbeatReply,
+    HeartbeatRequest, JobRef, JobStatus, ListJobsReply, ListJobsRequest, ListNodesReply,
+    ListNodesRequest, NodeInfo, NodeStatus, RaftMessage, ShardFailure, ShardStatus, SubmitJobReply,
+    SubmitJobRequest,
+};
+use hcx_protocol::JobSpec;
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+use crate::scheduler::{self, NodeCapacity, PlanOptions, TensorCost};
+use crate::state::{Command, JobRecord, JobState, NodeRecord};
+
+/// The cluster API.
+#[derive(Clone)]
+pub struct ClusterService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// The raft RPC endpoint.
+#[derive(Clone)]
+pub struct RaftService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A job's state as the API reports it.
+pub fn job_status(j: &JobRecord) -> JobStatus {
+    let (reason, failed_stage, source_bytes, artifact_bytes) = match &j.state {
+        JobState::Failed { reason, stage } => (reason.clone(), stage.clone(), 0, 0),
+        JobState::Succeeded {
+            artifact_bytes,
+            source_bytes,
+        } => (String::new(), String::new(), *source_bytes, *artifact_bytes),
+        _ => Default::default(),
+    };
+    JobStatus {
+        job_id: j.id.clone(),
+        name: j.spec.name.clone(),
+        state: j.state.name().into(),
+        reason,
+        failed_stage,
+        output: j.output.clone(),
+        shards_done: j.done() as u32,
+        shards_total: j.shards.len() as u32,
+        shards: j
+            .shards
+            .iter()
+            .map(|s| ShardStatus {
+                id: s.shard.id,
+                label: s.shard.label.clone(),
+                tensors: s.shard.tensors.len() as u32,
+                node: s
+                    .result
+                    .as_ref()
+                    .map(|r| r.node.clone())
+                    .or_else(|| s.node.clone())
+                    .unwrap_or_default(),
+                attempt: s.attempt,
+                done: s.result.is_some(),
+                last_error: s.last_error.clone().unwrap_or_default(),
+                kernel_seconds: s.result.as_ref().map_or(0.0, |r| r.kernel_seconds),
+                bytes_in: s.result.as_ref().map_or(0, |r| r.bytes_in),
+                bytes_out: s.result.as_ref().map_or(0, |r| r.bytes),
+            })
+            .collect(),
+        source_bytes,
+        artifact_bytes,
+        submitted_ms: j.submitted_ms,
+        finished_ms: j.finished_ms.unwrap_or(0),
+    }
+}
+
+/// Relative encode cost per value of a stage chain (1.0 = int8 round-to-nearest).
+pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
+    use hcx_protocol::StageSpec as S;
+    stages
+        .iter()
+        .map(|s| match s {
+            S::Seedlm(_) => 400.0,
+            S::Vq(_) => 30.0,
+            S::Lowrank(_) => 10.0,
+            S::Uniform(_) | S::Nonuniform(_) => 6.0,
+            S::Zstd(_) => 4.0,
+            S::Rtn(_) | S::Ternary(_) | S::Sparse(_) => 1.0,
+            S::Hadamard(_) | S::Cast(_) => 0.5,
+        })
+        .sum()
+}
+
+impl ClusterService {
+    async fn submit(&self, req: SubmitJobRequest) -> Result<SubmitJobReply, Status> {
+        let sh = &self.shared;
+        sh.require_leader()?;
+        let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
+        if let Some(k) = &key
+            && let Some(id) = sh.view.read(|s| s.keys.get(k).cloned())
+        {
+            return Ok(SubmitJobReply {
+                job_id: id,
+                existing: true,
+            });
+        }
+        let file = if req.file_name.is_empty() {
+            PathBuf::from("job.yaml")
+        } else {
+            PathBuf::from(&req.file_name)
+        };
+        let base = PathBuf::from(if req.base_dir.is_empty() {
+            "."
+        } else {
+            &req.base_dir
+        });
+        let mut spec = if req.spec_json.is_empty() {
+            JobSpec::parse(&req.yaml, &file, &base)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        } else {
+            let spec: JobSpec = serde_json::from_str(&req.spec_json)
+                .map_err(|e| Status::invalid_argument(format!("job spec: {e}")))?;
+            spec.validate().map_err(|(field, msg)| {
+                Status::invalid_argument(format!("job spec: field {field}: {msg}"))
+            })?;
+            spec
+        };
+        if spec.model.is_relative() || spec.output.is_relative() {
+            spec.model = base.join(&spec.model);
+            spec.output = base.join(&spec.output);
+        }
+        if !req.output.is_empty() {
+            spec.output = base.join(&req.output);
+        }
+        let out = spec.output.clone();
+        tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let model = sh
+            .model(&spec.model)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let tensors: Vec<TensorCost> = model
+            .tensors
+            .iter()
+            .map(|t| TensorCost {
+                name: t.name.clone(),
+                numel: t.numel() as u64,
+                bytes: t.bytes() as u64,
+                cost_per_value: if t.is_integer() {
+                    0.0
+                } else {
+                    chain_cost(&spec.stages_for(&t.name))
+                },
+            })
+            .collect();
+        let opts = PlanOptions {
+            layers_per_shard: 1,
+            require_labels: BTreeMap::new(),
+        };
+        let shards = scheduler::make_shards(&tensors, &opts);
+        let nodes = sh.live_nodes();
+        let placements = if nodes.is_empty() {
+            Vec::new()
+        } else {
+            scheduler::place(&shards, &nodes, &opts, &BTreeMap::new()).unwrap_or_default()
+        };
+        let output = spec.output.display().to_string();
+        let r = sh
+            .propose(Command::SubmitJob {
+                idempotency_key: key,
+                spec: Box::new(spec),
+                output,
+                shards,
+                placements,
+                now_ms: crate::now_ms(),
+            })
+            .await?;
+        Ok(SubmitJobReply {
+            existing: !r.message.is_empty(),
+            job_id: r.job.unwrap_or_default(),
+        })
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn submit_job(
+        &self,
+        req: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobReply>, Status> {
+        self.submit(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_job(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        self.shared
+            .view
+            .read(|s| s.jobs.get(&id).map(job_status))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
+    }
+
+    async fn list_jobs(
+        &self,
+        _req: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsReply>, Status> {
+        let jobs = self
+            .shared
+            .view
+            .read(|s| s.jobs.values().rev().map(job_status).collect());
+        Ok(Response::new(ListJobsReply { jobs }))
+    }
+
+    type WatchJobStream = StatusStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = req.into_inner().job_id;
+        let view = self.shared.view.clone();
+        if view.read(|s| !s.jobs.contains_key(&id)) {
+            return Err(Status::not_found(format!("no job {id:?}")));
+        }
+        let mut changes = view.changes();
+        let stream = async_stream(move |tx| async move {
+            let mut last: Option<JobStatus> = None;
+            loop {
+                let Some(now) = view.read(|s| s.jobs.get(&id).map(job_status)) else {
+                    return;
+                };
+                let ended = !matches!(now.state.as_str(), "running" | "merging");
+                if last.as_ref() != Some(&now) {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                if ended || changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(&self, req: Request<JobRef>) -> Result<Response<Ack>, Status> {
+        self.shared.require_leader()?;
+        let job = req.into_inner().job_id;
+        let r = self
+            .shared
+            .propose(Command::CancelJob {
+                job,
+                now_ms: crate::now_ms(),
+            })
+            .await?;
+        if r.ok {
+            Ok(Response::new(Ack {
+                message: "cancelled".into(),
+            }))
+        } else {
+            Err(Status::failed_precondition(r.message))
+        }
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesReply>, Status> {
+        let sh = &self.shared;
+        // Heartbeat times live at the leader only.
+        sh.require_leader()?;
+        let seen = sh.seen_ago();
+        let nodes = sh.view.read(|s| {
+            s.nodes
+                .values()
+                .map(|n| NodeStatus {
+                    info: Some(node_info(n)),
+                    draining: n.draining,
+                    last_seen_ms_ago: seen.get(&n.name).copied(),
+                    shards: s.assignments_of(&n.name).len() as u32,
+                })
+                .collect()
+        });
+        Ok(Response::new(ListNodesReply { nodes }))
+    }
+
+    async fn drain_node(&self, req: Request<DrainNodeRequest>) -> Result<Response<Ack>, Status> {
+        self.shared.require_leader()?;
+        let name = req.into_inner().name;
+        let r = self
+            .shared
+            .propose(Command::DrainNode { name: name.clone() })
+            .await?;
+        if r.ok {
+            Ok(Response::new(Ack {
+                message: format!("{name} is draining: it finishes its shards and gets no new ones"),
+            }))
+        } else {
+            Err(Status::not_found(r.message))
+        }
+    }
+
+    async fn register_node(&self, req: Request<NodeInfo>) -> Result<Response<Ack>, Status> {
+        let sh = &self.shared;
+        sh.require_leader()?;
+        let n = req.into_inner();
+        if n.name.is_empty() || n.name.len() > 128 {
+            return Err(Status::invalid_argument(
+                "node name must be 1 to 128 characters",
+            ));
+        }
+        let node = NodeRecord {
+            name: n.name.clone(),
+            listen: n.listen,
+            cores: n.cores.max(1),
+            memory_bytes: n.memory_bytes,
+            gpus: n.gpus,
+            labels: n.labels.into_iter().collect(),
+            draining: false,
+            registered_ms: crate::now_ms(),
+        };
+        sh.propose(Command::RegisterNode { node }).await?;
+        sh.saw(&n.name);
+        Ok(Response::new(Ack {
+            message: format!("registered {}", n.name),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let sh = &self.shared;
+        sh.require_leader()?;
+        let name = req.into_inner().name;
+        if sh.view.read(|s| !s.nodes.contains_key(&name)) {
+            return Err(Status::not_found(format!(
+                "node {name:?} is not registered"
+            )));
+        }
+        sh.saw(&name);
+        let data_addr = sh.advertise.clone();
+        let assignments = sh.view.read(|s| {
+            s.assignments_of(&name)
+                .into_iter()
+                .filter_map(|(job, shard, attempt)| {
+                    let j = s.jobs.get(&job)?;
+                    let rec = j.shards.get(shard as usize)?;
+                    Some(Assignment {
+                        job_id: job,
+                        shard,
+                        attempt,
+                        spec_json: serde_json::to_string(&j.spec).ok()?,
+                        tensors: rec.shard.tensors.clone(),
+                        data_addr: data_addr.clone(),
+                    })
+                })
+                .collect()
+        });
+        Ok(Response::new(HeartbeatReply {
+            assignments,
+            lease_ms: sh.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn cluster_info(
+        &self,
+        _req: Request<ClusterInfoRequest>,
+    ) -> Result<Response<ClusterInfoReply>, Status> {
+        Ok(Response::new(self.info()))
+    }
+
+    async fn report_failure(&self, req: Request<ShardFailure>) -> Result<Response<Ack>, Status> {
+        let sh = &self.shared;
+        sh.require_leader()?;
+        let f = req.into_inner();
+        sh.saw(&f.node);
+        let holder = sh.view.read(|s| {
+            s.jobs
+                .get(&f.job_id)
+                .and_then(|j| j.shards.get(f.shard as usize))
+                .and_then(|r| r.node.clone())
+        });
+        if holder.as_deref() != Some(f.node.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "{} shard {} attempt {} is not held by {}",
+                f.job_id, f.shard, f.attempt, f.node
+            )));
+        }
+        let r = sh
+            .propose(Command::ShardFailed {
+                job: f.job_id,
+                shard: f.shard,
+                attempt: f.attempt,
+                reason: format!("{}: {}", f.node, f.reason),
+                stage: f.stage,
+                retryable: f.retryable,
+            })
+            .await?;
+        Ok(Response::new(Ack { message: r.message }))
+    }
+}
+
+impl ClusterService {
+    fn info(&self) -> ClusterInfoReply {
+        let sh = &self.shared;
+        let m = sh.raft.metrics().borrow().clone();
+        ClusterInfoReply {
+            id: sh.id,
+            leader_id: m.current_leader,
+            leader_addr: sh.leader_addr().unwrap_or_default(),
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            voters: m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| format!("{id}={}", n.addr))
+                .collect(),
+        }
+    }
+}
+
+fn node_info(n: &NodeRecord) -> NodeInfo {
+    NodeInfo {
+        name: n.name.clone(),
+        listen: n.listen.clone(),
+        cores: n.cores,
+        memory_bytes: n.memory_bytes,
+        gpus: n.gpus.clone(),
+        labels: n.labels.clone().into_iter().collect(),
+    }
+}
+
+/// The planner's view of a registered node.
+pub fn capacity(n: &NodeRecord) -> NodeCapacity {
+    NodeCapacity {
+        name: n.name.clone(),
+        cores: n.cores,
+        memory_bytes: n.memory_bytes,
+        labels: n.labels.clone(),
+        draining: n.draining,
+    }
+}
+
+/// A stream fed by a task through a channel.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<JobStatus, Status>> + Send
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<JobStatus, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(RaftMessage { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(m: Request<RaftMessage>) -> Result<T, Status> {
+    serde_json::from_slice(&m.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let r = self.shared.raft.append_entries(parse(req)?).await;
+        json(&r)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let r = self.shared.raft.vote(parse(req)?).await;
+        json(&r)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let r = self.shared.raft.install_snapshot(parse(req)?).await;
+        json(&r)
+    }
+}
+
+/// Folder beside a job's output where its committed shard files wait for the merge.
+pub fn shard_store(output: &Path, job: &str) -> PathBuf {
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "artifact".into());
+    parent.join(format!(".{name}.hcx-shards")).join(job)
+}

@@ -1,0 +1,746 @@
+//! The replicated coordinator state and the commands that change it.
+//!
+//! This is the raft state machine without any I/O: [`ClusterState::apply`]
+//! is a pure function of the state and one [`Command`], so every
+//! coordinator that applies the same log reaches the same state. Wall-clock
+//! time enters only as values the leader wrote into a command. Leases are
+//! the leader's business: it watches heartbeats in memory and commits a
+//! [`Command::Release`] when a lease runs out, so a lease decision is a log
+//! entry like any other and survives a leader change.
+
+use std::collections::BTreeMap;
+
+use hcx_protocol::JobSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{Placement, Shard};
+
+/// How many times a shard may fail with a retryable error before its job fails.
+pub const MAX_SHARD_FAILURES: u32 = 3;
+
+/// A worker node as registered with the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Unique node name (`--name`).
+    pub name: String,
+    /// Address the node listens on for node-to-node traffic.
+    pub listen: String,
+    /// CPU cores it offers.
+    pub cores: u32,
+    /// Memory it offers, in bytes.
+    pub memory_bytes: u64,
+    /// GPUs detected at start (names), empty on CPU-only nodes.
+    pub gpus: Vec<String>,
+    /// Operator labels such as `site=a`.
+    pub labels: BTreeMap<String, String>,
+    /// A drained node keeps its running shard but gets nothing new.
+    pub draining: bool,
+    /// Leader's clock when it first registered, milliseconds since the epoch.
+    pub registered_ms: u64,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    /// Shards are being compressed.
+    Running,
+    /// Every shard is done and the leader is writing the artifact.
+    Merging,
+    /// The artifact is complete and verified.
+    Succeeded {
+        /// Artifact size on disk.
+        artifact_bytes: u64,
+        /// Source bytes as stored.
+        source_bytes: u64,
+    },
+    /// The job stopped with an error.
+    Failed {
+        /// What went wrong.
+        reason: String,
+        /// The stage or step that failed (`encode layer.3 (rtn)`, `merge`, `plan`).
+        stage: String,
+    },
+    /// An operator cancelled it.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job can still change.
+    pub fn is_active(&self) -> bool {
+        matches!(self, JobState::Running | JobState::Merging)
+    }
+
+    /// Short name for listings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Merging => "merging",
+            JobState::Succeeded { .. } => "succeeded",
+            JobState::Failed { .. } => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A shard's finished result, committed once the leader holds its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardResult {
+    /// Node that compressed it.
+    pub node: String,
+    /// Attempt that produced it.
+    pub attempt: u32,
+    /// SHA-256 of the shard file, lowercase hex.
+    pub sha256: String,
+    /// Size of the shard file.
+    pub bytes: u64,
+    /// Source bytes the node fetched.
+    pub bytes_in: u64,
+    /// Seconds the node spent in the kernels.
+    pub kernel_seconds: f64,
+    /// Seconds from assignment to upload, as the node measured them.
+    pub wall_seconds: f64,
+}
+
+/// One shard of a job and who holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// The planned shard.
+    pub shard: Shard,
+    /// Number of the current (or last) assignment, starting at 1.
+    pub attempt: u32,
+    /// Node holding the current attempt; `None` while waiting for one.
+    pub node: Option<String>,
+    /// Retryable failures so far.
+    pub failures: u32,
+    /// Why the last attempt ended without a result.
+    pub last_error: Option<String>,
+    /// Set when the shard is done.
+    pub result: Option<ShardResult>,
+}
+
+/// A submitted job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Cluster-assigned id (`j000001`).
+    pub id: String,
+    /// Client-chosen key that makes a retried submit return this job.
+    pub idempotency_key: Option<String>,
+    /// The job, with paths resolved.
+    pub spec: JobSpec,
+    /// Artifact folder.
+    pub output: String,
+    /// Where it stands.
+    pub state: JobState,
+    /// Its shards, by id.
+    pub shards: Vec<ShardRecord>,
+    /// Leader's clock at submit, ms since the epoch.
+    pub submitted_ms: u64,
+    /// Leader's clock when it ended.
+    pub finished_ms: Option<u64>,
+}
+
+impl JobRecord {
+    /// Shards done so far.
+    pub fn done(&self) -> usize {
+        self.shards.iter().filter(|s| s.result.is_some()).count()
+    }
+}
+
+/// A change to the cluster state: the payload of a raft log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// A node joined or came back (its drain flag is kept).
+    RegisterNode {
+        /// The node.
+        node: NodeRecord,
+    },
+    /// Stop giving a node new shards.
+    DrainNode {
+        /// Its name.
+        name: String,
+    },
+    /// A new job with its plan.
+    SubmitJob {
+        /// Makes a retried submit idempotent.
+        idempotency_key: Option<String>,
+        /// The job.
+        spec: Box<JobSpec>,
+        /// Artifact folder.
+        output: String,
+        /// Its shards.
+        shards: Vec<Shard>,
+        /// Initial placement (attempt 1 of each placed shard).
+        placements: Vec<Placement>,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+    /// Give a waiting shard to a node.
+    Assign {
+        /// Job id.
+        job: String,
+        /// Shard id.
+        shard: u32,
+        /// Node name.
+        node: String,
+        /// Must be the shard's attempt + 1.
+        attempt: u32,
+    },
+    /// Take a shard back from its node (lease expired, node lost).
+    Release {
+        /// Job id.
+        job: String,
+        /// Shard id.
+        shard: u32,
+        /// The attempt being ended; stale releases are ignored.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A shard's file is stored at the leader with this hash.
+    ShardDone {
+        /// Job id.
+        job: String,
+        /// Shard id.
+        shard: u32,
+        /// The result.
+        result: ShardResult,
+    },
+    /// A node could not compress a shard.
+    ShardFailed {
+        /// Job id.
+        job: String,
+        /// Shard id.
+        shard: u32,
+        /// The attempt that failed.
+        attempt: u32,
+        /// What went wrong.
+        reason: String,
+        /// Which stage or step.
+        stage: String,
+        /// Whether another attempt could succeed (I/O) or not (a codec error).
+        retryable: bool,
+    },
+    /// Every shard is done; the leader starts writing the artifact.
+    BeginMerge {
+        /// Job id.
+        job: String,
+    },
+    /// The job ended.
+    FinishJob {
+        /// Job id.
+        job: String,
+        /// Succeeded or Failed.
+        state: JobState,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+    /// An operator cancels a job.
+    CancelJob {
+        /// Job id.
+        job: String,
+        /// Leader's clock.
+        now_ms: u64,
+    },
+}
+
+/// What applying a command answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CommandResult {
+    /// Whether the command changed (or had already changed) the state.
+    pub ok: bool,
+    /// The job id a submit created or found.
+    pub job: Option<String>,
+    /// Why it was refused, when `ok` is false.
+    pub message: String,
+}
+
+impl CommandResult {
+    fn ok() -> Self {
+        CommandResult {
+            ok: true,
+            ..Default::default()
+        }
+    }
+    fn refused(msg: impl Into<String>) -> Self {
+        CommandResult {
+            ok: false,
+            job: None,
+            message: msg.into(),
+        }
+    }
+}
+
+/// Everything the coordinators agree on.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Registered nodes by name.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Jobs by id.
+    pub jobs: BTreeMap<String, JobRecord>,
+    /// Idempotency key → job id.
+    pub keys: BTreeMap<String, String>,
+    /// Number of the next job.
+    pub next_job: u64,
+}
+
+impl ClusterState {
+    /// Applies one command. Refusals leave the state unchanged.
+    pub fn apply(&mut self, cmd: Command) -> CommandResult {
+        match cmd {
+            Command::RegisterNode { mut node } => {
+                if let Some(old) = self.nodes.get(&node.name) {
+                    node.draining = old.draining;
+                    node.registered_ms = old.registered_ms;
+                }
+                self.nodes.insert(node.name.clone(), node);
+                CommandResult::ok()
+            }
+            Command::DrainNode { name } => match self.nodes.get_mut(&name) {
+                Some(n) => {
+                    n.draining = true;
+                    CommandResult::ok()
+                }
+                None => CommandResult::refused(format!("no node named {name:?}")),
+            },
+            Command::SubmitJob {
+                idempotency_key,
+                spec,
+                output,
+                shards,
+                placements,
+                now_ms,
+            } => {
+                if let Some(key) = &idempotency_key
+                    && let Some(id) = self.keys.get(key)
+                {
+                    return CommandResult {
+                        ok: true,
+                        job: Some(id.clone()),
+                        message: "a job with this idempotency key exists".into(),
+                    };
+                }
+                self.next_job += 1;
+                let id = format!("j{:06}", self.next_job);
+                let placed: BTreeMap<u32, &str> = placements
+                    .iter()
+                    .map(|p| (p.shard, p.node.as_str()))
+                    .collect();
+                let shards = shards
+                    .into_iter()
+                    .map(|s| {
+                        let node = placed.get(&s.id).map(|n| n.to_string());
+                        ShardRecord {
+                            attempt: u32::from(node.is_some()),
+                            node,
+                            shard: s,
+                            failures: 0,
+                            last_error: None,
+                            result: None,
+                        }
+                    })
+                    .collect();
+                if let Some(key) = idempotency_key.clone() {
+                    self.keys.insert(key, id.clone());
+                }
+                self.jobs.insert(
+                    id.clone(),
+                    JobRecord {
+                        id: id.clone(),
+                        idempotency_key,
+                        spec: *spec,
+                        output,
+                        state: JobState::Running,
+                        shards,
+                        submitted_ms: now_ms,
+                        finished_ms: None,
+                    },
+                );
+                CommandResult {
+                    ok: true,
+                    job: Some(id),
+                    message: String::new(),
+                }
+            }
+            Command::Assign {
+                job,
+                shard,
+                node,
+                attempt,
+            } => {
+                let Some(s) = self.running_shard(&job, shard) else {
+                    return CommandResult::refused(format!("{job} shard {shard} is not running"));
+                };
+                if s.node.is_some() || s.result.is_some() || attempt != s.attempt + 1 {
+                    return CommandResult::refused(format!(
+                        "{job} shard {shard} attempt {attempt} is stale"
+                    ));
+                }
+                s.node = Some(node);
+                s.attempt = attempt;
+                CommandResult::ok()
+            }
+            Command::Release {
+                job,
+                shard,
+                attempt,
+                reason,
+            } => {
+                let Some(s) = self.running_shard(&job, shard) else {
+                    return CommandResult::refused(format!("{job} shard {shard} is not running"));
+                };
+                if s.attempt != attempt || s.node.is_none() || s.result.is_some() {
+                    return CommandResult::refused("stale release");
+                }
+                s.node = None;
+                s.last_error = Some(reason);
+                CommandResult::ok()
+            }
+            Command::ShardDone { job, shard, result } => {
+                let Some(s) = self.running_shard(&job, shard) else {
+                    return CommandResult::refused(format!("{job} shard {shard} is not running"));
+                };
+                if let Some(r) = &s.result {
+                    return if r.sha256 == result.sha256 {
+                        CommandResult::ok()
+                    } else {
+                        CommandResult::refused("shard already done with another hash")
+                    };
+                }
+                if s.attempt != result.attempt || s.node.as_deref() != Some(result.node.as_str()) {
+                    return CommandResult::refused(format!(
+                        "{job} shard {shard}: attempt {} on {} is not the current one",
+                        result.attempt, result.node
+                    ));
+                }
+                s.result = Some(result);
+                CommandResult::ok()
+            }
+            Command::ShardFailed {
+                job,
+                shard,
+                attempt,
+                reason,
+                stage,
+                retryable,
+            } => {
+                let Some(s) = self.running_shard(&job, shard) else {
+                    return CommandResult::refused(format!("{job} shard {shard} is not running"));
+                };
+                if s.attempt != attempt || s.node.is_none() || s.result.is_some() {
+                    return CommandResult::refused("stale failure report");
+                }
+                s.node = None;
+                s.failures += 1;
+                s.last_error = Some(reason.clone());
+                if !retryable || s.failures >= MAX_SHARD_FAILURES {
+                    let j = self.jobs.get_mut(&job).expect("checked above");
+                    j.state = JobState::Failed { reason, stage };
+                }
+                CommandResult::ok()
+            }
+            Command::BeginMerge { job } => match self.jobs.get_mut(&job) {
+                Some(j) if j.state == JobState::Running && j.done() == j.shards.len() => {
+                    j.state = JobState::Merging;
+                    CommandResult::ok()
+                }
+                Some(j) if j.state == JobState::Merging => CommandResult::ok(),
+                _ => CommandResult::refused(format!("{job} is not ready to merge")),
+            },
+            Command::FinishJob { job, state, now_ms } => match self.jobs.get_mut(&job) {
+                Some(j) if j.state.is_active() && !state.is_active() => {
+                    j.state = state;
+                    j.finished_ms = Some(now_ms);
+                    CommandResult::ok()
+                }
+                _ => CommandResult::refused(format!("{job} is not active")),
+            },
+            Command::CancelJob { job, now_ms } => match self.jobs.get_mut(&job) {
+                Some(j) if j.state.is_active() => {
+                    j.state = JobState::Cancelled;
+                    j.finished_ms = Some(now_ms);
+                    CommandResult::ok()
+                }
+                Some(j) => {
+                    CommandResult::refused(format!("{job} has already ended ({})", j.state.name()))
+                }
+                None => CommandResult::refused(format!("no job {job}")),
+            },
+        }
+    }
+
+    fn running_shard(&mut self, job: &str, shard: u32) -> Option<&mut ShardRecord> {
+        let j = self.jobs.get_mut(job)?;
+        if j.state != JobState::Running {
+            return None;
+        }
+        j.shards.get_mut(usize::try_from(shard).ok()?)
+    }
+
+    /// Shards currently held by `node`, as (job, shard, attempt).
+    pub fn assignments_of(&self, node: &str) -> Vec<(String, u32, u32)> {
+        let mut out = Vec::new();
+        for j in self.jobs.values() {
+            if j.state != JobState::Running {
+                continue;
+            }
+            for s in &j.shards {
+                if s.result.is_none() && s.node.as_deref() == Some(node) {
+                    out.push((j.id.clone(), s.shard.id, s.attempt));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::Shard;
+
+    fn spec() -> JobSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "t", "model": "/m", "output": "/o",
+            "pipeline": [{"rtn": {"bits": 8}}]
+        }))
+        .unwrap()
+    }
+
+    fn shard(id: u32) -> Shard {
+        Shard {
+            id,
+            label: format!("layer.{id}"),
+            layers: Some((id, id)),
+            tensors: vec![format!("layer.{id}.w")],
+            cost: 1.0,
+            memory_bytes: 16,
+        }
+    }
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            listen: "127.0.0.1:1".into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpus: vec![],
+            labels: BTreeMap::new(),
+            draining: false,
+            registered_ms: 1,
+        }
+    }
+
+    fn submit(st: &mut ClusterState, key: Option<&str>) -> String {
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: key.map(String::from),
+            spec: Box::new(spec()),
+            output: "/o".into(),
+            shards: vec![shard(0), shard(1)],
+            placements: vec![Placement {
+                shard: 0,
+                node: "a".into(),
+            }],
+            now_ms: 5,
+        });
+        assert!(r.ok);
+        r.job.unwrap()
+    }
+
+    fn result(node: &str, attempt: u32, sha: &str) -> ShardResult {
+        ShardResult {
+            node: node.into(),
+            attempt,
+            sha256: sha.into(),
+            bytes: 10,
+            bytes_in: 20,
+            kernel_seconds: 0.5,
+            wall_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn idempotency_key_gives_one_job() {
+        let mut st = ClusterState::default();
+        let a = submit(&mut st, Some("k"));
+        let b = submit(&mut st, Some("k"));
+        assert_eq!(a, b);
+        assert_eq!(st.jobs.len(), 1);
+        let c = submit(&mut st, None);
+        assert_ne!(a, c);
+        assert_eq!(st.jobs.len(), 2);
+    }
+
+    #[test]
+    fn lease_release_then_next_attempt() {
+        let mut st = ClusterState::default();
+        st.apply(Command::RegisterNode { node: node("a") });
+        let j = submit(&mut st, None);
+        assert_eq!(st.assignments_of("a"), vec![(j.clone(), 0, 1)]);
+        // Shard 1 was unplaced: attempt 0, waiting.
+        assert!(
+            !st.apply(Command::Assign {
+                job: j.clone(),
+                shard: 1,
+                node: "b".into(),
+                attempt: 2
+            })
+            .ok
+        );
+        assert!(
+            st.apply(Command::Assign {
+                job: j.clone(),
+                shard: 1,
+                node: "b".into(),
+                attempt: 1
+            })
+            .ok
+        );
+        let rel = Command::Release {
+            job: j.clone(),
+            shard: 0,
+            attempt: 1,
+            reason: "lease expired".into(),
+        };
+        assert!(st.apply(rel.clone()).ok);
+        assert!(
+            !st.apply(rel).ok,
+            "a second release of the same attempt is stale"
+        );
+        // The old holder's late result is refused; the new attempt's is taken.
+        assert!(
+            !st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 0,
+                result: result("a", 1, "x")
+            })
+            .ok
+        );
+        assert!(
+            st.apply(Command::Assign {
+                job: j.clone(),
+                shard: 0,
+                node: "c".into(),
+                attempt: 2
+            })
+            .ok
+        );
+        assert!(
+            st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 0,
+                result: result("c", 2, "x")
+            })
+            .ok
+        );
+        // Re-reporting the same hash is harmless; another hash is refused.
+        let again = Command::ShardDone {
+            job: j.clone(),
+            shard: 0,
+            result: result("c", 2, "x"),
+        };
+        assert!(st.apply(again).ok);
+        assert!(
+            !st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 0,
+                result: result("c", 2, "y")
+            })
+            .ok
+        );
+        assert!(!st.apply(Command::BeginMerge { job: j.clone() }).ok);
+        assert!(
+            st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 1,
+                result: result("b", 1, "z")
+            })
+            .ok
+        );
+        assert!(st.apply(Command::BeginMerge { job: j.clone() }).ok);
+        let fin = Command::FinishJob {
+            job: j.clone(),
+            state: JobState::Succeeded {
+                artifact_bytes: 1,
+                source_bytes: 4,
+            },
+            now_ms: 9,
+        };
+        assert!(st.apply(fin.clone()).ok);
+        assert!(!st.apply(fin).ok);
+        assert!(
+            !st.apply(Command::CancelJob {
+                job: j.clone(),
+                now_ms: 10
+            })
+            .ok
+        );
+    }
+
+    #[test]
+    fn codec_failure_fails_the_job_io_failure_retries() {
+        let mut st = ClusterState::default();
+        let j = submit(&mut st, None);
+        let fail = |attempt, retryable| Command::ShardFailed {
+            job: j.clone(),
+            shard: 0,
+            attempt,
+            reason: "boom".into(),
+            stage: "encode layer.0 (rtn)".into(),
+            retryable,
+        };
+        assert!(st.apply(fail(1, true)).ok);
+        assert_eq!(st.jobs[&j].state, JobState::Running);
+        assert!(
+            st.apply(Command::Assign {
+                job: j.clone(),
+                shard: 0,
+                node: "a".into(),
+                attempt: 2
+            })
+            .ok
+        );
+        assert!(st.apply(fail(2, false)).ok);
+        assert_eq!(
+            st.jobs[&j].state,
+            JobState::Failed {
+                reason: "boom".into(),
+                stage: "encode layer.0 (rtn)".into()
+            }
+        );
+        assert!(st.assignments_of("a").is_empty());
+    }
+
+    #[test]
+    fn drain_and_reregister_keep_the_flag() {
+        let mut st = ClusterState::default();
+        assert!(!st.apply(Command::DrainNode { name: "a".into() }).ok);
+        st.apply(Command::RegisterNode { node: node("a") });
+        assert!(st.apply(Command::DrainNode { name: "a".into() }).ok);
+        st.apply(Command::RegisterNode { node: node("a") });
+        assert!(st.nodes["a"].draining);
+    }
+
+    #[test]
+    fn cancel_stops_assignments_and_results() {
+        let mut st = ClusterState::default();
+        let j = submit(&mut st, None);
+        assert!(
+            st.apply(Command::CancelJob {
+                job: j.clone(),
+                now_ms: 7
+            })
+            .ok
+        );
+        assert!(st.assignments_of("a").is_empty());
+        assert!(
+            !st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 0,
+                result: result("a", 1, "x")
+            })
+            .ok
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! The leader's loop: gives waiting shards to live nodes, takes shards back
+//! from nodes whose lease ran out, and merges jobs whose shards are all
+//! committed. Every decision is a raft command, so a new leader picks up
+//! where the old one stopped.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::scheduler::{self, PlanOptions};
+use crate::service::shard_store;
+use crate::state::{Command, JobRecord, JobState};
+use crate::{Shared, now_ms};
+
+/// How often the leader looks at the state.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Per-node share of a job, written into the artifact's attribution report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeShare {
+    /// Node name.
+    pub node: String,
+    /// Shards it compressed.
+    pub shards: usize,
+    /// Tensors in them.
+    pub tensors: usize,
+    /// Labels of those shards.
+    pub labels: Vec<String>,
+    /// Seconds spent in the kernels.
+    pub kernel_seconds: f64,
+    /// Seconds from assignment to upload.
+    pub wall_seconds: f64,
+    /// Source bytes fetched.
+    pub bytes_in: u64,
+    /// Shard bytes uploaded.
+    pub bytes_out: u64,
+}
+
+/// Who compressed what in a finished job.
+pub fn node_shares(job: &JobRecord) -> Vec<NodeShare> {
+    let mut by: BTreeMap<String, NodeShare> = BTreeMap::new();
+    for s in &job.shards {
+        let Some(r) = &s.result else { continue };
+        let e = by.entry(r.node.clone()).or_insert_with(|| NodeShare {
+            node: r.node.clone(),
+            shards: 0,
+            tensors: 0,
+            labels: Vec::new(),
+            kernel_seconds: 0.0,
+            wall_seconds: 0.0,
+            bytes_in: 0,
+            bytes_out: 0,
+        });
+        e.shards += 1;
+        e.tensors += s.shard.tensors.len();
+        e.labels.push(s.shard.label.clone());
+        e.kernel_seconds += r.kernel_seconds;
+        e.wall_seconds += r.wall_seconds;
+        e.bytes_in += r.bytes_in;
+        e.bytes_out += r.bytes;
+    }
+    by.into_values().collect()
+}
+
+/// Runs until `stop` turns true.
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let merging: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if !shared.is_leader() {
+            was_leader = false;
+            continue;
+        }
+        if !was_leader {
+            // A new leader has no heartbeat history: give every node a
+            // full lease before judging it.
+            shared.grace_all();
+            was_leader = true;
+        }
+        tick(&shared, &merging).await;
+    }
+}
+
+async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
+    let jobs: Vec<JobRecord> = shared.view.read(|s| {
+        s.jobs
+            .values()
+            .filter(|j| j.state.is_active())
+            .cloned()
+            .collect()
+    });
+    if jobs.is_empty() {
+        return;
+    }
+    let nodes = shared.live_nodes();
+    let opts = PlanOptions {
+        layers_per_shard: 1,
+        require_labels: BTreeMap::new(),
+    };
+    // Current load per node: cost of the shards it holds.
+    let mut load: BTreeMap<String, f64> = BTreeMap::new();
+    for j in &jobs {
+        for s in &j.shards {
+            if let (Some(n), None) = (&s.node, &s.result) {
+                *load.entry(n.clone()).or_default() += s.shard.cost;
+            }
+        }
+    }
+    for j in &jobs {
+        if j.state == JobState::Merging {
+            start_merge(shared, merging, j.clone());
+            continue;
+        }
+        let mut all_done = true;
+        for s in &j.shards {
+            if s.result.is_some() {
+                continue;
+            }
+            all_done = false;
+            match &s.node {
+                Some(n) if !shared.alive(n) => {
+                    let cmd = Command::Release {
+                        job: j.id.clone(),
+                        shard: s.shard.id,
+                        attempt: s.attempt,
+                        reason: format!(
+                            "node {n} missed its lease ({} ms without a heartbeat)",
+                            shared.lease.as_millis()
+                        ),
+                    };
+                    tracing::warn!("{} shard {}: lease of {n} expired", j.id, s.shard.id);
+                    let _ = shared.propose(cmd).await;
+                }
+                Some(_) => {}
+                None => {
+                    if nodes.is_empty() {
+                        continue;
+                    }
+                    let Ok(node) = scheduler::reassign(&s.shard, &nodes, &opts, &load, &[]) else {
+                        continue;
+                    };
+                    *load.entry(node.clone()).or_default() += s.shard.cost;
+                    let cmd = Command::Assign {
+                        job: j.id.clone(),
+                        shard: s.shard.id,
+                        node,
+                        attempt: s.attempt + 1,
+                    };
+                    let _ = shared.propose(cmd).await;
+                }
+            }
+        }
+        if all_done {
+            let _ = shared
+                .propose(Command::BeginMerge { job: j.id.clone() })
+                .await;
+        }
+    }
+}
+
+fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job: JobRecord) {
+    {
+        let mut m = merging.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.insert(job.id.clone()) {
+            return;
+        }
+    }
+    let shared = shared.clone();
+    let merging = merging.clone();
+    tokio::spawn(async move {
+        let id = job.id.clone();
+        let j = job.clone();
+        let outcome = tokio::task::spawn_blocking(move || merge(&j))
+            .await
+            .unwrap_or_else(|e| Err(format!("merge task failed: {e}")));
+        let state = match outcome {
+            Ok((artifact_bytes, source_bytes)) => JobState::Succeeded {
+                artifact_bytes,
+                source_bytes,
+            },
+            Err(reason) => JobState::Failed {
+                reason,
+                stage: "merge".into(),
+            },
+        };
+        let _ = shared
+            .propose(Command::FinishJob {
+                job: id.clone(),
+                state,
+                now_ms: now_ms(),
+            })
+            .await;
+        merging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    });
+}
+
+/// Merges a job's committed shards into its artifact, verifying each
+/// shard file's hash first; returns (artifact bytes, source bytes).
+fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
+    let output = PathBuf::from(&job.output);
+    let store = shard_store(&output, &job.id);
+    let mut files = Vec::with_capacity(job.shards.len());
+    for s in &job.shards {
+        let r = s
+            .result
+            .as_ref()
+            .ok_or_else(|| format!("shard {} has no result", s.shard.id))?;
+        let f = store.join(format!("shard-{:05}.a{}.bin", s.shard.id, r.attempt));
+        let got = hcx_pipeline::writer::sha256_file(&f).map_err(|e| e.to_string())?;
+        if got != r.sha256 {
+            return Err(format!(
+                "{}: SHA-256 {got} does not match the committed {}",
+                f.display(),
+                r.sha256
+            ));
+        }
+        files.push(f);
+    }
+    let out =
+        hcx_pipeline::shard::merge_shards(&job.spec, &files, &output).map_err(|e| e.to_string())?;
+    add_node_shares(&out.output, &node_shares(job))?;
+    let _ = std::fs::remove_dir_all(&store);
+    if let Some(parent) = store.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok((out.attribution.artifact_bytes, out.attribution.source_bytes))
+}
+
+/// Adds the per-node table to the artifact's attribution report.
+fn add_node_shares(artifact: &Path, shares: &[NodeShare]) -> Result<(), String> {
+    let json_path = artifact.join("attribution.json");
+    let text =
+        std::fs::read_to_string(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    v["nodes"] = serde_json::to_value(shares).map_err(|e| e.to_string())?;
+    let mut out = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+    out.push('\n');
+    std::fs::write(&json_path, out).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let md_path = artifact.join("attribution.md");
+    let mut md =
+        std::fs::read_to_string(&md_path).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    md.push_str("\n## Per node\n\n| node | shards | tensors | kernel s | wall s | MB in | MB out |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for s in shares {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            s.node,
+            s.shards,
+            s.tensors,
+            s.kernel_seconds,
+            s.wall_seconds,
+            s.bytes_in as f64 / 1e6,
+            s.bytes_out as f64 / 1e6
+        ));
+    }
+    std::fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))
+}

@@ -1,0 +1,441 @@
+//! The worker agent: registers with the coordinators, heartbeats, and for
+//! each shard it is given fetches the source tensors over QUIC, runs the
+//! kernels, and uploads the shard file with its SHA-256.
+//!
+//! A shard the leader takes back (lease expired, job cancelled) disappears
+//! from the heartbeat reply; the agent then drops its work on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hcx_net::client::{ClientError, CoordinatorClient};
+use hcx_net::frames::{Reply, Request, read_frame, write_frame};
+use hcx_net::proto::{Assignment, HeartbeatRequest, NodeInfo, ShardFailure};
+use hcx_net::tls::Identity;
+use hcx_pipeline::PipelineError;
+use hcx_pipeline::shard::{SourceTensor, encode_shard};
+use hcx_protocol::JobSpec;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+/// How a node runs.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// Unique name.
+    pub name: String,
+    /// Coordinator addresses (`host:port`).
+    pub coordinators: Vec<String>,
+    /// Local address of its QUIC endpoint.
+    pub listen: SocketAddr,
+    /// Labels such as `site=a`.
+    pub labels: BTreeMap<String, String>,
+    /// Where shard files are built before upload.
+    pub work_dir: PathBuf,
+    /// TLS identity (node certificate).
+    pub tls: Identity,
+    /// Cores offered (defaults to the machine's).
+    pub cores: u32,
+    /// Memory offered in bytes (defaults to the machine's).
+    pub memory_bytes: u64,
+    /// Time between heartbeats.
+    pub heartbeat: Duration,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A setting is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The coordinators could not be used.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] hcx_net::tls::TlsError),
+}
+
+/// Cores of this machine.
+pub fn machine_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+/// Memory of this machine in bytes (from /proc/meminfo; 0 when unknown).
+pub fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// GPUs the NVIDIA driver reports on this machine (empty without one).
+pub fn detect_gpus() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/proc/driver/nvidia/gpus") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .flatten()
+        .map(|e| {
+            let info = std::fs::read_to_string(e.path().join("information")).unwrap_or_default();
+            let model = info
+                .lines()
+                .find_map(|l| l.strip_prefix("Model:"))
+                .map(|m| m.trim().to_string())
+                .unwrap_or_else(|| "NVIDIA GPU".into());
+            format!("{model} ({})", e.file_name().to_string_lossy())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+struct Ctx {
+    cfg: NodeConfig,
+    client: CoordinatorClient,
+    endpoint: quinn::Endpoint,
+    one_at_a_time: Semaphore,
+}
+
+type WorkKey = (String, u32, u32);
+
+/// Runs the agent until `stop` turns true.
+pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| {
+        NodeError::Config(format!(
+            "cannot create the work dir {}: {e}",
+            cfg.work_dir.display()
+        ))
+    })?;
+    let client = CoordinatorClient::new(
+        cfg.coordinators.clone(),
+        Some(hcx_net::tls::tonic_client_tls(&cfg.tls, "localhost")),
+    )?;
+    let mut endpoint = quinn::Endpoint::client(cfg.listen)
+        .map_err(|e| NodeError::Config(format!("cannot bind {}: {e}", cfg.listen)))?;
+    endpoint.set_default_client_config(hcx_net::tls::quinn_client_config(&cfg.tls)?);
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        client,
+        endpoint,
+        one_at_a_time: Semaphore::new(1),
+    });
+    let info = NodeInfo {
+        name: cfg.name.clone(),
+        listen: cfg.listen.to_string(),
+        cores: cfg.cores,
+        memory_bytes: cfg.memory_bytes,
+        gpus: detect_gpus(),
+        labels: cfg.labels.clone().into_iter().collect(),
+    };
+    let mut registered = false;
+    let mut work: HashMap<WorkKey, JoinHandle<()>> = HashMap::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if !registered {
+            match ctx
+                .client
+                .call(|mut c| {
+                    let info = info.clone();
+                    async move { c.register_node(info).await }
+                })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("{} registered", cfg.name);
+                    registered = true;
+                }
+                Err(e) => tracing::warn!("{}: cannot register yet: {e}", cfg.name),
+            }
+        }
+        if registered {
+            let name = cfg.name.clone();
+            match ctx
+                .client
+                .call(|mut c| {
+                    let name = name.clone();
+                    async move { c.heartbeat(HeartbeatRequest { name }).await }
+                })
+                .await
+            {
+                Ok(reply) => reconcile(&ctx, &mut work, reply.assignments),
+                Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => {
+                    registered = false;
+                }
+                Err(e) => tracing::warn!("{}: heartbeat failed: {e}", cfg.name),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.heartbeat) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    for (_, h) in work {
+        h.abort();
+    }
+    ctx.endpoint.close(0u32.into(), b"node stopping");
+    Ok(())
+}
+
+fn reconcile(ctx: &Arc<Ctx>, work: &mut HashMap<WorkKey, JoinHandle<()>>, list: Vec<Assignment>) {
+    let wanted: HashMap<WorkKey, Assignment> = list
+        .into_iter()
+        .map(|a| ((a.job_id.clone(), a.shard, a.attempt), a))
+        .collect();
+    work.retain(|k, h| {
+        if wanted.contains_key(k) {
+            true
+        } else {
+            // Taken back (lease, cancel) or done: stop any work left.
+            h.abort();
+            false
+        }
+    });
+    for (k, a) in wanted {
+        if work.get(&k).is_some_and(|h| !h.is_finished()) || work.contains_key(&k) {
+            continue;
+        }
+        let ctx = ctx.clone();
+        work.insert(k, tokio::spawn(async move { do_shard(ctx, a).await }));
+    }
+}
+
+/// Where a shard step failed, and whether trying again could help.
+struct ShardError {
+    stage: String,
+    reason: String,
+    retryable: bool,
+}
+
+async fn do_shard(ctx: Arc<Ctx>, a: Assignment) {
+    let _permit = match ctx.one_at_a_time.acquire().await {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let started = Instant::now();
+    tracing::info!(
+        "{}: {} shard {} attempt {} ({} tensors)",
+        ctx.cfg.name,
+        a.job_id,
+        a.shard,
+        a.attempt,
+        a.tensors.len()
+    );
+    if let Err(e) = shard_steps(&ctx, &a, started).await {
+        tracing::warn!(
+            "{}: {} shard {} failed at {}: {}",
+            ctx.cfg.name,
+            a.job_id,
+            a.shard,
+            e.stage,
+            e.reason
+        );
+        let f = ShardFailure {
+            job_id: a.job_id.clone(),
+            shard: a.shard,
+            attempt: a.attempt,
+            node: ctx.cfg.name.clone(),
+            reason: e.reason,
+            stage: e.stage,
+            retryable: e.retryable,
+        };
+        let _ = ctx
+            .client
+            .call(|mut c| {
+                let f = f.clone();
+                async move { c.report_failure(f).await }
+            })
+            .await;
+    }
+}
+
+async fn connect(ctx: &Ctx, addr: &str) -> Result<quinn::Connection, String> {
+    let sock: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?
+        .find(|a| a.is_ipv4() == ctx.cfg.listen.is_ipv4())
+        .ok_or_else(|| format!("{addr}: no address of the node's family"))?;
+    ctx.endpoint
+        .connect(sock, "localhost")
+        .map_err(|e| format!("{addr}: {e}"))?
+        .await
+        .map_err(|e| format!("{addr}: {e}"))
+}
+
+async fn fetch(conn: &quinn::Connection, job: &str, name: &str) -> Result<SourceTensor, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(
+        &mut send,
+        &Request::Fetch {
+            job: job.to_string(),
+            tensor: name.to_string(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    match read_frame::<_, Reply>(&mut recv)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Tensor { dtype, shape, len } => {
+            let dt = hcx_pipeline::model::parse_dtype(&dtype)
+                .ok_or_else(|| format!("tensor {name}: unknown dtype {dtype:?}"))?;
+            let shape: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+            let elem = dt.bitsize().div_ceil(8) as u64;
+            let expect = shape.iter().map(|d| *d as u64).product::<u64>() * elem;
+            if len != expect {
+                return Err(format!(
+                    "tensor {name}: {len} bytes announced, shape {shape:?} {dtype} needs {expect}"
+                ));
+            }
+            let mut raw = vec![0u8; len as usize];
+            AsyncReadExt::read_exact(&mut recv, &mut raw)
+                .await
+                .map_err(|e| format!("tensor {name}: {e}"))?;
+            Ok(SourceTensor {
+                name: name.to_string(),
+                dtype: dt,
+                shape,
+                raw,
+            })
+        }
+        Reply::Error { message, .. } => Err(format!("tensor {name}: {message}")),
+        Reply::Stored => Err(format!("tensor {name}: unexpected reply")),
+    }
+}
+
+async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), ShardError> {
+    let io = |stage: &str, reason: String| ShardError {
+        stage: stage.to_string(),
+        reason,
+        retryable: true,
+    };
+    let spec: JobSpec = serde_json::from_str(&a.spec_json).map_err(|e| ShardError {
+        stage: "assignment".into(),
+        reason: format!("the job spec does not parse: {e}"),
+        retryable: false,
+    })?;
+    let conn = connect(ctx, &a.data_addr)
+        .await
+        .map_err(|e| io("fetch", e))?;
+    let mut tensors = Vec::with_capacity(a.tensors.len());
+    let mut bytes_in = 0u64;
+    for chunk in a.tensors.chunks(4) {
+        let got = futures::future::join_all(chunk.iter().map(|n| fetch(&conn, &a.job_id, n))).await;
+        for t in got {
+            let t = t.map_err(|e| io("fetch", e))?;
+            bytes_in += t.raw.len() as u64;
+            tensors.push(t);
+        }
+    }
+    let path = ctx.cfg.work_dir.join(format!(
+        "{}-shard-{:05}-a{}.bin",
+        a.job_id, a.shard, a.attempt
+    ));
+    let p = path.clone();
+    let t0 = Instant::now();
+    let summary = tokio::task::spawn_blocking(move || encode_shard(&spec, &tensors, &p))
+        .await
+        .map_err(|e| io("encode", e.to_string()))?
+        .map_err(|e| match e {
+            PipelineError::Tensor { ref tensor, .. } => ShardError {
+                stage: format!("encode {tensor}"),
+                reason: e.to_string(),
+                retryable: false,
+            },
+            other => io("encode", other.to_string()),
+        })?;
+    let kernel_seconds = t0.elapsed().as_secs_f64();
+    let result = upload(
+        ctx,
+        conn,
+        a,
+        &path,
+        &summary.sha256,
+        summary.bytes,
+        bytes_in,
+        kernel_seconds,
+        started.elapsed().as_secs_f64(),
+    )
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    ctx: &Ctx,
+    mut conn: quinn::Connection,
+    a: &Assignment,
+    path: &std::path::Path,
+    sha256: &str,
+    len: u64,
+    bytes_in: u64,
+    kernel_seconds: f64,
+    wall_seconds: f64,
+) -> Result<(), ShardError> {
+    let io = |reason: String| ShardError {
+        stage: "upload".into(),
+        reason,
+        retryable: true,
+    };
+    for _ in 0..4 {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(e.to_string()))?;
+        let req = Request::Upload {
+            job: a.job_id.clone(),
+            shard: a.shard,
+            attempt: a.attempt,
+            node: ctx.cfg.name.clone(),
+            sha256: sha256.to_string(),
+            len,
+            bytes_in,
+            kernel_seconds,
+            wall_seconds,
+        };
+        write_frame(&mut send, &req)
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| io(format!("{}: {e}", path.display())))?;
+        let sent = tokio::io::copy(&mut file, &mut send).await;
+        let _ = send.finish();
+        let reply = read_frame::<_, Reply>(&mut recv).await;
+        match reply {
+            Ok(Reply::Stored) => {
+                tracing::info!("{}: {} shard {} stored", ctx.cfg.name, a.job_id, a.shard);
+                return Ok(());
+            }
+            Ok(Reply::Error {
+                leader: Some(addr),
+                message,
+            }) => {
+                tracing::info!("{}: upload redirected: {message}", ctx.cfg.name);
+                conn = connect(ctx, &addr).await.map_err(io)?;
+            }
+            Ok(Reply::Error { message, .. }) => return Err(io(message)),
+            Ok(Reply::Tensor { .. }) => return Err(io("unexpected reply to an upload".into())),
+            Err(e) => {
+                let why = match sent {
+                    Err(s) => format!("{e} (after a send error: {s})"),
+                    Ok(_) => e.to_string(),
+                };
+                return Err(io(why));
+            }
+        }
+    }
+    Err(io("no leader took the upload after 4 tries".into()))
+}

@@ -1,0 +1,514 @@
+//! The cluster subcommands: `certs init`, `coordinator`, `node`, `submit`,
+//! `status`, `cancel`, `nodes`, `drain`, and the embedded cluster behind
+//! `run`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use hcx_net::client::CoordinatorClient;
+use hcx_net::proto::{
+    ClusterInfoRequest, DrainNodeRequest, JobRef, JobStatus, ListJobsRequest, ListNodesRequest,
+    SubmitJobRequest,
+};
+use hcx_net::tls::{Identity, Role};
+use hcx_node::NodeConfig;
+use hcx_protocol::JobSpec;
+use tokio::sync::watch;
+
+/// Parses `1=host:port,2=host:port,…`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for (i, item) in s.split(',').filter(|p| !p.trim().is_empty()).enumerate() {
+        let Some((id, addr)) = item.split_once('=') else {
+            bail!("--peers entry {} ({item:?}) is not ID=HOST:PORT", i + 1);
+        };
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--peers entry {} ({item:?}): bad id", i + 1))?;
+        let addr = addr.trim();
+        if !addr.contains(':') {
+            bail!("--peers entry {} ({item:?}): address has no port", i + 1);
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            bail!("--peers lists id {id} twice");
+        }
+    }
+    if out.is_empty() {
+        bail!("--peers is empty");
+    }
+    Ok(out)
+}
+
+/// Parses `k=v` labels.
+pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in items {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?} is not KEY=VALUE");
+        };
+        if k.is_empty() {
+            bail!("--label {l:?} has an empty key");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn identity(certs: &Path, role: Role) -> Result<Identity> {
+    Ok(Identity::load(certs, role)?)
+}
+
+/// A client of the coordinators, authenticated with the client certificate.
+pub fn client(coordinators: &str, certs: &Path) -> Result<CoordinatorClient> {
+    let id = identity(certs, Role::Client)?;
+    let addrs: Vec<String> = coordinators
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    Ok(CoordinatorClient::new(
+        addrs,
+        Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
+    )?)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+/// `hcx-cluster coordinator`: serves until interrupted.
+pub async fn coordinator(
+    id: u64,
+    listen: SocketAddr,
+    peers: &str,
+    data_dir: PathBuf,
+    certs: &Path,
+    lease_ms: u64,
+) -> Result<()> {
+    let cfg = CoordinatorConfig {
+        id,
+        listen,
+        peers: parse_peers(peers)?,
+        data_dir,
+        tls: Some(identity(certs, Role::Coordinator)?),
+        lease: Duration::from_millis(lease_ms),
+    };
+    let h = hcx_coordinator::start(cfg).await?;
+    eprintln!("coordinator {id} serving on {}", h.addr);
+    shutdown_signal().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+/// `hcx-cluster node`: works until interrupted.
+#[allow(clippy::too_many_arguments)]
+pub async fn node(
+    coordinators: &str,
+    listen: SocketAddr,
+    name: String,
+    labels: &[String],
+    work_dir: PathBuf,
+    certs: &Path,
+    cores: Option<u32>,
+    heartbeat_ms: u64,
+) -> Result<()> {
+    let cfg = NodeConfig {
+        name,
+        coordinators: coordinators
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        listen,
+        labels: parse_labels(labels)?,
+        work_dir,
+        tls: identity(certs, Role::Node)?,
+        cores: cores.unwrap_or_else(hcx_node::machine_cores),
+        memory_bytes: hcx_node::machine_memory(),
+        heartbeat: Duration::from_millis(heartbeat_ms),
+    };
+    if cfg.coordinators.is_empty() {
+        bail!("no coordinator addresses given (use --coordinators or HCX_COORDINATORS)");
+    }
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(hcx_node::run(cfg, stop));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    task.await.context("node task")??;
+    Ok(())
+}
+
+/// The request for a parsed job.
+pub fn submit_request(
+    spec: &JobSpec,
+    output: Option<&Path>,
+    key: Option<&str>,
+) -> Result<SubmitJobRequest> {
+    let mut spec = spec.clone();
+    if let Some(o) = output {
+        spec.output = std::path::absolute(o).with_context(|| format!("{}", o.display()))?;
+    }
+    spec.model = std::path::absolute(&spec.model).unwrap_or(spec.model);
+    spec.output = std::path::absolute(&spec.output).unwrap_or(spec.output);
+    Ok(SubmitJobRequest {
+        spec_json: serde_json::to_string(&spec)?,
+        idempotency_key: key.unwrap_or_default().to_string(),
+        ..Default::default()
+    })
+}
+
+/// Watches a job until it ends, printing each shard as it moves; returns its final state.
+pub async fn watch(client: &CoordinatorClient, job: &str, quiet: bool) -> Result<JobStatus> {
+    let mut last: BTreeMap<u32, (String, u32, bool)> = BTreeMap::new();
+    let started = Instant::now();
+    loop {
+        let mut stream = match client
+            .call(|mut c| {
+                let job_id = job.to_string();
+                async move { c.watch_job(JobRef { job_id }).await }
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(st)) => {
+                    if !quiet {
+                        for s in &st.shards {
+                            let now = (s.node.clone(), s.attempt, s.done);
+                            if last.get(&s.id) != Some(&now) {
+                                let t = started.elapsed().as_secs_f64();
+                                if s.done {
+                                    eprintln!(
+                                        "[{t:6.1}s] {:<14} done on {} ({:.2} s in kernels)",
+                                        s.label, s.node, s.kernel_seconds
+                                    );
+                                } else if !s.node.is_empty() {
+                                    eprintln!(
+                                        "[{t:6.1}s] {:<14} → {} (attempt {}){}",
+                                        s.label,
+                                        s.node,
+                                        s.attempt,
+                                        if s.last_error.is_empty() {
+                                            String::new()
+                                        } else {
+                                            format!(" after: {}", s.last_error)
+                                        }
+                                    );
+                                }
+                                last.insert(s.id, now);
+                            }
+                        }
+                    }
+                    if !matches!(st.state.as_str(), "running" | "merging") {
+                        return Ok(st);
+                    }
+                }
+                // The coordinator went away (leader change, restart): watch again.
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One line per job state.
+pub fn describe(st: &JobStatus) -> String {
+    let mut s = format!(
+        "{} `{}` {} ({}/{} shards) → {}",
+        st.job_id, st.name, st.state, st.shards_done, st.shards_total, st.output
+    );
+    if st.state == "failed" {
+        s.push_str(&format!("\n  failed at {}: {}", st.failed_stage, st.reason));
+    }
+    if st.state == "succeeded" && st.artifact_bytes > 0 {
+        s.push_str(&format!(
+            "; {} → {} bytes ({:.3}×)",
+            st.source_bytes,
+            st.artifact_bytes,
+            st.source_bytes as f64 / st.artifact_bytes as f64
+        ));
+    }
+    s
+}
+
+/// `submit`: prints the job id; with `watch`, follows it to the end.
+pub async fn submit(
+    client: &CoordinatorClient,
+    spec: &JobSpec,
+    output: Option<&Path>,
+    key: Option<&str>,
+    follow: bool,
+) -> Result<bool> {
+    let req = submit_request(spec, output, key)?;
+    let reply = client
+        .call(|mut c| {
+            let r = req.clone();
+            async move { c.submit_job(r).await }
+        })
+        .await?;
+    println!("{}", reply.job_id);
+    if !follow {
+        return Ok(true);
+    }
+    let st = watch(client, &reply.job_id, false).await?;
+    println!("{}", describe(&st));
+    Ok(st.state == "succeeded")
+}
+
+/// `status [JOB]`.
+pub async fn status(client: &CoordinatorClient, job: Option<String>, json: bool) -> Result<bool> {
+    let jobs = match job {
+        Some(id) => vec![
+            client
+                .call(|mut c| {
+                    let job_id = id.clone();
+                    async move { c.get_job(JobRef { job_id }).await }
+                })
+                .await?,
+        ],
+        None => {
+            client
+                .call(|mut c| async move { c.list_jobs(ListJobsRequest {}).await })
+                .await?
+                .jobs
+        }
+    };
+    if json {
+        let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for j in &jobs {
+            println!("{}", describe(j));
+            for s in &j.shards {
+                println!(
+                    "  {:<14} {:<10} attempt {} {}{}",
+                    s.label,
+                    if s.node.is_empty() { "-" } else { &s.node },
+                    s.attempt,
+                    if s.done { "done" } else { "pending" },
+                    if s.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (last error: {})", s.last_error)
+                    }
+                );
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn status_json(j: &JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": j.job_id, "name": j.name, "state": j.state, "reason": j.reason,
+        "failed_stage": j.failed_stage, "output": j.output, "shards_done": j.shards_done,
+        "shards_total": j.shards_total, "source_bytes": j.source_bytes,
+        "artifact_bytes": j.artifact_bytes, "submitted_ms": j.submitted_ms,
+        "finished_ms": j.finished_ms,
+        "shards": j.shards.iter().map(|s| serde_json::json!({
+            "id": s.id, "label": s.label, "tensors": s.tensors, "node": s.node,
+            "attempt": s.attempt, "done": s.done, "last_error": s.last_error,
+            "kernel_seconds": s.kernel_seconds, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `cancel JOB`.
+pub async fn cancel(client: &CoordinatorClient, job: String) -> Result<()> {
+    let r = client
+        .call(|mut c| {
+            let job_id = job.clone();
+            async move { c.cancel_job(JobRef { job_id }).await }
+        })
+        .await?;
+    println!("{job}: {}", r.message);
+    Ok(())
+}
+
+/// `nodes`.
+pub async fn nodes(client: &CoordinatorClient, json: bool) -> Result<()> {
+    let r = client
+        .call(|mut c| async move { c.list_nodes(ListNodesRequest {}).await })
+        .await?;
+    let info = client
+        .call(|mut c| async move { c.cluster_info(ClusterInfoRequest {}).await })
+        .await?;
+    let leader = serde_json::json!({
+        "id": info.leader_id, "addr": info.leader_addr, "term": info.term,
+        "voters": info.voters, "last_applied": info.last_applied,
+    });
+    if json {
+        let v: Vec<serde_json::Value> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                let i = n.info.clone().unwrap_or_default();
+                serde_json::json!({
+                    "name": i.name, "listen": i.listen, "cores": i.cores,
+                    "memory_bytes": i.memory_bytes, "gpus": i.gpus,
+                    "labels": i.labels.into_iter().collect::<BTreeMap<_, _>>(),
+                    "draining": n.draining, "last_seen_ms_ago": n.last_seen_ms_ago,
+                    "shards": n.shards,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "leader": leader, "nodes": v });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    match info.leader_id {
+        Some(id) => println!(
+            "leader: coordinator {id} at {} (term {}); voters {}",
+            info.leader_addr,
+            info.term,
+            info.voters.join(",")
+        ),
+        None => println!("leader: none known (election in progress)"),
+    }
+    for n in &r.nodes {
+        let i = n.info.clone().unwrap_or_default();
+        let labels: BTreeMap<_, _> = i.labels.into_iter().collect();
+        println!(
+            "{:<12} {:>3} cores {:>7.1} GiB  gpus {}  labels {:?}  {}  shards {}  seen {}",
+            i.name,
+            i.cores,
+            i.memory_bytes as f64 / (1u64 << 30) as f64,
+            i.gpus.len(),
+            labels,
+            if n.draining { "draining" } else { "active" },
+            n.shards,
+            n.last_seen_ms_ago
+                .map(|ms| format!("{ms} ms ago"))
+                .unwrap_or_else(|| "never (by this leader)".into())
+        );
+    }
+    Ok(())
+}
+
+/// `drain NODE`.
+pub async fn drain(client: &CoordinatorClient, name: String) -> Result<()> {
+    let r = client
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.drain_node(DrainNodeRequest { name }).await }
+        })
+        .await?;
+    println!("{}", r.message);
+    Ok(())
+}
+
+/// An in-process cluster: one coordinator (a single raft voter) and `n`
+/// nodes on loopback, with TLS from a throwaway CA — the same code as a
+/// real cluster.
+pub struct Embedded {
+    coordinator: CoordinatorHandle,
+    nodes: Vec<tokio::task::JoinHandle<Result<(), hcx_node::NodeError>>>,
+    stop: watch::Sender<bool>,
+    /// A client of it.
+    pub client: CoordinatorClient,
+    _dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    /// Starts the cluster with `n` nodes.
+    pub async fn start(n: usize) -> Result<Embedded> {
+        let dir = tempfile::Builder::new()
+            .prefix("hcx-embedded-")
+            .tempdir()
+            .context("cannot create a temporary folder")?;
+        let certs = dir.path().join("certs");
+        hcx_net::tls::init_certs(&certs, &[], false)?;
+        let coordinator = hcx_coordinator::start(CoordinatorConfig {
+            id: 1,
+            listen: "127.0.0.1:0".parse()?,
+            peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),
+            data_dir: dir.path().join("raft"),
+            tls: Some(identity(&certs, Role::Coordinator)?),
+            lease: Duration::from_secs(10),
+        })
+        .await?;
+        let addr = coordinator.addr.to_string();
+        let (stop, stop_rx) = watch::channel(false);
+        let cores = (hcx_node::machine_cores() / n as u32).max(1);
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let cfg = NodeConfig {
+                name: format!("node-{i}"),
+                coordinators: vec![addr.clone()],
+                listen: "127.0.0.1:0".parse()?,
+                labels: BTreeMap::new(),
+                work_dir: dir.path().join(format!("node-{i}")),
+                tls: identity(&certs, Role::Node)?,
+                cores,
+                memory_bytes: hcx_node::machine_memory(),
+                heartbeat: Duration::from_millis(100),
+            };
+            nodes.push(tokio::spawn(hcx_node::run(cfg, stop_rx.clone())));
+        }
+        let client = client(&addr, &certs)?;
+        // Wait until every node has registered, so the first plan uses them all.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = client
+                .call(|mut c| async move { c.list_nodes(ListNodesRequest {}).await })
+                .await?;
+            if r.nodes.len() >= n {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("only {} of {n} in-process nodes registered", r.nodes.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Embedded {
+            coordinator,
+            nodes,
+            stop,
+            client,
+            _dir: dir,
+        })
+    }
+
+    /// Runs a job to its end and returns its final state.
+    pub async fn run(
+        &self,
+        spec: &JobSpec,
+        output: Option<&Path>,
+        quiet: bool,
+    ) -> Result<JobStatus> {
+        let req = submit_request(spec, output, None)?;
+        let reply = self
+            .client
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.submit_job(r).await }
+            })
+            .await?;
+        watch(&self.client, &reply.job_id, quiet).await
+    }
+
+    /// Stops the nodes and the coordinator.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for n in self.nodes {
+            let _ = n.await;
+        }
+        self.coordinator.shutdown().await;
+    }
+}

@@ -1,0 +1,501 @@
+//! Whole-system cluster tests with real processes: three coordinators and
+//! three nodes on 127.0.0.x ports, TLS from `certs init`. Every job's
+//! artifact must be byte-identical to the local pipeline's, with or
+//! without faults (a node killed, the leader killed, the whole cluster
+//! restarted mid-job).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{hcx, hcx_ok, minilm, write_job};
+
+/// A port free for both TCP and UDP on `ip`.
+fn free_port(ip: &str) -> u16 {
+    for _ in 0..100 {
+        let t = TcpListener::bind(format!("{ip}:0")).expect("bind tcp");
+        let port = t.local_addr().unwrap().port();
+        if UdpSocket::bind(format!("{ip}:{port}")).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip}");
+}
+
+struct Proc {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: Vec<String>, log: PathBuf) -> Proc {
+        let mut p = Proc {
+            child: None,
+            args,
+            log,
+        };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))
+            .args(&self.args)
+            .env("HCX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hcx-cluster");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no chance to clean up.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    certs: PathBuf,
+    coordinators: Vec<Proc>,
+    addrs: Vec<String>,
+    nodes: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, nodes: usize) -> Cluster {
+        let certs = dir.join("certs");
+        hcx_ok(&[
+            "certs",
+            "init",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--host",
+            "127.0.0.2",
+            "--host",
+            "127.0.0.3",
+        ]);
+        let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+        let addrs: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port(ip)))
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let coordinators = (0..3)
+            .map(|i| {
+                let args = vec![
+                    "coordinator".into(),
+                    "--id".into(),
+                    (i + 1).to_string(),
+                    "--listen".into(),
+                    addrs[i].clone(),
+                    "--peers".into(),
+                    peers.clone(),
+                    "--data-dir".into(),
+                    dir.join(format!("c{}", i + 1)).display().to_string(),
+                    "--certs".into(),
+                    certs.display().to_string(),
+                    "--lease-ms".into(),
+                    "3000".into(),
+                ];
+                Proc::spawn(args, dir.join(format!("c{}.log", i + 1)))
+            })
+            .collect();
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            certs,
+            coordinators,
+            addrs,
+            nodes: Vec::new(),
+        };
+        for i in 0..nodes {
+            let ip = ips[i % 3];
+            let args = vec![
+                "node".into(),
+                "--coordinators".into(),
+                c.addrs.join(","),
+                "--listen".into(),
+                format!("{ip}:0"),
+                "--name".into(),
+                format!("n{}", i + 1),
+                "--label".into(),
+                format!("site={}", if i == 0 { "a" } else { "b" }),
+                "--work-dir".into(),
+                dir.join(format!("n{}", i + 1)).display().to_string(),
+                "--certs".into(),
+                c.certs.display().to_string(),
+                "--cores".into(),
+                "1".into(),
+                "--heartbeat-ms".into(),
+                "200".into(),
+            ];
+            c.nodes
+                .push(Proc::spawn(args, dir.join(format!("n{}.log", i + 1))));
+        }
+        c.wait_nodes(nodes);
+        c
+    }
+
+    fn args<'a>(&'a self, cmd: &[&'a str]) -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--coordinators".into(),
+            self.addrs.join(","),
+            "--certs".into(),
+            self.certs.display().to_string(),
+        ]);
+        v
+    }
+
+    fn run(&self, cmd: &[&str]) -> std::process::Output {
+        let args = self.args(cmd);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        hcx(&refs)
+    }
+
+    fn run_ok(&self, cmd: &[&str]) -> String {
+        let out = self.run(cmd);
+        assert!(
+            out.status.success(),
+            "hcx-cluster {cmd:?} failed:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                s.push_str(&format!("--- {}\n", p.display()));
+                for l in tail.iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    fn nodes_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.run_ok(&["nodes", "--json"])).unwrap()
+    }
+
+    fn wait_nodes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run(&["nodes", "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v["nodes"].as_array().map_or(0, |a| a.len()) >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not register:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn leader(&self) -> usize {
+        let v = self.nodes_json();
+        let id = v["leader"]["id"].as_u64().expect("a leader");
+        id as usize - 1
+    }
+
+    fn status(&self, job: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.run_ok(&["status", job, "--json"])).unwrap();
+        v[0].clone()
+    }
+
+    /// Waits until `pred` holds for the job's status.
+    fn wait_job(&self, job: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let out = self.run(&["status", job, "--json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if pred(&v[0]) {
+                    return;
+                }
+                assert!(
+                    !matches!(v[0]["state"].as_str(), Some("failed" | "cancelled")),
+                    "job ended while waiting for {what}: {v}\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_succeeded(&self, job: &str) {
+        self.wait_job(job, "success", |v| v["state"] == "succeeded");
+    }
+}
+
+/// The tensor file and manifest of an artifact (the rest is run metadata).
+fn artifact_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(dir.join("model.hcx.safetensors")).expect("tensor file"),
+        std::fs::read(dir.join("hcx-manifest.json")).expect("manifest"),
+    )
+}
+
+fn assert_same_artifact(a: &Path, b: &Path) {
+    let (ta, ma) = artifact_bytes(a);
+    let (tb, mb) = artifact_bytes(b);
+    assert!(
+        ta == tb,
+        "tensor files differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
+    assert!(
+        ma == mb,
+        "manifests differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// A synthetic model slow enough (uniform search + zstd 19 on 12 layers)
+/// that faults land mid-job, and its local-pipeline artifact.
+fn slow_job() -> &'static (PathBuf, PathBuf) {
+    static JOB: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    JOB.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let model = dir.join("model.safetensors");
+        let mut rng = 0x1234_5678_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for l in 0..12 {
+            let v: Vec<u8> = (0..768 * 1024)
+                .flat_map(|_| half::bf16::from_f32(next()).to_le_bytes())
+                .collect();
+            data.push((format!("blocks.{l}.mlp.weight"), vec![768, 1024], v));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), d)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &model).unwrap();
+        let reference = dir.join("reference");
+        let job = write_job(
+            &dir,
+            "slow",
+            &model,
+            &reference,
+            "pipeline:\n  - hadamard: {}\n  - uniform: {bits: 4.4}\n  - zstd: {level: 19}\n",
+        );
+        hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+        (job, reference)
+    })
+}
+
+fn submit(c: &Cluster, job: &Path, output: &Path, key: &str) -> String {
+    c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--idempotency-key",
+        key,
+    ])
+    .trim()
+    .to_string()
+}
+
+/// Waits until some shard is held by a node and at least one is done, and
+/// returns the holder's name.
+fn wait_mid_job(c: &Cluster, job: &str) -> String {
+    c.wait_job(job, "a shard in flight after one is done", |v| {
+        let shards = v["shards"].as_array().cloned().unwrap_or_default();
+        shards.iter().any(|s| s["done"] == true)
+            && shards
+                .iter()
+                .any(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+    });
+    let v = c.status(job);
+    v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+        .map(|s| s["node"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+#[test]
+fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let job = common::example_job(dir.path(), "minilm-4bit", &minilm(), &local);
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let c = Cluster::start(dir.path(), 3);
+    let out = dir.path().join("cluster");
+    let out_s = out.to_str().unwrap();
+    let submitted = c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        out_s,
+        "--watch",
+        "--idempotency-key",
+        "minilm-once",
+    ]);
+    let id = submitted.lines().next().unwrap().trim().to_string();
+    assert!(submitted.contains("succeeded"), "{submitted}");
+    assert_same_artifact(&local, &out);
+    // Every node took part, and the report says who did what.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
+            .unwrap();
+    let nodes = report["nodes"].as_array().expect("per-node attribution");
+    assert_eq!(nodes.len(), 3, "{report}");
+    // The same key again: the same job, not a second one.
+    let again = submit(&c, &job, &out, "minilm-once");
+    assert_eq!(again, id);
+    let all: serde_json::Value = serde_json::from_str(&c.run_ok(&["status", "--json"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    // The embedded cluster writes the same bytes.
+    let embedded = dir.path().join("embedded");
+    hcx_ok(&[
+        "run",
+        job.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--output",
+        embedded.to_str().unwrap(),
+    ]);
+    assert_same_artifact(&local, &embedded);
+}
+
+#[test]
+fn a_killed_node_loses_its_lease_and_the_job_still_matches() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3);
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "k1");
+    let victim = wait_mid_job(&c, &id);
+    let i: usize = victim.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    c.nodes[i].kill9();
+    c.wait_succeeded(&id);
+    assert_same_artifact(reference, &out);
+    let v = c.status(&id);
+    assert!(
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["attempt"].as_u64().unwrap() >= 2),
+        "no shard was re-assigned: {v}"
+    );
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_the_job_still_matches() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3);
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "k2");
+    wait_mid_job(&c, &id);
+    let leader = c.leader();
+    c.coordinators[leader].kill9();
+    c.wait_succeeded(&id);
+    assert_same_artifact(reference, &out);
+    assert_ne!(c.leader(), leader);
+}
+
+#[test]
+fn a_whole_cluster_restart_resumes_the_job() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3);
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "k3");
+    wait_mid_job(&c, &id);
+    for p in c.coordinators.iter_mut().chain(c.nodes.iter_mut()) {
+        p.kill9();
+    }
+    for p in c.coordinators.iter_mut().chain(c.nodes.iter_mut()) {
+        p.start();
+    }
+    c.wait_succeeded(&id);
+    assert_same_artifact(reference, &out);
+    // Still one job: the restart replayed it, nothing was submitted twice.
+    let all: serde_json::Value = serde_json::from_str(&c.run_ok(&["status", "--json"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+}
+
+#[test]
+fn peers_without_cluster_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 1);
+    // A client whose certificate comes from another CA.
+    let other = dir.path().join("other-certs");
+    hcx_ok(&["certs", "init", "--dir", other.to_str().unwrap()]);
+    let out = hcx(&[
+        "nodes",
+        "--coordinators",
+        &c.addrs[0],
+        "--certs",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    // The cluster is still serving its own clients.
+    let v = c.nodes_json();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
+    let _: SocketAddr = c.addrs[0].parse().unwrap();
+}
