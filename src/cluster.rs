@@ -63,19 +63,54 @@ fn identity(certs: &Path, role: Role) -> Result<Identity> {
     Ok(Identity::load(certs, role)?)
 }
 
+/// How a command secures its links: `--certs DIR`, or `--insecure`.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Mutual TLS with the certificates in this folder.
+    Certs(PathBuf),
+    /// Plaintext gRPC and unauthenticated QUIC, loopback only.
+    Insecure,
+}
+
+impl Security {
+    /// From the `--certs` and `--insecure` flags.
+    pub fn from_flags(certs: Option<PathBuf>, insecure: bool) -> Result<Security> {
+        match (certs, insecure) {
+            (Some(_), true) => bail!("give either --certs or --insecure, not both"),
+            (Some(c), false) => Ok(Security::Certs(c)),
+            (None, true) => Ok(Security::Insecure),
+            (None, false) => bail!(
+                "no TLS material: give --certs DIR (or set HCX_CERTS; make one with `hcx-cluster certs init --dir DIR`), or --insecure on loopback addresses"
+            ),
+        }
+    }
+
+    fn identity(&self, role: Role) -> Result<Option<Identity>> {
+        match self {
+            Security::Certs(dir) => identity(dir, role).map(Some),
+            Security::Insecure => Ok(None),
+        }
+    }
+}
+
 /// A client of the coordinators, authenticated with the client certificate.
-pub fn client(coordinators: &str, certs: &Path) -> Result<CoordinatorClient> {
-    let id = identity(certs, Role::Client)?;
+pub fn client(coordinators: &str, sec: &Security) -> Result<CoordinatorClient> {
     let addrs: Vec<String> = coordinators
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
-    Ok(CoordinatorClient::new(
-        addrs,
-        Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
-    )?)
+    let tls = match sec.identity(Role::Client)? {
+        Some(id) => Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
+        None => {
+            for a in &addrs {
+                hcx_net::tls::check_insecure_host(a)?;
+            }
+            None
+        }
+    };
+    Ok(CoordinatorClient::new(addrs, tls)?)
 }
 
 async fn shutdown_signal() {
@@ -92,7 +127,7 @@ pub async fn coordinator(
     listen: SocketAddr,
     peers: &str,
     data_dir: PathBuf,
-    certs: &Path,
+    sec: &Security,
     lease_ms: u64,
 ) -> Result<()> {
     let cfg = CoordinatorConfig {
@@ -100,7 +135,7 @@ pub async fn coordinator(
         listen,
         peers: parse_peers(peers)?,
         data_dir,
-        tls: Some(identity(certs, Role::Coordinator)?),
+        tls: sec.identity(Role::Coordinator)?,
         lease: Duration::from_millis(lease_ms),
     };
     let h = hcx_coordinator::start(cfg).await?;
@@ -118,7 +153,7 @@ pub async fn node(
     name: String,
     labels: &[String],
     work_dir: PathBuf,
-    certs: &Path,
+    sec: &Security,
     cores: Option<u32>,
     heartbeat_ms: u64,
 ) -> Result<()> {
@@ -133,7 +168,7 @@ pub async fn node(
         listen,
         labels: parse_labels(labels)?,
         work_dir,
-        tls: identity(certs, Role::Node)?,
+        tls: sec.identity(Role::Node)?,
         cores: cores.unwrap_or_else(hcx_node::machine_cores),
         memory_bytes: hcx_node::machine_memory(),
         heartbeat: Duration::from_millis(heartbeat_ms),
@@ -454,14 +489,14 @@ impl Embedded {
                 listen: "127.0.0.1:0".parse()?,
                 labels: BTreeMap::new(),
                 work_dir: dir.path().join(format!("node-{i}")),
-                tls: identity(&certs, Role::Node)?,
+                tls: Some(identity(&certs, Role::Node)?),
                 cores,
                 memory_bytes: hcx_node::machine_memory(),
                 heartbeat: Duration::from_millis(100),
             };
             nodes.push(tokio::spawn(hcx_node::run(cfg, stop_rx.clone())));
         }
-        let client = client(&addr, &certs)?;
+        let client = client(&addr, &Security::Certs(certs.clone()))?;
         // Wait until every node has registered, so the first plan uses them all.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

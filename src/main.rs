@@ -69,7 +69,10 @@ enum Command {
         data_dir: PathBuf,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
         /// Milliseconds a node may stay silent before its shards are re-assigned.
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
@@ -93,7 +96,10 @@ enum Command {
         work_dir: PathBuf,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
         /// Cores to offer (default: all).
         #[arg(long)]
         cores: Option<u32>,
@@ -110,7 +116,10 @@ enum Command {
         coordinators: String,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
         /// Write the artifact here instead of the job's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -130,7 +139,10 @@ enum Command {
         coordinators: String,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -144,7 +156,10 @@ enum Command {
         coordinators: String,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
     },
     /// List the worker nodes.
     Nodes {
@@ -153,7 +168,10 @@ enum Command {
         coordinators: String,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -167,7 +185,10 @@ enum Command {
         coordinators: String,
         /// Folder made by `certs init`.
         #[arg(long, env = "HCX_CERTS")]
-        certs: PathBuf,
+        certs: Option<PathBuf>,
+        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Check a job file without running it.
     Validate {
@@ -337,10 +358,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             peers,
             data_dir,
             certs,
+            insecure,
             lease_ms,
-        } => runtime()?.block_on(cluster::coordinator(
-            id, listen, &peers, data_dir, &certs, lease_ms,
-        )),
+        } => {
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            runtime()?.block_on(cluster::coordinator(
+                id, listen, &peers, data_dir, &sec, lease_ms,
+            ))
+        }
         Command::Node {
             coordinators,
             listen,
@@ -348,29 +373,35 @@ fn dispatch(cli: Cli) -> Result<()> {
             labels,
             work_dir,
             certs,
+            insecure,
             cores,
             heartbeat_ms,
-        } => runtime()?.block_on(cluster::node(
-            &coordinators,
-            listen,
-            name,
-            &labels,
-            work_dir,
-            &certs,
-            cores,
-            heartbeat_ms,
-        )),
+        } => {
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            runtime()?.block_on(cluster::node(
+                &coordinators,
+                listen,
+                name,
+                &labels,
+                work_dir,
+                &sec,
+                cores,
+                heartbeat_ms,
+            ))
+        }
         Command::Submit {
             job,
             coordinators,
             certs,
+            insecure,
             output,
             watch,
             idempotency_key,
         } => {
+            let sec = cluster::Security::from_flags(certs, insecure)?;
             let spec = JobSpec::load(&job)?;
             let ok = runtime()?.block_on(async {
-                let c = cluster::client(&coordinators, &certs)?;
+                let c = cluster::client(&coordinators, &sec)?;
                 cluster::submit(
                     &c,
                     &spec,
@@ -390,32 +421,40 @@ fn dispatch(cli: Cli) -> Result<()> {
             coordinators,
             certs,
             json,
+            insecure,
         } => runtime()?.block_on(async {
-            let c = cluster::client(&coordinators, &certs)?;
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let c = cluster::client(&coordinators, &sec)?;
             cluster::status(&c, job, json).await.map(|_| ())
         }),
         Command::Cancel {
             job,
             coordinators,
             certs,
+            insecure,
         } => runtime()?.block_on(async {
-            let c = cluster::client(&coordinators, &certs)?;
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let c = cluster::client(&coordinators, &sec)?;
             cluster::cancel(&c, job).await
         }),
         Command::Nodes {
             coordinators,
             certs,
             json,
+            insecure,
         } => runtime()?.block_on(async {
-            let c = cluster::client(&coordinators, &certs)?;
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let c = cluster::client(&coordinators, &sec)?;
             cluster::nodes(&c, json).await
         }),
         Command::Drain {
             node,
             coordinators,
             certs,
+            insecure,
         } => runtime()?.block_on(async {
-            let c = cluster::client(&coordinators, &certs)?;
+            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let c = cluster::client(&coordinators, &sec)?;
             cluster::drain(&c, node).await
         }),
         Command::Run {

@@ -499,3 +499,128 @@ fn peers_without_cluster_certificates_are_refused() {
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
     let _: SocketAddr = c.addrs[0].parse().unwrap();
 }
+
+#[test]
+fn labels_and_drain_steer_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 2); // n1 has site=a, n2 site=b
+    let nodes_of = |job: &str| -> std::collections::BTreeSet<String> {
+        c.status(job)["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A job pinned to site b runs on n2 only.
+    let pinned = common::example_job(dir.path(), "minilm-int8", &minilm(), &dir.path().join("x"));
+    let mut text = std::fs::read_to_string(&pinned).unwrap();
+    text.push_str("\nplacement:\n  labels: {site: b}\n");
+    std::fs::write(&pinned, &text).unwrap();
+    let id = submit(&c, &pinned, &dir.path().join("pinned"), "p1");
+    c.wait_succeeded(&id);
+    assert_eq!(nodes_of(&id), ["n2".to_string()].into());
+    // A site nobody has is refused at submit, with the reason.
+    std::fs::write(&pinned, text.replace("site: b", "site: z")).unwrap();
+    let out = c.run(&["submit", pinned.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lack site=z"),
+        "{err}"
+    );
+    // After draining n2, new work goes to n1 only.
+    c.run_ok(&["drain", "n2"]);
+    let free = common::example_job(dir.path(), "minilm-int8", &minilm(), &dir.path().join("y"));
+    let id = submit(&c, &free, &dir.path().join("free"), "p2");
+    c.wait_succeeded(&id);
+    assert_eq!(nodes_of(&id), ["n1".to_string()].into());
+    let nodes = c.nodes_json();
+    let n2 = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n2")
+        .unwrap()
+        .clone();
+    assert_eq!(n2["draining"], true);
+}
+
+#[test]
+fn insecure_mode_works_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused: plaintext on a non-loopback address, and no TLS choice at all.
+    let out = hcx(&[
+        "coordinator",
+        "--id",
+        "1",
+        "--listen",
+        "0.0.0.0:7199",
+        "--peers",
+        "1=0.0.0.0:7199",
+        "--data-dir",
+        dir.path().join("x").to_str().unwrap(),
+        "--insecure",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not loopback"),
+        "{err}"
+    );
+    let out = hcx(&["nodes", "--coordinators", "127.0.0.1:1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure"), "{err}");
+    // Allowed on loopback: one coordinator, one node, a real job.
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let _c = Proc::spawn(
+        vec![
+            "coordinator".into(),
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--peers".into(),
+            format!("1={addr}"),
+            "--data-dir".into(),
+            dir.path().join("c1").display().to_string(),
+            "--insecure".into(),
+        ],
+        dir.path().join("c1.log"),
+    );
+    let _n = Proc::spawn(
+        vec![
+            "node".into(),
+            "--coordinators".into(),
+            addr.clone(),
+            "--name".into(),
+            "n1".into(),
+            "--work-dir".into(),
+            dir.path().join("n1").display().to_string(),
+            "--insecure".into(),
+            "--heartbeat-ms".into(),
+            "200".into(),
+        ],
+        dir.path().join("n1.log"),
+    );
+    let job = common::example_job(dir.path(), "minilm-int8", &minilm(), &dir.path().join("o"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = hcx(&["nodes", "--coordinators", &addr, "--insecure", "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["nodes"].as_array().is_some_and(|a| a.len() == 1) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "insecure node did not register");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = hcx_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--coordinators",
+        &addr,
+        "--insecure",
+        "--watch",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+}

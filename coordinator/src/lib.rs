@@ -259,6 +259,10 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
     }
     if cfg.tls.is_none() {
         hcx_net::tls::check_insecure_addr(&cfg.listen)?;
+        for (id, addr) in &cfg.peers {
+            hcx_net::tls::check_insecure_host(addr)
+                .map_err(|e| CoordinatorError::Config(format!("peer {id}: {e}")))?;
+        }
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         CoordinatorError::Config(format!(

@@ -81,6 +81,18 @@ pub fn job_status(j: &JobRecord) -> JobStatus {
     }
 }
 
+/// The planner's options for a job (its `placement` section).
+pub fn plan_options(spec: &JobSpec) -> PlanOptions {
+    let p = spec.placement.clone().unwrap_or(hcx_protocol::Placement {
+        labels: BTreeMap::new(),
+        layers_per_shard: None,
+    });
+    PlanOptions {
+        layers_per_shard: p.layers_per_shard.unwrap_or(1).max(1),
+        require_labels: p.labels,
+    }
+}
+
 /// Relative encode cost per value of a stage chain (1.0 = int8 round-to-nearest).
 pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
     use hcx_protocol::StageSpec as S;
@@ -162,11 +174,25 @@ impl ClusterService {
                 },
             })
             .collect();
-        let opts = PlanOptions {
-            layers_per_shard: 1,
-            require_labels: BTreeMap::new(),
-        };
+        let opts = plan_options(&spec);
         let shards = scheduler::make_shards(&tensors, &opts);
+        // A job no registered node could ever take is refused now rather
+        // than left waiting; with no node registered yet it waits for one.
+        let registered: Vec<NodeCapacity> = sh.view.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| !n.draining)
+                .map(capacity)
+                .collect()
+        });
+        if !registered.is_empty()
+            && let Err(e) = scheduler::place(&shards, &registered, &opts, &BTreeMap::new())
+        {
+            return Err(Status::failed_precondition(format!(
+                "job `{}` cannot be placed: {e}",
+                spec.name
+            )));
+        }
         let nodes = sh.live_nodes();
         let placements = if nodes.is_empty() {
             Vec::new()

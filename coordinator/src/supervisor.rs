@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::scheduler::{self, PlanOptions};
-use crate::service::shard_store;
+use crate::scheduler;
+use crate::service::{plan_options, shard_store};
 use crate::state::{Command, JobRecord, JobState};
 use crate::{Shared, now_ms};
 
@@ -104,10 +104,6 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
         return;
     }
     let nodes = shared.live_nodes();
-    let opts = PlanOptions {
-        layers_per_shard: 1,
-        require_labels: BTreeMap::new(),
-    };
     // Current load per node: cost of the shards it holds.
     let mut load: BTreeMap<String, f64> = BTreeMap::new();
     for j in &jobs {
@@ -118,6 +114,7 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
         }
     }
     for j in &jobs {
+        let opts = plan_options(&j.spec);
         if j.state == JobState::Merging {
             start_merge(shared, merging, j.clone());
             continue;

@@ -63,6 +63,14 @@ pub enum TlsError {
         /// Underlying rcgen error.
         source: rcgen::Error,
     },
+    /// The unauthenticated `--insecure` TLS setup failed.
+    #[error("--insecure {what}: {reason}")]
+    Insecure {
+        /// Which config.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A file of the certs directory is missing or unusable.
     #[error("certs dir {dir}: {file}: {problem} — run `hcx-cluster certs init --dir {dir}`", dir = .dir.display())]
     Load {
@@ -549,6 +557,23 @@ pub fn tonic_client_tls(id: &Identity, domain: &str) -> tonic::transport::Client
             &id.key_pem,
         ))
         .domain_name(domain)
+}
+
+/// Allows plaintext (`--insecure`) only toward loopback: `host:port` must
+/// be a loopback IP or `localhost`.
+pub fn check_insecure_host(host_port: &str) -> Result<(), TlsError> {
+    if let Ok(addr) = host_port.parse::<SocketAddr>() {
+        return check_insecure_addr(&addr);
+    }
+    match host_port.rsplit_once(':') {
+        Some(("localhost", port)) if port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(TlsError::Insecure {
+            what: "address",
+            reason: format!(
+                "{host_port} is not a loopback address; plaintext is only allowed on loopback"
+            ),
+        }),
+    }
 }
 
 /// Allows plaintext (`--insecure`) only on loopback addresses.

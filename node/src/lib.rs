@@ -35,8 +35,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Where shard files are built before upload.
     pub work_dir: PathBuf,
-    /// TLS identity (node certificate).
-    pub tls: Identity,
+    /// TLS identity (node certificate); `None` is `--insecure` (loopback only).
+    pub tls: Option<Identity>,
     /// Cores offered (defaults to the machine's).
     pub cores: u32,
     /// Memory offered in bytes (defaults to the machine's).
@@ -117,13 +117,24 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
             cfg.work_dir.display()
         ))
     })?;
+    if cfg.tls.is_none() {
+        hcx_net::tls::check_insecure_addr(&cfg.listen)?;
+        for c in &cfg.coordinators {
+            hcx_net::tls::check_insecure_host(c)?;
+        }
+    }
     let client = CoordinatorClient::new(
         cfg.coordinators.clone(),
-        Some(hcx_net::tls::tonic_client_tls(&cfg.tls, "localhost")),
+        cfg.tls
+            .as_ref()
+            .map(|id| hcx_net::tls::tonic_client_tls(id, "localhost")),
     )?;
     let mut endpoint = quinn::Endpoint::client(cfg.listen)
         .map_err(|e| NodeError::Config(format!("cannot bind {}: {e}", cfg.listen)))?;
-    endpoint.set_default_client_config(hcx_net::tls::quinn_client_config(&cfg.tls)?);
+    endpoint.set_default_client_config(match &cfg.tls {
+        Some(id) => hcx_net::tls::quinn_client_config(id)?,
+        None => hcx_net::insecure::quinn_client_config()?,
+    });
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         client,

@@ -42,10 +42,9 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub distillation: Option<serde_json::Value>,
-    /// Placement constraints for a cluster run (not supported yet).
+    /// How a cluster run places shards on nodes (ignored by `run --local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(skip)]
-    pub placement: Option<serde_json::Value>,
+    pub placement: Option<Placement>,
 }
 
 /// A per-tensor override: tensors whose name matches `match` get `pipeline`
@@ -62,6 +61,18 @@ pub struct Rule {
     /// Keep matching tensors instead, optionally converted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<Keep>,
+}
+
+/// Where a cluster run may put a job's shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Only nodes carrying every one of these labels (`site: a`) get shards.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Consecutive layers per shard (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_per_shard: Option<u32>,
 }
 
 /// One glob or a list of globs.
@@ -230,13 +241,23 @@ impl JobSpec {
         for (section, value) in [
             ("calibration", &self.calibration),
             ("distillation", &self.distillation),
-            ("placement", &self.placement),
         ] {
             if value.is_some() {
                 return Err((
                     section.into(),
                     format!("`{section}` is not supported yet by this version of hcx-cluster"),
                 ));
+            }
+        }
+        if let Some(p) = &self.placement {
+            if p.layers_per_shard == Some(0) {
+                return Err((
+                    "placement.layers_per_shard".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if let Some(k) = p.labels.keys().find(|k| k.is_empty()) {
+                return Err((format!("placement.labels.{k}"), "empty label key".into()));
             }
         }
         if self.model.as_os_str().is_empty() {
@@ -469,6 +490,19 @@ mod tests {
         let e = parse(y).unwrap_err().to_string();
         assert!(e.contains("pipeline[1].rtn.bits"), "{e}");
         assert!(e.contains("job.yaml:7:7"), "{e}");
+    }
+
+    #[test]
+    fn placement_parses_and_is_checked() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\nplacement:\n  labels: {site: b}\n  layers_per_shard: 2\n";
+        let p = parse(y).unwrap().placement.unwrap();
+        assert_eq!(p.labels.get("site").map(String::as_str), Some("b"));
+        assert_eq!(p.layers_per_shard, Some(2));
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\nplacement:\n  layers_per_shard: 0\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("placement.layers_per_shard"), "{e}");
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\nplacement:\n  site: b\n";
+        assert!(parse(y).is_err(), "unknown placement fields are refused");
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! Bad input over the network: malformed, oversized and short frames on the
+//! QUIC data plane, uploads that are not the current attempt, and peers
+//! without a cluster certificate. Each must be refused on its own stream or
+//! connection while the coordinator keeps serving.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use hcx_net::frames::{MAX_HEADER, Reply, Request, read_frame, write_frame};
+use hcx_net::proto::ListNodesRequest;
+use hcx_net::proto::cluster_client::ClusterClient;
+use hcx_net::tls::{Identity, Role, init_certs};
+
+async fn coordinator(dir: &std::path::Path) -> CoordinatorHandle {
+    init_certs(&dir.join("certs"), &[], false).unwrap();
+    let h = hcx_coordinator::start(CoordinatorConfig {
+        id: 1,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),
+        data_dir: dir.join("raft"),
+        tls: Some(Identity::load(&dir.join("certs"), Role::Coordinator).unwrap()),
+        lease: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if h.is_leader() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.is_leader(), "a single voter elects itself");
+    h
+}
+
+async fn quic(
+    addr: std::net::SocketAddr,
+    id: &Identity,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(hcx_net::tls::quinn_client_config(id).unwrap());
+    ep.connect(addr, "localhost").unwrap().await
+}
+
+/// Sends raw bytes on a new stream and reads the reply frame.
+async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Reply {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    read_frame::<_, Reply>(&mut recv)
+        .await
+        .expect("an error reply")
+}
+
+fn error_text(r: Reply) -> String {
+    match r {
+        Reply::Error { message, .. } => message,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let node = Identity::load(&dir.path().join("certs"), Role::Node).unwrap();
+    let conn = quic(h.addr, &node).await.unwrap();
+
+    // Oversized header.
+    let mut big = ((MAX_HEADER as u32) + 1).to_le_bytes().to_vec();
+    big.extend([0u8; 64]);
+    let msg = error_text(raw_exchange(&conn, &big).await);
+    assert!(msg.contains("exceeds"), "{msg}");
+
+    // Not an archive of a request.
+    let mut junk = 16u32.to_le_bytes().to_vec();
+    junk.extend([0xAB; 16]);
+    let msg = error_text(raw_exchange(&conn, &junk).await);
+    assert!(msg.contains("malformed"), "{msg}");
+
+    // Header shorter than announced.
+    let mut short = 100u32.to_le_bytes().to_vec();
+    short.extend([1u8; 10]);
+    let msg = error_text(raw_exchange(&conn, &short).await);
+    assert!(msg.contains("bad request"), "{msg}");
+
+    // The same connection still works: a well-formed request gets a real answer.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Request::Fetch {
+            job: "j999999".into(),
+            tensor: "x".into(),
+        },
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    let msg = error_text(read_frame(&mut recv).await.unwrap());
+    assert!(msg.contains("no job"), "{msg}");
+
+    // An upload for a shard nobody was given is refused before any byte is stored.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Request::Upload {
+            job: "j000001".into(),
+            shard: 0,
+            attempt: 1,
+            node: "mallory".into(),
+            sha256: "00".repeat(32),
+            len: 1 << 40,
+            bytes_in: 0,
+            kernel_seconds: 0.0,
+            wall_seconds: 0.0,
+        },
+    )
+    .await
+    .unwrap();
+    let _ = send.write_all(&[0u8; 1024]).await;
+    let msg = error_text(read_frame(&mut recv).await.unwrap());
+    assert!(msg.contains("is not held by mallory"), "{msg}");
+
+    // And the gRPC API still serves its clients.
+    let client = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
+    let ch = hcx_net::client::channel(
+        &h.addr.to_string(),
+        Some(&hcx_net::tls::tonic_client_tls(&client, "localhost")),
+    )
+    .unwrap();
+    ClusterClient::new(ch)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("the API still answers");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_from_another_ca_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let other = dir.path().join("other");
+    init_certs(&other, &[], false).unwrap();
+    let stranger = Identity::load(&other, Role::Node).unwrap();
+    // QUIC: the handshake, or the first stream, fails.
+    match quic(h.addr, &stranger).await {
+        Err(_) => {}
+        Ok(conn) => {
+            let r = async {
+                let (mut s, mut r) = conn.open_bi().await?;
+                write_frame(
+                    &mut s,
+                    &Request::Fetch {
+                        job: "j".into(),
+                        tensor: "t".into(),
+                    },
+                )
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                read_frame::<_, Reply>(&mut r)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }
+            .await;
+            assert!(r.is_err(), "a foreign node was served: {r:?}");
+        }
+    }
+    // gRPC: a client certificate from another CA, and no certificate at all.
+    let stranger_client = Identity::load(&other, Role::Client).unwrap();
+    let own = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
+    let foreign_tls = hcx_net::tls::tonic_client_tls(&stranger_client, "localhost")
+        .ca_certificate(tonic::transport::Certificate::from_pem(own.ca_pem()));
+    let ch = hcx_net::client::channel(&h.addr.to_string(), Some(&foreign_tls)).unwrap();
+    let r = ClusterClient::new(ch).list_nodes(ListNodesRequest {}).await;
+    assert!(r.is_err(), "a foreign client was served");
+    let anonymous = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(own.ca_pem()))
+        .domain_name("localhost");
+    let ch = hcx_net::client::channel(&h.addr.to_string(), Some(&anonymous)).unwrap();
+    let r = ClusterClient::new(ch).list_nodes(ListNodesRequest {}).await;
+    assert!(r.is_err(), "a client without a certificate was served");
+    // Our own client still gets in.
+    let ch = hcx_net::client::channel(
+        &h.addr.to_string(),
+        Some(&hcx_net::tls::tonic_client_tls(&own, "localhost")),
+    )
+    .unwrap();
+    ClusterClient::new(ch)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("own client served");
+    h.shutdown().await;
+}
