@@ -624,3 +624,28 @@ fn insecure_mode_works_on_loopback_only() {
     ]);
     assert!(out.contains("succeeded"), "{out}");
 }
+
+#[test]
+fn a_cancelled_job_stops_and_leaves_no_artifact() {
+    let (job, _) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 2);
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "c1");
+    wait_mid_job(&c, &id);
+    let said = c.run_ok(&["cancel", &id]);
+    assert!(said.contains("cancelled"), "{said}");
+    let v = c.status(&id);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    // Nothing more is assigned, and no artifact appears.
+    std::thread::sleep(Duration::from_secs(2));
+    let nodes = c.nodes_json();
+    for n in nodes["nodes"].as_array().unwrap() {
+        assert_eq!(n["shards"], 0, "{nodes}");
+    }
+    assert!(!out.join("hcx-manifest.json").exists());
+    // Cancelling again says why not.
+    let again = c.run(&["cancel", &id]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+}

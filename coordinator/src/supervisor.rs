@@ -191,13 +191,24 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
                 stage: "merge".into(),
             },
         };
-        let _ = shared
+        let succeeded = matches!(state, JobState::Succeeded { .. });
+        let committed = shared
             .propose(Command::FinishJob {
                 job: id.clone(),
                 state,
                 now_ms: now_ms(),
             })
-            .await;
+            .await
+            .is_ok_and(|r| r.ok);
+        // The shard files go only once the job's end is committed: a leader
+        // that dies before that leaves them for the next one to merge again.
+        if committed && succeeded {
+            let store = shard_store(Path::new(&job.output), &job.id);
+            let _ = std::fs::remove_dir_all(&store);
+            if let Some(parent) = store.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
         merging
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -230,10 +241,6 @@ fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
     let out =
         hcx_pipeline::shard::merge_shards(&job.spec, &files, &output).map_err(|e| e.to_string())?;
     add_node_shares(&out.output, &node_shares(job))?;
-    let _ = std::fs::remove_dir_all(&store);
-    if let Some(parent) = store.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
     Ok((out.attribution.artifact_bytes, out.attribution.source_bytes))
 }
 

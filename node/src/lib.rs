@@ -109,6 +109,17 @@ struct Ctx {
 
 type WorkKey = (String, u32, u32);
 
+/// A shard being worked on, and when the work ended (if it has).
+struct Work {
+    handle: JoinHandle<()>,
+    ended: Arc<std::sync::OnceLock<Instant>>,
+}
+
+/// A shard whose work ended but which the leader still lists for this node
+/// (its result or failure report did not get through) is started again
+/// after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `stop` turns true.
 pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| {
@@ -150,7 +161,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         labels: cfg.labels.clone().into_iter().collect(),
     };
     let mut registered = false;
-    let mut work: HashMap<WorkKey, JoinHandle<()>> = HashMap::new();
+    let mut work: HashMap<WorkKey, Work> = HashMap::new();
     loop {
         if *stop.borrow() {
             break;
@@ -193,33 +204,39 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
             _ = stop.changed() => {}
         }
     }
-    for (_, h) in work {
-        h.abort();
+    for (_, w) in work {
+        w.handle.abort();
     }
     ctx.endpoint.close(0u32.into(), b"node stopping");
     Ok(())
 }
 
-fn reconcile(ctx: &Arc<Ctx>, work: &mut HashMap<WorkKey, JoinHandle<()>>, list: Vec<Assignment>) {
+fn reconcile(ctx: &Arc<Ctx>, work: &mut HashMap<WorkKey, Work>, list: Vec<Assignment>) {
     let wanted: HashMap<WorkKey, Assignment> = list
         .into_iter()
         .map(|a| ((a.job_id.clone(), a.shard, a.attempt), a))
         .collect();
-    work.retain(|k, h| {
-        if wanted.contains_key(k) {
-            true
-        } else {
+    work.retain(|k, w| {
+        if !wanted.contains_key(k) {
             // Taken back (lease, cancel) or done: stop any work left.
-            h.abort();
-            false
+            w.handle.abort();
+            return false;
         }
+        // Ended long ago but still ours: its report was lost; run it again.
+        w.ended.get().is_none_or(|t| t.elapsed() <= RETRY_AFTER)
     });
     for (k, a) in wanted {
-        if work.get(&k).is_some_and(|h| !h.is_finished()) || work.contains_key(&k) {
+        if work.contains_key(&k) {
             continue;
         }
         let ctx = ctx.clone();
-        work.insert(k, tokio::spawn(async move { do_shard(ctx, a).await }));
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let mark = ended.clone();
+        let handle = tokio::spawn(async move {
+            do_shard(ctx, a).await;
+            let _ = mark.set(Instant::now());
+        });
+        work.insert(k, Work { handle, ended });
     }
 }
 
