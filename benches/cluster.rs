@@ -72,6 +72,13 @@ async fn raft_figures(dir: &Path) {
         Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
     )
     .unwrap();
+    // Node calls (RegisterNode) need a node certificate.
+    let node_id = Identity::load(&certs, Role::Node).unwrap();
+    let node_client = CoordinatorClient::new(
+        addrs.clone(),
+        Some(hcx_net::tls::tonic_client_tls(&node_id, "localhost")),
+    )
+    .unwrap();
     // Warm up: the first call waits for the election.
     let info = |i: u32| NodeInfo {
         name: format!("bench-{}", i % 3),
@@ -83,7 +90,7 @@ async fn raft_figures(dir: &Path) {
     };
     for i in 0..20 {
         let n = info(i);
-        client
+        node_client
             .call(|mut c| {
                 let n = n.clone();
                 async move { c.register_node(n).await }
@@ -95,7 +102,7 @@ async fn raft_figures(dir: &Path) {
     for i in 0..500 {
         let n = info(i);
         let t = Instant::now();
-        client
+        node_client
             .call(|mut c| {
                 let n = n.clone();
                 async move { c.register_node(n).await }

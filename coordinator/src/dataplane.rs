@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hcx_net::frames::{FrameError, Reply, Request, read_frame, write_frame};
-use hcx_net::tls::Identity;
+use hcx_net::tls::{Identity, Role};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,6 +45,21 @@ pub(crate) fn start(
                         return;
                     }
                 };
+                if shared.secure {
+                    let certs = conn.peer_identity().and_then(|i| {
+                        i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    });
+                    if let Err(s) = shared.require_role(
+                        certs.as_deref().map(|v| v.as_slice()),
+                        &[Role::Node],
+                        "the data plane",
+                    ) {
+                        tracing::info!("data plane: {}", s.message());
+                        conn.close(1u32.into(), b"node certificate required");
+                        return;
+                    }
+                }
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let shared = shared.clone();
                     tokio::spawn(async move {

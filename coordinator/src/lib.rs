@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use hcx_net::client::LEADER_HEADER;
 use hcx_net::proto::cluster_server::ClusterServer;
 use hcx_net::proto::raft_server::RaftServer;
-use hcx_net::tls::Identity;
+use hcx_net::tls::{Identity, Role};
 use hcx_pipeline::model::Model;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
@@ -87,6 +87,8 @@ pub struct Shared {
     seen: Mutex<HashMap<String, Instant>>,
     models: tokio::sync::Mutex<HashMap<PathBuf, Arc<Model>>>,
     pub(crate) peers: BTreeMap<NodeId, String>,
+    /// Whether peers present certificates (false under `--insecure`).
+    pub(crate) secure: bool,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -138,6 +140,34 @@ impl Shared {
                 "coordinator {} knows no leader yet (election in progress)",
                 self.id
             )),
+        }
+    }
+
+    /// Refuses a peer whose certificate was not issued for one of `allowed`
+    /// (a node cannot cancel jobs, a client cannot pose as a node).
+    pub(crate) fn require_role(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        allowed: &[Role],
+        call: &str,
+    ) -> Result<(), Status> {
+        if !self.secure {
+            return Ok(());
+        }
+        let role = certs
+            .and_then(|c| c.first())
+            .and_then(|c| hcx_net::tls::peer_role(c.as_ref()));
+        match role {
+            Some(r) if allowed.contains(&r) => Ok(()),
+            other => Err(Status::permission_denied(format!(
+                "{call} needs a {} certificate; the peer presented {}",
+                allowed
+                    .iter()
+                    .map(|r| r.common_name())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                other.map_or("no cluster role", |r| r.common_name())
+            ))),
         }
     }
 
@@ -330,6 +360,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         seen: Mutex::new(HashMap::new()),
         models: tokio::sync::Mutex::new(HashMap::new()),
         peers: cfg.peers.clone(),
+        secure: cfg.tls.is_some(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder();

@@ -18,6 +18,8 @@ use hcx_net::proto::{
 use hcx_protocol::JobSpec;
 use tonic::{Request, Response, Status};
 
+use hcx_net::tls::Role;
+
 use crate::Shared;
 use crate::scheduler::{self, NodeCapacity, PlanOptions, TensorCost};
 use crate::state::{Command, JobRecord, JobState, NodeRecord};
@@ -217,6 +219,15 @@ impl ClusterService {
     }
 }
 
+/// Checks the caller's certificate role.
+fn role<T>(sh: &Shared, req: &Request<T>, allowed: &[Role], call: &str) -> Result<(), Status> {
+    let certs = req.peer_certs();
+    sh.require_role(certs.as_deref().map(|v| v.as_slice()), allowed, call)
+}
+
+const OPERATORS: &[Role] = &[Role::Client, Role::Coordinator];
+const NODES: &[Role] = &[Role::Node];
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -225,6 +236,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobReply>, Status> {
+        role(&self.shared, &req, OPERATORS, "SubmitJob")?;
         self.submit(req.into_inner()).await.map(Response::new)
     }
 
@@ -282,6 +294,7 @@ impl Cluster for ClusterService {
     }
 
     async fn cancel_job(&self, req: Request<JobRef>) -> Result<Response<Ack>, Status> {
+        role(&self.shared, &req, OPERATORS, "CancelJob")?;
         self.shared.require_leader()?;
         let job = req.into_inner().job_id;
         let r = self
@@ -323,6 +336,7 @@ impl Cluster for ClusterService {
     }
 
     async fn drain_node(&self, req: Request<DrainNodeRequest>) -> Result<Response<Ack>, Status> {
+        role(&self.shared, &req, OPERATORS, "DrainNode")?;
         self.shared.require_leader()?;
         let name = req.into_inner().name;
         let r = self
@@ -340,6 +354,7 @@ impl Cluster for ClusterService {
 
     async fn register_node(&self, req: Request<NodeInfo>) -> Result<Response<Ack>, Status> {
         let sh = &self.shared;
+        role(sh, &req, NODES, "RegisterNode")?;
         sh.require_leader()?;
         let n = req.into_inner();
         if n.name.is_empty() || n.name.len() > 128 {
@@ -369,6 +384,7 @@ impl Cluster for ClusterService {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let sh = &self.shared;
+        role(sh, &req, NODES, "Heartbeat")?;
         sh.require_leader()?;
         let name = req.into_inner().name;
         if sh.view.read(|s| !s.nodes.contains_key(&name)) {
@@ -410,6 +426,7 @@ impl Cluster for ClusterService {
 
     async fn report_failure(&self, req: Request<ShardFailure>) -> Result<Response<Ack>, Status> {
         let sh = &self.shared;
+        role(sh, &req, NODES, "ReportFailure")?;
         sh.require_leader()?;
         let f = req.into_inner();
         sh.saw(&f.node);
@@ -508,11 +525,13 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        role(&self.shared, &req, &[Role::Coordinator], "AppendEntries")?;
         let r = self.shared.raft.append_entries(parse(req)?).await;
         json(&r)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        role(&self.shared, &req, &[Role::Coordinator], "Vote")?;
         let r = self.shared.raft.vote(parse(req)?).await;
         json(&r)
     }
@@ -521,6 +540,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        role(&self.shared, &req, &[Role::Coordinator], "InstallSnapshot")?;
         let r = self.shared.raft.install_snapshot(parse(req)?).await;
         json(&r)
     }

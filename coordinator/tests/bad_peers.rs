@@ -192,3 +192,72 @@ async fn peers_from_another_ca_are_refused() {
         .expect("own client served");
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_may_make_only_its_own_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let certs = dir.path().join("certs");
+    let grpc = |role| {
+        let id = Identity::load(&certs, role).unwrap();
+        let ch = hcx_net::client::channel(
+            &h.addr.to_string(),
+            Some(&hcx_net::tls::tonic_client_tls(&id, "localhost")),
+        )
+        .unwrap();
+        ClusterClient::new(ch)
+    };
+    let node_info = hcx_net::proto::NodeInfo {
+        name: "n1".into(),
+        cores: 1,
+        ..Default::default()
+    };
+    // A client certificate cannot pose as a node.
+    let err = grpc(Role::Client)
+        .register_node(node_info.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("hcx-node"), "{err}");
+    // A node certificate cannot cancel jobs or drain nodes.
+    let err = grpc(Role::Node)
+        .cancel_job(hcx_net::proto::JobRef {
+            job_id: "j000001".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = grpc(Role::Node)
+        .drain_node(hcx_net::proto::DrainNodeRequest { name: "n1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // Each role can make its own calls.
+    grpc(Role::Node).register_node(node_info).await.unwrap();
+    grpc(Role::Client)
+        .drain_node(hcx_net::proto::DrainNodeRequest { name: "n1".into() })
+        .await
+        .unwrap();
+    // Only nodes use the data plane.
+    let client_id = Identity::load(&certs, Role::Client).unwrap();
+    if let Ok(conn) = quic(h.addr, &client_id).await {
+        let r = async {
+            let (mut s, mut r) = conn.open_bi().await?;
+            write_frame(
+                &mut s,
+                &Request::Fetch {
+                    job: "j".into(),
+                    tensor: "t".into(),
+                },
+            )
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            read_frame::<_, Reply>(&mut r)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        }
+        .await;
+        assert!(r.is_err(), "a client certificate was served data: {r:?}");
+    }
+    h.shutdown().await;
+}

@@ -560,6 +560,15 @@ pub fn tonic_client_tls(id: &Identity, domain: &str) -> tonic::transport::Client
         .domain_name(domain)
 }
 
+/// The cluster role a peer certificate was issued for (its subject CN,
+/// `hcx-coordinator`, `hcx-node` or `hcx-client`); `None` for anything else.
+/// Only meaningful for certificates already verified against the cluster CA.
+pub fn peer_role(cert_der: &[u8]) -> Option<Role> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Role::ALL.into_iter().find(|r| r.common_name() == cn)
+}
+
 /// Allows plaintext (`--insecure`) only toward loopback: `host:port` must
 /// be a loopback IP or `localhost`.
 pub fn check_insecure_host(host_port: &str) -> Result<(), TlsError> {
@@ -666,6 +675,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("node.pem: no certificate found"), "{err}");
+    }
+
+    #[test]
+    fn peer_roles_come_from_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        init_certs(dir.path(), &[], false).unwrap();
+        for role in Role::ALL {
+            let id = Identity::load(dir.path(), role).unwrap();
+            assert_eq!(peer_role(id.cert_chain()[0].as_ref()), Some(role));
+        }
+        assert_eq!(peer_role(b"not a certificate"), None);
     }
 
     #[test]
