@@ -67,21 +67,14 @@ enum Command {
         /// Where the raft log and snapshots live.
         #[arg(long)]
         data_dir: PathBuf,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Milliseconds a node may stay silent before its shards are re-assigned.
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
     },
     /// Run a worker node.
     Node {
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
         /// Local address of the node's QUIC endpoint.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
@@ -94,12 +87,8 @@ enum Command {
         /// Where shard files are built.
         #[arg(long)]
         work_dir: PathBuf,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
         /// Cores to offer (default: all).
         #[arg(long)]
         cores: Option<u32>,
@@ -111,15 +100,8 @@ enum Command {
     Submit {
         /// The job file.
         job: PathBuf,
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
         /// Write the artifact here instead of the job's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -134,15 +116,8 @@ enum Command {
     Status {
         /// The job id; all jobs without it.
         job: Option<String>,
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -151,27 +126,13 @@ enum Command {
     Cancel {
         /// The job id.
         job: String,
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
     },
     /// List the worker nodes.
     Nodes {
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -180,15 +141,8 @@ enum Command {
     Drain {
         /// The node name.
         node: String,
-        /// Coordinator addresses, comma-separated.
-        #[arg(long, env = "HCX_COORDINATORS")]
-        coordinators: String,
-        /// Folder made by `certs init`.
-        #[arg(long, env = "HCX_CERTS")]
-        certs: Option<PathBuf>,
-        /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        connect: ClusterArgs,
     },
     /// Check a job file without running it.
     Validate {
@@ -235,6 +189,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How a command secures its links: `--certs DIR`, or `--insecure`.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Folder made by `certs init`.
+    #[arg(long, env = "HCX_CERTS")]
+    certs: Option<PathBuf>,
+    /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn security(self) -> Result<cluster::Security> {
+        cluster::Security::from_flags(self.certs, self.insecure)
+    }
+}
+
+/// Where the coordinators are and how to reach them.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, env = "HCX_COORDINATORS")]
+    coordinators: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ClusterArgs {
+    /// A client of the coordinators (call inside the runtime).
+    fn client(self) -> Result<hcx_net::client::CoordinatorClient> {
+        let sec = self.tls.security()?;
+        cluster::client(&self.coordinators, &sec)
+    }
 }
 
 #[derive(Subcommand)]
@@ -357,27 +346,24 @@ fn dispatch(cli: Cli) -> Result<()> {
             listen,
             peers,
             data_dir,
-            certs,
-            insecure,
+            tls,
             lease_ms,
         } => {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
                 id, listen, &peers, data_dir, &sec, lease_ms,
             ))
         }
         Command::Node {
-            coordinators,
+            connect: ClusterArgs { coordinators, tls },
             listen,
             name,
             labels,
             work_dir,
-            certs,
-            insecure,
             cores,
             heartbeat_ms,
         } => {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
+            let sec = tls.security()?;
             runtime()?.block_on(cluster::node(
                 &coordinators,
                 listen,
@@ -391,17 +377,14 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Submit {
             job,
-            coordinators,
-            certs,
-            insecure,
+            connect,
             output,
             watch,
             idempotency_key,
         } => {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
             let spec = JobSpec::load(&job)?;
             let ok = runtime()?.block_on(async {
-                let c = cluster::client(&coordinators, &sec)?;
+                let c = connect.client()?;
                 cluster::submit(
                     &c,
                     &spec,
@@ -416,45 +399,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status {
-            job,
-            coordinators,
-            certs,
-            json,
-            insecure,
-        } => runtime()?.block_on(async {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
-            let c = cluster::client(&coordinators, &sec)?;
+        Command::Status { job, connect, json } => runtime()?.block_on(async {
+            let c = connect.client()?;
             cluster::status(&c, job, json).await.map(|_| ())
         }),
-        Command::Cancel {
-            job,
-            coordinators,
-            certs,
-            insecure,
-        } => runtime()?.block_on(async {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
-            let c = cluster::client(&coordinators, &sec)?;
+        Command::Cancel { job, connect } => runtime()?.block_on(async {
+            let c = connect.client()?;
             cluster::cancel(&c, job).await
         }),
-        Command::Nodes {
-            coordinators,
-            certs,
-            json,
-            insecure,
-        } => runtime()?.block_on(async {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
-            let c = cluster::client(&coordinators, &sec)?;
+        Command::Nodes { connect, json } => runtime()?.block_on(async {
+            let c = connect.client()?;
             cluster::nodes(&c, json).await
         }),
-        Command::Drain {
-            node,
-            coordinators,
-            certs,
-            insecure,
-        } => runtime()?.block_on(async {
-            let sec = cluster::Security::from_flags(certs, insecure)?;
-            let c = cluster::client(&coordinators, &sec)?;
+        Command::Drain { node, connect } => runtime()?.block_on(async {
+            let c = connect.client()?;
             cluster::drain(&c, node).await
         }),
         Command::Run {

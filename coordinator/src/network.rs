@@ -16,7 +16,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::store::{NodeId, TypeConfig};
 
@@ -33,16 +33,8 @@ impl PeerTransport {
     }
 
     /// A lazily connecting channel to `addr` (`host:port`).
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5));
-        if let Some(tls) = &self.tls {
-            ep = ep.tls_config(tls.clone())?;
-        }
-        Ok(ep.connect_lazy())
+    pub fn channel(&self, addr: &str) -> Result<Channel, hcx_net::client::ClientError> {
+        hcx_net::client::channel(addr, self.tls.as_ref())
     }
 }
 

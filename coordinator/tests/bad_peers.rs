@@ -53,6 +53,19 @@ async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Reply {
         .expect("an error reply")
 }
 
+/// Asks for a tensor on a new stream; any failure of the stream is an error.
+async fn try_fetch(conn: &quinn::Connection) -> Result<Reply, String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = Request::Fetch {
+        job: "j".into(),
+        tensor: "t".into(),
+    };
+    write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
+    read_frame::<_, Reply>(&mut r)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn error_text(r: Reply) -> String {
     match r {
         Reply::Error { message, .. } => message,
@@ -147,22 +160,7 @@ async fn peers_from_another_ca_are_refused() {
     match quic(h.addr, &stranger).await {
         Err(_) => {}
         Ok(conn) => {
-            let r = async {
-                let (mut s, mut r) = conn.open_bi().await?;
-                write_frame(
-                    &mut s,
-                    &Request::Fetch {
-                        job: "j".into(),
-                        tensor: "t".into(),
-                    },
-                )
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-                read_frame::<_, Reply>(&mut r)
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            }
-            .await;
+            let r = try_fetch(&conn).await;
             assert!(r.is_err(), "a foreign node was served: {r:?}");
         }
     }
@@ -241,22 +239,7 @@ async fn each_role_may_make_only_its_own_calls() {
     // Only nodes use the data plane.
     let client_id = Identity::load(&certs, Role::Client).unwrap();
     if let Ok(conn) = quic(h.addr, &client_id).await {
-        let r = async {
-            let (mut s, mut r) = conn.open_bi().await?;
-            write_frame(
-                &mut s,
-                &Request::Fetch {
-                    job: "j".into(),
-                    tensor: "t".into(),
-                },
-            )
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-            read_frame::<_, Reply>(&mut r)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        }
-        .await;
+        let r = try_fetch(&conn).await;
         assert!(r.is_err(), "a client certificate was served data: {r:?}");
     }
     h.shutdown().await;
