@@ -219,10 +219,50 @@ fn dims(step: &StepRecord) -> Result<(usize, usize, &serde_json::Value), KernelE
         .and_then(|v| v.as_u64())
         .ok_or_else(bad)? as usize;
     let codec = step.meta.get("codec").ok_or_else(bad)?;
-    rows.checked_mul(cols)
-        .filter(|n| *n <= 1 << 40)
-        .ok_or_else(bad)?;
     Ok((rows, cols, codec))
+}
+
+/// The most bytes a tensor's parts may hold before entropy decoding, per
+/// value of the tensor, plus a fixed allowance for tiny tensors. Every codec
+/// stores far less (the widest, low-rank factors plus a sparse split plus a
+/// quantizer's codes, stay under 8 bytes a value); the bound only keeps a
+/// corrupt manifest from making the decoder allocate without limit.
+pub const MAX_PART_BYTES_PER_VALUE: u64 = 16;
+
+/// Checks the sizes a manifest declares before anything is allocated from
+/// them: no stage saw more values than `shape` holds, and
+/// the entropy stage's raw lengths stay within [`MAX_PART_BYTES_PER_VALUE`].
+fn check_declared_sizes(steps: &[StepRecord], shape: &[usize]) -> Result<usize, KernelError> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| KernelError::Meta {
+            stage: "chain".into(),
+            why: format!("shape {shape:?} overflows"),
+        })?;
+    for step in steps {
+        let (rows, cols, codec) = dims(step)?;
+        let kind = step.spec.kind();
+        if let StageSpec::Zstd(_) = step.spec {
+            let raw = entropy::declared_raw_bytes(codec)?;
+            let limit = MAX_PART_BYTES_PER_VALUE * numel as u64 + (64 << 10);
+            if raw > limit {
+                return Err(KernelError::Meta {
+                    stage: kind.into(),
+                    why: format!(
+                        "parts declare {raw} bytes before coding, more than {limit} for shape {shape:?}"
+                    ),
+                });
+            }
+        } else if rows.checked_mul(cols).is_none_or(|n| n > numel) {
+            // A stage sees the whole tensor or, after a split, part of it.
+            return Err(KernelError::Meta {
+                stage: kind.into(),
+                why: format!("{rows} × {cols} values, more than shape {shape:?} holds"),
+            });
+        }
+    }
+    Ok(numel)
 }
 
 /// Decodes a tensor from its stage records and parts (named `<stage>.<part>`).
@@ -231,6 +271,7 @@ pub fn decode_tensor(
     mut parts: Vec<Part>,
     shape: &[usize],
 ) -> Result<Vec<f32>, KernelError> {
+    let expect = check_declared_sizes(steps, shape)?;
     for step in steps.iter().rev() {
         if let StageSpec::Zstd(_) = step.spec {
             let (_, _, codec) = dims(step)?;
@@ -273,7 +314,6 @@ pub fn decode_tensor(
             q => cur = Some(dequantize(q, codec, &take(kind), rows, cols)?),
         }
     }
-    let expect: usize = shape.iter().product();
     match cur {
         Some(v) if v.len() == expect => Ok(v),
         Some(v) => Err(KernelError::Meta {
@@ -319,6 +359,36 @@ mod tests {
         // Same input, same bytes.
         let again = encode_tensor("w", x, &[64, 384], &stages, 7, 4).unwrap();
         assert_eq!(again.parts, e.parts);
+    }
+
+    #[test]
+    fn declared_sizes_beyond_the_shape_are_refused_before_allocation() {
+        let x = gaussian_vec(3, 8 * 128);
+        let stages = vec![
+            StageSpec::Hadamard(HadamardSpec::default()),
+            StageSpec::Uniform(UniformSpec {
+                bits: 4.0,
+                deadzone: 0.0,
+            }),
+            StageSpec::Zstd(ZstdSpec::default()),
+        ];
+        let e = encode_tensor("w", x, &[8, 128], &stages, 7, 4).unwrap();
+        // A raw length of 2^40 bytes for the codes: refused, nothing allocated.
+        let mut huge = e.steps.clone();
+        huge[2].meta["codec"]["parts"][0]["raw_len"] = json!(1u64 << 40);
+        let err = decode_tensor(&huge, e.parts.clone(), &[8, 128]).unwrap_err();
+        assert!(err.to_string().contains("bytes before coding"), "{err}");
+        // A quantizer that claims 2^20 × 2^20 values for an 8 × 128 tensor.
+        let mut wide = e.steps.clone();
+        wide[1].meta["rows"] = json!(1u64 << 20);
+        wide[1].meta["cols"] = json!(1u64 << 20);
+        let err = decode_tensor(&wide, e.parts.clone(), &[8, 128]).unwrap_err();
+        assert!(err.to_string().contains("more than shape"), "{err}");
+        // A shape whose element count overflows.
+        let err = decode_tensor(&e.steps, e.parts.clone(), &[usize::MAX, 2]).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        // The untouched record still decodes.
+        decode_tensor(&e.steps, e.parts, &[8, 128]).unwrap();
     }
 
     #[test]
