@@ -294,9 +294,7 @@ mod tests {
 
     #[test]
     fn reference_matches_itself() {
-        let Some(dir) = model_dir("reference_matches_itself") else {
-            return;
-        };
+        let dir = model_dir();
         let sentences = default_sentences();
         let start = Instant::now();
         let embeddings = sentence_embeddings(&dir, &sentences).unwrap();
@@ -323,9 +321,7 @@ mod tests {
 
     #[test]
     fn paraphrases_are_closer_than_unrelated_sentences() {
-        let Some(dir) = model_dir("paraphrases_are_closer_than_unrelated_sentences") else {
-            return;
-        };
+        let dir = model_dir();
         // The sentence-transformers quickstart (sbert.net, "Usage") prints
         // these cosines for all-MiniLM-L6-v2: 0.6660, 0.1046 and 0.1411.
         let sentences: Vec<String> = [
@@ -393,9 +389,7 @@ mod tests {
 
     #[test]
     fn perturbed_weight_shows_in_sqnr_and_cosine() {
-        let Some(dir) = model_dir("perturbed_weight_shows_in_sqnr_and_cosine") else {
-            return;
-        };
+        let dir = model_dir();
         let target = "encoder.layer.2.intermediate.dense.weight";
         // Noise at 10% of the weight's RMS: SQNR = -20 log10(0.1) = 20 dB.
         let relative = 0.1f64;
@@ -450,9 +444,7 @@ mod tests {
 
     #[test]
     fn candidate_without_config_borrows_the_references() {
-        let Some(dir) = model_dir("candidate_without_config_borrows_the_references") else {
-            return;
-        };
+        let dir = model_dir();
         let weights_only = tempfile::tempdir().unwrap();
         // An F16 copy of the weights alone: loads as F32, nearly identical.
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -540,9 +532,7 @@ mod tests {
 
     #[test]
     fn model_errors_name_the_folder_and_tensor() {
-        let Some(dir) = model_dir("model_errors_name_the_folder_and_tensor") else {
-            return;
-        };
+        let dir = model_dir();
         let broken = tempfile::tempdir().unwrap();
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();

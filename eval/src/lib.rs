@@ -165,22 +165,19 @@ pub(crate) mod test_support {
     use std::path::PathBuf;
 
     /// The real test model: `$HCX_MODEL_DIR`, else `../models/all-MiniLM-L6-v2`
-    /// beside this crate; `None` (with a message saying why the caller
-    /// skips) when its `model.safetensors` is absent.
-    pub(crate) fn model_dir(test: &str) -> Option<PathBuf> {
+    /// beside this crate. A missing model fails the test that asked for it:
+    /// `scripts/test.sh` fetches it first, so absence is a broken setup.
+    pub(crate) fn model_dir() -> PathBuf {
         let dir = std::env::var_os("HCX_MODEL_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
                 PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2")
             });
-        if dir.join("model.safetensors").is_file() {
-            Some(dir)
-        } else {
-            eprintln!(
-                "skipping {test}: no test model at `{}` (run scripts/fetch-model.sh or set HCX_MODEL_DIR)",
-                dir.join("model.safetensors").display()
-            );
-            None
-        }
+        assert!(
+            dir.join("model.safetensors").is_file(),
+            "the test model is missing at `{}`: run scripts/fetch-model.sh (scripts/test.sh does) or set HCX_MODEL_DIR",
+            dir.join("model.safetensors").display()
+        );
+        dir
     }
 }

@@ -23,6 +23,10 @@ pub struct TensorSqnr {
     /// match). Minus infinity when the reference is all zeros but the
     /// candidate is not.
     pub sqnr_db: Option<f64>,
+    /// Σ ref² (0 for integer tensors).
+    pub signal: f64,
+    /// Σ (ref − cand)² (0 for integer tensors).
+    pub noise: f64,
 }
 
 /// Every tensor of the reference, in name order, with its SQNR in the
@@ -48,6 +52,20 @@ impl TensorComparison {
             }
         }
         (weight > 0.0).then(|| sum / weight)
+    }
+
+    /// Pooled SQNR (dB) over the same tensors: `10 log10(Σ signal / Σ noise)`.
+    /// Unlike the weighted mean, tensors with large values dominate it.
+    pub fn pooled_sqnr(&self, filter: impl Fn(&str) -> bool) -> Option<f64> {
+        let (mut signal, mut noise, mut any) = (0.0f64, 0.0f64, false);
+        for tensor in &self.tensors {
+            if tensor.sqnr_db.is_some() && filter(&tensor.name) {
+                signal += tensor.signal;
+                noise += tensor.noise;
+                any = true;
+            }
+        }
+        (any && noise > 0.0).then(|| 10.0 * (signal / noise).log10())
     }
 }
 
@@ -323,24 +341,30 @@ fn compare_one(
             });
         }
     }
-    let sqnr_db = match rk {
+    let (sqnr_db, signal, noise) = match rk {
         Kind::Integer => {
             if !integers_equal(reference, candidate, params) {
                 return Err(EvalError::IntegerMismatch {
                     tensor: name.to_string(),
                 });
             }
-            None
+            (None, 0.0, 0.0)
         }
         Kind::Float => {
             let (signal, noise) = float_energies(reference, candidate, params);
-            (noise != 0.0).then(|| 10.0 * (signal / noise).log10())
+            (
+                (noise != 0.0).then(|| 10.0 * (signal / noise).log10()),
+                signal,
+                noise,
+            )
         }
     };
     Ok(TensorSqnr {
         name: name.to_string(),
         params,
         sqnr_db,
+        signal,
+        noise,
     })
 }
 
@@ -523,22 +547,32 @@ mod tests {
                     name: "big".into(),
                     params: 300,
                     sqnr_db: Some(10.0),
+                    signal: 100.0,
+                    noise: 10.0,
                 },
                 TensorSqnr {
                     name: "small".into(),
                     params: 100,
                     sqnr_db: Some(30.0),
+                    signal: 1.0,
+                    noise: 0.001,
                 },
                 TensorSqnr {
                     name: "exact".into(),
                     params: 1000,
                     sqnr_db: None,
+                    signal: 5.0,
+                    noise: 0.0,
                 },
             ],
         };
         assert_eq!(cmp.weighted_mean_sqnr(|_| true), Some(15.0));
         assert_eq!(cmp.weighted_mean_sqnr(|n| n != "big"), Some(30.0));
         assert_eq!(cmp.weighted_mean_sqnr(|n| n == "exact"), None);
+        // Pooled: 10·log10(101 / 10.001), dominated by the big tensor.
+        let pooled = cmp.pooled_sqnr(|_| true).unwrap();
+        assert!((pooled - 10.0 * (101.0f64 / 10.001).log10()).abs() < 1e-12);
+        assert_eq!(cmp.pooled_sqnr(|n| n == "exact"), None);
     }
 
     #[test]
@@ -634,9 +668,7 @@ mod tests {
 
     #[test]
     fn minilm_has_36_encoder_linear_weights_and_matches_itself() {
-        let Some(dir) = model_dir("minilm_has_36_encoder_linear_weights_and_matches_itself") else {
-            return;
-        };
+        let dir = model_dir();
         let cmp = compare_tensors(&dir, &dir).unwrap();
         assert!(cmp.tensors.iter().all(|t| t.sqnr_db.is_none()));
         assert_eq!(
