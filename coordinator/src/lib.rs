@@ -264,6 +264,19 @@ impl CoordinatorHandle {
         self.shared.is_leader()
     }
 
+    /// Its raft member's view of the group now: term, leader, log,
+    /// snapshot and purge points, and (on the leader) each peer's progress.
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        self.shared.raft.metrics().borrow().clone()
+    }
+
+    /// Commits `cmd` through raft, as the API handlers do after checking a
+    /// request, and returns what applying it said. Refused with the
+    /// leader's address unless this coordinator leads.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Status> {
+        self.shared.propose(cmd).await
+    }
+
     /// Stops serving and shuts raft down.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
