@@ -341,6 +341,8 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         election_timeout_max: 1200,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
         max_in_snapshot_log_to_keep: 500,
+        snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES as u64,
+        install_snapshot_timeout: network::SNAPSHOT_CHUNK_TIMEOUT_MS,
         ..Default::default()
     }
     .validate()
@@ -386,9 +388,13 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         .add_service(ClusterServer::new(service::ClusterService {
             shared: shared.clone(),
         }))
-        .add_service(RaftServer::new(service::RaftService {
-            shared: shared.clone(),
-        }));
+        .add_service(
+            RaftServer::new(service::RaftService {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(network::RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(network::RAFT_MESSAGE_LIMIT),
+        );
     let mut rx = shutdown_rx.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grpc = tokio::spawn(async move {
