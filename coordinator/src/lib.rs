@@ -264,6 +264,19 @@ impl CoordinatorHandle {
         self.shared.is_leader()
     }
 
+    /// Its raft member's view of the group now: term, leader, log,
+    /// snapshot and purge points, and (on the leader) each peer's progress.
+    pub fn metrics(&self) -> openraft::RaftMetrics<NodeId, BasicNode> {
+        self.shared.raft.metrics().borrow().clone()
+    }
+
+    /// Commits `cmd` through raft, as the API handlers do after checking a
+    /// request, and returns what applying it said. Refused with the
+    /// leader's address unless this coordinator leads.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Status> {
+        self.shared.propose(cmd).await
+    }
+
     /// Stops serving and shuts raft down.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -328,6 +341,8 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         election_timeout_max: 1200,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
         max_in_snapshot_log_to_keep: 500,
+        snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES as u64,
+        install_snapshot_timeout: network::SNAPSHOT_CHUNK_TIMEOUT_MS,
         ..Default::default()
     }
     .validate()
@@ -373,9 +388,13 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         .add_service(ClusterServer::new(service::ClusterService {
             shared: shared.clone(),
         }))
-        .add_service(RaftServer::new(service::RaftService {
-            shared: shared.clone(),
-        }));
+        .add_service(
+            RaftServer::new(service::RaftService {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(network::RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(network::RAFT_MESSAGE_LIMIT),
+        );
     let mut rx = shutdown_rx.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grpc = tokio::spawn(async move {

@@ -12,8 +12,8 @@ use hcx_net::proto::raft_server::Raft as RaftRpc;
 use hcx_net::proto::{
     Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, HeartbeatReply,
     HeartbeatRequest, JobRef, JobStatus, ListJobsReply, ListJobsRequest, ListNodesReply,
-    ListNodesRequest, NodeInfo, NodeStatus, RaftMessage, ShardFailure, ShardStatus, SubmitJobReply,
-    SubmitJobRequest,
+    ListNodesRequest, NodeInfo, NodeStatus, RaftMessage, ShardFailure, ShardStatus, SnapshotChunk,
+    SubmitJobReply, SubmitJobRequest,
 };
 use hcx_protocol::JobSpec;
 use tonic::{Request, Response, Status};
@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use hcx_net::tls::Role;
 
 use crate::Shared;
+use crate::network::SnapshotHeader;
 use crate::scheduler::{self, NodeCapacity, PlanOptions, TensorCost};
 use crate::state::{Command, JobRecord, JobState, NodeRecord};
 
@@ -538,10 +539,17 @@ impl RaftRpc for RaftService {
 
     async fn install_snapshot(
         &self,
-        req: Request<RaftMessage>,
+        req: Request<SnapshotChunk>,
     ) -> Result<Response<RaftMessage>, Status> {
         role(&self.shared, &req, &[Role::Coordinator], "InstallSnapshot")?;
-        let r = self.shared.raft.install_snapshot(parse(req)?).await;
+        let chunk = req.into_inner();
+        let header: SnapshotHeader = serde_json::from_slice(&chunk.header_json)
+            .map_err(|e| Status::invalid_argument(format!("malformed snapshot chunk: {e}")))?;
+        let r = self
+            .shared
+            .raft
+            .install_snapshot(header.join(chunk.data))
+            .await;
         json(&r)
     }
 }
