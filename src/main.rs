@@ -254,10 +254,28 @@ fn main() -> ExitCode {
     match dispatch(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes joined with `: `, each said once: many errors
+/// already put their source's text in their own message, and a cause whose
+/// text is already there is skipped.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn load_job(path: Option<&Path>) -> Result<JobSpec> {
@@ -435,16 +453,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             println!("job `{}` → {}", a.job, out.output.display());
             println!(
-                "ratio {:.3}× ({} → {} bytes on disk); compressed tensors: {} at {:.3} bits per weight, mean SQNR {} dB; {:.1} s",
+                "ratio {:.3}× ({} → {} bytes on disk); compressed tensors: {} at {:.3} bits per weight; SQNR: parameter-weighted mean {} dB, pooled {} dB; {:.1} s",
                 a.ratio,
                 a.source_bytes,
                 a.artifact_bytes,
                 a.compressed.tensors,
                 a.compressed.bits_per_weight,
-                a.compressed
-                    .mean_sqnr_db
-                    .map(|d| format!("{d:.2}"))
-                    .unwrap_or_else(|| "exact".into()),
+                db_or_exact(a.compressed.mean_sqnr_db),
+                db_or_exact(a.compressed.pooled_sqnr_db),
                 a.seconds
             );
             println!();
@@ -505,6 +521,12 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// A dB figure with two decimals, or `exact` where there is no error.
+fn db_or_exact(v: Option<f64>) -> String {
+    v.map(|d| format!("{d:.2}"))
+        .unwrap_or_else(|| "exact".into())
+}
+
 fn print_inspection(ins: &Inspection) {
     println!(
         "job `{}`: source {} bytes, artifact {} bytes, ratio {:.3}×",
@@ -512,13 +534,12 @@ fn print_inspection(ins: &Inspection) {
     );
     let s = &ins.selected;
     println!(
-        "selected: {} tensors, {} parameters, {:.3} bits per weight, mean SQNR {} dB",
+        "selected: {} tensors, {} parameters, {:.3} bits per weight (parts, header and manifest entries); SQNR: parameter-weighted mean {} dB, pooled {} dB",
         s.tensors,
         s.params,
         s.bits_per_weight,
-        s.mean_sqnr_db
-            .map(|d| format!("{d:.2}"))
-            .unwrap_or_else(|| "exact".into())
+        db_or_exact(s.mean_sqnr_db),
+        db_or_exact(s.pooled_sqnr_db)
     );
     println!(
         "{:<60} {:>10} {:>8} {:>9}  chain",
@@ -561,6 +582,8 @@ fn eval(
     let tensors = hcx_eval::compare_tensors(reference, &dense)?;
     let encoder = tensors.weighted_mean_sqnr(hcx_eval::is_encoder_linear_weight);
     let all = tensors.weighted_mean_sqnr(|_| true);
+    let encoder_pooled = tensors.pooled_sqnr(hcx_eval::is_encoder_linear_weight);
+    let all_pooled = tensors.pooled_sqnr(|_| true);
     let emb = if no_embeddings {
         None
     } else {
@@ -583,6 +606,8 @@ fn eval(
             "tensors": tensors.tensors,
             "encoder_linear_mean_sqnr_db": encoder,
             "all_mean_sqnr_db": all,
+            "encoder_linear_pooled_sqnr_db": encoder_pooled,
+            "all_pooled_sqnr_db": all_pooled,
             "embeddings": emb,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -604,9 +629,14 @@ fn eval(
             .unwrap_or_else(|| "exact".into())
     };
     println!(
-        "parameter-weighted mean SQNR: encoder linear weights {}, all lossy tensors {}",
+        "parameter-weighted mean of per-tensor SQNR: encoder linear weights {}, all lossy tensors {}",
         f(encoder),
         f(all)
+    );
+    println!(
+        "pooled SQNR, 10·log10(Σ signal / Σ noise): encoder linear weights {}, all lossy tensors {}",
+        f(encoder_pooled),
+        f(all_pooled)
     );
     if let Some(e) = emb {
         println!(

@@ -53,14 +53,25 @@ fn minilm_4bit_meets_its_targets_and_is_deterministic() {
         summary.contains("bits per weight") && summary.contains("| hadamard |"),
         "{summary}"
     );
-    hcx_ok(&[
-        "run",
-        job.to_str().unwrap(),
-        "--output",
-        b.to_str().unwrap(),
-    ]);
+    // The second run on one thread: rayon's split of the work must not
+    // change a byte.
+    let one_thread = std::process::Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))
+        .args([
+            "run",
+            job.to_str().unwrap(),
+            "--output",
+            b.to_str().unwrap(),
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        one_thread.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one_thread.stderr)
+    );
 
-    // Determinism: every artifact byte but run times.
+    // Determinism: every artifact byte but run times, all cores against one.
     let fa = read_dir_bytes(&a);
     let fb = read_dir_bytes(&b);
     assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
@@ -84,7 +95,7 @@ fn minilm_4bit_meets_its_targets_and_is_deterministic() {
         ins["ratio"]
     );
     assert!(bpw <= 4.5, "{bpw} bits per weight");
-    assert!(sqnr >= 23.6, "{sqnr} dB");
+    assert!(sqnr >= 24.7, "{sqnr} dB");
     // The whole-model ratio counts every file byte.
     let on_disk: u64 = ["model.hcx.safetensors", "hcx-manifest.json"]
         .iter()
@@ -137,7 +148,8 @@ fn minilm_int8_keeps_embeddings() {
     hcx_ok(&["run", job.to_str().unwrap()]);
     let (bpw, sqnr, _) = encoder_linear_totals(&inspect_encoder(&a));
     eprintln!("minilm-int8: {bpw:.3} bits per weight, {sqnr:.2} dB");
-    assert!(bpw <= 8.5 && sqnr > 40.0);
+    assert!(bpw <= 8.1, "{bpw} bits per weight");
+    assert!(sqnr >= 44.55, "{sqnr} dB");
     let dense = t.path().join("dense");
     hcx_ok(&[
         "decompress",
@@ -154,7 +166,7 @@ fn minilm_int8_keeps_embeddings() {
 fn minilm_3bit_and_2bit_meet_their_targets() {
     let model = minilm();
     let t = tempfile::tempdir().unwrap();
-    for (job, max_bpw, min_db) in [("minilm-3bit", 3.5, 17.1), ("minilm-2bit", 2.625, 11.3)] {
+    for (job, max_bpw, min_db) in [("minilm-3bit", 3.5, 18.7), ("minilm-2bit", 2.625, 13.4)] {
         let a = t.path().join(job);
         let file = example_job(t.path(), job, &model, &a);
         hcx_ok(&["run", file.to_str().unwrap()]);
@@ -180,11 +192,13 @@ fn slow_codecs_run_on_a_subset() {
             "encoder.layer.2.attention.self.value.bias",
         ],
     );
-    for job in [
-        "minilm-ternary",
-        "minilm-seedlm",
-        "minilm-vq",
-        "minilm-lowrank-sparse",
+    // Each gate sits just under what the codec measures on this tensor now
+    // (bits per weight just above), so a regression fails.
+    for (job, max_bpw, min_db) in [
+        ("minilm-ternary", 1.79, 5.57),
+        ("minilm-seedlm", 4.08, 16.38),
+        ("minilm-vq", 4.01, 20.71),
+        ("minilm-lowrank-sparse", 8.43, 8.1),
     ] {
         let a = t.path().join(job);
         let file = example_job(t.path(), job, &small, &a);
@@ -197,7 +211,10 @@ fn slow_codecs_run_on_a_subset() {
             sel["bits_per_weight"], sel["mean_sqnr_db"]
         );
         assert_eq!(sel["tensors"].as_u64(), Some(1));
-        assert!(sel["mean_sqnr_db"].as_f64().unwrap() > 3.0, "{job}: {sel}");
+        let bpw = sel["bits_per_weight"].as_f64().unwrap();
+        let db = sel["mean_sqnr_db"].as_f64().unwrap();
+        assert!(bpw <= max_bpw, "{job}: {bpw} bits per weight: {sel}");
+        assert!(db >= min_db, "{job}: {db} dB: {sel}");
         let dense = t.path().join(format!("{job}-dense"));
         hcx_ok(&[
             "decompress",
@@ -214,4 +231,86 @@ fn slow_codecs_run_on_a_subset() {
             "{job}: {m} vs {sel}"
         );
     }
+}
+
+#[test]
+fn every_manifest_and_copied_byte_is_counted_and_checked() {
+    let model = minilm();
+    let t = tempfile::tempdir().unwrap();
+    let small = t.path().join("small");
+    subset_model(
+        &model,
+        &small,
+        &[
+            "encoder.layer.0.attention.self.query.weight",
+            "encoder.layer.0.attention.self.query.bias",
+        ],
+    );
+    std::fs::copy(model.join("config.json"), small.join("config.json")).unwrap();
+    std::fs::copy(model.join("tokenizer.json"), small.join("tokenizer.json")).unwrap();
+    let a = t.path().join("a");
+    let job = example_job(t.path(), "minilm-4bit", &small, &a);
+    hcx_ok(&["run", job.to_str().unwrap()]);
+
+    // A tensor's bytes: its parts, their safetensors header entries, and its
+    // entry in the compact manifest with the comma after it.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("hcx-manifest.json")).unwrap()).unwrap();
+    let ins: serde_json::Value =
+        serde_json::from_str(&hcx_ok(&["inspect", a.to_str().unwrap(), "--json"])).unwrap();
+    let mut entries_total = 0u64;
+    for (entry, row) in manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ins["tensors"].as_array().unwrap())
+    {
+        assert_eq!(entry["name"], row["name"]);
+        let parts: u64 = entry["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["bytes"].as_u64().unwrap() + p["header_bytes"].as_u64().unwrap())
+            .sum();
+        let in_manifest = serde_json::to_string(entry).unwrap().len() as u64 + 1;
+        entries_total += in_manifest;
+        assert_eq!(
+            row["bytes"].as_u64().unwrap(),
+            parts + in_manifest,
+            "{}",
+            row["name"]
+        );
+    }
+    let manifest_len = std::fs::metadata(a.join("hcx-manifest.json"))
+        .unwrap()
+        .len();
+    assert!(entries_total < manifest_len);
+
+    // The copied config and tokenizer are hashed in the manifest and checked
+    // by decompress.
+    let copied = manifest["source"]["copied"].as_array().unwrap();
+    let names: Vec<&str> = copied.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["config.json", "tokenizer.json"]);
+    assert!(
+        copied
+            .iter()
+            .all(|c| c["sha256"].as_str().unwrap().len() == 64)
+    );
+    let mut tok = std::fs::read(a.join("tokenizer.json")).unwrap();
+    let i = tok.len() / 2;
+    tok[i] ^= 0x01;
+    std::fs::write(a.join("tokenizer.json"), tok).unwrap();
+    let out = hcx(&[
+        "decompress",
+        a.to_str().unwrap(),
+        "--output",
+        t.path().join("dense").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("SHA-256"),
+        "{err}"
+    );
+    assert!(!t.path().join("dense").exists());
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use hcx_pipeline::attribution::ReportSection;
+
 use crate::scheduler;
 use crate::service::{plan_options, shard_store};
 use crate::state::{Command, JobRecord, JobState};
@@ -238,27 +240,18 @@ fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
         }
         files.push(f);
     }
-    let out =
-        hcx_pipeline::shard::merge_shards(&job.spec, &files, &output).map_err(|e| e.to_string())?;
-    add_node_shares(&out.output, &node_shares(job))?;
+    let sections = [node_section(&node_shares(job))?];
+    let out = hcx_pipeline::shard::merge_shards(&job.spec, &files, &output, &sections)
+        .map_err(|e| e.to_string())?;
     Ok((out.attribution.artifact_bytes, out.attribution.source_bytes))
 }
 
-/// Adds the per-node table to the artifact's attribution report.
-fn add_node_shares(artifact: &Path, shares: &[NodeShare]) -> Result<(), String> {
-    let json_path = artifact.join("attribution.json");
-    let text =
-        std::fs::read_to_string(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    v["nodes"] = serde_json::to_value(shares).map_err(|e| e.to_string())?;
-    let mut out = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
-    out.push('\n');
-    std::fs::write(&json_path, out).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let md_path = artifact.join("attribution.md");
-    let mut md =
-        std::fs::read_to_string(&md_path).map_err(|e| format!("{}: {e}", md_path.display()))?;
-    md.push_str("\n## Per node\n\n| node | shards | tensors | kernel s | wall s | MB in | MB out |\n|---|---:|---:|---:|---:|---:|---:|\n");
+/// The per-node table of the attribution report, written with the rest of
+/// the report before the artifact is published.
+fn node_section(shares: &[NodeShare]) -> Result<ReportSection, String> {
+    let mut md = String::from(
+        "## Per node\n\n| node | shards | tensors | kernel s | wall s | MB in | MB out |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
     for s in shares {
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
@@ -271,5 +264,9 @@ fn add_node_shares(artifact: &Path, shares: &[NodeShare]) -> Result<(), String> 
             s.bytes_out as f64 / 1e6
         ));
     }
-    std::fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))
+    Ok(ReportSection {
+        key: "nodes".into(),
+        json: serde_json::to_value(shares).map_err(|e| e.to_string())?,
+        markdown: md,
+    })
 }

@@ -42,9 +42,10 @@ pub fn read_manifest(artifact: &Path) -> Result<Manifest, PipelineError> {
     Ok(m)
 }
 
-/// Checks every tensor file's size and SHA-256 against the manifest.
+/// Checks every tensor file's and every copied file's size and SHA-256
+/// against the manifest.
 pub fn verify(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
-    for f in &m.files {
+    for f in m.files.iter().chain(&m.source.copied) {
         if f.name.contains('/') || f.name.contains("..") {
             return Err(PipelineError::Artifact {
                 path: artifact.to_path_buf(),
@@ -129,11 +130,55 @@ impl TensorFiles {
     }
 }
 
+/// Checks that a tensor's declared shape, dtype and source size agree, so
+/// that nothing larger than the declared source is ever allocated for it.
+fn check_entry_size(artifact: &Path, t: &TensorEntry) -> Result<(), PipelineError> {
+    let bad = |why: String| PipelineError::Artifact {
+        path: artifact.join(MANIFEST_FILE),
+        why: format!("tensor `{}`: {why}", t.name),
+    };
+    let dtype = parse_dtype(&t.dtype).ok_or_else(|| bad(format!("unknown dtype {}", t.dtype)))?;
+    let bytes = t
+        .shape
+        .iter()
+        .try_fold(dtype.bitsize() as u64, |a, d| a.checked_mul(*d as u64))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?
+        .div_ceil(8);
+    if bytes != t.source_bytes {
+        return Err(bad(format!(
+            "shape {:?} of {} is {bytes} bytes, the manifest says {}",
+            t.shape, t.dtype, t.source_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every tensor's declared size, and that together they fit in the
+/// source the manifest describes.
+fn check_sizes(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
+    let mut total = 0u64;
+    for t in &m.tensors {
+        check_entry_size(artifact, t)?;
+        total = total.saturating_add(t.source_bytes);
+    }
+    if total > m.source.bytes {
+        return Err(PipelineError::Artifact {
+            path: artifact.join(MANIFEST_FILE),
+            why: format!(
+                "the tensors declare {total} bytes, more than the {} bytes of source files",
+                m.source.bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn decode_entry(
     artifact: &Path,
     files: &TensorFiles,
     t: &TensorEntry,
 ) -> Result<Vec<u8>, PipelineError> {
+    check_entry_size(artifact, t)?;
     let parts = files.parts(artifact, t)?;
     if t.steps.is_empty() {
         let p = parts
@@ -178,6 +223,7 @@ pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f3
             path: artifact.to_path_buf(),
             why: format!("no tensor `{name}`"),
         })?;
+    check_entry_size(artifact, t)?;
     let files = TensorFiles::open(artifact, m)?;
     let parts = files.parts(artifact, t)?;
     decode_tensor(&t.steps, parts, &t.shape).map_err(|source| PipelineError::Tensor {
@@ -191,6 +237,7 @@ pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f3
 pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineError> {
     let m = read_manifest(artifact)?;
     verify(artifact, &m)?;
+    check_sizes(artifact, &m)?;
     let files = TensorFiles::open(artifact, &m)?;
     let parent = output
         .parent()
@@ -235,12 +282,10 @@ pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineErr
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         w.finish(&meta)?;
+        // `verify` checked every name stays in the folder and every hash.
         for c in &m.source.copied {
-            if c.contains('/') || c.contains("..") {
-                continue;
-            }
-            let from = artifact.join(c);
-            std::fs::copy(&from, tmp.join(c))
+            let from = artifact.join(&c.name);
+            std::fs::copy(&from, tmp.join(&c.name))
                 .map_err(|e| PipelineError::io(&from, "cannot copy", e))?;
         }
         Ok(())

@@ -70,12 +70,17 @@ pub struct Subset {
     pub tensors: usize,
     /// Parameters.
     pub params: u64,
-    /// Stored bytes (parts and header entries).
+    /// Stored bytes: parts, safetensors header entries and manifest entries.
     pub bytes: u64,
     /// 8 × bytes / params.
     pub bits_per_weight: f64,
-    /// Parameter-weighted mean SQNR of the lossy ones, dB.
+    /// Parameter-weighted mean of the lossy tensors' own SQNR figures, dB:
+    /// Σ pᵢ·SQNRᵢ / Σ pᵢ. Each tensor counts by its size whatever its scale.
     pub mean_sqnr_db: Option<f64>,
+    /// Pooled SQNR of the lossy tensors, dB: 10·log10(Σ signal / Σ noise).
+    /// Large-norm tensors dominate it; it is the figure the per-stage
+    /// "SQNR alone" column uses.
+    pub pooled_sqnr_db: Option<f64>,
 }
 
 /// The report written as `attribution.json` (and rendered as Markdown).
@@ -97,11 +102,41 @@ pub struct Attribution {
     pub layers: Vec<LayerRow>,
     /// Wall time of the whole run, seconds.
     pub seconds: f64,
+    /// Sections the caller adds before the artifact is published (the
+    /// cluster's per-node table under `nodes`), by key.
+    #[serde(flatten, default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// Stored bytes of a tensor: its parts and their header entries.
+/// A section added to the report by whoever runs the job: a JSON value
+/// stored under `key` in `attribution.json` and a Markdown section appended
+/// to `attribution.md`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportSection {
+    /// Key of the JSON value.
+    pub key: String,
+    /// The value.
+    pub json: serde_json::Value,
+    /// Markdown, starting with its own `## ` heading.
+    pub markdown: String,
+}
+
+/// Stored bytes of a tensor: its parts, their entries in the safetensors
+/// header, and its entry in `hcx-manifest.json` (steps, parameters, part
+/// table), so that a tensor's bits per weight count every byte it costs.
 pub fn tensor_bytes(t: &TensorEntry) -> u64 {
-    t.parts.iter().map(|p| p.bytes + p.header_bytes).sum()
+    t.parts
+        .iter()
+        .map(|p| p.bytes + p.header_bytes)
+        .sum::<u64>()
+        + manifest_entry_bytes(t)
+}
+
+/// Bytes of a tensor's entry in the compact manifest: its JSON plus the
+/// comma that separates it from the next entry.
+pub fn manifest_entry_bytes(t: &TensorEntry) -> u64 {
+    // Serialising a manifest entry cannot fail: plain data, string keys.
+    serde_json::to_vec(t).map_or(0, |v| v.len() as u64 + 1)
 }
 
 /// True when the tensor's chain has a quantizer other than a cast.
@@ -117,6 +152,7 @@ pub fn is_compressed(t: &TensorEntry) -> bool {
 /// Totals over the tensors `pick` selects.
 pub fn subset<'a>(tensors: impl Iterator<Item = &'a TensorEntry>) -> Subset {
     let (mut n, mut params, mut bytes, mut wsum, mut wparams) = (0usize, 0u64, 0u64, 0.0f64, 0u64);
+    let (mut signal, mut noise) = (0.0f64, 0.0f64);
     for t in tensors {
         let p: u64 = t.shape.iter().product::<usize>() as u64;
         n += 1;
@@ -125,6 +161,8 @@ pub fn subset<'a>(tensors: impl Iterator<Item = &'a TensorEntry>) -> Subset {
         if let Some(s) = t.sqnr_db {
             wsum += s * p as f64;
             wparams += p;
+            signal += t.energy;
+            noise += t.energy * 10f64.powf(-s / 10.0);
         }
     }
     Subset {
@@ -138,6 +176,11 @@ pub fn subset<'a>(tensors: impl Iterator<Item = &'a TensorEntry>) -> Subset {
         },
         mean_sqnr_db: if wparams > 0 {
             Some(wsum / wparams as f64)
+        } else {
+            None
+        },
+        pooled_sqnr_db: if wparams > 0 {
+            hcx_kernels::stats::sqnr_from(signal, noise)
         } else {
             None
         },
@@ -278,6 +321,7 @@ pub fn build(
         stages: rows,
         layers,
         seconds: run_seconds,
+        extra: BTreeMap::new(),
     }
 }
 
@@ -289,7 +333,7 @@ fn db(v: Option<f64>) -> String {
 /// The stage table as Markdown (also printed by `hcx-cluster run`).
 pub fn stage_table(a: &Attribution) -> String {
     let mut s = String::from(
-        "| stage | tensors | bytes in | bytes out | ratio | share of log-ratio | share of error | SQNR alone (dB) | time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| stage | tensors | bytes in | bytes out | ratio | share of log-ratio | share of error | SQNR alone, pooled (dB) | time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &a.stages {
         s.push_str(&format!(
@@ -311,7 +355,7 @@ pub fn stage_table(a: &Attribution) -> String {
 /// The whole report as Markdown.
 pub fn markdown(a: &Attribution) -> String {
     let mut s = format!(
-        "# Attribution: {}\n\nSource {} bytes → artifact {} bytes on disk: **{:.3}×**.\n\nCompressed tensors: {} ({} parameters) at **{:.3} bits per weight** (every part and header entry counted), parameter-weighted mean SQNR **{}** dB.\n\n## Per stage\n\nRatios multiply down the table; the log-ratio shares add up to 100%.\n\n",
+        "# Attribution: {}\n\nSource {} bytes → artifact {} bytes on disk: **{:.3}×**.\n\nCompressed tensors: {} ({} parameters) at **{:.3} bits per weight** (every part, safetensors header entry and manifest entry counted). SQNR: parameter-weighted mean of per-tensor dB **{}** dB; pooled, 10·log10(Σ signal / Σ noise), **{}** dB.\n\n## Per stage\n\nRatios multiply down the table; the log-ratio shares add up to 100%. \"SQNR alone\" is pooled over the tensors the stage ran on. The container row holds the bytes no stage records: the safetensors header and the manifest.\n\n",
         a.job,
         a.source_bytes,
         a.artifact_bytes,
@@ -319,10 +363,11 @@ pub fn markdown(a: &Attribution) -> String {
         a.compressed.tensors,
         a.compressed.params,
         a.compressed.bits_per_weight,
-        db(a.compressed.mean_sqnr_db)
+        db(a.compressed.mean_sqnr_db),
+        db(a.compressed.pooled_sqnr_db)
     );
     s.push_str(&stage_table(a));
-    s.push_str("\n## Per layer\n\n| layer | tensors | parameters | source bytes | artifact bytes | ratio | SQNR (dB) | time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("\n## Per layer\n\n| layer | tensors | parameters | source bytes | artifact bytes | ratio | mean SQNR (dB) | time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &a.layers {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {:.3}× | {} | {:.2} |\n",

@@ -8,6 +8,7 @@
 //! into place only when complete.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use rayon::prelude::*;
 use sha2::Digest;
 
 use crate::PipelineError;
-use crate::attribution::{self, Attribution};
+use crate::attribution::{self, Attribution, ReportSection};
 use crate::model::{Model, dtype_str, is_integer_dtype, raw_to_f32};
 use crate::writer::TensorFileWriter;
 
@@ -277,19 +278,112 @@ pub fn write_artifact(
 }
 
 /// Moves the finished folder into place, replacing an earlier artifact.
-fn publish(tmp: &Path, output: &Path) -> Result<(), PipelineError> {
+///
+/// Every file of the new folder and the folder itself are fsynced first;
+/// then one atomic step puts it in place: a rename where there was nothing,
+/// an exchange of the two folders where there was an earlier artifact
+/// (`renameat2(RENAME_EXCHANGE)` on Linux), so the output path always names
+/// a complete artifact, the old one or the new one, even across a crash.
+/// The parent folder is fsynced last so the step itself is durable.
+pub fn publish(tmp: &Path, output: &Path) -> Result<(), PipelineError> {
+    sync_tree(tmp)?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     if output.exists() {
-        let old = tmp.with_extension("old");
-        std::fs::rename(output, &old)
-            .map_err(|e| PipelineError::io(output, "cannot move the earlier artifact aside", e))?;
-        std::fs::rename(tmp, output)
-            .map_err(|e| PipelineError::io(output, "cannot move the artifact into place", e))?;
-        let _ = std::fs::remove_dir_all(&old);
+        match exchange(tmp, output) {
+            Ok(()) => {
+                // `tmp` now holds the earlier artifact.
+                let _ = std::fs::remove_dir_all(tmp);
+            }
+            Err(e) if exchange_unsupported(&e) => {
+                // No atomic exchange on this system or file system: fall back
+                // to two renames, with a moment when the output is absent.
+                let old = tmp.with_extension("old");
+                std::fs::rename(output, &old).map_err(|e| {
+                    PipelineError::io(output, "cannot move the earlier artifact aside", e)
+                })?;
+                std::fs::rename(tmp, output).map_err(|e| {
+                    PipelineError::io(output, "cannot move the artifact into place", e)
+                })?;
+                let _ = std::fs::remove_dir_all(&old);
+            }
+            Err(e) => {
+                return Err(PipelineError::io(
+                    output,
+                    "cannot exchange the earlier artifact for the new one",
+                    e,
+                ));
+            }
+        }
     } else {
         std::fs::rename(tmp, output)
             .map_err(|e| PipelineError::io(output, "cannot move the artifact into place", e))?;
     }
-    Ok(())
+    sync_dir(&parent)
+}
+
+/// fsyncs every regular file directly in `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> Result<(), PipelineError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| PipelineError::io(dir, "cannot list", e))?;
+    for e in rd {
+        let e = e.map_err(|e| PipelineError::io(dir, "cannot list", e))?;
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| PipelineError::io(&p, "cannot fsync", e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsyncs a folder, so the names in it (a rename, a new file) are durable.
+fn sync_dir(dir: &Path) -> Result<(), PipelineError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| PipelineError::io(dir, "cannot fsync the folder", e))
+}
+
+/// Atomically swaps the two paths (both must exist).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that outlive the call;
+    // renameat2 only reads them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// No atomic exchange off Linux: the caller falls back to two renames.
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// True when `e` says the exchange itself is not available here.
+fn exchange_unsupported(e: &std::io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+        return true;
+    }
+    e.kind() == std::io::ErrorKind::Unsupported
 }
 
 fn build(
@@ -330,13 +424,15 @@ fn build(
             seconds.push(enc.seconds);
         }
     }
-    finish_artifact(spec, model, tmp, writer, entries, &seconds, started)
+    finish_artifact(spec, model, tmp, writer, entries, &seconds, started, &[])
 }
 
 /// Writes everything of an artifact but the tensor data: closes the tensor
 /// file, copies the model's extra files, writes the manifest and the
 /// attribution report. `entries` are in model order, their parts already
-/// in `writer`.
+/// in `writer`. `sections` are added to the report as it is written, so the
+/// report is complete before the artifact is published.
+#[allow(clippy::too_many_arguments)]
 pub fn finish_artifact(
     spec: &JobSpec,
     model: &Model,
@@ -345,6 +441,7 @@ pub fn finish_artifact(
     mut entries: Vec<TensorEntry>,
     seconds: &[Vec<f64>],
     started: Instant,
+    sections: &[ReportSection],
 ) -> Result<Attribution, PipelineError> {
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
@@ -354,11 +451,17 @@ pub fn finish_artifact(
             p.header_bytes = written.header_bytes.get(&p.name).copied().unwrap_or(0);
         }
     }
-    let copied = extra_files(model)?;
-    for name in &copied {
-        let from = model.dir.join(name);
-        std::fs::copy(&from, tmp.join(name))
-            .map_err(|e| PipelineError::io(&from, "cannot copy", e))?;
+    let mut copied = Vec::new();
+    for name in extra_files(model)? {
+        let from = model.dir.join(&name);
+        let to = tmp.join(&name);
+        let bytes =
+            std::fs::copy(&from, &to).map_err(|e| PipelineError::io(&from, "cannot copy", e))?;
+        copied.push(FileEntry {
+            sha256: crate::writer::sha256_file(&to)?,
+            name,
+            bytes,
+        });
     }
     let sizes = model.file_sizes();
     let source_files: Vec<FileEntry> = model
@@ -391,22 +494,80 @@ pub fn finish_artifact(
     };
     // Compact: the manifest's bytes count in the artifact's size.
     let manifest_bytes = write_json(&tmp.join(MANIFEST_FILE), &manifest, false)?;
-    let report = attribution::build(
+    let mut report = attribution::build(
         &manifest,
         written.bytes + manifest_bytes,
         seconds,
         started.elapsed().as_secs_f64(),
     );
+    let mut md_text = attribution::markdown(&report);
+    for s in sections {
+        report.extra.insert(s.key.clone(), s.json.clone());
+        md_text.push('\n');
+        md_text.push_str(&s.markdown);
+    }
     write_json(&tmp.join("attribution.json"), &report, true)?;
     let md = tmp.join("attribution.md");
-    std::fs::write(&md, attribution::markdown(&report))
-        .map_err(|e| PipelineError::io(&md, "cannot write", e))?;
+    std::fs::write(&md, md_text).map_err(|e| PipelineError::io(&md, "cannot write", e))?;
     Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::{WAVE_ELEMENTS, waves};
+
+    #[test]
+    fn replacing_an_artifact_never_leaves_the_output_missing() {
+        use super::publish;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("art");
+        let make = |n: usize| {
+            let tmp = dir.path().join(format!(".art.partial-{n}"));
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("hcx-manifest.json"), n.to_string()).unwrap();
+            tmp
+        };
+        publish(&make(0), &output).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let missing = Arc::new(AtomicUsize::new(0));
+        let watcher = {
+            let (done, missing, output) = (done.clone(), missing.clone(), output.clone());
+            std::thread::spawn(move || {
+                let mut looks = 0usize;
+                while !done.load(Ordering::Relaxed) {
+                    if !output.join("hcx-manifest.json").is_file() {
+                        missing.fetch_add(1, Ordering::Relaxed);
+                    }
+                    looks += 1;
+                }
+                looks
+            })
+        };
+        for n in 1..=300 {
+            publish(&make(n), &output).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(output.join("hcx-manifest.json")).unwrap(),
+                n.to_string()
+            );
+        }
+        done.store(true, Ordering::Relaxed);
+        let looks = watcher.join().unwrap();
+        assert!(looks > 0);
+        assert_eq!(
+            missing.load(Ordering::Relaxed),
+            0,
+            "output missing in some of {looks} looks"
+        );
+        // Nothing is left beside the output.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("art")]);
+    }
 
     #[test]
     fn waves_cover_everything_in_order_within_the_cap() {

@@ -21,6 +21,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::PipelineError;
+use crate::attribution::ReportSection;
 use crate::model::dtype_str;
 use crate::run::{
     EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw, finish_artifact, waves, write_artifact,
@@ -143,6 +144,7 @@ pub fn merge_shards(
     spec: &JobSpec,
     shard_files: &[PathBuf],
     output: &Path,
+    sections: &[ReportSection],
 ) -> Result<RunOutcome, PipelineError> {
     let mut shards = Vec::with_capacity(shard_files.len());
     for path in shard_files {
@@ -226,7 +228,9 @@ pub fn merge_shards(
                 format!("shards hold tensor `{name}`, which the model does not have"),
             ));
         }
-        finish_artifact(spec, model, tmp, writer, entries, &seconds, started)
+        finish_artifact(
+            spec, model, tmp, writer, entries, &seconds, started, sections,
+        )
     })
 }
 
@@ -305,7 +309,7 @@ mod tests {
                 files.push(p);
             }
             let merged = dir.path().join(format!("merged-{}", split.len()));
-            merge_shards(&s, &files, &merged).unwrap();
+            merge_shards(&s, &files, &merged, &[]).unwrap();
             for f in [TENSOR_FILE, hcx_protocol::manifest::MANIFEST_FILE] {
                 assert_eq!(
                     std::fs::read(local.join(f)).unwrap(),
@@ -324,17 +328,17 @@ mod tests {
         let model = Model::open(&model_path).unwrap();
         let a = dir.path().join("a.bin");
         encode_shard(&s, &sources(&model, &["embeddings.weight"]), &a).unwrap();
-        let err = merge_shards(&s, std::slice::from_ref(&a), &dir.path().join("o1"))
+        let err = merge_shards(&s, std::slice::from_ref(&a), &dir.path().join("o1"), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("no shard holds tensor"), "{err}");
-        let err = merge_shards(&s, &[a.clone(), a.clone()], &dir.path().join("o2"))
+        let err = merge_shards(&s, &[a.clone(), a.clone()], &dir.path().join("o2"), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("is in two shards"), "{err}");
         let junk = dir.path().join("junk.bin");
         std::fs::write(&junk, b"not a shard").unwrap();
-        let err = merge_shards(&s, &[junk], &dir.path().join("o3"))
+        let err = merge_shards(&s, &[junk], &dir.path().join("o3"), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a shard file"), "{err}");

@@ -36,8 +36,9 @@ pub struct SourceInfo {
     pub files: Vec<FileEntry>,
     /// Their total size on disk.
     pub bytes: u64,
-    /// Files copied beside the tensors (config, tokenizer).
-    pub copied: Vec<String>,
+    /// Files copied beside the tensors (config, tokenizer), with the size
+    /// and hash of the copy in the artifact.
+    pub copied: Vec<FileEntry>,
 }
 
 /// A file with its size and SHA-256.
