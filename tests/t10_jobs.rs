@@ -103,6 +103,35 @@ fn bad_job_files_name_the_place() {
 }
 
 #[test]
+fn errors_say_each_cause_once_place_first() {
+    let t = tempfile::tempdir().unwrap();
+    let absent = t.path().join("absent.yaml");
+    let out = hcx(&["validate", absent.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.starts_with(&format!(
+            "error: {}: cannot read job file",
+            absent.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let p = t.path().join("bad.yaml");
+    std::fs::write(
+        &p,
+        "name: x\nmodel: m\noutput: o\npipeline:\n  - nosuchstage: {}\n",
+    )
+    .unwrap();
+    let out = hcx(&["validate", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:5:"), "{err}");
+    assert!(err.contains("nosuchstage"), "{err}");
+    assert!(!err.contains("line 5"), "{err}");
+    assert_eq!(err.matches("error").count(), 1, "{err}");
+}
+
+#[test]
 fn bad_inputs_fail_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");

@@ -161,7 +161,7 @@ impl std::fmt::Display for Place {
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     /// The file could not be read.
-    #[error("{}: cannot read job file: {source}", path.display())]
+    #[error("{}: cannot read job file", path.display())]
     Read {
         /// The job file.
         path: PathBuf,
@@ -214,7 +214,7 @@ impl JobSpec {
                     line,
                     column,
                 },
-                message: first_line(&e.to_string()),
+                message: parser_message(&e.to_string()),
             }
         })?;
         spec.validate()
@@ -381,6 +381,24 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
 }
 
+/// The parser's message without what the error's place already says: its
+/// own `error:` tag and `line N column M:` prefix.
+fn parser_message(s: &str) -> String {
+    let mut m = first_line(s);
+    if let Some(rest) = m.strip_prefix("error: ") {
+        m = rest.to_string();
+    }
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((pos, tail)) = rest.split_once(": ")
+        && pos
+            .split(" column ")
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        m = tail.to_string();
+    }
+    m
+}
+
 /// Best-effort location of a field path such as `rules[1].pipeline[0].rtn.bits`
 /// in the YAML text: the line of the deepest key that can be found in order.
 fn locate_field(text: &str, file: &Path, field: &str) -> Place {
@@ -529,5 +547,20 @@ mod tests {
         let e = parse(y).unwrap_err();
         assert!(matches!(e, JobError::Syntax { .. }));
         assert!(e.to_string().starts_with("job.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn errors_say_the_place_once() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - bogus: {}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.starts_with("job.yaml:5:"), "{e}");
+        assert!(!e.contains("line 5"), "{e}");
+        assert!(!e.contains("error:"), "{e}");
+        let missing = JobSpec::load(Path::new("/nonexistent/job.yaml")).unwrap_err();
+        let text = missing.to_string();
+        assert_eq!(text, "/nonexistent/job.yaml: cannot read job file");
+        // The I/O error is the source, printed once by whoever walks the chain.
+        let cause = std::error::Error::source(&missing).unwrap().to_string();
+        assert!(cause.contains("No such file"), "{cause}");
     }
 }
