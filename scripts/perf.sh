@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Takes every figure of docs/PERFORMANCE.md on this machine, with the
+# commands the document names: criterion benches (`cargo bench`) and
+# hyperfine (Debian's package, installed here when missing) for whole runs.
+# Run it on an otherwise idle machine; it prints the machine first.
+#
+#   bash scripts/perf.sh [codecs] [cluster] [e2e]   (default: all three)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster e2e)
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
+bash scripts/fetch-model.sh >&2
+target="${CARGO_TARGET_DIR:-$root/target}"
+for part in "${parts[@]}"; do
+  case "$part" in
+    codecs)
+      # Criterion, release profile; then the table of mean throughput in
+      # MB/s (10^6 bytes of f32 input a second) from criterion's estimates.
+      cargo bench --locked --bench codecs >/dev/null 2>&1
+      python3 - "$target/criterion" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+rows = {}
+for group in sorted(os.listdir(root)):
+    if not os.path.isdir(os.path.join(root, group)) or group == "report":
+        continue
+    for op in sorted(os.listdir(os.path.join(root, group))):
+        est = os.path.join(root, group, op, "new", "estimates.json")
+        bench = os.path.join(root, group, op, "new", "benchmark.json")
+        if not os.path.exists(est):
+            continue
+        b = json.load(open(bench))
+        name, label = b["group_id"].rsplit("/", 1)
+        ns = json.load(open(est))["mean"]["point_estimate"]
+        nbytes = b["throughput"]["Bytes"]
+        rows.setdefault((name, b["function_id"]), {})[label] = nbytes / (ns * 1e-9) / 1e6
+print("| codec | operation | 1 thread (MB/s) | all cores (MB/s) |")
+print("|---|---|---:|---:|")
+def fmt(v):
+    return "—" if v is None else (f"{v:,.0f}" if v >= 10 else f"{v:.2f}")
+for (name, op), r in rows.items():
+    print(f"| `{name}` | {op} | {fmt(r.get('1-thread'))} | {fmt(r.get('all-cores'))} |")
+PY
+      ;;
+    cluster)
+      cargo bench --locked --profile dev --bench cluster 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
+    e2e)
+      if ! command -v hyperfine >/dev/null; then
+        apt-get install -y hyperfine >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y hyperfine >/dev/null; }
+      fi
+      cargo build --locked --quiet
+      bin="$target/debug/hcx-cluster"
+      out="$(mktemp -d)"
+      trap 'rm -rf "$out"' EXIT
+      hyperfine --warmup 1 --runs 5 --export-markdown "$out/e2e.md" \
+        -n '--local' "$bin run --local --output $out/a" \
+        -n '--nodes 1' "$bin run --nodes 1 --output $out/a" \
+        -n '--nodes 2' "$bin run --nodes 2 --output $out/a" \
+        -n '--nodes 3' "$bin run --nodes 3 --output $out/a" >&2
+      cat "$out/e2e.md" ;;
+    *) echo "unknown part $part (codecs, cluster, e2e)" >&2; exit 2 ;;
+  esac
+done
