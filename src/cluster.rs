@@ -93,8 +93,10 @@ impl Security {
     }
 }
 
-/// A client of the coordinators, authenticated with the client certificate.
-pub fn client(coordinators: &str, sec: &Security) -> Result<CoordinatorClient> {
+/// A client of the coordinators, authenticated with the client certificate,
+/// that gives up a call after `timeout` and says on stderr what it waits for
+/// when a call keeps failing.
+pub fn client(coordinators: &str, sec: &Security, timeout: Duration) -> Result<CoordinatorClient> {
     let addrs: Vec<String> = coordinators
         .split(',')
         .map(str::trim)
@@ -110,7 +112,9 @@ pub fn client(coordinators: &str, sec: &Security) -> Result<CoordinatorClient> {
             None
         }
     };
-    Ok(CoordinatorClient::new(addrs, tls)?)
+    Ok(CoordinatorClient::new(addrs, tls)?
+        .with_patience(timeout)
+        .on_wait(|w| eprintln!("{w}")))
 }
 
 async fn shutdown_signal() {
@@ -496,7 +500,11 @@ impl Embedded {
             };
             nodes.push(tokio::spawn(hcx_node::run(cfg, stop_rx.clone())));
         }
-        let client = client(&addr, &Security::Certs(certs.clone()))?;
+        let client = client(
+            &addr,
+            &Security::Certs(certs.clone()),
+            hcx_net::client::DEFAULT_PATIENCE,
+        )?;
         // Wait until every node has registered, so the first plan uses them all.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -101,7 +101,7 @@ enum Command {
         /// The job file.
         job: PathBuf,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Write the artifact here instead of the job's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -117,7 +117,7 @@ enum Command {
         /// The job id; all jobs without it.
         job: Option<String>,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -127,12 +127,12 @@ enum Command {
         /// The job id.
         job: String,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
     },
     /// List the worker nodes.
     Nodes {
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -142,7 +142,7 @@ enum Command {
         /// The node name.
         node: String,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
     },
     /// Check a job file without running it.
     Validate {
@@ -218,11 +218,26 @@ struct ClusterArgs {
     tls: TlsArgs,
 }
 
-impl ClusterArgs {
+/// A client command's connection: the cluster, and how long to wait for it.
+#[derive(clap::Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Seconds to keep trying to reach a coordinator (and its leader) before giving up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+}
+
+impl ClientArgs {
     /// A client of the coordinators (call inside the runtime).
     fn client(self) -> Result<hcx_net::client::CoordinatorClient> {
-        let sec = self.tls.security()?;
-        cluster::client(&self.coordinators, &sec)
+        let sec = self.cluster.tls.security()?;
+        cluster::client(
+            &self.cluster.coordinators,
+            &sec,
+            std::time::Duration::from_secs(self.timeout),
+        )
     }
 }
 

@@ -649,3 +649,28 @@ fn a_cancelled_job_stops_and_leaves_no_artifact() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
 }
+
+#[test]
+fn a_client_without_coordinators_says_what_it_waits_for_and_gives_up() {
+    let t0 = Instant::now();
+    let out = hcx(&[
+        "status",
+        "--coordinators",
+        "127.0.0.1:1",
+        "--insecure",
+        "--timeout",
+        "3",
+    ]);
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
+    assert!(
+        err.contains("waiting for a coordinator at 127.0.0.1:1 (connection refused); giving up in"),
+        "{err}"
+    );
+    assert!(
+        err.contains("within 3 s") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
+}
