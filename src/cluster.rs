@@ -125,22 +125,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// The `coordinator` subcommand's settings.
+pub struct CoordinatorArgs {
+    /// Raft id.
+    pub id: u64,
+    /// gRPC and data-plane address.
+    pub listen: SocketAddr,
+    /// `--peers` as given.
+    pub peers: String,
+    /// Raft data folder.
+    pub data_dir: PathBuf,
+    /// Node lease in milliseconds.
+    pub lease_ms: u64,
+    /// `--model-root` folders.
+    pub model_roots: Vec<PathBuf>,
+    /// `--output-root` folders.
+    pub output_roots: Vec<PathBuf>,
+}
+
 /// `hcx-cluster coordinator`: serves until interrupted.
-pub async fn coordinator(
-    id: u64,
-    listen: SocketAddr,
-    peers: &str,
-    data_dir: PathBuf,
-    sec: &Security,
-    lease_ms: u64,
-) -> Result<()> {
+pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
+    let id = a.id;
     let cfg = CoordinatorConfig {
         id,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: a.listen,
+        peers: parse_peers(&a.peers)?,
+        data_dir: a.data_dir,
         tls: sec.identity(Role::Coordinator)?,
-        lease: Duration::from_millis(lease_ms),
+        lease: Duration::from_millis(a.lease_ms),
+        model_roots: a.model_roots,
+        output_roots: a.output_roots,
     };
     let h = hcx_coordinator::start(cfg).await?;
     eprintln!("coordinator {id} serving on {}", h.addr);
@@ -465,8 +479,13 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts the cluster with `n` nodes.
-    pub async fn start(n: usize) -> Result<Embedded> {
+    /// Starts the cluster with `n` nodes; its coordinator reads models only
+    /// under `model_roots` and writes artifacts only inside `output_roots`.
+    pub async fn start(
+        n: usize,
+        model_roots: Vec<PathBuf>,
+        output_roots: Vec<PathBuf>,
+    ) -> Result<Embedded> {
         let dir = tempfile::Builder::new()
             .prefix("hcx-embedded-")
             .tempdir()
@@ -480,6 +499,8 @@ impl Embedded {
             data_dir: dir.path().join("raft"),
             tls: Some(identity(&certs, Role::Coordinator)?),
             lease: Duration::from_secs(10),
+            model_roots,
+            output_roots,
         })
         .await?;
         let addr = coordinator.addr.to_string();

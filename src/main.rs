@@ -72,6 +72,14 @@ enum Command {
         /// Milliseconds a node may stay silent before its shards are re-assigned.
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
+        /// Folder submitted jobs may write their artifacts inside (repeatable);
+        /// a job whose `output` resolves elsewhere is refused.
+        #[arg(long = "output-root", value_name = "DIR", required = true)]
+        output_roots: Vec<PathBuf>,
+        /// Folder (or model file) submitted jobs may read their model from
+        /// (repeatable); a job whose `model` resolves elsewhere is refused.
+        #[arg(long = "model-root", value_name = "DIR", required = true)]
+        model_roots: Vec<PathBuf>,
     },
     /// Run a worker node.
     Node {
@@ -316,9 +324,25 @@ fn run_embedded(
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // The embedded coordinator may read this job's model and write its
+    // output, and nothing else.
+    let model =
+        std::path::absolute(&spec.model).with_context(|| format!("{}", spec.model.display()))?;
+    let out = output.unwrap_or(&spec.output);
+    let out = std::path::absolute(out).with_context(|| format!("{}", out.display()))?;
+    // The nearest existing folder above each: the run itself creates
+    // missing output folders (and says so when it cannot).
+    let folder_above = |p: &Path| {
+        p.ancestors()
+            .skip(1)
+            .find(|a| a.is_dir())
+            .unwrap_or(p)
+            .to_path_buf()
+    };
+    let (model_root, output_root) = (folder_above(&model), folder_above(&out));
     let rt = runtime()?;
     let st = rt.block_on(async {
-        let cluster = cluster::Embedded::start(nodes).await?;
+        let cluster = cluster::Embedded::start(nodes, vec![model_root], vec![output_root]).await?;
         let st = cluster.run(spec, output, quiet).await;
         cluster.stop().await;
         st
@@ -363,10 +387,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             data_dir,
             tls,
             lease_ms,
+            output_roots,
+            model_roots,
         } => {
             let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
-                id, listen, &peers, data_dir, &sec, lease_ms,
+                cluster::CoordinatorArgs {
+                    id,
+                    listen,
+                    peers,
+                    data_dir,
+                    lease_ms,
+                    model_roots,
+                    output_roots,
+                },
+                &sec,
             ))
         }
         Command::Node {

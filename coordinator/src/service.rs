@@ -153,6 +153,17 @@ impl ClusterService {
         if !req.output.is_empty() {
             spec.output = base.join(&req.output);
         }
+        // Only inside this coordinator's roots, checked before anything is
+        // created; the job keeps the resolved paths.
+        let roots = sh.roots.clone();
+        let (model, output) = (spec.model.clone(), spec.output.clone());
+        let (model, output) =
+            tokio::task::spawn_blocking(move || Ok((roots.model(&model)?, roots.output(&output)?)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
+        spec.model = model;
+        spec.output = output;
         let out = spec.output.clone();
         tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
             .await
