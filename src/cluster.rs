@@ -176,7 +176,7 @@ pub async fn node(
     heartbeat_ms: u64,
 ) -> Result<()> {
     let cfg = NodeConfig {
-        name,
+        name: name.clone(),
         coordinators: coordinators
             .split(',')
             .map(str::trim)
@@ -186,7 +186,10 @@ pub async fn node(
         listen,
         labels: parse_labels(labels)?,
         work_dir,
-        tls: sec.identity(Role::Node)?,
+        tls: match sec {
+            Security::Certs(dir) => Some(Identity::load_node(dir, &name)?),
+            Security::Insecure => None,
+        },
         cores: cores.unwrap_or_else(hcx_node::machine_cores),
         memory_bytes: hcx_node::machine_memory(),
         heartbeat: Duration::from_millis(heartbeat_ms),
@@ -492,6 +495,9 @@ impl Embedded {
             .context("cannot create a temporary folder")?;
         let certs = dir.path().join("certs");
         hcx_net::tls::init_certs(&certs, &[], false)?;
+        for i in 1..=n {
+            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), &[], false)?;
+        }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
             id: 1,
             listen: "127.0.0.1:0".parse()?,
@@ -514,7 +520,7 @@ impl Embedded {
                 listen: "127.0.0.1:0".parse()?,
                 labels: BTreeMap::new(),
                 work_dir: dir.path().join(format!("node-{i}")),
-                tls: Some(identity(&certs, Role::Node)?),
+                tls: Some(Identity::load_node(&certs, &format!("node-{i}"))?),
                 cores,
                 memory_bytes: hcx_node::machine_memory(),
                 heartbeat: Duration::from_millis(100),

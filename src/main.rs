@@ -264,6 +264,24 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a certificate naming one node, with the CA made by `certs
+    /// init` (needs its ca.key): node-NAME.pem and node-NAME.key. A node
+    /// started with `--name NAME` uses it instead of the shared node.pem, and
+    /// the coordinators then let that connection act only as NAME.
+    Issue {
+        /// The folder made by `certs init`; the files are written there.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name (its `--name`).
+        #[arg(long)]
+        node: String,
+        /// Extra host name or IP the certificate is valid for (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -378,6 +396,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 set.ca_sha256,
                 set.server_names.join(", ")
             );
+            Ok(())
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Issue {
+                    dir,
+                    node,
+                    hosts,
+                    force,
+                },
+        } => {
+            let pem = hcx_net::tls::issue_node_cert(&dir, &node, &hosts, force)?;
+            println!("certificate of node {node} written to {}", pem.display());
             Ok(())
         }
         Command::Coordinator {

@@ -84,7 +84,8 @@ struct Cluster {
 
 impl Cluster {
     /// Three coordinators writing artifacts only inside `dir` and reading
-    /// models only from `models` (or `dir`), and `nodes` nodes.
+    /// models only from `models` (or `dir`), and `nodes` nodes, each with a
+    /// certificate naming it.
     fn start(dir: &Path, nodes: usize, models: &[&Path]) -> Cluster {
         let certs = dir.join("certs");
         hcx_ok(&[
@@ -97,6 +98,16 @@ impl Cluster {
             "--host",
             "127.0.0.3",
         ]);
+        for i in 0..nodes {
+            hcx_ok(&[
+                "certs",
+                "issue",
+                "--dir",
+                certs.to_str().unwrap(),
+                "--node",
+                &format!("n{}", i + 1),
+            ]);
+        }
         let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
         let own = [dir];
         for m in if models.is_empty() { &own[..] } else { models } {

@@ -29,6 +29,13 @@ start)
     "$bin" certs init --dir "$state/certs" --host 127.0.0.2 --host 127.0.0.3
   fi
   for i in 1 2 3; do
+    # Each node gets a certificate naming it: the coordinators then serve a
+    # node only the tensors of the shards it holds.
+    if [ ! -f "$state/certs/node-node-$i.pem" ]; then
+      "$bin" certs issue --dir "$state/certs" --node "node-$i" --host "127.0.0.$i"
+    fi
+  done
+  for i in 1 2 3; do
     addr="$(echo "$coords" | cut -d, -f"$i")"
     nohup "$bin" coordinator --id "$i" --listen "$addr" --peers "$peers" \
       --data-dir "$state/c$i" --certs "$state/certs" \

@@ -181,6 +181,37 @@ impl Shared {
         }
     }
 
+    /// The node a peer's certificate names (see
+    /// [`hcx_net::tls::peer_node_name`]); `None` under `--insecure` or for a
+    /// node certificate shared by several nodes.
+    pub(crate) fn certified_node(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Option<String> {
+        if !self.secure {
+            return None;
+        }
+        certs
+            .and_then(|c| c.first())
+            .and_then(|c| hcx_net::tls::peer_node_name(c.as_ref()))
+    }
+
+    /// Refuses a node call that names another node than the one the
+    /// caller's certificate was issued for.
+    pub(crate) fn require_node_name(
+        &self,
+        certified: Option<&str>,
+        claimed: &str,
+        call: &str,
+    ) -> Result<(), Status> {
+        match certified {
+            Some(n) if n != claimed => Err(Status::permission_denied(format!(
+                "{call}: the certificate is issued to node {n:?}; it cannot act as node {claimed:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Commits a command through raft and returns what applying it said.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, Status> {
         match self.raft.client_write(cmd).await {

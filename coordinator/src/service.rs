@@ -236,6 +236,12 @@ fn role<T>(sh: &Shared, req: &Request<T>, allowed: &[Role], call: &str) -> Resul
     sh.require_role(certs.as_deref().map(|v| v.as_slice()), allowed, call)
 }
 
+/// The node the caller's certificate names, if it names one.
+fn certified<T>(sh: &Shared, req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs();
+    sh.certified_node(certs.as_deref().map(|v| v.as_slice()))
+}
+
 const OPERATORS: &[Role] = &[Role::Client, Role::Coordinator];
 const NODES: &[Role] = &[Role::Node];
 
@@ -367,7 +373,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "RegisterNode")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let n = req.into_inner();
+        sh.require_node_name(cert.as_deref(), &n.name, "RegisterNode")?;
         if n.name.is_empty() || n.name.len() > 128 {
             return Err(Status::invalid_argument(
                 "node name must be 1 to 128 characters",
@@ -397,7 +405,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "Heartbeat")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let name = req.into_inner().name;
+        sh.require_node_name(cert.as_deref(), &name, "Heartbeat")?;
         if sh.view.read(|s| !s.nodes.contains_key(&name)) {
             return Err(Status::not_found(format!(
                 "node {name:?} is not registered"
@@ -439,7 +449,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "ReportFailure")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let f = req.into_inner();
+        sh.require_node_name(cert.as_deref(), &f.node, "ReportFailure")?;
         sh.saw(&f.node);
         let holder = sh.view.read(|s| {
             s.jobs

@@ -1,8 +1,9 @@
 //! Bad input over the network: malformed, oversized and short frames on the
 //! QUIC data plane, uploads that are not the current attempt, peers without
-//! a cluster certificate, and jobs whose paths lie outside the coordinator's
-//! roots. Each must be refused on its own stream or connection while the
-//! coordinator keeps serving.
+//! a cluster certificate, nodes asking for tensors they were not given, and
+//! jobs whose paths lie outside the coordinator's roots. Each must be
+//! refused on its own stream or connection while the coordinator keeps
+//! serving.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,9 +16,13 @@ use hcx_net::proto::{ListNodesRequest, SubmitJobRequest};
 use hcx_net::tls::{Identity, Role, init_certs};
 
 /// A single-voter coordinator reading models under `dir/models` and writing
-/// artifacts inside `dir/out`, with certificates in `dir/certs`.
+/// artifacts inside `dir/out`, with certificates (and ones naming nodes `a`
+/// and `b`) in `dir/certs`.
 async fn coordinator(dir: &Path) -> CoordinatorHandle {
     init_certs(&dir.join("certs"), &[], false).unwrap();
+    for n in ["a", "b"] {
+        hcx_net::tls::issue_node_cert(&dir.join("certs"), n, &[], false).unwrap();
+    }
     for d in ["models", "out"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
@@ -68,11 +73,42 @@ async fn try_fetch(conn: &quinn::Connection) -> Result<Reply, String> {
     let req = Request::Fetch {
         job: "j".into(),
         tensor: "t".into(),
+        node: "n".into(),
     };
     write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
     read_frame::<_, Reply>(&mut r)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Asks for `tensor` of `job` as `node` on a new stream; the tensor's
+/// bytes, or the error message.
+async fn fetch_as(
+    conn: &quinn::Connection,
+    node: &str,
+    job: &str,
+    tensor: &str,
+) -> Result<Vec<u8>, String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = Request::Fetch {
+        job: job.into(),
+        tensor: tensor.into(),
+        node: node.into(),
+    };
+    write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
+    let _ = s.finish();
+    match read_frame::<_, Reply>(&mut r)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Tensor { len, .. } => {
+            let mut buf = vec![0u8; len as usize];
+            r.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok(buf)
+        }
+        Reply::Error { message, .. } => Err(message),
+        Reply::Stored => Err("unexpected reply".into()),
+    }
 }
 
 /// Writes a one-tensor safetensors file (`w`, F32 2×2: 1, 2, 3, 4).
@@ -121,6 +157,15 @@ async fn submit(
         .map(|r| r.into_inner().job_id)
 }
 
+fn node_info(name: &str) -> hcx_net::proto::NodeInfo {
+    hcx_net::proto::NodeInfo {
+        name: name.into(),
+        cores: 1,
+        memory_bytes: 1 << 30,
+        ..Default::default()
+    }
+}
+
 fn error_text(r: Reply) -> String {
     match r {
         Reply::Error { message, .. } => message,
@@ -160,6 +205,7 @@ async fn bad_frames_close_only_their_stream() {
         &Request::Fetch {
             job: "j999999".into(),
             tensor: "x".into(),
+            node: "n".into(),
         },
     )
     .await
@@ -297,6 +343,57 @@ async fn each_role_may_make_only_its_own_calls() {
         let r = try_fetch(&conn).await;
         assert!(r.is_err(), "a client certificate was served data: {r:?}");
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_holder_of_a_shard_may_fetch_its_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let certs = dir.path().join("certs");
+    let a = Identity::load_node(&certs, "a").unwrap();
+    let b = Identity::load_node(&certs, "b").unwrap();
+    // Each node registers under its own certificate; one cannot pose as the other.
+    grpc_as(&h, &a).register_node(node_info("a")).await.unwrap();
+    grpc_as(&h, &b).register_node(node_info("b")).await.unwrap();
+    let err = grpc_as(&h, &b)
+        .heartbeat(hcx_net::proto::HeartbeatRequest { name: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("issued to node \"b\""), "{err}");
+    // One tensor, one shard: placed on a (equal nodes, ties go by name).
+    let model = dir.path().join("models/tiny.safetensors");
+    tiny_model(&model);
+    let job = submit(&h, &certs, &model, &dir.path().join("out/tiny"))
+        .await
+        .unwrap();
+    let holder = h
+        .view()
+        .read(|s| s.jobs[&job].shards[0].node.clone())
+        .unwrap();
+    assert_eq!(holder, "a");
+    let conn_b = quic(h.addr, &b).await.unwrap();
+    // b asks as itself: it holds nothing of the job.
+    let msg = fetch_as(&conn_b, "b", &job, "w").await.unwrap_err();
+    assert!(
+        msg.contains("node \"b\" holds no running shard of") && msg.contains("\"w\""),
+        "{msg}"
+    );
+    // b claims to be a: its certificate says otherwise.
+    let msg = fetch_as(&conn_b, "a", &job, "w").await.unwrap_err();
+    assert!(msg.contains("issued to node \"b\""), "{msg}");
+    // The holder gets the bytes, on the same coordinator, right after.
+    let conn_a = quic(h.addr, &a).await.unwrap();
+    let raw = fetch_as(&conn_a, "a", &job, "w").await.unwrap();
+    assert_eq!(raw.len(), 16);
+    assert_eq!(&raw[..4], &1.0f32.to_le_bytes());
+    // And nothing outside its shard.
+    let msg = fetch_as(&conn_a, "a", &job, "other").await.unwrap_err();
+    assert!(msg.contains("holds no running shard"), "{msg}");
+    // b's connection still works for what is its own business.
+    let msg = fetch_as(&conn_b, "b", "j999999", "w").await.unwrap_err();
+    assert!(msg.contains("no job"), "{msg}");
     h.shutdown().await;
 }
 

@@ -35,7 +35,9 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Where shard files are built before upload.
     pub work_dir: PathBuf,
-    /// TLS identity (node certificate); `None` is `--insecure` (loopback only).
+    /// TLS identity (node certificate; one naming this node, see
+    /// `Identity::load_node`, lets the coordinators hold it to that name);
+    /// `None` is `--insecure` (loopback only).
     pub tls: Option<Identity>,
     /// Cores offered (defaults to the machine's).
     pub cores: u32,
@@ -439,6 +441,7 @@ impl Budget {
 
 async fn fetch(
     conn: &quinn::Connection,
+    node: &str,
     job: &str,
     name: &str,
     budget: &Budget,
@@ -449,6 +452,7 @@ async fn fetch(
         &Request::Fetch {
             job: job.to_string(),
             tensor: name.to_string(),
+            node: node.to_string(),
         },
     )
     .await
@@ -502,9 +506,12 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
     let mut bytes_in = 0u64;
     let budget = Budget::new(fetch_limit(ctx.cfg.memory_bytes));
     for chunk in a.tensors.chunks(4) {
-        let got =
-            futures::future::join_all(chunk.iter().map(|n| fetch(&conn, &a.job_id, n, &budget)))
-                .await;
+        let got = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|n| fetch(&conn, &ctx.cfg.name, &a.job_id, n, &budget)),
+        )
+        .await;
         for t in got {
             let t = t.map_err(|e| io("fetch", e))?;
             bytes_in += t.raw.len() as u64;
