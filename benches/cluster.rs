@@ -58,6 +58,14 @@ async fn raft_figures(dir: &Path) {
         .enumerate()
         .map(|(i, a)| (i as u64 + 1, a.clone()))
         .collect();
+    let model = std::env::var_os("HCX_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
+    let model_root = model
+        .parent()
+        .filter(|p| p.is_dir())
+        .unwrap_or(dir)
+        .to_path_buf();
     let mut handles = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         handles.push(
@@ -68,6 +76,8 @@ async fn raft_figures(dir: &Path) {
                 data_dir: dir.join(format!("c{i}")),
                 tls: Some(Identity::load(&certs, Role::Coordinator).unwrap()),
                 lease: Duration::from_secs(30),
+                model_roots: vec![model_root.clone()],
+                output_roots: vec![dir.to_path_buf()],
             })
             .await
             .unwrap(),
@@ -127,9 +137,6 @@ async fn raft_figures(dir: &Path) {
         commits[commits.len() - 1]
     );
 
-    let model = std::env::var_os("HCX_MODEL_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
     if !model.join("model.safetensors").is_file() {
         println!(
             "submit-to-first-assignment: skipped, no model at {} (run scripts/fetch-model.sh)",

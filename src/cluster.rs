@@ -93,8 +93,10 @@ impl Security {
     }
 }
 
-/// A client of the coordinators, authenticated with the client certificate.
-pub fn client(coordinators: &str, sec: &Security) -> Result<CoordinatorClient> {
+/// A client of the coordinators, authenticated with the client certificate,
+/// that gives up a call after `timeout` and says on stderr what it waits for
+/// when a call keeps failing.
+pub fn client(coordinators: &str, sec: &Security, timeout: Duration) -> Result<CoordinatorClient> {
     let addrs: Vec<String> = coordinators
         .split(',')
         .map(str::trim)
@@ -110,7 +112,9 @@ pub fn client(coordinators: &str, sec: &Security) -> Result<CoordinatorClient> {
             None
         }
     };
-    Ok(CoordinatorClient::new(addrs, tls)?)
+    Ok(CoordinatorClient::new(addrs, tls)?
+        .with_patience(timeout)
+        .on_wait(|w| eprintln!("{w}")))
 }
 
 async fn shutdown_signal() {
@@ -121,22 +125,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// The `coordinator` subcommand's settings.
+pub struct CoordinatorArgs {
+    /// Raft id.
+    pub id: u64,
+    /// gRPC and data-plane address.
+    pub listen: SocketAddr,
+    /// `--peers` as given.
+    pub peers: String,
+    /// Raft data folder.
+    pub data_dir: PathBuf,
+    /// Node lease in milliseconds.
+    pub lease_ms: u64,
+    /// `--model-root` folders.
+    pub model_roots: Vec<PathBuf>,
+    /// `--output-root` folders.
+    pub output_roots: Vec<PathBuf>,
+}
+
 /// `hcx-cluster coordinator`: serves until interrupted.
-pub async fn coordinator(
-    id: u64,
-    listen: SocketAddr,
-    peers: &str,
-    data_dir: PathBuf,
-    sec: &Security,
-    lease_ms: u64,
-) -> Result<()> {
+pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
+    let id = a.id;
     let cfg = CoordinatorConfig {
         id,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: a.listen,
+        peers: parse_peers(&a.peers)?,
+        data_dir: a.data_dir,
         tls: sec.identity(Role::Coordinator)?,
-        lease: Duration::from_millis(lease_ms),
+        lease: Duration::from_millis(a.lease_ms),
+        model_roots: a.model_roots,
+        output_roots: a.output_roots,
     };
     let h = hcx_coordinator::start(cfg).await?;
     eprintln!("coordinator {id} serving on {}", h.addr);
@@ -158,7 +176,7 @@ pub async fn node(
     heartbeat_ms: u64,
 ) -> Result<()> {
     let cfg = NodeConfig {
-        name,
+        name: name.clone(),
         coordinators: coordinators
             .split(',')
             .map(str::trim)
@@ -168,7 +186,10 @@ pub async fn node(
         listen,
         labels: parse_labels(labels)?,
         work_dir,
-        tls: sec.identity(Role::Node)?,
+        tls: match sec {
+            Security::Certs(dir) => Some(Identity::load_node(dir, &name)?),
+            Security::Insecure => None,
+        },
         cores: cores.unwrap_or_else(hcx_node::machine_cores),
         memory_bytes: hcx_node::machine_memory(),
         heartbeat: Duration::from_millis(heartbeat_ms),
@@ -461,14 +482,22 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts the cluster with `n` nodes.
-    pub async fn start(n: usize) -> Result<Embedded> {
+    /// Starts the cluster with `n` nodes; its coordinator reads models only
+    /// under `model_roots` and writes artifacts only inside `output_roots`.
+    pub async fn start(
+        n: usize,
+        model_roots: Vec<PathBuf>,
+        output_roots: Vec<PathBuf>,
+    ) -> Result<Embedded> {
         let dir = tempfile::Builder::new()
             .prefix("hcx-embedded-")
             .tempdir()
             .context("cannot create a temporary folder")?;
         let certs = dir.path().join("certs");
         hcx_net::tls::init_certs(&certs, &[], false)?;
+        for i in 1..=n {
+            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), &[], false)?;
+        }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
             id: 1,
             listen: "127.0.0.1:0".parse()?,
@@ -476,6 +505,8 @@ impl Embedded {
             data_dir: dir.path().join("raft"),
             tls: Some(identity(&certs, Role::Coordinator)?),
             lease: Duration::from_secs(10),
+            model_roots,
+            output_roots,
         })
         .await?;
         let addr = coordinator.addr.to_string();
@@ -489,14 +520,18 @@ impl Embedded {
                 listen: "127.0.0.1:0".parse()?,
                 labels: BTreeMap::new(),
                 work_dir: dir.path().join(format!("node-{i}")),
-                tls: Some(identity(&certs, Role::Node)?),
+                tls: Some(Identity::load_node(&certs, &format!("node-{i}"))?),
                 cores,
                 memory_bytes: hcx_node::machine_memory(),
                 heartbeat: Duration::from_millis(100),
             };
             nodes.push(tokio::spawn(hcx_node::run(cfg, stop_rx.clone())));
         }
-        let client = client(&addr, &Security::Certs(certs.clone()))?;
+        let client = client(
+            &addr,
+            &Security::Certs(certs.clone()),
+            hcx_net::client::DEFAULT_PATIENCE,
+        )?;
         // Wait until every node has registered, so the first plan uses them all.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -72,6 +72,14 @@ enum Command {
         /// Milliseconds a node may stay silent before its shards are re-assigned.
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
+        /// Folder submitted jobs may write their artifacts inside (repeatable);
+        /// a job whose `output` resolves elsewhere is refused.
+        #[arg(long = "output-root", value_name = "DIR", required = true)]
+        output_roots: Vec<PathBuf>,
+        /// Folder (or model file) submitted jobs may read their model from
+        /// (repeatable); a job whose `model` resolves elsewhere is refused.
+        #[arg(long = "model-root", value_name = "DIR", required = true)]
+        model_roots: Vec<PathBuf>,
     },
     /// Run a worker node.
     Node {
@@ -101,7 +109,7 @@ enum Command {
         /// The job file.
         job: PathBuf,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Write the artifact here instead of the job's `output`.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -117,7 +125,7 @@ enum Command {
         /// The job id; all jobs without it.
         job: Option<String>,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -127,12 +135,12 @@ enum Command {
         /// The job id.
         job: String,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
     },
     /// List the worker nodes.
     Nodes {
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -142,7 +150,7 @@ enum Command {
         /// The node name.
         node: String,
         #[command(flatten)]
-        connect: ClusterArgs,
+        connect: ClientArgs,
     },
     /// Check a job file without running it.
     Validate {
@@ -218,11 +226,26 @@ struct ClusterArgs {
     tls: TlsArgs,
 }
 
-impl ClusterArgs {
+/// A client command's connection: the cluster, and how long to wait for it.
+#[derive(clap::Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Seconds to keep trying to reach a coordinator (and its leader) before giving up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+}
+
+impl ClientArgs {
     /// A client of the coordinators (call inside the runtime).
     fn client(self) -> Result<hcx_net::client::CoordinatorClient> {
-        let sec = self.tls.security()?;
-        cluster::client(&self.coordinators, &sec)
+        let sec = self.cluster.tls.security()?;
+        cluster::client(
+            &self.cluster.coordinators,
+            &sec,
+            std::time::Duration::from_secs(self.timeout),
+        )
     }
 }
 
@@ -235,6 +258,24 @@ enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Extra host name or IP the coordinator and node certificates are valid for (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate naming one node, with the CA made by `certs
+    /// init` (needs its ca.key): node-NAME.pem and node-NAME.key. A node
+    /// started with `--name NAME` uses it instead of the shared node.pem, and
+    /// the coordinators then let that connection act only as NAME.
+    Issue {
+        /// The folder made by `certs init`; the files are written there.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name (its `--name`).
+        #[arg(long)]
+        node: String,
+        /// Extra host name or IP the certificate is valid for (repeatable).
         #[arg(long = "host")]
         hosts: Vec<String>,
         /// Replace existing files.
@@ -319,9 +360,25 @@ fn run_embedded(
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // The embedded coordinator may read this job's model and write its
+    // output, and nothing else.
+    let model =
+        std::path::absolute(&spec.model).with_context(|| format!("{}", spec.model.display()))?;
+    let out = output.unwrap_or(&spec.output);
+    let out = std::path::absolute(out).with_context(|| format!("{}", out.display()))?;
+    // The nearest existing folder above each: the run itself creates
+    // missing output folders (and says so when it cannot).
+    let folder_above = |p: &Path| {
+        p.ancestors()
+            .skip(1)
+            .find(|a| a.is_dir())
+            .unwrap_or(p)
+            .to_path_buf()
+    };
+    let (model_root, output_root) = (folder_above(&model), folder_above(&out));
     let rt = runtime()?;
     let st = rt.block_on(async {
-        let cluster = cluster::Embedded::start(nodes).await?;
+        let cluster = cluster::Embedded::start(nodes, vec![model_root], vec![output_root]).await?;
         let st = cluster.run(spec, output, quiet).await;
         cluster.stop().await;
         st
@@ -359,6 +416,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Certs {
+            command:
+                CertsCommand::Issue {
+                    dir,
+                    node,
+                    hosts,
+                    force,
+                },
+        } => {
+            let pem = hcx_net::tls::issue_node_cert(&dir, &node, &hosts, force)?;
+            println!("certificate of node {node} written to {}", pem.display());
+            Ok(())
+        }
         Command::Coordinator {
             id,
             listen,
@@ -366,10 +436,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             data_dir,
             tls,
             lease_ms,
+            output_roots,
+            model_roots,
         } => {
             let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
-                id, listen, &peers, data_dir, &sec, lease_ms,
+                cluster::CoordinatorArgs {
+                    id,
+                    listen,
+                    peers,
+                    data_dir,
+                    lease_ms,
+                    model_roots,
+                    output_roots,
+                },
+                &sec,
             ))
         }
         Command::Node {

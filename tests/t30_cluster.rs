@@ -83,7 +83,10 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(dir: &Path, nodes: usize) -> Cluster {
+    /// Three coordinators writing artifacts only inside `dir` and reading
+    /// models only from `models` (or `dir`), and `nodes` nodes, each with a
+    /// certificate naming it.
+    fn start(dir: &Path, nodes: usize, models: &[&Path]) -> Cluster {
         let certs = dir.join("certs");
         hcx_ok(&[
             "certs",
@@ -95,6 +98,21 @@ impl Cluster {
             "--host",
             "127.0.0.3",
         ]);
+        for i in 0..nodes {
+            hcx_ok(&[
+                "certs",
+                "issue",
+                "--dir",
+                certs.to_str().unwrap(),
+                "--node",
+                &format!("n{}", i + 1),
+            ]);
+        }
+        let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
+        let own = [dir];
+        for m in if models.is_empty() { &own[..] } else { models } {
+            roots.extend(["--model-root".into(), m.display().to_string()]);
+        }
         let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
         let addrs: Vec<String> = ips
             .iter()
@@ -108,7 +126,7 @@ impl Cluster {
             .join(",");
         let coordinators = (0..3)
             .map(|i| {
-                let args = vec![
+                let args: Vec<String> = vec![
                     "coordinator".into(),
                     "--id".into(),
                     (i + 1).to_string(),
@@ -122,7 +140,10 @@ impl Cluster {
                     certs.display().to_string(),
                     "--lease-ms".into(),
                     "3000".into(),
-                ];
+                ]
+                .into_iter()
+                .chain(roots.iter().cloned())
+                .collect();
                 Proc::spawn(args, dir.join(format!("c{}.log", i + 1)))
             })
             .collect();
@@ -381,7 +402,7 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
     let local = dir.path().join("local");
     let job = common::example_job(dir.path(), "minilm-4bit", &minilm(), &local);
     hcx_ok(&["run", "--local", job.to_str().unwrap()]);
-    let c = Cluster::start(dir.path(), 3);
+    let c = Cluster::start(dir.path(), 3, &[&minilm()]);
     let out = dir.path().join("cluster");
     let out_s = out.to_str().unwrap();
     let submitted = c.run_ok(&[
@@ -424,7 +445,7 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
 fn a_killed_node_loses_its_lease_and_the_job_still_matches() {
     let (job, reference) = slow_job();
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path(), 3);
+    let mut c = Cluster::start(dir.path(), 3, &[job.parent().unwrap()]);
     let out = dir.path().join("out");
     let id = submit(&c, job, &out, "k1");
     let victim = wait_mid_job(&c, &id);
@@ -447,7 +468,7 @@ fn a_killed_node_loses_its_lease_and_the_job_still_matches() {
 fn a_killed_leader_is_replaced_and_the_job_still_matches() {
     let (job, reference) = slow_job();
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path(), 3);
+    let mut c = Cluster::start(dir.path(), 3, &[job.parent().unwrap()]);
     let out = dir.path().join("out");
     let id = submit(&c, job, &out, "k2");
     wait_mid_job(&c, &id);
@@ -462,7 +483,7 @@ fn a_killed_leader_is_replaced_and_the_job_still_matches() {
 fn a_whole_cluster_restart_resumes_the_job() {
     let (job, reference) = slow_job();
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(dir.path(), 3);
+    let mut c = Cluster::start(dir.path(), 3, &[job.parent().unwrap()]);
     let out = dir.path().join("out");
     let id = submit(&c, job, &out, "k3");
     wait_mid_job(&c, &id);
@@ -482,7 +503,7 @@ fn a_whole_cluster_restart_resumes_the_job() {
 #[test]
 fn peers_without_cluster_certificates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start(dir.path(), 1);
+    let c = Cluster::start(dir.path(), 1, &[]);
     // A client whose certificate comes from another CA.
     let other = dir.path().join("other-certs");
     hcx_ok(&["certs", "init", "--dir", other.to_str().unwrap()]);
@@ -502,7 +523,7 @@ fn peers_without_cluster_certificates_are_refused() {
 #[test]
 fn labels_and_drain_steer_placement() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start(dir.path(), 2); // n1 has site=a, n2 site=b
+    let c = Cluster::start(dir.path(), 2, &[&minilm()]); // n1 has site=a, n2 site=b
     let nodes_of = |job: &str| -> std::collections::BTreeSet<String> {
         c.status(job)["shards"]
             .as_array()
@@ -559,6 +580,10 @@ fn insecure_mode_works_on_loopback_only() {
         "--data-dir",
         dir.path().join("x").to_str().unwrap(),
         "--insecure",
+        "--output-root",
+        dir.path().to_str().unwrap(),
+        "--model-root",
+        dir.path().to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -582,6 +607,10 @@ fn insecure_mode_works_on_loopback_only() {
             "--data-dir".into(),
             dir.path().join("c1").display().to_string(),
             "--insecure".into(),
+            "--output-root".into(),
+            dir.path().display().to_string(),
+            "--model-root".into(),
+            minilm().display().to_string(),
         ],
         dir.path().join("c1.log"),
     );
@@ -628,7 +657,7 @@ fn insecure_mode_works_on_loopback_only() {
 fn a_cancelled_job_stops_and_leaves_no_artifact() {
     let (job, _) = slow_job();
     let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start(dir.path(), 2);
+    let c = Cluster::start(dir.path(), 2, &[job.parent().unwrap()]);
     let out = dir.path().join("out");
     let id = submit(&c, job, &out, "c1");
     wait_mid_job(&c, &id);
@@ -647,4 +676,29 @@ fn a_cancelled_job_stops_and_leaves_no_artifact() {
     let again = c.run(&["cancel", &id]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+}
+
+#[test]
+fn a_client_without_coordinators_says_what_it_waits_for_and_gives_up() {
+    let t0 = Instant::now();
+    let out = hcx(&[
+        "status",
+        "--coordinators",
+        "127.0.0.1:1",
+        "--insecure",
+        "--timeout",
+        "3",
+    ]);
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
+    assert!(
+        err.contains("waiting for a coordinator at 127.0.0.1:1 (connection refused); giving up in"),
+        "{err}"
+    );
+    assert!(
+        err.contains("within 3 s") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::service::shard_store;
-use crate::state::{Command, ShardResult};
+use crate::state::{Command, JobState, ShardResult};
 use crate::{CoordinatorError, Shared};
 
 /// Shard files larger than this many times their source bytes (plus 16 MiB)
@@ -45,25 +45,27 @@ pub(crate) fn start(
                         return;
                     }
                 };
+                let mut certified = None;
                 if shared.secure {
                     let certs = conn.peer_identity().and_then(|i| {
                         i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
                             .ok()
                     });
-                    if let Err(s) = shared.require_role(
-                        certs.as_deref().map(|v| v.as_slice()),
-                        &[Role::Node],
-                        "the data plane",
-                    ) {
+                    let certs = certs.as_deref().map(|v| v.as_slice());
+                    if let Err(s) = shared.require_role(certs, &[Role::Node], "the data plane") {
                         tracing::info!("data plane: {}", s.message());
                         conn.close(1u32.into(), b"node certificate required");
                         return;
                     }
+                    certified = shared.certified_node(certs);
                 }
+                let certified: Arc<Option<String>> = Arc::new(certified);
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let shared = shared.clone();
+                    let certified = certified.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(&shared, send, recv).await {
+                        let certified = certified.as_deref();
+                        if let Err(e) = serve_stream(&shared, certified, send, recv).await {
                             tracing::info!("data plane stream: {e}");
                         }
                     });
@@ -78,8 +80,11 @@ async fn reply_error(send: &mut quinn::SendStream, message: String, leader: Opti
     let _ = send.finish();
 }
 
+/// Serves one stream of a connection whose certificate names node
+/// `certified` (`None`: a certificate shared by nodes, or `--insecure`).
 async fn serve_stream(
     shared: &Shared,
+    certified: Option<&str>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), FrameError> {
@@ -91,8 +96,18 @@ async fn serve_stream(
             return Err(e);
         }
     };
+    let claimed = match &req {
+        Request::Fetch { node, .. } | Request::Upload { node, .. } => node.as_str(),
+    };
+    if let Err(s) = shared.require_node_name(certified, claimed, "the data plane") {
+        let _ = recv.stop(1u32.into());
+        reply_error(&mut send, s.message().to_string(), None).await;
+        return Ok(());
+    }
     match req {
-        Request::Fetch { job, tensor } => fetch(shared, &mut send, &job, &tensor).await,
+        Request::Fetch { job, tensor, node } => {
+            fetch(shared, &mut send, &node, &job, &tensor).await
+        }
         Request::Upload {
             job,
             shard,
@@ -129,19 +144,40 @@ async fn serve_stream(
     }
 }
 
+/// Sends a tensor to `node`, which must hold (in the raft state) a shard
+/// of `job` that lists the tensor.
 async fn fetch(
     shared: &Shared,
     send: &mut quinn::SendStream,
+    node: &str,
     job: &str,
     tensor: &str,
 ) -> Result<(), FrameError> {
-    let Some(model_path) = shared
-        .view
-        .read(|s| s.jobs.get(job).map(|j| j.spec.model.clone()))
-    else {
+    let Some((model_path, holds)) = shared.view.read(|s| {
+        let j = s.jobs.get(job)?;
+        let holds = j.state == JobState::Running
+            && j.shards.iter().any(|r| {
+                r.result.is_none()
+                    && r.node.as_deref() == Some(node)
+                    && r.shard.tensors.iter().any(|t| t == tensor)
+            });
+        Some((j.spec.model.clone(), holds))
+    }) else {
         reply_error(send, format!("no job {job:?}"), None).await;
         return Ok(());
     };
+    if !holds {
+        reply_error(
+            send,
+            format!(
+                "node {node:?} holds no running shard of {job} with tensor {tensor:?}; \
+                 only the node a shard is assigned to may fetch its tensors"
+            ),
+            None,
+        )
+        .await;
+        return Ok(());
+    }
     let model = match shared.model(&model_path).await {
         Ok(m) => m,
         Err(e) => {

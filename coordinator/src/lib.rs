@@ -8,6 +8,7 @@
 
 pub mod dataplane;
 pub mod network;
+pub mod roots;
 pub mod scheduler;
 pub mod service;
 pub mod state;
@@ -58,6 +59,9 @@ pub enum CoordinatorError {
     /// Raft refused to start.
     #[error("raft: {0}")]
     Raft(String),
+    /// A model or output root is unusable.
+    #[error(transparent)]
+    Roots(#[from] roots::RootError),
 }
 
 /// How to run one coordinator.
@@ -75,6 +79,10 @@ pub struct CoordinatorConfig {
     pub tls: Option<Identity>,
     /// A node silent for this long loses its shards.
     pub lease: Duration,
+    /// Folders (or model files) jobs may read models from (`--model-root`).
+    pub model_roots: Vec<PathBuf>,
+    /// Folders jobs may write artifacts inside (`--output-root`).
+    pub output_roots: Vec<PathBuf>,
 }
 
 /// What every task of a coordinator shares.
@@ -89,6 +97,8 @@ pub struct Shared {
     pub(crate) peers: BTreeMap<NodeId, String>,
     /// Whether peers present certificates (false under `--insecure`).
     pub(crate) secure: bool,
+    /// Where jobs may read models and write artifacts.
+    pub(crate) roots: roots::Roots,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -168,6 +178,37 @@ impl Shared {
                     .join(" or "),
                 other.map_or("no cluster role", |r| r.common_name())
             ))),
+        }
+    }
+
+    /// The node a peer's certificate names (see
+    /// [`hcx_net::tls::peer_node_name`]); `None` under `--insecure` or for a
+    /// node certificate shared by several nodes.
+    pub(crate) fn certified_node(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Option<String> {
+        if !self.secure {
+            return None;
+        }
+        certs
+            .and_then(|c| c.first())
+            .and_then(|c| hcx_net::tls::peer_node_name(c.as_ref()))
+    }
+
+    /// Refuses a node call that names another node than the one the
+    /// caller's certificate was issued for.
+    pub(crate) fn require_node_name(
+        &self,
+        certified: Option<&str>,
+        claimed: &str,
+        call: &str,
+    ) -> Result<(), Status> {
+        match certified {
+            Some(n) if n != claimed => Err(Status::permission_denied(format!(
+                "{call}: the certificate is issued to node {n:?}; it cannot act as node {claimed:?}"
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -300,6 +341,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
                 .join(",")
         )));
     }
+    let roots = roots::Roots::new(&cfg.model_roots, &cfg.output_roots)?;
     if cfg.tls.is_none() {
         hcx_net::tls::check_insecure_addr(&cfg.listen)?;
         for (id, addr) in &cfg.peers {
@@ -376,6 +418,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         models: tokio::sync::Mutex::new(HashMap::new()),
         peers: cfg.peers.clone(),
         secure: cfg.tls.is_some(),
+        roots,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder();

@@ -425,6 +425,21 @@ pub fn reassign(
     pick(shard, &nodes, opts, |n| load_of(load, n), exclude).map(str::to_owned)
 }
 
+/// Picks a node for a shard whose earlier attempts failed on the nodes in `failed_by`
+/// (see [`reassign`]): a node that just failed the shard does not get it straight back
+/// while another eligible node can take it; when none can, the failed nodes are
+/// candidates again, so a passing fault on the only able node does not stall the job.
+pub fn reassign_avoiding(
+    shard: &Shard,
+    nodes: &[NodeCapacity],
+    opts: &PlanOptions,
+    load: &BTreeMap<String, f64>,
+    failed_by: &[String],
+) -> Result<String, ScheduleError> {
+    reassign(shard, nodes, opts, load, failed_by)
+        .or_else(|_| reassign(shard, nodes, opts, load, &[]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,6 +678,43 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_failed_a_shard_gets_it_back_only_when_alone() {
+        let shard = &make_shards(&minilm(), &PlanOptions::default())[1];
+        let o = PlanOptions::default();
+        let none = BTreeMap::new();
+        let both = ["a", "b"].map(|n| node(n, 4, GIB, None, false));
+        // Without the failure, the tie goes to a; after a failed it, b takes it.
+        assert_eq!(
+            reassign_avoiding(shard, &both, &o, &none, &[]).unwrap(),
+            "a"
+        );
+        assert_eq!(
+            reassign_avoiding(shard, &both, &o, &none, &names("a")).unwrap(),
+            "b"
+        );
+        // Even when a is idle and b loaded.
+        let busy = BTreeMap::from([("b".to_string(), 1e9)]);
+        assert_eq!(
+            reassign_avoiding(shard, &both, &o, &busy, &names("a")).unwrap(),
+            "b"
+        );
+        // Only a can take it: a again, rather than a stalled job.
+        let alone = [
+            node("a", 4, GIB, None, false),
+            node("b", 4, GIB, None, true),
+        ];
+        assert_eq!(
+            reassign_avoiding(shard, &alone, &o, &none, &names("a")).unwrap(),
+            "a"
+        );
+        // Both failed it: the least loaded of them.
+        assert_eq!(
+            reassign_avoiding(shard, &both, &o, &busy, &names("a b")).unwrap(),
+            "a"
+        );
+    }
+
+    #[test]
     fn odd_inputs_do_not_panic() {
         let ts = [
             tc("", u64::MAX, u64::MAX, f64::INFINITY),
@@ -819,6 +871,39 @@ mod tests {
                 Ok(name) => prop_assert!(ok.iter().any(|n| n.name == name)),
                 Err(e) => prop_assert!(ok.is_empty(), "{}", e),
             }
+        }
+
+        #[test]
+        fn reassign_avoids_failed_nodes_while_another_is_able(
+            ts in arb_tensors(30).prop_filter("need a shard", |v| !v.is_empty()),
+            nodes in arb_nodes(),
+            o in arb_opts(),
+            pick in any::<prop::sample::Index>(),
+            mask in prop::collection::vec(any::<bool>(), 6),
+            loads in prop::collection::vec(prop_oneof![Just(f64::NAN), 0.0f64..1e9], 6),
+        ) {
+            let shards = make_shards(&ts, &o);
+            let shard = &shards[pick.index(shards.len())];
+            let failed: Vec<String> =
+                nodes.iter().zip(&mask).filter(|p| *p.1).map(|p| p.0.name.clone()).collect();
+            let load: BTreeMap<String, f64> =
+                nodes.iter().zip(&loads).map(|(n, l)| (n.name.clone(), *l)).collect();
+            let able: Vec<&NodeCapacity> =
+                nodes.iter().filter(|n| eligible(n, shard, &o)).collect();
+            let fresh: Vec<&&NodeCapacity> =
+                able.iter().filter(|n| !failed.contains(&n.name)).collect();
+            match reassign_avoiding(shard, &nodes, &o, &load, &failed) {
+                Ok(name) if fresh.is_empty() => prop_assert!(able.iter().any(|n| n.name == name)),
+                Ok(name) => prop_assert!(fresh.iter().any(|n| n.name == name), "{} failed it", name),
+                Err(e) => prop_assert!(able.is_empty(), "{}", e),
+            }
+            // Shuffling the failed list changes nothing.
+            let mut rev = failed.clone();
+            rev.reverse();
+            prop_assert_eq!(
+                reassign_avoiding(shard, &nodes, &o, &load, &failed),
+                reassign_avoiding(shard, &nodes, &o, &load, &rev)
+            );
         }
     }
 }

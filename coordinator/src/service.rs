@@ -154,6 +154,17 @@ impl ClusterService {
         if !req.output.is_empty() {
             spec.output = base.join(&req.output);
         }
+        // Only inside this coordinator's roots, checked before anything is
+        // created; the job keeps the resolved paths.
+        let roots = sh.roots.clone();
+        let (model, output) = (spec.model.clone(), spec.output.clone());
+        let (model, output) =
+            tokio::task::spawn_blocking(move || Ok((roots.model(&model)?, roots.output(&output)?)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
+        spec.model = model;
+        spec.output = output;
         let out = spec.output.clone();
         tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
             .await
@@ -224,6 +235,12 @@ impl ClusterService {
 fn role<T>(sh: &Shared, req: &Request<T>, allowed: &[Role], call: &str) -> Result<(), Status> {
     let certs = req.peer_certs();
     sh.require_role(certs.as_deref().map(|v| v.as_slice()), allowed, call)
+}
+
+/// The node the caller's certificate names, if it names one.
+fn certified<T>(sh: &Shared, req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs();
+    sh.certified_node(certs.as_deref().map(|v| v.as_slice()))
 }
 
 const OPERATORS: &[Role] = &[Role::Client, Role::Coordinator];
@@ -357,7 +374,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "RegisterNode")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let n = req.into_inner();
+        sh.require_node_name(cert.as_deref(), &n.name, "RegisterNode")?;
         if n.name.is_empty() || n.name.len() > 128 {
             return Err(Status::invalid_argument(
                 "node name must be 1 to 128 characters",
@@ -387,7 +406,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "Heartbeat")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let name = req.into_inner().name;
+        sh.require_node_name(cert.as_deref(), &name, "Heartbeat")?;
         if sh.view.read(|s| !s.nodes.contains_key(&name)) {
             return Err(Status::not_found(format!(
                 "node {name:?} is not registered"
@@ -429,7 +450,9 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         role(sh, &req, NODES, "ReportFailure")?;
         sh.require_leader()?;
+        let cert = certified(sh, &req);
         let f = req.into_inner();
+        sh.require_node_name(cert.as_deref(), &f.node, "ReportFailure")?;
         sh.saw(&f.node);
         let holder = sh.view.read(|s| {
             s.jobs

@@ -117,6 +117,21 @@ pub struct ShardRecord {
     pub last_error: Option<String>,
     /// Set when the shard is done.
     pub result: Option<ShardResult>,
+    /// Nodes whose attempt at this shard failed or lost its lease, in the
+    /// order it happened (each once); re-assignment avoids them while
+    /// another node can take the shard.
+    #[serde(default)]
+    pub failed_by: Vec<String>,
+}
+
+impl ShardRecord {
+    fn failed_on_holder(&mut self) {
+        if let Some(n) = self.node.take()
+            && !self.failed_by.contains(&n)
+        {
+            self.failed_by.push(n);
+        }
+    }
 }
 
 /// A submitted job.
@@ -338,6 +353,7 @@ impl ClusterState {
                             failures: 0,
                             last_error: None,
                             result: None,
+                            failed_by: Vec::new(),
                         }
                     })
                     .collect();
@@ -393,7 +409,7 @@ impl ClusterState {
                 if s.attempt != attempt || s.node.is_none() || s.result.is_some() {
                     return CommandResult::refused("stale release");
                 }
-                s.node = None;
+                s.failed_on_holder();
                 s.last_error = Some(reason);
                 CommandResult::ok()
             }
@@ -431,7 +447,7 @@ impl ClusterState {
                 if s.attempt != attempt || s.node.is_none() || s.result.is_some() {
                     return CommandResult::refused("stale failure report");
                 }
-                s.node = None;
+                s.failed_on_holder();
                 s.failures += 1;
                 s.last_error = Some(reason.clone());
                 if !retryable || s.failures >= MAX_SHARD_FAILURES {
@@ -710,6 +726,45 @@ mod tests {
             }
         );
         assert!(st.assignments_of("a").is_empty());
+    }
+
+    #[test]
+    fn failures_and_lost_leases_remember_the_node() {
+        let mut st = ClusterState::default();
+        let j = submit(&mut st, None);
+        let fail = |attempt| Command::ShardFailed {
+            job: j.clone(),
+            shard: 0,
+            attempt,
+            reason: "fetch: reset".into(),
+            stage: "fetch".into(),
+            retryable: true,
+        };
+        assert!(st.apply(fail(1)).ok);
+        assert_eq!(st.jobs[&j].shards[0].failed_by, ["a"]);
+        let assign = |node: &str, attempt| Command::Assign {
+            job: j.clone(),
+            shard: 0,
+            node: node.into(),
+            attempt,
+        };
+        assert!(st.apply(assign("b", 2)).ok);
+        let release = Command::Release {
+            job: j.clone(),
+            shard: 0,
+            attempt: 2,
+            reason: "lease".into(),
+        };
+        assert!(st.apply(release).ok);
+        assert!(st.apply(assign("a", 3)).ok);
+        assert!(!st.apply(fail(2)).ok, "stale reports change nothing");
+        assert!(st.apply(fail(3)).ok);
+        assert_eq!(st.jobs[&j].shards[0].failed_by, ["a", "b"]);
+        // A record from before the field existed reads as no failures.
+        let mut v = serde_json::to_value(&st.jobs[&j].shards[1]).unwrap();
+        v.as_object_mut().unwrap().remove("failed_by");
+        let old: ShardRecord = serde_json::from_value(v).unwrap();
+        assert!(old.failed_by.is_empty());
     }
 
     #[test]

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 
 use hcx_pipeline::attribution::ReportSection;
 
-use crate::scheduler;
+use crate::scheduler::{self, NodeCapacity, PlanOptions};
 use crate::service::{plan_options, shard_store};
-use crate::state::{Command, JobRecord, JobState};
+use crate::state::{Command, JobRecord, JobState, ShardRecord};
 use crate::{Shared, now_ms};
 
 /// How often the leader looks at the state.
@@ -146,7 +146,7 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
                     if nodes.is_empty() {
                         continue;
                     }
-                    let Ok(node) = scheduler::reassign(&s.shard, &nodes, &opts, &load, &[]) else {
+                    let Some(node) = next_node(s, &nodes, &opts, &load) else {
                         continue;
                     };
                     *load.entry(node.clone()).or_default() += s.shard.cost;
@@ -166,6 +166,18 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
                 .await;
         }
     }
+}
+
+/// The node a waiting shard goes to next: the least loaded able node, but
+/// not one that already failed it (its `failed_by`, from the raft state, so
+/// every leader decides alike) while another can take it.
+fn next_node(
+    s: &ShardRecord,
+    nodes: &[NodeCapacity],
+    opts: &PlanOptions,
+    load: &BTreeMap<String, f64>,
+) -> Option<String> {
+    scheduler::reassign_avoiding(&s.shard, nodes, opts, load, &s.failed_by).ok()
 }
 
 fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job: JobRecord) {
@@ -269,4 +281,74 @@ fn node_section(shares: &[NodeShare]) -> Result<ReportSection, String> {
         json: serde_json::to_value(shares).map_err(|e| e.to_string())?,
         markdown: md,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{Placement, Shard};
+    use crate::state::ClusterState;
+
+    fn node(name: &str) -> NodeCapacity {
+        NodeCapacity {
+            name: name.into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            labels: BTreeMap::new(),
+            draining: false,
+        }
+    }
+
+    /// A one-shard job placed on `a`, whose attempt 1 then failed there.
+    fn failed_on_a() -> ShardRecord {
+        let mut st = ClusterState::default();
+        let spec = serde_json::from_value(serde_json::json!({
+            "name": "t", "model": "/m", "output": "/o",
+            "pipeline": [{"rtn": {"bits": 8}}]
+        }))
+        .unwrap();
+        let shard = Shard {
+            id: 0,
+            label: "layer.0".into(),
+            layers: Some((0, 0)),
+            tensors: vec!["layer.0.w".into()],
+            cost: 1.0,
+            memory_bytes: 16,
+        };
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec),
+            output: "/o".into(),
+            shards: vec![shard],
+            placements: vec![Placement {
+                shard: 0,
+                node: "a".into(),
+            }],
+            now_ms: 1,
+        });
+        let job = r.job.unwrap();
+        let failed = st.apply(Command::ShardFailed {
+            job: job.clone(),
+            shard: 0,
+            attempt: 1,
+            reason: "a: fetch: connection lost".into(),
+            stage: "fetch".into(),
+            retryable: true,
+        });
+        assert!(failed.ok);
+        st.jobs[&job].shards[0].clone()
+    }
+
+    #[test]
+    fn a_failed_shard_goes_to_another_able_node() {
+        let s = failed_on_a();
+        let opts = PlanOptions::default();
+        let load = BTreeMap::new();
+        // a and b are equally idle (a wins ties), yet b gets the shard.
+        let pick = next_node(&s, &[node("a"), node("b")], &opts, &load);
+        assert_eq!(pick.as_deref(), Some("b"));
+        // With a alone, a gets it back.
+        let pick = next_node(&s, &[node("a")], &opts, &load);
+        assert_eq!(pick.as_deref(), Some("a"));
+    }
 }

@@ -1,19 +1,31 @@
 //! Bad input over the network: malformed, oversized and short frames on the
-//! QUIC data plane, uploads that are not the current attempt, and peers
-//! without a cluster certificate. Each must be refused on its own stream or
-//! connection while the coordinator keeps serving.
+//! QUIC data plane, uploads that are not the current attempt, peers without
+//! a cluster certificate, nodes asking for tensors they were not given, and
+//! jobs whose paths lie outside the coordinator's roots. Each must be
+//! refused on its own stream or connection while the coordinator keeps
+//! serving.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use hcx_net::frames::{MAX_HEADER, Reply, Request, read_frame, write_frame};
-use hcx_net::proto::ListNodesRequest;
 use hcx_net::proto::cluster_client::ClusterClient;
+use hcx_net::proto::{ListNodesRequest, SubmitJobRequest};
 use hcx_net::tls::{Identity, Role, init_certs};
 
-async fn coordinator(dir: &std::path::Path) -> CoordinatorHandle {
+/// A single-voter coordinator reading models under `dir/models` and writing
+/// artifacts inside `dir/out`, with certificates (and ones naming nodes `a`
+/// and `b`) in `dir/certs`.
+async fn coordinator(dir: &Path) -> CoordinatorHandle {
     init_certs(&dir.join("certs"), &[], false).unwrap();
+    for n in ["a", "b"] {
+        hcx_net::tls::issue_node_cert(&dir.join("certs"), n, &[], false).unwrap();
+    }
+    for d in ["models", "out"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
     let h = hcx_coordinator::start(CoordinatorConfig {
         id: 1,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -21,6 +33,8 @@ async fn coordinator(dir: &std::path::Path) -> CoordinatorHandle {
         data_dir: dir.join("raft"),
         tls: Some(Identity::load(&dir.join("certs"), Role::Coordinator).unwrap()),
         lease: Duration::from_secs(5),
+        model_roots: vec![dir.join("models")],
+        output_roots: vec![dir.join("out")],
     })
     .await
     .unwrap();
@@ -59,11 +73,97 @@ async fn try_fetch(conn: &quinn::Connection) -> Result<Reply, String> {
     let req = Request::Fetch {
         job: "j".into(),
         tensor: "t".into(),
+        node: "n".into(),
     };
     write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
     read_frame::<_, Reply>(&mut r)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Asks for `tensor` of `job` as `node` on a new stream; the tensor's
+/// bytes, or the error message.
+async fn fetch_as(
+    conn: &quinn::Connection,
+    node: &str,
+    job: &str,
+    tensor: &str,
+) -> Result<Vec<u8>, String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = Request::Fetch {
+        job: job.into(),
+        tensor: tensor.into(),
+        node: node.into(),
+    };
+    write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
+    let _ = s.finish();
+    match read_frame::<_, Reply>(&mut r)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Tensor { len, .. } => {
+            let mut buf = vec![0u8; len as usize];
+            r.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok(buf)
+        }
+        Reply::Error { message, .. } => Err(message),
+        Reply::Stored => Err("unexpected reply".into()),
+    }
+}
+
+/// Writes a one-tensor safetensors file (`w`, F32 2×2: 1, 2, 3, 4).
+fn tiny_model(path: &Path) {
+    let mut header = br#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#.to_vec();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    for v in [1.0f32, 2.0, 3.0, 4.0] {
+        bytes.extend(v.to_le_bytes());
+    }
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A gRPC client of `h` presenting `id`.
+fn grpc_as(h: &CoordinatorHandle, id: &Identity) -> ClusterClient<tonic::transport::Channel> {
+    let ch = hcx_net::client::channel(
+        &h.addr.to_string(),
+        Some(&hcx_net::tls::tonic_client_tls(id, "localhost")),
+    )
+    .unwrap();
+    ClusterClient::new(ch)
+}
+
+/// Submits a job reading `model` into `output`; the job id or the refusal.
+async fn submit(
+    h: &CoordinatorHandle,
+    certs: &Path,
+    model: &Path,
+    output: &Path,
+) -> Result<String, tonic::Status> {
+    let spec = serde_json::json!({
+        "name": "t", "seed": 1, "model": model, "output": output,
+        "pipeline": [{"rtn": {"bits": 8}}]
+    });
+    let client = Identity::load(certs, Role::Client).unwrap();
+    grpc_as(h, &client)
+        .submit_job(SubmitJobRequest {
+            spec_json: spec.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().job_id)
+}
+
+fn node_info(name: &str) -> hcx_net::proto::NodeInfo {
+    hcx_net::proto::NodeInfo {
+        name: name.into(),
+        cores: 1,
+        memory_bytes: 1 << 30,
+        ..Default::default()
+    }
 }
 
 fn error_text(r: Reply) -> String {
@@ -105,6 +205,7 @@ async fn bad_frames_close_only_their_stream() {
         &Request::Fetch {
             job: "j999999".into(),
             tensor: "x".into(),
+            node: "n".into(),
         },
     )
     .await
@@ -242,5 +343,111 @@ async fn each_role_may_make_only_its_own_calls() {
         let r = try_fetch(&conn).await;
         assert!(r.is_err(), "a client certificate was served data: {r:?}");
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_holder_of_a_shard_may_fetch_its_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let certs = dir.path().join("certs");
+    let a = Identity::load_node(&certs, "a").unwrap();
+    let b = Identity::load_node(&certs, "b").unwrap();
+    // Each node registers under its own certificate; one cannot pose as the other.
+    grpc_as(&h, &a).register_node(node_info("a")).await.unwrap();
+    grpc_as(&h, &b).register_node(node_info("b")).await.unwrap();
+    let err = grpc_as(&h, &b)
+        .heartbeat(hcx_net::proto::HeartbeatRequest { name: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("issued to node \"b\""), "{err}");
+    // One tensor, one shard: placed on a (equal nodes, ties go by name).
+    let model = dir.path().join("models/tiny.safetensors");
+    tiny_model(&model);
+    let job = submit(&h, &certs, &model, &dir.path().join("out/tiny"))
+        .await
+        .unwrap();
+    let holder = h
+        .view()
+        .read(|s| s.jobs[&job].shards[0].node.clone())
+        .unwrap();
+    assert_eq!(holder, "a");
+    let conn_b = quic(h.addr, &b).await.unwrap();
+    // b asks as itself: it holds nothing of the job.
+    let msg = fetch_as(&conn_b, "b", &job, "w").await.unwrap_err();
+    assert!(
+        msg.contains("node \"b\" holds no running shard of") && msg.contains("\"w\""),
+        "{msg}"
+    );
+    // b claims to be a: its certificate says otherwise.
+    let msg = fetch_as(&conn_b, "a", &job, "w").await.unwrap_err();
+    assert!(msg.contains("issued to node \"b\""), "{msg}");
+    // The holder gets the bytes, on the same coordinator, right after.
+    let conn_a = quic(h.addr, &a).await.unwrap();
+    let raw = fetch_as(&conn_a, "a", &job, "w").await.unwrap();
+    assert_eq!(raw.len(), 16);
+    assert_eq!(&raw[..4], &1.0f32.to_le_bytes());
+    // And nothing outside its shard.
+    let msg = fetch_as(&conn_a, "a", &job, "other").await.unwrap_err();
+    assert!(msg.contains("holds no running shard"), "{msg}");
+    // b's connection still works for what is its own business.
+    let msg = fetch_as(&conn_b, "b", "j999999", "w").await.unwrap_err();
+    assert!(msg.contains("no job"), "{msg}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_outside_the_roots_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let h = coordinator(&base).await;
+    let certs = base.join("certs");
+    let model = base.join("models/tiny.safetensors");
+    tiny_model(&model);
+    let stray = base.join("elsewhere/tiny.safetensors");
+    tiny_model(&stray);
+    // An output outside the output root: refused, saying which path and which root.
+    let err = submit(&h, &certs, &model, &base.join("elsewhere/art"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let want = format!(
+        "output {} is outside the output root of this coordinator: it resolves to {}, which is not inside {} (--output-root)",
+        base.join("elsewhere/art").display(),
+        base.join("elsewhere/art").display(),
+        base.join("out").display()
+    );
+    assert_eq!(err.message(), want);
+    assert!(!base.join("elsewhere/art").exists());
+    // Escapes by `..` and by a symbolic link.
+    let err = submit(&h, &certs, &model, &base.join("out/../elsewhere/art"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("outside the output root"), "{err}");
+    std::os::unix::fs::symlink(base.join("elsewhere"), base.join("out/link")).unwrap();
+    let err = submit(&h, &certs, &model, &base.join("out/link/art"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("outside the output root"), "{err}");
+    assert!(!base.join("elsewhere/art").exists());
+    // A model outside the model roots.
+    let err = submit(&h, &certs, &stray, &base.join("out/art"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(
+        err.message().starts_with(&format!(
+            "model {} is outside the model root",
+            stray.display()
+        )) && err
+            .message()
+            .contains(&base.join("models").display().to_string()),
+        "{err}"
+    );
+    // Inside both: accepted.
+    submit(&h, &certs, &model, &base.join("out/new/art"))
+        .await
+        .unwrap();
     h.shutdown().await;
 }

@@ -14,6 +14,9 @@ use crate::proto::cluster_client::ClusterClient;
 /// Metadata key a follower sets to the leader's address.
 pub const LEADER_HEADER: &str = "hcx-leader";
 
+/// How long a call keeps retrying by default.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Why a call failed after every retry.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,14 +35,51 @@ pub enum ClientError {
     #[error("{}", .0.message())]
     Refused(Status),
     /// No coordinator answered within the retry budget.
-    #[error("no coordinator reachable or no leader elected after {tries} tries: {last}")]
+    #[error(
+        "no coordinator reachable or no leader elected within {} s ({tries} tries); last: {last}",
+        .waited.as_secs()
+    )]
     Unavailable {
         /// Attempts made.
         tries: u32,
-        /// The last error seen.
+        /// How long the call kept trying.
+        waited: Duration,
+        /// The last error seen, with the coordinator's address.
         last: String,
     },
 }
+
+/// What a call still waiting for a coordinator reports (see
+/// [`CoordinatorClient::on_wait`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The coordinator tried last.
+    pub addr: String,
+    /// Why it did not answer (`connection refused`, `no leader yet`, …).
+    pub reason: String,
+    /// Time left before the call gives up.
+    pub left: Duration,
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "waiting for a coordinator at {} ({}); giving up in {} s",
+            self.addr,
+            self.reason,
+            self.left.as_secs_f64().ceil() as u64
+        )
+    }
+}
+
+/// A call still failing after this long reports what it waits for, then
+/// again every [`WAIT_REPEAT`].
+pub const WAIT_NOTICE: Duration = Duration::from_secs(2);
+/// See [`WAIT_NOTICE`].
+pub const WAIT_REPEAT: Duration = Duration::from_secs(10);
+
+type WaitHook = Arc<dyn Fn(&Waiting) + Send + Sync>;
 
 /// Talks to whichever coordinator leads.
 #[derive(Clone)]
@@ -49,6 +89,7 @@ pub struct CoordinatorClient {
     current: Arc<Mutex<Option<(String, Channel)>>>,
     /// Total time to keep retrying a call before giving up.
     pub patience: Duration,
+    on_wait: Option<WaitHook>,
 }
 
 /// The leader hint a follower put on an error, if any.
@@ -90,8 +131,23 @@ impl CoordinatorClient {
             addrs,
             tls,
             current: Arc::new(Mutex::new(None)),
-            patience: Duration::from_secs(30),
+            patience: DEFAULT_PATIENCE,
+            on_wait: None,
         })
+    }
+
+    /// Gives up a call after `patience` instead of [`DEFAULT_PATIENCE`].
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Calls `hook` when a call has failed for [`WAIT_NOTICE`] and keeps
+    /// retrying (then every [`WAIT_REPEAT`]), so a user is told what it waits
+    /// for instead of facing silence.
+    pub fn on_wait(mut self, hook: impl Fn(&Waiting) + Send + Sync + 'static) -> Self {
+        self.on_wait = Some(Arc::new(hook));
+        self
     }
 
     fn pick(&self, attempt: usize) -> Result<(String, Channel), ClientError> {
@@ -120,49 +176,126 @@ impl CoordinatorClient {
     }
 
     /// Runs `f` against the leader, retrying on another coordinator when one
-    /// is unreachable or not the leader, until `patience` runs out.
+    /// is unreachable or not the leader, until `patience` runs out (an
+    /// attempt still pending then is abandoned).
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
         F: Fn(ClusterClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.patience;
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.patience;
+        let mut next_notice = start + WAIT_NOTICE;
         let mut attempt = 0usize;
-        let mut last: String;
+        let mut tries = 0u32;
         loop {
             let (addr, ch) = self.pick(attempt)?;
-            match f(ClusterClient::new(ch)).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => match s.code() {
+            tries += 1;
+            let reason = match tokio::time::timeout_at(deadline, f(ClusterClient::new(ch))).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => match s.code() {
                     Code::FailedPrecondition if leader_hint(&s).is_some() => {
-                        last = format!("{addr}: {}", s.message());
                         self.switch(leader_hint(&s));
+                        s.message().to_string()
                     }
                     Code::Unavailable | Code::DeadlineExceeded | Code::Unknown => {
-                        last = format!("{addr}: {}", s.message());
                         self.switch(None);
                         attempt += 1;
+                        why(&s)
                     }
                     Code::FailedPrecondition if s.message().contains("no leader") => {
-                        last = format!("{addr}: {}", s.message());
                         self.switch(None);
                         attempt += 1;
+                        s.message().to_string()
                     }
                     _ => return Err(ClientError::Refused(s)),
                 },
-            }
-            if tokio::time::Instant::now() >= deadline {
+                Err(_) => {
+                    self.switch(None);
+                    attempt += 1;
+                    "no answer".to_string()
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(ClientError::Unavailable {
-                    tries: attempt as u32 + 1,
-                    last,
+                    tries,
+                    waited: now - start,
+                    last: format!("{addr}: {reason}"),
                 });
+            }
+            if now >= next_notice {
+                if let Some(hook) = &self.on_wait {
+                    hook(&Waiting {
+                        addr,
+                        reason,
+                        left: deadline - now,
+                    });
+                }
+                next_notice = now + WAIT_REPEAT;
             }
             let pause = if attempt.is_multiple_of(self.addrs.len()) {
                 200
             } else {
                 20
             };
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            tokio::time::sleep_until((now + Duration::from_millis(pause)).min(deadline)).await;
         }
+    }
+}
+
+/// A short reason for a failed call: the OS error of a failed connection
+/// (`connection refused`, `timed out`) when there is one, else the status message.
+fn why(s: &Status) -> String {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut found = None;
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            found = Some(io.kind().to_string());
+        }
+        src = e.source();
+    }
+    found.unwrap_or_else(|| {
+        let m = s.message();
+        if m.is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            m.to_string()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ListJobsRequest;
+
+    #[tokio::test]
+    async fn an_absent_coordinator_is_reported_then_given_up() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
+        let client = CoordinatorClient::new(vec!["127.0.0.1:1".into()], None)
+            .unwrap()
+            .with_patience(Duration::from_millis(2500))
+            .on_wait(move |w| log.lock().unwrap().push(w.to_string()));
+        let t0 = std::time::Instant::now();
+        let err = client
+            .call(|mut c| async move { c.list_jobs(ListJobsRequest {}).await })
+            .await
+            .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let err = err.to_string();
+        assert!(
+            err.contains("within 2 s") && err.contains("127.0.0.1:1"),
+            "{err}"
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].starts_with(
+                "waiting for a coordinator at 127.0.0.1:1 (connection refused); giving up in "
+            ),
+            "{seen:?}"
+        );
     }
 }

@@ -23,12 +23,16 @@ pub const MAX_HEADER: usize = 64 * 1024;
 /// What a node asks of a coordinator.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Request {
-    /// Send one source tensor of a job's model.
+    /// Send one source tensor of a job's model. Only the node holding a
+    /// shard that lists the tensor is served; a node certificate that names
+    /// a node must name this one.
     Fetch {
         /// Job id.
         job: String,
         /// Tensor name.
         tensor: String,
+        /// The asking node's name.
+        node: String,
     },
     /// Take a finished shard file.
     Upload {
@@ -178,7 +182,7 @@ mod tests {
         #[test]
         fn requests_round_trip(job in ".{0,40}", tensor in ".{0,200}", shard: u32, attempt: u32,
                                len: u64, secs in 0.0f64..1e6) {
-            let a = Request::Fetch { job: job.clone(), tensor: tensor.clone() };
+            let a = Request::Fetch { job: job.clone(), tensor: tensor.clone(), node: "n1".into() };
             let b = Request::Upload { job, shard, attempt, node: tensor, sha256: "ab".repeat(32),
                                       len, bytes_in: len / 2, kernel_seconds: secs, wall_seconds: secs };
             let rt = rt();

@@ -97,6 +97,34 @@ pub enum TlsError {
         /// The refused address.
         addr: SocketAddr,
     },
+    /// A node name cannot go in a certificate.
+    #[error(
+        "node name {name:?} cannot be certified: use 1 to 128 ASCII letters, digits, `.`, `_` or `-`"
+    )]
+    InvalidNodeName {
+        /// The refused name.
+        name: String,
+    },
+}
+
+/// A node certificate names its node in a URI subject alternative name
+/// with this prefix (`urn:hcx-cluster:node:gpu-9`).
+pub const NODE_NAME_URI_PREFIX: &str = "urn:hcx-cluster:node:";
+
+/// Whether `name` can be a certified node name: 1 to 128 ASCII letters,
+/// digits, `.`, `_` or `-`.
+pub fn check_node_name(name: &str) -> Result<(), TlsError> {
+    let ok = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(TlsError::InvalidNodeName {
+            name: name.to_string(),
+        })
+    }
 }
 
 /// Role a certificate is issued for; carried in the subject CN.
@@ -274,21 +302,7 @@ pub fn init_certs(dir: &Path, hosts: &[String], force: bool) -> Result<CertSet, 
     }
 
     let ca_key = KeyPair::generate().map_err(gen_err("CA key"))?;
-    let mut ca_params = CertificateParams::default();
-    validity(&mut ca_params);
-    ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hcx-cluster development CA");
-    ca_params
-        .distinguished_name
-        .push(DnType::OrganizationName, "hcx-cluster");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let ca_params = ca_params();
     let ca_cert = ca_params
         .self_signed(&ca_key)
         .map_err(gen_err("CA certificate"))?;
@@ -300,24 +314,7 @@ pub fn init_certs(dir: &Path, hosts: &[String], force: bool) -> Result<CertSet, 
     for role in Role::ALL {
         let what = format!("{role} certificate");
         let key = KeyPair::generate().map_err(gen_err(&what))?;
-        let mut params = CertificateParams::default();
-        validity(&mut params);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, role.common_name());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "hcx-cluster");
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        if role != Role::Client {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
-            params.subject_alt_names = sans.clone();
-        }
+        let params = leaf_params(role, &sans);
         let cert = params.signed_by(&key, &issuer).map_err(gen_err(&what))?;
         outputs.push((file(format!("{}.pem", role.file_stem())), cert.pem(), false));
         outputs.push((
@@ -338,6 +335,103 @@ pub fn init_certs(dir: &Path, hosts: &[String], force: bool) -> Result<CertSet, 
         ca_sha256,
         server_names,
     })
+}
+
+/// The development CA's parameters; the same every time, so a CA key
+/// loaded back from `ca.key` issues certificates that chain to `ca.pem`.
+fn ca_params() -> CertificateParams {
+    let mut ca_params = CertificateParams::default();
+    validity(&mut ca_params);
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "hcx-cluster development CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "hcx-cluster");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+}
+
+/// A role certificate's parameters: CN is the role, coordinators and nodes
+/// also serve (server auth, `sans`).
+fn leaf_params(role: Role, sans: &[SanType]) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    validity(&mut params);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, role.common_name());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "hcx-cluster");
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if role != Role::Client {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+        params.subject_alt_names = sans.to_vec();
+    }
+    params
+}
+
+/// Issues a certificate for the node `name` with the CA in `dir` (made by
+/// [`init_certs`]; needs `ca.key`): `node-NAME.pem` and `node-NAME.key`,
+/// valid for the same host names as `node.pem` plus `hosts`, naming the
+/// node (see [`NODE_NAME_URI_PREFIX`]) so coordinators can tell it from
+/// other nodes. Returns the certificate's path. Existing files are an
+/// error unless `force`.
+pub fn issue_node_cert(
+    dir: &Path,
+    name: &str,
+    hosts: &[String],
+    force: bool,
+) -> Result<PathBuf, TlsError> {
+    check_node_name(name)?;
+    let (_, mut sans) = server_sans(hosts)?;
+    let uri = format!("{NODE_NAME_URI_PREFIX}{name}");
+    sans.push(SanType::URI(uri.clone().try_into().map_err(|e| {
+        TlsError::InvalidHost {
+            host: uri,
+            reason: format!("{e}"),
+        }
+    })?));
+    let key_file = dir.join("ca.key");
+    let ca_pem = fs::read_to_string(&key_file).map_err(|e| TlsError::Load {
+        dir: dir.to_path_buf(),
+        file: "ca.key".into(),
+        problem: format!("cannot read: {e}"),
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_pem).map_err(|e| TlsError::Load {
+        dir: dir.to_path_buf(),
+        file: "ca.key".into(),
+        problem: format!("not a private key: {e}"),
+    })?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let what = format!("certificate of node {name}");
+    let key = KeyPair::generate().map_err(gen_err(&what))?;
+    let cert = leaf_params(Role::Node, &sans)
+        .signed_by(&key, &issuer)
+        .map_err(gen_err(&what))?;
+    let pem = dir.join(format!("node-{name}.pem"));
+    let key_path = dir.join(format!("node-{name}.key"));
+    if !force
+        && let Some(p) = [&pem, &key_path]
+            .into_iter()
+            .find(|p| fs::symlink_metadata(p).is_ok())
+    {
+        return Err(TlsError::Exists { path: p.clone() });
+    }
+    write_file(&pem, cert.pem().as_bytes(), false, force)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
+    Ok(pem)
 }
 
 /// A role's certificate chain and key plus the cluster CA, parsed and as PEM.
@@ -378,6 +472,26 @@ impl fmt::Debug for Identity {
 impl Identity {
     /// Loads `ca.pem` and the role's `.pem`/`.key` from `dir`.
     pub fn load(dir: &Path, role: Role) -> Result<Identity, TlsError> {
+        Identity::load_stem(dir, role, role.file_stem())
+    }
+
+    /// Loads the certificate of node `name`: `node-NAME.pem`/`.key` when
+    /// `dir` has them (see [`issue_node_cert`]), else the shared `node.pem`.
+    pub fn load_node(dir: &Path, name: &str) -> Result<Identity, TlsError> {
+        let stem = format!("node-{name}");
+        if check_node_name(name).is_ok() && dir.join(format!("{stem}.pem")).is_file() {
+            Identity::load_stem(dir, Role::Node, &stem)
+        } else {
+            Identity::load(dir, Role::Node)
+        }
+    }
+
+    /// The node name its certificate carries, if any (see [`peer_node_name`]).
+    pub fn node_name(&self) -> Option<String> {
+        self.chain.first().and_then(|c| peer_node_name(c.as_ref()))
+    }
+
+    fn load_stem(dir: &Path, role: Role, stem: &str) -> Result<Identity, TlsError> {
         let fail = |file: &str, problem: String| TlsError::Load {
             dir: dir.to_path_buf(),
             file: file.to_string(),
@@ -400,10 +514,10 @@ impl Identity {
         };
         let ca_pem = read("ca.pem")?;
         let ca = certs("ca.pem", &ca_pem)?;
-        let cert_file = format!("{}.pem", role.file_stem());
+        let cert_file = format!("{stem}.pem");
         let cert_pem = read(&cert_file)?;
         let chain = certs(&cert_file, &cert_pem)?;
-        let key_file = format!("{}.key", role.file_stem());
+        let key_file = format!("{stem}.key");
         let key_pem = read(&key_file)?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..])
             .map_err(|e| fail(&key_file, format!("unparsable PEM: {e}")))?
@@ -569,6 +683,22 @@ pub fn peer_role(cert_der: &[u8]) -> Option<Role> {
     Role::ALL.into_iter().find(|r| r.common_name() == cn)
 }
 
+/// The node name a peer certificate was issued for (a URI subject
+/// alternative name `urn:hcx-cluster:node:NAME`, see [`issue_node_cert`]);
+/// `None` for a certificate without one, such as the shared `node.pem`.
+/// Only meaningful for certificates already verified against the cluster CA.
+pub fn peer_node_name(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix(NODE_NAME_URI_PREFIX)
+            .filter(|n| check_node_name(n).is_ok())
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
 /// Allows plaintext (`--insecure`) only toward loopback: `host:port` must
 /// be a loopback IP or `localhost`.
 pub fn check_insecure_host(host_port: &str) -> Result<(), TlsError> {
@@ -686,6 +816,47 @@ mod tests {
             assert_eq!(peer_role(id.cert_chain()[0].as_ref()), Some(role));
         }
         assert_eq!(peer_role(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn node_certificates_can_name_their_node() {
+        let dir = tempfile::tempdir().unwrap();
+        init_certs(dir.path(), &[], false).unwrap();
+        let shared = Identity::load(dir.path(), Role::Node).unwrap();
+        assert_eq!(shared.node_name(), None);
+        let pem = issue_node_cert(dir.path(), "gpu-9", &["10.0.0.9".into()], false).unwrap();
+        assert_eq!(pem, dir.path().join("node-gpu-9.pem"));
+        let named = Identity::load_node(dir.path(), "gpu-9").unwrap();
+        assert_eq!(named.node_name().as_deref(), Some("gpu-9"));
+        assert_eq!(peer_role(named.cert_chain()[0].as_ref()), Some(Role::Node));
+        // A node without its own certificate uses the shared one.
+        let other = Identity::load_node(dir.path(), "gpu-10").unwrap();
+        assert_eq!(other.node_name(), None);
+        // Again only with force; bad names never reach a certificate.
+        let err = issue_node_cert(dir.path(), "gpu-9", &[], false).unwrap_err();
+        assert!(matches!(err, TlsError::Exists { .. }), "{err}");
+        issue_node_cert(dir.path(), "gpu-9", &[], true).unwrap();
+        for bad in ["", "a b", "../x", &"n".repeat(129)] {
+            let err = issue_node_cert(dir.path(), bad, &[], false).unwrap_err();
+            assert!(matches!(err, TlsError::InvalidNodeName { .. }), "{err}");
+        }
+        let err = issue_node_cert(&dir.path().join("none"), "n1", &[], false).unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn issued_node_certificates_chain_to_the_cluster_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init_certs(dir.path(), &[], false).unwrap();
+        issue_node_cert(dir.path(), "n1", &[], false).unwrap();
+        let coord = Identity::load(dir.path(), Role::Coordinator).unwrap();
+        let n1 = Identity::load_node(dir.path(), "n1").unwrap();
+        let (server, addr) = echo_server(&coord);
+        let out = echo(quinn_client_config(&n1).unwrap(), addr, b"hi")
+            .await
+            .unwrap();
+        assert_eq!(out, b"hi");
+        server.close(0u32.into(), b"bye");
     }
 
     #[test]

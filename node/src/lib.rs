@@ -35,7 +35,9 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Where shard files are built before upload.
     pub work_dir: PathBuf,
-    /// TLS identity (node certificate); `None` is `--insecure` (loopback only).
+    /// TLS identity (node certificate; one naming this node, see
+    /// `Identity::load_node`, lets the coordinators hold it to that name);
+    /// `None` is `--insecure` (loopback only).
     pub tls: Option<Identity>,
     /// Cores offered (defaults to the machine's).
     pub cores: u32,
@@ -302,13 +304,155 @@ async fn connect(ctx: &Ctx, addr: &str) -> Result<quinn::Connection, String> {
         .map_err(|e| format!("{addr}: {e}"))
 }
 
-async fn fetch(conn: &quinn::Connection, job: &str, name: &str) -> Result<SourceTensor, String> {
+/// Most bytes of source tensors a node takes for one shard when it does not
+/// know its memory (64 GiB); otherwise the memory it offers, capped at this.
+const MAX_FETCH_BYTES: u64 = 64 << 30;
+
+/// How many bytes of source tensors one shard may bring in: the memory the
+/// node offers (the coordinators planned the shard to fit it), or
+/// [`MAX_FETCH_BYTES`] when that is unknown (0), whichever is smaller.
+fn fetch_limit(memory_bytes: u64) -> u64 {
+    if memory_bytes == 0 {
+        MAX_FETCH_BYTES
+    } else {
+        memory_bytes.min(MAX_FETCH_BYTES)
+    }
+}
+
+/// Why a tensor header from the data plane was refused before any
+/// allocation: a coordinator, hostile or corrupt, never makes a node
+/// allocate more than it offers or panic on arithmetic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum AnnounceError {
+    /// Shape × element size does not fit in 64 bits (or in memory addresses).
+    #[error("tensor {name}: shape {shape:?} of {elem}-byte values overflows")]
+    Overflow {
+        /// Tensor name.
+        name: String,
+        /// The announced shape.
+        shape: Vec<u64>,
+        /// Bytes per value.
+        elem: u64,
+    },
+    /// The announced length is not what the shape and dtype need.
+    #[error("tensor {name}: {len} bytes announced, shape {shape:?} needs {expect}")]
+    Mismatch {
+        /// Tensor name.
+        name: String,
+        /// The announced length.
+        len: u64,
+        /// The announced shape.
+        shape: Vec<u64>,
+        /// Bytes the shape needs.
+        expect: u64,
+    },
+    /// The tensor, or the shard's tensors so far, exceed what this node takes.
+    #[error(
+        "tensor {name}: {len} bytes would bring the shard to {total} bytes, over this node's \
+         {limit}-byte limit (the memory it offers)"
+    )]
+    TooLarge {
+        /// Tensor name.
+        name: String,
+        /// The announced length.
+        len: u64,
+        /// Bytes of the shard's tensors with this one.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// Checks a [`Reply::Tensor`] header: the shape's size in checked
+/// arithmetic must equal the announced `len`, and `len` must not exceed
+/// `limit`. Returns the shape and the length as `usize`.
+fn announced(
+    name: &str,
+    shape: &[u64],
+    elem: u64,
+    len: u64,
+    limit: u64,
+) -> Result<(Vec<usize>, usize), AnnounceError> {
+    let overflow = || AnnounceError::Overflow {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        elem,
+    };
+    let expect = shape
+        .iter()
+        .try_fold(elem, |acc, d| acc.checked_mul(*d))
+        .ok_or_else(overflow)?;
+    if len != expect {
+        return Err(AnnounceError::Mismatch {
+            name: name.to_string(),
+            len,
+            shape: shape.to_vec(),
+            expect,
+        });
+    }
+    if len > limit {
+        return Err(AnnounceError::TooLarge {
+            name: name.to_string(),
+            len,
+            total: len,
+            limit,
+        });
+    }
+    let dims = shape
+        .iter()
+        .map(|d| usize::try_from(*d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| overflow())?;
+    let n = usize::try_from(len).map_err(|_| overflow())?;
+    Ok((dims, n))
+}
+
+/// Bytes one shard may still fetch; shared by its concurrent fetches.
+struct Budget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    fn new(limit: u64) -> Budget {
+        Budget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `len` bytes for tensor `name`, or says why not (nothing taken).
+    fn take(&self, name: &str, len: u64) -> Result<(), AnnounceError> {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(len).filter(|t| *t <= self.limit)
+            })
+            .map(|_| ())
+            .map_err(|used| AnnounceError::TooLarge {
+                name: name.to_string(),
+                len,
+                total: used.saturating_add(len),
+                limit: self.limit,
+            })
+    }
+}
+
+async fn fetch(
+    conn: &quinn::Connection,
+    node: &str,
+    job: &str,
+    name: &str,
+    budget: &Budget,
+) -> Result<SourceTensor, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     write_frame(
         &mut send,
         &Request::Fetch {
             job: job.to_string(),
             tensor: name.to_string(),
+            node: node.to_string(),
         },
     )
     .await
@@ -321,15 +465,14 @@ async fn fetch(conn: &quinn::Connection, job: &str, name: &str) -> Result<Source
         Reply::Tensor { dtype, shape, len } => {
             let dt = hcx_pipeline::model::parse_dtype(&dtype)
                 .ok_or_else(|| format!("tensor {name}: unknown dtype {dtype:?}"))?;
-            let shape: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
             let elem = dt.bitsize().div_ceil(8) as u64;
-            let expect = shape.iter().map(|d| *d as u64).product::<u64>() * elem;
-            if len != expect {
-                return Err(format!(
-                    "tensor {name}: {len} bytes announced, shape {shape:?} {dtype} needs {expect}"
-                ));
-            }
-            let mut raw = vec![0u8; len as usize];
+            let (shape, n) =
+                announced(name, &shape, elem, len, budget.limit).map_err(|e| e.to_string())?;
+            budget.take(name, len).map_err(|e| e.to_string())?;
+            let mut raw = Vec::new();
+            raw.try_reserve_exact(n)
+                .map_err(|e| format!("tensor {name}: cannot allocate {n} bytes: {e}"))?;
+            raw.resize(n, 0);
             AsyncReadExt::read_exact(&mut recv, &mut raw)
                 .await
                 .map_err(|e| format!("tensor {name}: {e}"))?;
@@ -361,8 +504,14 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
         .map_err(|e| io("fetch", e))?;
     let mut tensors = Vec::with_capacity(a.tensors.len());
     let mut bytes_in = 0u64;
+    let budget = Budget::new(fetch_limit(ctx.cfg.memory_bytes));
     for chunk in a.tensors.chunks(4) {
-        let got = futures::future::join_all(chunk.iter().map(|n| fetch(&conn, &a.job_id, n))).await;
+        let got = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|n| fetch(&conn, &ctx.cfg.name, &a.job_id, n, &budget)),
+        )
+        .await;
         for t in got {
             let t = t.map_err(|e| io("fetch", e))?;
             bytes_in += t.raw.len() as u64;
@@ -466,4 +615,50 @@ async fn upload(
         }
     }
     Err(io("no leader took the upload after 4 tries".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_shapes_use_checked_arithmetic() {
+        // What an honest coordinator sends.
+        assert_eq!(
+            announced("w", &[3, 4], 2, 24, 1 << 20),
+            Ok((vec![3, 4], 24))
+        );
+        assert_eq!(announced("s", &[], 4, 4, 4), Ok((vec![], 4)));
+        // A shape whose size overflows u64 is an error, not a panic or a wrap.
+        let e = announced("w", &[u64::MAX, 2], 2, 0, u64::MAX).unwrap_err();
+        assert!(matches!(e, AnnounceError::Overflow { .. }), "{e}");
+        assert!(e.to_string().contains("overflows"), "{e}");
+        // 2^63 values of 2 bytes wrap to 0 in u64: still an overflow.
+        let e = announced("w", &[1 << 63], 2, 0, u64::MAX).unwrap_err();
+        assert!(matches!(e, AnnounceError::Overflow { .. }), "{e}");
+        // A length that does not match the shape.
+        let e = announced("w", &[3, 4], 2, 25, 1 << 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor w: 25 bytes announced, shape [3, 4] needs 24"
+        );
+    }
+
+    #[test]
+    fn announced_lengths_are_bounded() {
+        // Consistent with its shape, but more than the node takes.
+        let huge = 1u64 << 45;
+        let e = announced("emb", &[1 << 43, 2], 2, huge, fetch_limit(1 << 30)).unwrap_err();
+        assert!(matches!(e, AnnounceError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("1073741824-byte limit"), "{e}");
+        assert_eq!(fetch_limit(0), MAX_FETCH_BYTES);
+        assert_eq!(fetch_limit(u64::MAX), MAX_FETCH_BYTES);
+        // The shard's tensors together are bounded too.
+        let b = Budget::new(100);
+        assert!(b.take("a", 60).is_ok());
+        let e = b.take("b", 41).unwrap_err();
+        assert!(e.to_string().contains("101 bytes"), "{e}");
+        assert!(b.take("b", 40).is_ok());
+        assert!(b.take("c", u64::MAX).is_err());
+    }
 }
