@@ -94,6 +94,9 @@ fn config(dir: &Path, id: NodeId, peers: &BTreeMap<NodeId, String>) -> Coordinat
         tls: Some(Identity::load(&dir.join("certs"), Role::Coordinator).unwrap()),
         // The test's nodes never heartbeat: keep their shards theirs.
         lease: Duration::from_secs(600),
+        // Commands are proposed directly; no job goes through submit.
+        model_roots: vec![dir.to_path_buf()],
+        output_roots: vec![dir.to_path_buf()],
     }
 }
 
