@@ -55,11 +55,16 @@ PY
       out="$(mktemp -d)"
       trap 'rm -rf "$out"' EXIT
       hyperfine --warmup 1 --runs 5 --export-markdown "$out/e2e.md" \
-        -n '--local' "$bin run --local --output $out/a" \
-        -n '--nodes 1' "$bin run --nodes 1 --output $out/a" \
-        -n '--nodes 2' "$bin run --nodes 2 --output $out/a" \
-        -n '--nodes 3' "$bin run --nodes 3 --output $out/a" >&2
-      cat "$out/e2e.md" ;;
+        -n 'run --local' "$bin run --local --output $out/a" \
+        -n 'run --nodes 1' "$bin run --nodes 1 --output $out/a" \
+        -n 'run --nodes 2' "$bin run --nodes 2 --output $out/a" \
+        -n 'run --nodes 3' "$bin run --nodes 3 --output $out/a" >&2
+      cat "$out/e2e.md"
+      # Kernel seconds per run, summed over the nodes, from the artifact's report.
+      for n in 1 2 3; do
+        "$bin" run --nodes "$n" --output "$out/k$n" >/dev/null 2>&1
+        python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); print(f"--nodes {sys.argv[2]}: kernel seconds {sum(x[\"kernel_seconds\"] for x in a[\"nodes\"]):.2f}")' "$out/k$n/attribution.json" "$n"
+      done ;;
     *) echo "unknown part $part (codecs, cluster, e2e)" >&2; exit 2 ;;
   esac
 done
