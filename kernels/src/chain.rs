@@ -333,17 +333,22 @@ mod tests {
     use crate::rng::gaussian_vec;
     use hcx_protocol::stage::*;
 
-    #[test]
-    fn hadamard_uniform_zstd_round_trip_and_accounting() {
-        let x = gaussian_vec(1, 64 * 384);
-        let stages = vec![
+    /// The 4-bit examples' chain: Hadamard, uniform at 4 bits, zstd.
+    fn rotate_uniform4_zstd() -> Vec<StageSpec> {
+        vec![
             StageSpec::Hadamard(HadamardSpec::default()),
             StageSpec::Uniform(UniformSpec {
                 bits: 4.0,
                 deadzone: 0.0,
             }),
             StageSpec::Zstd(ZstdSpec::default()),
-        ];
+        ]
+    }
+
+    #[test]
+    fn hadamard_uniform_zstd_round_trip_and_accounting() {
+        let x = gaussian_vec(1, 64 * 384);
+        let stages = rotate_uniform4_zstd();
         let e = encode_tensor("w", x.clone(), &[64, 384], &stages, 7, 4).unwrap();
         assert_eq!(e.steps.len(), 3);
         assert_eq!(e.steps[0].bytes_in, 64 * 384 * 4);
@@ -364,14 +369,7 @@ mod tests {
     #[test]
     fn declared_sizes_beyond_the_shape_are_refused_before_allocation() {
         let x = gaussian_vec(3, 8 * 128);
-        let stages = vec![
-            StageSpec::Hadamard(HadamardSpec::default()),
-            StageSpec::Uniform(UniformSpec {
-                bits: 4.0,
-                deadzone: 0.0,
-            }),
-            StageSpec::Zstd(ZstdSpec::default()),
-        ];
+        let stages = rotate_uniform4_zstd();
         let e = encode_tensor("w", x, &[8, 128], &stages, 7, 4).unwrap();
         // A raw length of 2^40 bytes for the codes: refused, nothing allocated.
         let mut huge = e.steps.clone();
