@@ -173,12 +173,13 @@ fn check_sizes(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// Decodes one tensor to its source dtype's bytes; the caller has run
+/// [`check_sizes`] on the manifest.
 fn decode_entry(
     artifact: &Path,
     files: &TensorFiles,
     t: &TensorEntry,
 ) -> Result<Vec<u8>, PipelineError> {
-    check_entry_size(artifact, t)?;
     let parts = files.parts(artifact, t)?;
     if t.steps.is_empty() {
         let p = parts
