@@ -105,6 +105,7 @@ pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
             S::Seedlm(_) => 400.0,
             S::Vq(_) => 30.0,
             S::Lowrank(_) => 10.0,
+            S::Gptq(_) => 20.0,
             S::Uniform(_) | S::Nonuniform(_) => 6.0,
             S::Zstd(_) => 4.0,
             S::Rtn(_) | S::Ternary(_) | S::Sparse(_) => 1.0,
@@ -147,6 +148,11 @@ impl ClusterService {
             })?;
             spec
         };
+        if spec.calibration.is_some() {
+            return Err(Status::failed_precondition(
+                "calibrated jobs (a `calibration:` section) run on one machine in this version: use `hcx-cluster run --local`; the cluster runs them once its nodes reduce calibration statistics between them",
+            ));
+        }
         if spec.model.is_relative() || spec.output.is_relative() {
             spec.model = base.join(&spec.model);
             spec.output = base.join(&spec.output);

@@ -10,7 +10,17 @@
 //! decompositions additive, so an error added anywhere is the same error in
 //! the original domain; the quantizer's share is fixed up after a full
 //! decode so the shares add up to the true final error exactly.
+//!
+//! With calibration statistics (the Hessian H of the layer's inputs, see
+//! [`crate::hessian`]), H follows the signal: a Hadamard stage rotates it
+//! with the weights, a low-rank residual keeps it, and a `gptq` stage
+//! quantizes with it. A sparse stage passes on each row's kept values
+//! compacted, whose columns are no longer the layer's inputs, so a `gptq`
+//! stage cannot follow one. The output SQNR on the calibration inputs,
+//! 10·log10(tr(W H Wᵀ)/tr(E H Eᵀ)), is then measured on the fully decoded
+//! tensor in the original domain, whatever the chain.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -23,7 +33,8 @@ use crate::rng::seed_for;
 use crate::stats::{energy, sqnr_from, squared_error};
 use crate::{KernelError, Part, Parts, Signal};
 use crate::{
-    cast, entropy, hadamard, lowrank, nonuniform, rtn, seedlm, sparse, ternary, uniform, vq,
+    cast, entropy, gptq, hadamard, hessian, lowrank, nonuniform, rtn, seedlm, sparse, ternary,
+    uniform, vq,
 };
 
 /// An encoded tensor: what each stage did and the parts to store.
@@ -37,6 +48,12 @@ pub struct EncodedTensor {
     pub sqnr_db: Option<f64>,
     /// Wall time of each stage, seconds.
     pub seconds: Vec<f64>,
+    /// SQNR of the decoded tensor's outputs on the calibration inputs, dB:
+    /// 10·log10(tr(W H Wᵀ)/tr(E H Eᵀ)) with E = W − Ŵ in the original domain
+    /// (`None` without a Hessian, or when the outputs are exact).
+    pub output_sqnr_db: Option<f64>,
+    /// The decoded tensor: what the compressed model holds.
+    pub decoded: Vec<f32>,
 }
 
 fn quantize(stage: &StageSpec, x: &Signal, seed: u64) -> Result<Coded, KernelError> {
@@ -70,6 +87,7 @@ fn dequantize(
         StageSpec::Ternary(_) => ternary::decode(meta, parts, rows, cols),
         StageSpec::Seedlm(_) => seedlm::decode(meta, parts, rows, cols),
         StageSpec::Vq(_) => vq::decode(meta, parts, rows, cols),
+        StageSpec::Gptq(_) => gptq::decode(meta, parts, rows, cols),
         other => Err(KernelError::Meta {
             stage: other.kind().into(),
             why: "not a quantizer".into(),
@@ -90,7 +108,9 @@ fn bytes_of(parts: &[Part]) -> u64 {
 
 /// Encodes one tensor through `stages`. `name` and `job_seed` seed every
 /// random choice; `elem_bytes` is the source dtype's width, used for the
-/// size accounting of the signal not yet encoded.
+/// size accounting of the signal not yet encoded. A chain with a stage that
+/// needs calibration data (`gptq`) is refused: use
+/// [`encode_tensor_calibrated`].
 pub fn encode_tensor(
     name: &str,
     values: Vec<f32>,
@@ -99,10 +119,61 @@ pub fn encode_tensor(
     job_seed: u64,
     elem_bytes: usize,
 ) -> Result<EncodedTensor, KernelError> {
+    encode_tensor_calibrated(name, values, shape, stages, job_seed, elem_bytes, None)
+}
+
+/// [`encode_tensor`] with the Hessian of the layer's calibration inputs,
+/// `hessian` row-major `cols × cols` for a tensor whose rows have `cols`
+/// values (see [`crate::hessian::HessianSum::to_f64`]). It feeds a `gptq`
+/// stage and gives [`EncodedTensor::output_sqnr_db`].
+pub fn encode_tensor_calibrated(
+    name: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+    stages: &[StageSpec],
+    job_seed: u64,
+    elem_bytes: usize,
+    hessian: Option<&[f64]>,
+) -> Result<EncodedTensor, KernelError> {
     let original = values.clone();
     let total = energy(&original);
     let mut sig = Some(Signal::from_shape(values, shape));
     let (rows0, cols0) = sig.as_ref().map(|s| (s.rows, s.cols)).unwrap_or((0, 0));
+    match hessian {
+        None => {
+            if let Some(s) = stages.iter().find(|s| s.needs_calibration()) {
+                return Err(KernelError::NeedsCalibration(s.kind().into()));
+            }
+        }
+        Some(h) => {
+            let sparse = stages
+                .iter()
+                .position(|s| matches!(s, StageSpec::Sparse(_)));
+            let calibrated = stages.iter().rposition(|s| s.needs_calibration());
+            if let (Some(sp), Some(c)) = (sparse, calibrated)
+                && sp < c
+            {
+                return Err(KernelError::Values(format!(
+                    "stage `{}` cannot follow a `sparse` stage: the kept values are compacted per row, so their columns are no longer the layer's inputs",
+                    stages[c].kind()
+                )));
+            }
+            if cols0.checked_mul(cols0) != Some(h.len()) {
+                return Err(KernelError::shape(
+                    rows0,
+                    cols0,
+                    format!(
+                        "the calibration Hessian has {} values, not {cols0} × {cols0} for rows of {cols0}",
+                        h.len()
+                    ),
+                ));
+            }
+        }
+    }
+    // The Hessian in the current signal's domain (copied when rotated).
+    let mut h_cur: Option<Cow<'_, [f64]>> = hessian.map(Cow::Borrowed);
+    // tr(W H Wᵀ) of the original tensor: the output energy.
+    let output_energy = hessian.map(|h| hessian::quadratic_trace(&original, rows0, cols0, h));
     let mut parts: Vec<Part> = Vec::new();
     let mut steps = Vec::with_capacity(stages.len());
     let mut seconds = Vec::with_capacity(stages.len());
@@ -117,6 +188,7 @@ pub fn encode_tensor(
         let kind = stage.kind();
         let seed = seed_for(job_seed, name, kind);
         let mut err = 0.0f64;
+        let mut output_error: Option<f64> = None;
         let no_signal = || KernelError::Meta {
             stage: kind.into(),
             why: "no signal left to encode (a quantizer or a dropping low-rank stage came before)"
@@ -125,7 +197,11 @@ pub fn encode_tensor(
         let codec = match stage {
             StageSpec::Hadamard(h) => {
                 let s = sig.as_mut().ok_or_else(no_signal)?;
-                crate::part::to_meta(&hadamard::forward(s, h.block, seed)?)
+                let m = hadamard::forward(s, h.block, seed)?;
+                if let Some(hc) = h_cur.as_mut() {
+                    hessian::rotate_hessian(hc.to_mut(), s.cols, &m)?;
+                }
+                crate::part::to_meta(&m)
             }
             StageSpec::Lowrank(l) => {
                 let s = sig.take().ok_or_else(no_signal)?;
@@ -137,6 +213,8 @@ pub fn encode_tensor(
             }
             StageSpec::Sparse(sp) => {
                 let s = sig.take().ok_or_else(no_signal)?;
+                // The kept values' columns are not the layer's inputs.
+                h_cur = None;
                 let split = sparse::encode(sp, &s, seed)?;
                 parts.extend(prefixed(kind, split.parts));
                 sig = split.rest;
@@ -144,6 +222,24 @@ pub fn encode_tensor(
                 split.meta
             }
             StageSpec::Zstd(z) => entropy::encode(z.level, &mut parts)?,
+            StageSpec::Gptq(g) => {
+                let s = sig.take().ok_or_else(no_signal)?;
+                let h = h_cur
+                    .as_deref()
+                    .ok_or_else(|| KernelError::NeedsCalibration(kind.into()))?;
+                let out = gptq::encode(g, &s, h)?;
+                let local = Parts::new(out.coded.parts);
+                let back = gptq::decode(&out.coded.meta, &local, s.rows, s.cols)?;
+                err = squared_error(&s.data, &back);
+                let reference = output_energy.unwrap_or(out.reference);
+                output_error = Some(if reference > 0.0 {
+                    out.output_error / reference
+                } else {
+                    0.0
+                });
+                parts.extend(prefixed(kind, local.into_vec()));
+                out.coded.meta
+            }
             q => {
                 let s = sig.take().ok_or_else(no_signal)?;
                 let coded = quantize(q, &s, seed)?;
@@ -155,9 +251,16 @@ pub fn encode_tensor(
             }
         };
         cum_err += err;
+        let mut meta = json!({ "rows": rows, "cols": cols, "codec": codec });
+        if let Some(e) = output_error {
+            // tr(E H Eᵀ) where the stage ran (rotations are orthonormal, so
+            // the same in the original domain), over the original tensor's
+            // tr(W H Wᵀ), as `error_added` is over its energy.
+            meta["output_error"] = json!(e);
+        }
         steps.push(StepRecord {
             spec: stage.clone(),
-            meta: json!({ "rows": rows, "cols": cols, "codec": codec }),
+            meta,
             bytes_in,
             bytes_out: size(&parts, &sig),
             error_added: if total > 0.0 { err / total } else { 0.0 },
@@ -195,11 +298,20 @@ pub fn encode_tensor(
             s.sqnr_db = sqnr;
         }
     }
+    let output_sqnr_db = match (hessian, output_energy) {
+        (Some(h), Some(reference)) => {
+            let error = hessian::error_trace(&original, &decoded, rows0, cols0, h);
+            sqnr_from(reference, error)
+        }
+        _ => None,
+    };
     Ok(EncodedTensor {
         steps,
         parts,
         sqnr_db: sqnr,
         seconds,
+        output_sqnr_db,
+        decoded,
     })
 }
 
@@ -364,6 +476,146 @@ mod tests {
         // Same input, same bytes.
         let again = encode_tensor("w", x, &[64, 384], &stages, 7, 4).unwrap();
         assert_eq!(again.parts, e.parts);
+    }
+
+    /// A Hessian of correlated inputs: a shared component plus noise.
+    fn calibration(seed: u64, cols: usize, n: usize) -> Vec<f64> {
+        let z = gaussian_vec(seed, n * cols);
+        let common = gaussian_vec(seed + 1, n);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| z[i] + 3.0 * common[i / cols] * ((i % cols) as f32 / cols as f32 - 0.3))
+            .collect();
+        let mut h = crate::hessian::HessianSum::new(cols);
+        h.add_batch(&x, n).unwrap();
+        h.to_f64()
+    }
+
+    #[test]
+    fn hadamard_gptq_uniform_zstd_round_trip() {
+        let (rows, cols) = (48, 256);
+        let x = gaussian_vec(11, rows * cols);
+        let h = calibration(12, cols, 1024);
+        let gptq = vec![
+            StageSpec::Hadamard(HadamardSpec::default()),
+            StageSpec::Gptq(GptqSpec {
+                grid: GptqGrid::Uniform(UniformSpec {
+                    bits: 4.0,
+                    deadzone: 0.0,
+                }),
+                damp: 0.01,
+                block: 64,
+                act_order: true,
+            }),
+            StageSpec::Zstd(ZstdSpec::default()),
+        ];
+        let shape = [rows, cols];
+        let e = encode_tensor_calibrated("w", x.clone(), &shape, &gptq, 7, 4, Some(&h)).unwrap();
+        let y = decode_tensor(&e.steps, e.parts.clone(), &shape).unwrap();
+        assert_eq!(crate::stats::sqnr_db(&x, &y), e.sqnr_db);
+        let rel = e.steps[1].meta["output_error"].as_f64().unwrap();
+        let out = e.output_sqnr_db.unwrap();
+        // The step's relative output error, measured in the rotated domain,
+        // is the final one in the original domain.
+        assert!(
+            (-10.0 * rel.log10() - out).abs() < 1e-3,
+            "{rel} vs {out} dB"
+        );
+        let codec = &e.steps[1].meta["codec"];
+        assert_eq!(codec["grid"], "uniform");
+        let bits = codec["codec"]["entropy_bits"].as_f64().unwrap();
+        assert!((bits - 4.0).abs() < 0.05, "{bits}");
+        // The same chain with plain uniform, compared on the same inputs.
+        let plain = encode_tensor_calibrated(
+            "w",
+            x.clone(),
+            &shape,
+            &rotate_uniform4_zstd(),
+            7,
+            4,
+            Some(&h),
+        )
+        .unwrap();
+        let base = plain.output_sqnr_db.unwrap();
+        println!("output SQNR: uniform {base:.2} dB, gptq(uniform) {out:.2} dB");
+        assert!(out > base + 1.0, "{out} vs {base}");
+        assert!(plain.steps[1].meta.get("output_error").is_none());
+        // Without a Hessian, no output SQNR.
+        let none = encode_tensor("w", x.clone(), &shape, &rotate_uniform4_zstd(), 7, 4).unwrap();
+        assert_eq!(none.output_sqnr_db, None);
+        assert_eq!(none.parts, plain.parts);
+        // Same inputs, same bytes.
+        let again = encode_tensor_calibrated("w", x, &shape, &gptq, 7, 4, Some(&h)).unwrap();
+        assert_eq!(again.parts, e.parts);
+    }
+
+    #[test]
+    fn gptq_without_calibration_or_with_a_wrong_hessian_is_a_clear_error() {
+        let x = gaussian_vec(13, 8 * 64);
+        let stages = vec![StageSpec::Gptq(GptqSpec {
+            grid: GptqGrid::Rtn(RtnSpec {
+                bits: 4,
+                group: Some(32),
+                symmetric: true,
+                search: false,
+            }),
+            damp: 0.01,
+            block: 128,
+            act_order: true,
+        })];
+        let err = encode_tensor("w", x.clone(), &[8, 64], &stages, 1, 4).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stage `gptq` needs calibration data (`calibration:` in the job)"
+        );
+        let h = calibration(14, 32, 100);
+        let err = encode_tensor_calibrated("w", x.clone(), &[8, 64], &stages, 1, 4, Some(&h))
+            .unwrap_err();
+        assert!(err.to_string().contains("not 64 × 64"), "{err}");
+        // Through a low-rank residual the Hessian is unchanged.
+        let h = calibration(14, 64, 100);
+        let mut chain = vec![StageSpec::Lowrank(LowrankSpec {
+            rank: Some(2),
+            rank_fraction: None,
+            energy: None,
+            keep_residual: true,
+        })];
+        chain.extend(stages.clone());
+        let e = encode_tensor_calibrated("w", x.clone(), &[8, 64], &chain, 1, 4, Some(&h)).unwrap();
+        let y = decode_tensor(&e.steps, e.parts.clone(), &[8, 64]).unwrap();
+        assert_eq!(crate::stats::sqnr_db(&x, &y), e.sqnr_db);
+        let rel = e.steps[1].meta["output_error"].as_f64().unwrap();
+        let out = e.output_sqnr_db.unwrap();
+        assert!(
+            (-10.0 * rel.log10() - out).abs() < 1e-3,
+            "{rel} vs {out} dB"
+        );
+        // A sparse stage compacts the rows: gptq cannot follow it.
+        let mut chain = vec![StageSpec::Sparse(SparseSpec {
+            pattern: SparsePattern::TwoFour,
+            density: 0.5,
+        })];
+        chain.extend(stages);
+        let err =
+            encode_tensor_calibrated("w", x.clone(), &[8, 64], &chain, 1, 4, Some(&h)).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot follow a `sparse` stage"),
+            "{err}"
+        );
+        // A sparse chain without gptq still reports the output SQNR.
+        let chain = vec![
+            StageSpec::Sparse(SparseSpec {
+                pattern: SparsePattern::TwoFour,
+                density: 0.5,
+            }),
+            StageSpec::Rtn(RtnSpec {
+                bits: 4,
+                group: Some(16),
+                symmetric: true,
+                search: false,
+            }),
+        ];
+        let e = encode_tensor_calibrated("w", x, &[8, 64], &chain, 1, 4, Some(&h)).unwrap();
+        assert!(e.output_sqnr_db.is_some());
     }
 
     #[test]

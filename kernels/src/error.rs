@@ -36,6 +36,9 @@ pub enum KernelError {
     /// The values cannot be encoded (NaN or infinite inputs).
     #[error("{0}")]
     Values(String),
+    /// The stage needs calibration statistics and none were given.
+    #[error("stage `{0}` needs calibration data (`calibration:` in the job)")]
+    NeedsCalibration(String),
 }
 
 impl KernelError {

@@ -54,7 +54,8 @@ pub fn choose_block(
     Ok(block)
 }
 
-fn signs(seed: u64, cols: usize) -> Vec<f32> {
+/// The ±1 sign of every column for a seed.
+pub(crate) fn signs(seed: u64, cols: usize) -> Vec<f32> {
     let mut r = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(cols);
     while out.len() < cols {

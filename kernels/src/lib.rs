@@ -1,9 +1,12 @@
 //! The compression math of hcx-cluster: pure functions over tensors.
 //!
-//! The entry points are [`chain::encode_tensor`] and [`chain::decode_tensor`],
-//! which run a job's stage chain over one tensor; each codec module
-//! (`rtn`, `uniform`, `nonuniform`, `ternary`, `seedlm`, `vq`, `lowrank`,
-//! `sparse`, `hadamard`, `entropy`) holds one stage's encoder and decoder.
+//! The entry points are [`chain::encode_tensor`] (or
+//! [`chain::encode_tensor_calibrated`], with the Hessian of a layer's
+//! calibration inputs) and [`chain::decode_tensor`], which run a job's stage
+//! chain over one tensor; each codec module (`rtn`, `uniform`, `nonuniform`,
+//! `ternary`, `seedlm`, `vq`, `gptq`, `lowrank`, `sparse`, `hadamard`,
+//! `entropy`) holds one stage's encoder and decoder, and `hessian` the exact,
+//! additive calibration statistics.
 //! Nothing here does I/O or knows about the network.
 #![warn(missing_docs, unreachable_pub)]
 
@@ -12,7 +15,9 @@ pub mod cast;
 pub mod chain;
 pub mod entropy;
 pub mod error;
+pub mod gptq;
 pub mod hadamard;
+pub mod hessian;
 pub mod lowrank;
 pub mod nonuniform;
 pub mod part;
@@ -25,7 +30,7 @@ pub mod ternary;
 pub mod uniform;
 pub mod vq;
 
-pub use chain::{EncodedTensor, decode_tensor, encode_tensor};
+pub use chain::{EncodedTensor, decode_tensor, encode_tensor, encode_tensor_calibrated};
 pub use error::KernelError;
 pub use part::{Coded, Part, PartDtype, Parts, Split};
 

@@ -43,8 +43,9 @@ pub struct NonuniformMeta {
     pub levels: LevelSource,
 }
 
+/// The index of the level nearest to `v` (the number of thresholds below it).
 #[inline]
-fn nearest(thresholds: &[f32], v: f32) -> usize {
+pub(crate) fn nearest(thresholds: &[f32], v: f32) -> usize {
     thresholds.iter().take_while(|t| v > **t).count()
 }
 
@@ -102,8 +103,24 @@ fn learn_levels(x: &[f32], group: usize, start: &[f32]) -> Vec<f32> {
     levels.iter().map(|v| round_f16(*v)).collect()
 }
 
-/// Encodes a signal.
-pub fn encode(spec: &NonuniformSpec, x: &Signal) -> Result<Coded, KernelError> {
+/// What [`fit`] finds for a signal: the group length, the levels, the
+/// codes of nearest-level rounding and the f16-rounded scale of every group.
+pub(crate) struct NonuniformFit {
+    /// Group length.
+    pub(crate) group: usize,
+    /// The levels (of a unit-scale group), ascending.
+    pub(crate) levels: Vec<f32>,
+    /// Decision thresholds between consecutive levels.
+    pub(crate) thresholds: Vec<f32>,
+    /// One code per value, row-major.
+    pub(crate) codes: Vec<u8>,
+    /// Scale of each group (f16-rounded).
+    pub(crate) scales: Vec<f32>,
+}
+
+/// Chooses the levels and every group's scale as [`encode`] does and codes
+/// each value as its nearest level.
+pub(crate) fn fit(spec: &NonuniformSpec, x: &Signal) -> Result<NonuniformFit, KernelError> {
     check_finite(&x.data)?;
     let g = group_len(Some(spec.group), x.rows, x.cols)?;
     let mut levels = lloyd_max_levels(spec.bits);
@@ -131,21 +148,38 @@ pub fn encode(spec: &NonuniformSpec, x: &Signal) -> Result<Coded, KernelError> {
             best.1
         })
         .collect();
+    Ok(NonuniformFit {
+        group: g,
+        levels,
+        thresholds: th,
+        codes,
+        scales,
+    })
+}
+
+/// The parts and metadata [`encode`] writes for a fit's codes and scales.
+pub(crate) fn coded(spec: &NonuniformSpec, fit: &NonuniformFit) -> Coded {
     let mut parts = vec![
-        Part::bytes("codes", bits::pack(&codes, spec.bits)),
-        Part::f16("scales", &scales, vec![scales.len()]),
+        Part::bytes("codes", bits::pack(&fit.codes, spec.bits)),
+        Part::f16("scales", &fit.scales, vec![fit.scales.len()]),
     ];
     if spec.levels == LevelSource::Learned {
-        parts.push(Part::f16("levels", &levels, vec![levels.len()]));
+        parts.push(Part::f16("levels", &fit.levels, vec![fit.levels.len()]));
     }
-    Ok(Coded {
+    Coded {
         meta: to_meta(&NonuniformMeta {
             bits: spec.bits,
-            group: g,
+            group: fit.group,
             levels: spec.levels,
         }),
         parts,
-    })
+    }
+}
+
+/// Encodes a signal.
+pub fn encode(spec: &NonuniformSpec, x: &Signal) -> Result<Coded, KernelError> {
+    let fit = fit(spec, x)?;
+    Ok(coded(spec, &fit))
 }
 
 /// Decodes `rows × cols` values.

@@ -98,14 +98,27 @@ fn quantize_group(
     err as f64
 }
 
-/// Encodes a signal.
-pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
+/// What [`fit`] finds for a signal: the group length, the codes of plain
+/// rounding, and the f16-rounded scale and minimum of every group.
+pub(crate) struct RtnFit {
+    /// Group length.
+    pub(crate) group: usize,
+    /// One code per value (`0..2^bits`), row-major.
+    pub(crate) codes: Vec<u8>,
+    /// Scale of each group (f16-rounded).
+    pub(crate) scales: Vec<f32>,
+    /// Minimum of each group (f16-rounded; zeros when symmetric).
+    pub(crate) mins: Vec<f32>,
+}
+
+/// Chooses every group's scale (and minimum) as [`encode`] does, clipping
+/// search included, and rounds each value to its group's grid.
+pub(crate) fn fit(spec: &RtnSpec, x: &Signal) -> Result<RtnFit, KernelError> {
     check_finite(&x.data)?;
     let g = group_len(spec.group, x.rows, x.cols)?;
     let bits = spec.bits;
     let levels = 1i32 << bits;
     let qmax = (levels / 2) - 1;
-    let n_groups = x.len() / g;
     let mut codes = vec![0u8; x.len()];
     let ratios: Vec<f32> = if spec.search {
         (0..20).map(|i| 1.0 - 0.02 * i as f32).collect()
@@ -153,21 +166,38 @@ pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
         .map(work)
         .collect();
     let (scales, mins): (Vec<f32>, Vec<f32>) = results.into_iter().unzip();
+    Ok(RtnFit {
+        group: g,
+        codes,
+        scales,
+        mins,
+    })
+}
+
+/// The parts and metadata [`encode`] writes for codes, scales and minima.
+pub(crate) fn coded(spec: &RtnSpec, fit: &RtnFit) -> Coded {
+    let n_groups = fit.scales.len();
     let mut parts = vec![
-        Part::bytes("codes", bits::pack(&codes, bits)),
-        Part::f16("scales", &scales, vec![n_groups]),
+        Part::bytes("codes", bits::pack(&fit.codes, spec.bits)),
+        Part::f16("scales", &fit.scales, vec![n_groups]),
     ];
-    if !symmetric {
-        parts.push(Part::f16("mins", &mins, vec![n_groups]));
+    if !spec.symmetric {
+        parts.push(Part::f16("mins", &fit.mins, vec![n_groups]));
     }
-    Ok(Coded {
+    Coded {
         meta: to_meta(&RtnMeta {
-            bits,
-            group: g,
-            symmetric,
+            bits: spec.bits,
+            group: fit.group,
+            symmetric: spec.symmetric,
         }),
         parts,
-    })
+    }
+}
+
+/// Encodes a signal.
+pub fn encode(spec: &RtnSpec, x: &Signal) -> Result<Coded, KernelError> {
+    let fit = fit(spec, x)?;
+    Ok(coded(spec, &fit))
 }
 
 /// Decodes `rows × cols` values.

@@ -38,8 +38,9 @@ pub struct UniformMeta {
     pub entropy_bits: f64,
 }
 
+/// The code of one value for step `1/inv` and dead zone `dz`.
 #[inline]
-fn quantize(x: f32, inv: f32, dz: f32) -> i32 {
+pub(crate) fn quantize(x: f32, inv: f32, dz: f32) -> i32 {
     // floor(|x|/Δ + 1/2 − dz) clamped at 0; for non-negative values `as`
     // truncation is that floor, without a libm call.
     let a = x.abs() * inv + 0.5 - dz;
@@ -94,13 +95,13 @@ fn entropy_at(x: &[f32], inv: f32, dz: f32) -> f64 {
         .sum()
 }
 
-/// Encodes a signal.
-pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
-    check_finite(&x.data)?;
-    let dz = spec.deadzone as f32;
+/// The step for a target entropy of `bits` (bisection on log2 of the step,
+/// as [`encode`] does) and the codes' entropy at that step; `(1, 0)` for an
+/// all-zero signal.
+pub(crate) fn find_step(x: &[f32], bits: f64, dz: f32) -> (f32, f64) {
     let n = x.len();
-    let rms = (crate::stats::energy(&x.data) / n.max(1) as f64).sqrt();
-    let (step, entropy_bits) = if rms == 0.0 {
+    let rms = (crate::stats::energy(x) / n.max(1) as f64).sqrt();
+    if rms == 0.0 {
         (1.0f32, 0.0)
     } else {
         // Bisection on log2(step): entropy falls as the step grows.
@@ -109,28 +110,41 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
         for _ in 0..30 {
             let mid = 0.5 * (lo + hi);
             let inv = (1.0 / mid.exp2()) as f32;
-            if entropy_at(&x.data, inv, dz) > spec.bits {
+            if entropy_at(x, inv, dz) > bits {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
         let step = hi.exp2() as f32;
-        (step, entropy_at(&x.data, 1.0 / step, dz))
+        (step, entropy_at(x, 1.0 / step, dz))
+    }
+}
+
+/// The value the decoder reconstructs for code `q`.
+#[inline]
+pub(crate) fn reconstruct(q: i32, step: f32, offsets: &[f32]) -> f32 {
+    let a = q.unsigned_abs() as usize;
+    let mag = if (1..=OFFSETS).contains(&a) {
+        a as f32 + offsets[a - 1]
+    } else {
+        a as f32
     };
-    let inv = 1.0 / step;
-    let codes: Vec<i32> = x.data.par_iter().map(|v| quantize(*v, inv, dz)).collect();
-    // Centroid offsets per magnitude.
+    if q < 0 { -mag * step } else { mag * step }
+}
+
+/// The centroid offsets (in steps) of the values coded with |q| = 1..=8.
+pub(crate) fn offsets_for(x: &[f32], codes: &[i32], inv: f32) -> Vec<f32> {
     let mut sums = [0f64; OFFSETS];
     let mut counts = [0u64; OFFSETS];
-    for (v, q) in x.data.iter().zip(&codes) {
+    for (v, q) in x.iter().zip(codes) {
         let m = q.unsigned_abs() as usize;
         if (1..=OFFSETS).contains(&m) {
             sums[m - 1] += (v.abs() * inv) as f64 - m as f64;
             counts[m - 1] += 1;
         }
     }
-    let offsets: Vec<f32> = (0..OFFSETS)
+    (0..OFFSETS)
         .map(|i| {
             if counts[i] > 0 {
                 (sums[i] / counts[i] as f64) as f32
@@ -138,7 +152,46 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
                 0.0
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Codes of every value at step `1/inv`.
+pub(crate) fn codes_at(x: &[f32], inv: f32, dz: f32) -> Vec<i32> {
+    x.par_iter().map(|v| quantize(*v, inv, dz)).collect()
+}
+
+/// Zero-order entropy (bits per value) of codes.
+pub(crate) fn codes_entropy(codes: &[i32]) -> f64 {
+    use std::collections::BTreeMap;
+    const R: i32 = 512;
+    let mut h = vec![0u64; (2 * R + 1) as usize];
+    let mut far: BTreeMap<i32, u64> = BTreeMap::new();
+    for &q in codes {
+        if q.abs() <= R {
+            h[(q + R) as usize] += 1;
+        } else {
+            *far.entry(q).or_default() += 1;
+        }
+    }
+    let n = codes.len() as f64;
+    h.iter()
+        .copied()
+        .chain(far.values().copied())
+        .filter(|c| *c > 0)
+        .map(|c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// The parts and metadata [`encode`] writes for codes at a step.
+pub(crate) fn coded(
+    codes: &[i32],
+    step: f32,
+    offsets: Vec<f32>,
+    entropy_bits: f64,
+) -> Result<Coded, KernelError> {
     let wide = codes.iter().any(|q| !(-127..=127).contains(q));
     if codes.iter().any(|q| !(-32767..=32767).contains(q)) {
         return Err(KernelError::Values("uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`".into()));
@@ -162,6 +215,17 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
         }),
         parts,
     })
+}
+
+/// Encodes a signal.
+pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
+    check_finite(&x.data)?;
+    let dz = spec.deadzone as f32;
+    let (step, entropy_bits) = find_step(&x.data, spec.bits, dz);
+    let inv = 1.0 / step;
+    let codes = codes_at(&x.data, inv, dz);
+    let offsets = offsets_for(&x.data, &codes, inv);
+    coded(&codes, step, offsets, entropy_bits)
 }
 
 /// Decodes `rows × cols` values.
@@ -191,13 +255,7 @@ pub fn decode(
             Some(h) => i16::from_le_bytes([lo[i], h[i]]) as i32,
             None => lo[i] as i8 as i32,
         };
-        let a = q.unsigned_abs() as usize;
-        let mag = if (1..=OFFSETS).contains(&a) {
-            a as f32 + m.offsets[a - 1]
-        } else {
-            a as f32
-        };
-        *o = if q < 0 { -mag * m.step } else { mag * m.step };
+        *o = reconstruct(q, m.step, &m.offsets);
     });
     Ok(out)
 }

@@ -31,6 +31,9 @@ pub enum StageSpec {
     Seedlm(SeedlmSpec),
     /// Vector quantization with k-means codebooks.
     Vq(VqSpec),
+    /// GPTQ: a scalar grid (rtn, uniform, nonuniform) with Hessian-weighted
+    /// error feedback; needs calibration inputs.
+    Gptq(GptqSpec),
     /// zstd over every part, floats split into byte planes first (lossless).
     Zstd(ZstdSpec),
 }
@@ -74,6 +77,7 @@ impl StageSpec {
             StageSpec::Ternary(_) => "ternary",
             StageSpec::Seedlm(_) => "seedlm",
             StageSpec::Vq(_) => "vq",
+            StageSpec::Gptq(_) => "gptq",
             StageSpec::Zstd(_) => "zstd",
         }
     }
@@ -86,6 +90,12 @@ impl StageSpec {
             StageSpec::Zstd(_) => StageCategory::Entropy,
             _ => StageCategory::Quantizer,
         }
+    }
+
+    /// Whether the stage needs calibration statistics (the Hessian of the
+    /// layer's inputs) to encode a tensor.
+    pub fn needs_calibration(&self) -> bool {
+        matches!(self, StageSpec::Gptq(_))
     }
 
     /// Checks the parameters; on error returns the parameter name (empty for
@@ -185,6 +195,22 @@ impl StageSpec {
                 }
                 if v.iterations == 0 || v.iterations > 1000 {
                     return err("iterations", "must be in 1..=1000");
+                }
+            }
+            StageSpec::Gptq(g) => {
+                let kind = g.grid.kind();
+                g.grid.stage().validate().map_err(|(f, m)| {
+                    if f.is_empty() {
+                        (format!("grid.{kind}"), m)
+                    } else {
+                        (format!("grid.{kind}.{f}"), m)
+                    }
+                })?;
+                if !(g.damp > 0.0 && g.damp <= 1.0) {
+                    return err("damp", format!("{} is not in (0, 1]", g.damp));
+                }
+                if !(1..=4096).contains(&g.block) {
+                    return err("block", format!("{} is not in 1..=4096", g.block));
                 }
             }
             StageSpec::Zstd(z) => {
@@ -379,6 +405,70 @@ fn twenty() -> usize {
     20
 }
 
+/// The grid a GPTQ stage quantizes to: one of the scalar quantizers, with
+/// its own parameters (a one-key map, like a stage).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GptqGrid {
+    /// Round-to-nearest integers by group (scales fixed from the weights).
+    Rtn(RtnSpec),
+    /// The entropy-targeted uniform grid (needs `zstd` after the stage).
+    Uniform(UniformSpec),
+    /// Non-uniform levels by group (scales fixed from the weights).
+    Nonuniform(NonuniformSpec),
+}
+
+impl GptqGrid {
+    /// The grid's name as written in YAML (`rtn`, `uniform`, `nonuniform`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GptqGrid::Rtn(_) => "rtn",
+            GptqGrid::Uniform(_) => "uniform",
+            GptqGrid::Nonuniform(_) => "nonuniform",
+        }
+    }
+
+    /// The plain quantizer stage with the same parameters.
+    pub fn stage(&self) -> StageSpec {
+        match self {
+            GptqGrid::Rtn(s) => StageSpec::Rtn(s.clone()),
+            GptqGrid::Uniform(s) => StageSpec::Uniform(s.clone()),
+            GptqGrid::Nonuniform(s) => StageSpec::Nonuniform(s.clone()),
+        }
+    }
+}
+
+/// Parameters of GPTQ (Frantar et al., 2022): quantize a weight column by
+/// column, feeding each column's error forward through the inverse Hessian
+/// of the layer's calibration inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GptqSpec {
+    /// The grid the weights are quantized to.
+    pub grid: GptqGrid,
+    /// Damping added to the Hessian's diagonal, relative to the mean of the
+    /// diagonal, in (0, 1].
+    #[serde(default = "one_percent")]
+    pub damp: f64,
+    /// Columns per lazy batch (the error feedback inside a batch is applied
+    /// column by column, to the rest of the row once per batch), 1..=4096.
+    #[serde(default = "one_twenty_eight")]
+    pub block: usize,
+    /// Quantize columns by decreasing Hessian diagonal (act-order); group
+    /// scales are fixed from the weights beforehand, so nothing extra is
+    /// stored.
+    #[serde(default = "yes")]
+    pub act_order: bool,
+}
+
+fn one_percent() -> f64 {
+    0.01
+}
+
+fn one_twenty_eight() -> usize {
+    128
+}
+
 /// Parameters of the zstd entropy stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -396,4 +486,65 @@ impl Default for ZstdSpec {
 
 fn nineteen() -> i32 {
     19
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gptq_parses_with_defaults_and_validates() {
+        let full: Vec<StageSpec> = serde_saphyr::from_str(
+            "- gptq: {grid: {uniform: {bits: 4}}, damp: 0.01, block: 128, act_order: true}\n",
+        )
+        .unwrap();
+        let StageSpec::Gptq(g) = &full[0] else {
+            panic!("{full:?}")
+        };
+        assert_eq!(
+            g.grid,
+            GptqGrid::Uniform(UniformSpec {
+                bits: 4.0,
+                deadzone: 0.0
+            })
+        );
+        assert_eq!(full[0].kind(), "gptq");
+        assert_eq!(full[0].category(), StageCategory::Quantizer);
+        assert!(full[0].needs_calibration());
+        assert!(!StageSpec::Zstd(ZstdSpec::default()).needs_calibration());
+        full[0].validate().unwrap();
+
+        let short: StageSpec =
+            serde_saphyr::from_str("gptq: {grid: {rtn: {bits: 4, group: 64}}}").unwrap();
+        let StageSpec::Gptq(g) = &short else {
+            panic!("{short:?}")
+        };
+        assert_eq!((g.damp, g.block, g.act_order), (0.01, 128, true));
+        assert_eq!(g.grid.kind(), "rtn");
+        short.validate().unwrap();
+
+        let bad: StageSpec =
+            serde_saphyr::from_str("gptq: {grid: {rtn: {bits: 9}}, damp: 0, block: 0}").unwrap();
+        assert_eq!(bad.validate().unwrap_err().0, "grid.rtn.bits");
+        let bad: StageSpec =
+            serde_saphyr::from_str("gptq: {grid: {nonuniform: {bits: 3, group: 64}}, damp: 1.5}")
+                .unwrap();
+        assert_eq!(bad.validate().unwrap_err().0, "damp");
+        let bad: StageSpec =
+            serde_saphyr::from_str("gptq: {grid: {nonuniform: {bits: 3, group: 64}}, block: 5000}")
+                .unwrap();
+        assert_eq!(bad.validate().unwrap_err().0, "block");
+        assert!(
+            serde_saphyr::from_str::<StageSpec>("gptq: {grid: {rtn: {bits: 4}}, lr: 1}").is_err()
+        );
+        assert!(
+            serde_saphyr::from_str::<StageSpec>("gptq: {grid: {vq: {dim: 2, bits: 8}}}").is_err()
+        );
+        assert!(
+            serde_saphyr::from_str::<StageSpec>(
+                "gptq: {grid: {rtn: {bits: 4}, uniform: {bits: 4}}}"
+            )
+            .is_err()
+        );
+    }
 }
