@@ -166,6 +166,22 @@ enum Command {
         /// Where the dense model goes (must not exist or be empty).
         #[arg(long)]
         output: PathBuf,
+        /// Largest safetensors file; a larger model is split into shards
+        /// with `model.safetensors.index.json` (e.g. 5GB, 500MB, 2GiB).
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        max_shard_size: u64,
+    },
+    /// Write a source model (a GGUF file, dequantized to f32 under Hugging
+    /// Face names; or a safetensors model) as a dense HF folder.
+    Convert {
+        /// The source: a `.gguf` file, a safetensors file or a model folder.
+        source: PathBuf,
+        /// Where the HF folder goes (must not exist).
+        #[arg(long)]
+        output: PathBuf,
+        /// Largest safetensors file (e.g. 5GB, 500MB, 2GiB).
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        max_shard_size: u64,
     },
     /// Show an artifact's sizes, ratio and per-tensor quality.
     Inspect {
@@ -193,6 +209,16 @@ enum Command {
         /// Skip the embedding comparison.
         #[arg(long)]
         no_embeddings: bool,
+        /// Decoders: held-out text files (repeat the flag for several; default:
+        /// the held-out license texts, never used for calibration).
+        #[arg(long)]
+        text: Vec<PathBuf>,
+        /// Decoders: tokens per window.
+        #[arg(long, default_value_t = 256)]
+        ctx: usize,
+        /// Decoders: most tokens compared.
+        #[arg(long, default_value_t = 8192)]
+        max_tokens: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -522,7 +548,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             local,
         } => {
             let spec = load_job(job.as_deref())?;
-            let out = if local {
+            if !local && spec.calibration.is_some() {
+                eprintln!(
+                    "note: calibrated jobs run on this machine's pipeline in this version (as with --local)"
+                );
+            }
+            let out = if local || spec.calibration.is_some() {
                 hcx_pipeline::run::run_job(&spec, output.as_deref())?
             } else {
                 run_embedded(&spec, output.as_deref(), nodes, json)?
@@ -566,9 +597,27 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Decompress { artifact, output } => {
-            let out = artifact::decompress(&artifact, &output)?;
+        Command::Decompress {
+            artifact,
+            output,
+            max_shard_size,
+        } => {
+            let out = artifact::decompress_sharded(&artifact, &output, max_shard_size)?;
             println!("dense model written to {}", out.display());
+            Ok(())
+        }
+        Command::Convert {
+            source,
+            output,
+            max_shard_size,
+        } => {
+            let model = hcx_pipeline::model::Model::open(&source)?;
+            hcx_pipeline::dense::write_model(&model, &output, max_shard_size)?;
+            println!(
+                "{} tensors written to {}",
+                model.tensors.len(),
+                output.display()
+            );
             Ok(())
         }
         Command::Inspect {
@@ -591,12 +640,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             candidate,
             sentences,
             no_embeddings,
+            text,
+            ctx,
+            max_tokens,
             json,
         } => eval(
             &reference,
             &candidate,
             sentences.as_deref(),
             no_embeddings,
+            &DecoderText {
+                files: text,
+                ctx,
+                max_tokens,
+            },
             json,
         ),
     }
@@ -640,13 +697,37 @@ fn print_inspection(ins: &Inspection) {
     }
 }
 
+/// What a decoder is evaluated on.
+struct DecoderText {
+    files: Vec<PathBuf>,
+    ctx: usize,
+    max_tokens: usize,
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    hcx_pipeline::dense::parse_size(s)
+}
+
 fn eval(
     reference: &Path,
     candidate: &Path,
     sentences: Option<&Path>,
     no_embeddings: bool,
+    text: &DecoderText,
     json: bool,
 ) -> Result<()> {
+    // A GGUF reference is expanded to a dense HF folder first.
+    let ref_tmp;
+    let reference = if reference.is_file() && reference.extension().is_some_and(|e| e == "gguf") {
+        ref_tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+        let out = ref_tmp.path().join("reference");
+        let model = hcx_pipeline::model::Model::open(reference)?;
+        hcx_pipeline::dense::write_model(&model, &out, u64::MAX)?;
+        out
+    } else {
+        reference.to_path_buf()
+    };
+    let reference = reference.as_path();
     // An artifact is decompressed to a temporary folder first.
     let tmp;
     let dense = if candidate
@@ -661,6 +742,9 @@ fn eval(
         candidate.to_path_buf()
     };
     let tensors = hcx_eval::compare_tensors(reference, &dense)?;
+    if hcx_eval::is_decoder(reference) {
+        return eval_decoder(reference, &dense, &tensors, text, json);
+    }
     let encoder = tensors.weighted_mean_sqnr(hcx_eval::is_encoder_linear_weight);
     let all = tensors.weighted_mean_sqnr(|_| true);
     let encoder_pooled = tensors.pooled_sqnr(hcx_eval::is_encoder_linear_weight);
@@ -725,5 +809,72 @@ fn eval(
             e.sentences, e.mean_cosine, e.min_cosine
         );
     }
+    Ok(())
+}
+
+fn eval_decoder(
+    reference: &Path,
+    dense: &Path,
+    tensors: &hcx_eval::TensorComparison,
+    text: &DecoderText,
+    json: bool,
+) -> Result<()> {
+    let files: Vec<PathBuf> = if text.files.is_empty() {
+        hcx_forward::text::HELD_OUT_TEXT
+            .iter()
+            .map(PathBuf::from)
+            .collect()
+    } else {
+        text.files.clone()
+    };
+    let d = hcx_eval::decoder_comparison(reference, dense, &files, text.ctx, text.max_tokens)?;
+    let linear = tensors.weighted_mean_sqnr(hcx_eval::is_decoder_linear_weight);
+    let linear_pooled = tensors.pooled_sqnr(hcx_eval::is_decoder_linear_weight);
+    if json {
+        let v = serde_json::json!({
+            "tensors": tensors.tensors,
+            "linear_mean_sqnr_db": linear,
+            "linear_pooled_sqnr_db": linear_pooled,
+            "decoder": d,
+            "text": files,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<60} {:>10} {:>9}", "tensor", "params", "SQNR dB");
+    for t in &tensors.tensors {
+        println!(
+            "{:<60} {:>10} {:>9}",
+            t.name,
+            t.params,
+            db_or_exact(t.sqnr_db)
+        );
+    }
+    println!(
+        "linear weights of the blocks: parameter-weighted mean SQNR {} dB, pooled {} dB",
+        db_or_exact(linear),
+        db_or_exact(linear_pooled)
+    );
+    println!(
+        "{} windows of {} tokens ({} tokens; the second half of each window scored, {} positions) from {}",
+        d.windows,
+        d.ctx,
+        d.tokens,
+        d.scored,
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "perplexity: reference {:.4}, candidate {:.4}; KL(reference ‖ candidate) mean {:.5} nats (max {:.3}; over every position {:.5}); top-1 agreement {:.4}",
+        d.reference_perplexity,
+        d.candidate_perplexity,
+        d.mean_kl,
+        d.max_kl,
+        d.mean_kl_all_positions,
+        d.top1_agreement
+    );
     Ok(())
 }

@@ -15,24 +15,44 @@ fn every_example_job_parses() {
         if p.extension().is_some_and(|x| x == "yaml") {
             let spec = JobSpec::load(&p).unwrap_or_else(|e| panic!("{e}"));
             assert!(!spec.pipeline.is_empty(), "{}", p.display());
-            // The 36 encoder linear weights take the default pipeline; LayerNorms and biases are kept.
-            assert_eq!(
-                spec.stages_for("encoder.layer.5.output.dense.weight"),
-                spec.pipeline
-            );
-            assert!(
-                spec.stages_for("encoder.layer.5.output.LayerNorm.weight")
-                    .is_empty()
-            );
-            assert!(
-                spec.stages_for("encoder.layer.5.output.dense.bias")
-                    .is_empty()
-            );
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("minilm") {
+                // The 36 encoder linear weights take the default pipeline; LayerNorms and biases are kept.
+                assert_eq!(
+                    spec.stages_for("encoder.layer.5.output.dense.weight"),
+                    spec.pipeline
+                );
+                assert!(
+                    spec.stages_for("encoder.layer.5.output.LayerNorm.weight")
+                        .is_empty()
+                );
+                assert!(
+                    spec.stages_for("encoder.layer.5.output.dense.bias")
+                        .is_empty()
+                );
+            } else {
+                assert!(name.starts_with("smollm2"), "{name}");
+                // The 210 linear weights take the default pipeline; RMSNorms are kept.
+                assert_eq!(
+                    spec.stages_for("model.layers.29.mlp.down_proj.weight"),
+                    spec.pipeline
+                );
+                assert!(
+                    spec.stages_for("model.layers.0.input_layernorm.weight")
+                        .is_empty()
+                );
+                assert!(spec.stages_for("model.norm.weight").is_empty());
+                assert_eq!(
+                    spec.calibration.is_some(),
+                    name.ends_with("-gptq.yaml"),
+                    "{name}: calibrated exactly when it uses gptq"
+                );
+            }
             hcx_ok(&["validate", p.to_str().unwrap()]);
             n += 1;
         }
     }
-    assert_eq!(n, 8, "expected the eight example jobs");
+    assert_eq!(n, 15, "expected the fifteen example jobs");
 }
 
 #[test]

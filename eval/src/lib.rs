@@ -14,13 +14,19 @@
 //!   reports the cosine between the two embeddings of each sentence in an
 //!   [`EmbeddingComparison`].
 //!
+//! - [`decoder_comparison`] runs a Llama-family decoder from both folders
+//!   over held-out text and reports perplexity, KL divergence of the
+//!   next-token distributions and top-1 agreement ([`DecoderComparison`]).
+//!
 //! Every failure is an [`EvalError`] naming the file or tensor at fault;
 //! nothing here panics on bad input.
 #![warn(missing_docs, unreachable_pub)]
 
+mod decoder;
 mod embeddings;
 mod tensors;
 
+pub use decoder::{DecoderComparison, decoder_comparison, is_decoder, is_decoder_linear_weight};
 pub use embeddings::{
     EmbeddingComparison, default_sentences, embedding_cosine, sentence_embeddings,
 };
@@ -158,6 +164,15 @@ pub enum EvalError {
     /// No sentences were given to compare over.
     #[error("no sentences to compare embeddings over")]
     NoSentences,
+    /// A decoder could not be loaded or run, or its text cannot be used.
+    #[error(transparent)]
+    Forward(#[from] hcx_forward::ForwardError),
+}
+
+impl From<candle_core::Error> for EvalError {
+    fn from(e: candle_core::Error) -> EvalError {
+        EvalError::Forward(hcx_forward::ForwardError::Candle(e))
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::PipelineError;
 use crate::attribution::{Subset, is_compressed, subset, tensor_bytes};
 use crate::model::{f32_to_bytes, parse_dtype};
 use crate::run::waves;
-use crate::writer::{TensorFileWriter, sha256_file};
+use crate::writer::sha256_file;
 
 /// Reads and checks an artifact's manifest.
 pub fn read_manifest(artifact: &Path) -> Result<Manifest, PipelineError> {
@@ -159,7 +159,7 @@ fn check_sizes(artifact: &Path, m: &Manifest) -> Result<(), PipelineError> {
     let mut total = 0u64;
     for t in &m.tensors {
         check_entry_size(artifact, t)?;
-        total = total.saturating_add(t.source_bytes);
+        total = total.saturating_add(t.stored());
     }
     if total > m.source.bytes {
         return Err(PipelineError::Artifact {
@@ -236,6 +236,16 @@ pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f3
 /// Writes a dense safetensors model (`model.safetensors`, the source's
 /// names, shapes and dtypes) plus the copied config and tokenizer files.
 pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineError> {
+    decompress_sharded(artifact, output, crate::dense::DEFAULT_MAX_SHARD_BYTES)
+}
+
+/// [`decompress`], splitting the model into safetensors shards of at most
+/// `max_shard_bytes` each (with `model.safetensors.index.json`) when it is larger.
+pub fn decompress_sharded(
+    artifact: &Path,
+    output: &Path,
+    max_shard_bytes: u64,
+) -> Result<PathBuf, PipelineError> {
     let m = read_manifest(artifact)?;
     verify(artifact, &m)?;
     check_sizes(artifact, &m)?;
@@ -268,7 +278,18 @@ pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineErr
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot create", e))?;
     let result = (|| {
-        let mut w = TensorFileWriter::create(&tmp.join("model.safetensors"))?;
+        let planned: Vec<(String, u64)> = m
+            .tensors
+            .iter()
+            .map(|t| {
+                let elem = crate::model::parse_dtype(&t.dtype).map_or(4, |d| d.bitsize() / 8);
+                (
+                    t.name.clone(),
+                    (t.shape.iter().product::<usize>() * elem) as u64,
+                )
+            })
+            .collect();
+        let mut w = crate::dense::DenseWriter::new(&tmp, &planned, max_shard_bytes);
         let sizes: Vec<usize> = m.tensors.iter().map(|t| t.shape.iter().product()).collect();
         for range in waves(&sizes) {
             let (i, j) = (range.start, range.end);
@@ -280,9 +301,7 @@ pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineErr
                 w.add(&t.name, &t.dtype, &t.shape, &bytes?)?;
             }
         }
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        w.finish(&meta)?;
+        w.finish()?;
         // `verify` checked every name stays in the folder and every hash.
         for c in &m.source.copied {
             let from = artifact.join(&c.name);

@@ -213,6 +213,33 @@ pub fn build(
         .sum();
     let mut rows = Vec::new();
     let mut level = source_bytes;
+    // A source that stores its tensors quantized (GGUF) is expanded to f32
+    // before the stages see it: a stage of its own, growing the bytes, with
+    // no error (the expansion is the reference).
+    let expansion: i64 = manifest
+        .tensors
+        .iter()
+        .map(|t| t.source_bytes as i64 - t.stored() as i64)
+        .sum();
+    if expansion != 0 {
+        let next = (level as i64 + expansion).max(1) as u64;
+        rows.push(StageRow {
+            stage: "dequantize".into(),
+            tensors: manifest
+                .tensors
+                .iter()
+                .filter(|t| t.stored_bytes.is_some())
+                .count(),
+            bytes_in: level,
+            bytes_out: next,
+            log_ratio: (level as f64 / next as f64).ln(),
+            share: 0.0,
+            error_share: 0.0,
+            sqnr_db: None,
+            seconds: 0.0,
+        });
+        level = next;
+    }
     for (_, _, kind) in &kinds {
         let (mut n, mut saved, mut err, mut energy, mut secs) =
             (0usize, 0i64, 0.0f64, 0.0f64, 0.0f64);
@@ -289,7 +316,7 @@ pub fn build(
         });
         row.tensors += 1;
         row.params += p;
-        row.source_bytes += t.source_bytes;
+        row.source_bytes += t.stored();
         row.artifact_bytes += tensor_bytes(t);
         row.seconds += seconds
             .get(ti)

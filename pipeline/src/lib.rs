@@ -8,6 +8,9 @@
 
 pub mod artifact;
 pub mod attribution;
+pub mod calibrate;
+pub mod dense;
+pub mod gguf;
 pub mod model;
 pub mod run;
 pub mod shard;

@@ -23,8 +23,12 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// Which file (index into [`Model::files`]).
     pub file: usize,
-    /// Byte range in that file's data section.
+    /// Byte range in that file's data section (for a GGUF source, in the
+    /// dequantized f32 data).
     pub range: (usize, usize),
+    /// Bytes the tensor takes in the source file as stored (for a GGUF
+    /// source, its quantized blocks; otherwise the range's length).
+    pub stored_bytes: u64,
 }
 
 impl TensorInfo {
@@ -73,6 +77,11 @@ pub struct Model {
     pub files: Vec<String>,
     maps: Vec<Mmap>,
     headers: Vec<usize>,
+    /// For a GGUF source: every tensor dequantized to f32, back to back.
+    decoded: Option<Vec<u8>>,
+    /// Files made from the source rather than copied from its folder
+    /// (`config.json` and `tokenizer.json` of a GGUF source): name, bytes.
+    pub generated: Vec<(String, Vec<u8>)>,
     /// Every tensor, sorted by name.
     pub tensors: Vec<TensorInfo>,
 }
@@ -86,6 +95,9 @@ impl Model {
     pub fn open(path: &Path) -> Result<Model, PipelineError> {
         let meta = std::fs::metadata(path)
             .map_err(|e| PipelineError::io(path, "cannot open the model", e))?;
+        if meta.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Model::open_gguf(path);
+        }
         let (dir, files): (PathBuf, Vec<String>) = if meta.is_file() {
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
             let name = path
@@ -174,6 +186,7 @@ impl Model {
                         shape: info.shape.clone(),
                         file: fi,
                         range: info.data_offsets,
+                        stored_bytes: (info.data_offsets.1 - info.data_offsets.0) as u64,
                     },
                 );
             }
@@ -198,12 +211,66 @@ impl Model {
             files,
             maps,
             headers,
+            decoded: None,
+            generated: Vec::new(),
             tensors,
         })
     }
 
-    /// Raw bytes of a tensor as stored.
+    /// Opens a GGUF file: every tensor dequantized to f32 under its HF name
+    /// (see [`crate::gguf`]); `config.json` and `tokenizer.json` generated.
+    fn open_gguf(path: &Path) -> Result<Model, PipelineError> {
+        let g = crate::gguf::read(path)?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let f = File::open(path).map_err(|e| PipelineError::io(path, "cannot open", e))?;
+        // SAFETY: read-only map, used for the file's size and hash only.
+        let map = unsafe { Mmap::map(&f) }.map_err(|e| PipelineError::io(path, "cannot map", e))?;
+        let total: usize = g.tensors.iter().map(|t| t.values.len() * 4).sum();
+        let mut decoded = Vec::with_capacity(total);
+        let mut tensors = Vec::with_capacity(g.tensors.len());
+        for t in g.tensors {
+            let start = decoded.len();
+            for v in &t.values {
+                decoded.extend_from_slice(&v.to_le_bytes());
+            }
+            tensors.push(TensorInfo {
+                name: t.name,
+                dtype: Dtype::F32,
+                shape: t.shape,
+                file: 0,
+                range: (start, decoded.len()),
+                stored_bytes: t.stored_bytes,
+            });
+        }
+        let mut generated = vec![("config.json".to_string(), g.config_json.into_bytes())];
+        if let Some(tok) = g.tokenizer_json {
+            generated.push(("tokenizer.json".to_string(), tok.into_bytes()));
+        }
+        Ok(Model {
+            dir,
+            files: vec![name],
+            maps: vec![map],
+            headers: vec![0],
+            decoded: Some(decoded),
+            generated,
+            tensors,
+        })
+    }
+
+    /// True when the source is a GGUF file (tensors dequantized to f32).
+    pub fn is_gguf(&self) -> bool {
+        self.decoded.is_some()
+    }
+
+    /// A tensor's bytes: as stored for safetensors, f32 values for GGUF.
     pub fn raw(&self, t: &TensorInfo) -> &[u8] {
+        if let Some(d) = &self.decoded {
+            return &d[t.range.0..t.range.1];
+        }
         let start = self.headers[t.file];
         &self.maps[t.file][start + t.range.0..start + t.range.1]
     }

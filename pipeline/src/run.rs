@@ -7,12 +7,13 @@
 //! artifact is built in a temporary folder beside the output and renamed
 //! into place only when complete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hcx_kernels::{EncodedTensor, encode_tensor};
+use hcx_kernels::EncodedTensor;
+use hcx_kernels::chain::encode_tensor_calibrated;
 use hcx_protocol::manifest::{FORMAT, MANIFEST_FILE};
 use hcx_protocol::{FileEntry, JobSpec, Manifest, PartEntry, StageSpec, TensorEntry};
 use rayon::prelude::*;
@@ -79,6 +80,22 @@ pub fn encode_raw(
     stages: &[StageSpec],
     seed: u64,
 ) -> Result<EncodedEntry, PipelineError> {
+    encode_raw_calibrated(name, dtype, shape, raw, stages, seed, None).map(|(e, _)| e)
+}
+
+/// [`encode_raw`] with the statistics H = Σ x xᵀ of the tensor's inputs
+/// (row-major, columns × columns) where calibration collected them; also
+/// returns the decoded values of an encoded tensor (what the compressed
+/// model will hold), for sequential calibration.
+pub fn encode_raw_calibrated(
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    raw: &[u8],
+    stages: &[StageSpec],
+    seed: u64,
+    hessian: Option<&[f64]>,
+) -> Result<(EncodedEntry, Option<Vec<f32>>), PipelineError> {
     let mut entry = TensorEntry {
         name: name.to_string(),
         dtype: dtype_str(dtype),
@@ -89,6 +106,8 @@ pub fn encode_raw(
         steps: Vec::new(),
         parts: Vec::new(),
         sqnr_db: None,
+        stored_bytes: None,
+        output_sqnr_db: None,
     };
     if stages.is_empty() || is_integer_dtype(dtype) {
         entry.parts.push(PartEntry {
@@ -98,11 +117,14 @@ pub fn encode_raw(
             bytes: raw.len() as u64,
             header_bytes: 0,
         });
-        return Ok(EncodedEntry {
-            entry,
-            data: vec![raw.to_vec()],
-            seconds: Vec::new(),
-        });
+        return Ok((
+            EncodedEntry {
+                entry,
+                data: vec![raw.to_vec()],
+                seconds: Vec::new(),
+            },
+            None,
+        ));
     }
     let numel: usize = shape.iter().product();
     let elem = dtype.bitsize() / 8;
@@ -119,13 +141,13 @@ pub fn encode_raw(
     }
     let values = raw_to_f32(raw, dtype);
     entry.energy = hcx_kernels::stats::energy(&values);
-    let e: EncodedTensor =
-        encode_tensor(name, values, shape, stages, seed, elem).map_err(|source| {
-            PipelineError::Tensor {
-                tensor: name.to_string(),
-                source,
-            }
-        })?;
+    let e: EncodedTensor = encode_tensor_calibrated(
+        name, values, shape, stages, seed, elem, hessian,
+    )
+    .map_err(|source| PipelineError::Tensor {
+        tensor: name.to_string(),
+        source,
+    })?;
     let mut data = Vec::with_capacity(e.parts.len());
     for p in e.parts {
         entry.parts.push(PartEntry {
@@ -139,11 +161,15 @@ pub fn encode_raw(
     }
     entry.steps = e.steps;
     entry.sqnr_db = e.sqnr_db;
-    Ok(EncodedEntry {
-        entry,
-        data,
-        seconds: e.seconds,
-    })
+    entry.output_sqnr_db = e.output_sqnr_db;
+    Ok((
+        EncodedEntry {
+            entry,
+            data,
+            seconds: e.seconds,
+        },
+        hessian.map(|_| e.decoded),
+    ))
 }
 
 /// Appends an encoded tensor's parts to a tensor file.
@@ -198,7 +224,7 @@ pub fn check_output(output: &Path) -> Result<PathBuf, PipelineError> {
 /// every regular file but the safetensors files and their index, up to 64 MiB each.
 fn extra_files(model: &Model) -> Result<Vec<String>, PipelineError> {
     let mut out = Vec::new();
-    if model.files.len() == 1 && !model.dir.join("config.json").exists() {
+    if model.is_gguf() || (model.files.len() == 1 && !model.dir.join("config.json").exists()) {
         return Ok(out);
     }
     let rd = std::fs::read_dir(&model.dir)
@@ -243,7 +269,11 @@ fn write_json(
 pub fn run_job(spec: &JobSpec, output: Option<&Path>) -> Result<RunOutcome, PipelineError> {
     let output = output.unwrap_or(&spec.output).to_path_buf();
     write_artifact(spec, &output, |model, tmp, started| {
-        build(spec, model, tmp, started)
+        if spec.calibration.is_some() {
+            crate::calibrate::build_calibrated(spec, model, tmp, started)
+        } else {
+            build(spec, model, tmp, started)
+        }
     })
 }
 
@@ -451,6 +481,20 @@ pub fn finish_artifact(
             p.header_bytes = written.header_bytes.get(&p.name).copied().unwrap_or(0);
         }
     }
+    // Source bytes are charged as the source stores them (a GGUF tensor's
+    // quantized blocks, not its f32 expansion).
+    let stored: HashMap<&str, u64> = model
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.stored_bytes))
+        .collect();
+    for e in &mut entries {
+        if let Some(b) = stored.get(e.name.as_str())
+            && *b != e.source_bytes
+        {
+            e.stored_bytes = Some(*b);
+        }
+    }
     let mut copied = Vec::new();
     for name in extra_files(model)? {
         let from = model.dir.join(&name);
@@ -461,6 +505,15 @@ pub fn finish_artifact(
             sha256: crate::writer::sha256_file(&to)?,
             name,
             bytes,
+        });
+    }
+    for (name, data) in &model.generated {
+        let to = tmp.join(name);
+        std::fs::write(&to, data).map_err(|e| PipelineError::io(&to, "cannot write", e))?;
+        copied.push(FileEntry {
+            sha256: hex::encode(sha2::Sha256::digest(data)),
+            name: name.clone(),
+            bytes: data.len() as u64,
         });
     }
     let sizes = model.file_sizes();

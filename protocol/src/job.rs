@@ -34,10 +34,10 @@ pub struct JobSpec {
     /// Per-tensor overrides, first match wins.
     #[serde(default)]
     pub rules: Vec<Rule>,
-    /// Calibration data (not supported yet).
+    /// Calibration data: inputs whose activations calibration-aware stages
+    /// (`gptq`) are fitted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(skip)]
-    pub calibration: Option<serde_json::Value>,
+    pub calibration: Option<Calibration>,
     /// Distillation steps (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
@@ -45,6 +45,81 @@ pub struct JobSpec {
     /// How a cluster run places shards on nodes (ignored by `run --local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+}
+
+/// Where calibration activations come from and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Decoders: UTF-8 text file(s), tokenized and cut into windows of
+    /// `seq_len` tokens. Relative to the job file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<Files>,
+    /// Encoders (e.g. MiniLM): sentence file(s), one sentence a line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentences: Option<Files>,
+    /// Windows (decoders) or sentences (encoders) used.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Tokens per window (decoders) or at most per sentence (encoders).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Whose activations each layer is calibrated on.
+    #[serde(default)]
+    pub order: CalibrationOrder,
+}
+
+fn default_samples() -> usize {
+    128
+}
+
+fn default_seq_len() -> usize {
+    256
+}
+
+/// Whose activations a layer's statistics are taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationOrder {
+    /// The inputs flow through the layers already quantized, so each layer
+    /// corrects the error of the ones before it (the default).
+    #[default]
+    Sequential,
+    /// Every layer sees the original model's activations (one pass; layers
+    /// are independent).
+    Original,
+}
+
+/// One file or a list of files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Files {
+    /// A single file.
+    One(PathBuf),
+    /// Several files, read in order.
+    Many(Vec<PathBuf>),
+}
+
+impl Files {
+    /// The paths as a slice.
+    pub fn as_slice(&self) -> &[PathBuf] {
+        match self {
+            Files::One(p) => std::slice::from_ref(p),
+            Files::Many(v) => v,
+        }
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            Files::One(p) => fix(p),
+            Files::Many(v) => v.iter_mut().for_each(fix),
+        }
+    }
 }
 
 /// A per-tensor override: tensors whose name matches `match` get `pipeline`
@@ -229,6 +304,11 @@ impl JobSpec {
         if spec.output.is_relative() {
             spec.output = base.join(&spec.output);
         }
+        if let Some(c) = &mut spec.calibration {
+            for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+                f.resolve(base);
+            }
+        }
         Ok(spec)
     }
 
@@ -238,14 +318,51 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(("name".into(), "must not be empty".into()));
         }
-        for (section, value) in [
-            ("calibration", &self.calibration),
-            ("distillation", &self.distillation),
-        ] {
-            if value.is_some() {
+        if self.distillation.is_some() {
+            return Err((
+                "distillation".into(),
+                "`distillation` is not supported yet by this version of hcx-cluster".into(),
+            ));
+        }
+        if let Some(c) = &self.calibration {
+            match (&c.text, &c.sentences) {
+                (Some(_), Some(_)) => {
+                    return Err((
+                        "calibration".into(),
+                        "give `text` (decoders) or `sentences` (encoders), not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err((
+                        "calibration".into(),
+                        "give `text` (decoders) or `sentences` (encoders)".into(),
+                    ));
+                }
+                (Some(f), None) | (None, Some(f)) if f.as_slice().is_empty() => {
+                    return Err(("calibration".into(), "the file list is empty".into()));
+                }
+                _ => {}
+            }
+            if c.samples == 0 {
+                return Err(("calibration.samples".into(), "must be at least 1".into()));
+            }
+            if !(2..=1 << 16).contains(&c.seq_len) {
                 return Err((
-                    section.into(),
-                    format!("`{section}` is not supported yet by this version of hcx-cluster"),
+                    "calibration.seq_len".into(),
+                    format!("{} is not in 2..=65536", c.seq_len),
+                ));
+            }
+        } else {
+            let calibrated = |p: &[StageSpec]| p.iter().any(StageSpec::needs_calibration);
+            let needs = calibrated(&self.pipeline)
+                || self
+                    .rules
+                    .iter()
+                    .any(|r| r.pipeline.as_deref().is_some_and(calibrated));
+            if needs {
+                return Err((
+                    "calibration".into(),
+                    "the pipeline has a `gptq` stage, which needs calibration data: add a `calibration:` section with `text:` (decoders) or `sentences:` (encoders)".into(),
                 ));
             }
         }
@@ -525,10 +642,38 @@ mod tests {
 
     #[test]
     fn unsupported_sections_are_refused_clearly() {
-        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  file: x\n";
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ndistillation:\n  steps: 3\n";
         let e = parse(y).unwrap_err().to_string();
         assert!(e.contains("not supported yet"), "{e}");
         assert!(e.contains("job.yaml:5:"), "{e}");
+    }
+
+    #[test]
+    fn calibration_section_parses_and_is_checked() {
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  text: [a.txt, /abs/b.txt]\n  samples: 4\n";
+        let s = parse(y).unwrap();
+        let c = s.calibration.unwrap();
+        assert_eq!(c.samples, 4);
+        assert_eq!(c.seq_len, 256);
+        assert_eq!(c.order, CalibrationOrder::Sequential);
+        let files = c.text.unwrap();
+        assert!(
+            files.as_slice()[0].is_absolute(),
+            "relative paths resolve against the job file"
+        );
+        assert_eq!(files.as_slice()[1], PathBuf::from("/abs/b.txt"));
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  file: x\n";
+        assert!(parse(y).is_err(), "unknown calibration fields are refused");
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  samples: 3\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("give `text`"), "{e}");
+        let y =
+            "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  text: a\n  seq_len: 1\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("calibration.seq_len"), "{e}");
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - gptq: {grid: {uniform: {bits: 4}}}\n  - zstd: {}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("needs calibration data"), "{e}");
     }
 
     #[test]

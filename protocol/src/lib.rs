@@ -8,7 +8,9 @@ pub mod job;
 pub mod manifest;
 pub mod stage;
 
-pub use job::{JobError, JobSpec, Keep, Place, Placement, Rule};
+pub use job::{
+    Calibration, CalibrationOrder, Files, JobError, JobSpec, Keep, Place, Placement, Rule,
+};
 pub use manifest::{FileEntry, Manifest, PartEntry, StepRecord, TensorEntry};
 pub use stage::{StageCategory, StageSpec};
 

@@ -63,7 +63,7 @@ pub struct TensorEntry {
     pub dtype: String,
     /// Source shape.
     pub shape: Vec<usize>,
-    /// Bytes of the tensor's data in the source.
+    /// Bytes of the tensor's data as the stages read it (shape × dtype).
     pub source_bytes: u64,
     /// Sum of squares of the source values (weights the error shares).
     pub energy: f64,
@@ -75,6 +75,14 @@ pub struct TensorEntry {
     pub parts: Vec<PartEntry>,
     /// Error of the whole chain against the source, dB (`null` when exact).
     pub sqnr_db: Option<f64>,
+    /// Bytes the tensor takes in the source file where that differs from
+    /// `source_bytes` (a GGUF tensor's quantized blocks; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    /// Calibrated tensors: 10·log10(‖XW‖² / ‖X(W − Ŵ)‖²) over the
+    /// calibration inputs X, dB (absent without calibration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sqnr_db: Option<f64>,
 }
 
 /// A stored part of an encoded tensor.
@@ -112,4 +120,11 @@ pub struct StepRecord {
     pub error_added: f64,
     /// SQNR of the chain up to and including this stage, dB (`null` when exact).
     pub sqnr_db: Option<f64>,
+}
+
+impl TensorEntry {
+    /// Bytes the tensor takes in the source file as stored.
+    pub fn stored(&self) -> u64 {
+        self.stored_bytes.unwrap_or(self.source_bytes)
+    }
 }

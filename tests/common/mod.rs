@@ -23,6 +23,21 @@ pub fn minilm() -> PathBuf {
     dir
 }
 
+/// SmolLM2-135M-Instruct as a GGUF file (llama.cpp's Q4_1), fetched by
+/// `scripts/fetch-smollm2.sh` (run by `scripts/test.sh`).
+pub fn smollm2() -> PathBuf {
+    let dir = std::env::var_os("HCX_DECODER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct"));
+    let file = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        file.is_file(),
+        "the test decoder is missing at {}: run scripts/fetch-smollm2.sh (scripts/test.sh does)",
+        file.display()
+    );
+    file
+}
+
 /// Runs the binary with arguments.
 pub fn hcx(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))

@@ -1,0 +1,49 @@
+//! Forward passes of the model families hcx-cluster calibrates and
+//! evaluates on, written over candle's tensor ops so that every linear
+//! layer's input can be seen as it flows: calibration sums those inputs
+//! into Hessians, evaluation reads the logits.
+//!
+//! [`llama::Llama`] runs Llama-family decoders (Llama, SmolLM, Mistral- and
+//! Qwen2-style checkpoints in Hugging Face layout) one layer at a time, so a
+//! caller can swap a layer's weights between layers (sequential
+//! calibration). [`text::token_windows`] cuts text into the fixed windows
+//! both use.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod bert;
+pub mod llama;
+pub mod text;
+
+use std::path::PathBuf;
+
+/// Why a model could not be built or run; each variant says what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// `config.json` is missing something or names an unsupported model.
+    #[error("{}: {why}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A weight is missing or has the wrong shape.
+    #[error("weight `{name}`: {why}")]
+    Weight {
+        /// The tensor's HF name.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A candle operation failed.
+    #[error("forward pass: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The text cannot be used.
+    #[error("{}: {why}", path.display())]
+    Text {
+        /// The text file (or `<text>` for text given in memory).
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}

@@ -1,0 +1,616 @@
+//! A Llama-family decoder: embedding, `layers` pre-norm blocks (RMSNorm,
+//! grouped-query attention with rotary positions, SwiGLU MLP), final norm
+//! and language-model head, as Hugging Face's `LlamaForCausalLM` computes
+//! them (rotary embedding in the "rotate half" layout). Qwen2's q/k/v biases
+//! are read when present.
+//!
+//! The model runs on batches of equal-length token windows, each window
+//! starting at position 0 with a causal mask. [`Llama::layer`] runs one
+//! block and hands every linear layer's input to a callback ([`Site`] says
+//! which weights read it).
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::ForwardError;
+
+/// Architectures (`config.json`'s `architectures`) this pass runs.
+pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// The shape of a Llama-family model, from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Width of the MLP.
+    pub intermediate: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// The head reuses the embedding matrix.
+    pub tied: bool,
+}
+
+impl LlamaConfig {
+    /// Reads `config.json` from a model folder.
+    pub fn read(dir: &Path) -> Result<LlamaConfig, ForwardError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ForwardError::Config {
+            path: path.clone(),
+            why: format!("cannot read: {e}"),
+        })?;
+        LlamaConfig::parse(&path, &text)
+    }
+
+    /// Parses `config.json` text (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<LlamaConfig, ForwardError> {
+        let bad = |why: String| ForwardError::Config {
+            path: path.to_path_buf(),
+            why,
+        };
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let arch = v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .unwrap_or("<none>");
+        if !ARCHITECTURES.contains(&arch) {
+            return Err(bad(format!(
+                "architecture `{arch}` has no forward pass here (supported: {})",
+                ARCHITECTURES.join(", ")
+            )));
+        }
+        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+            return Err(bad(
+                "`rope_scaling` is set; scaled rotary embeddings are not supported".into(),
+            ));
+        }
+        let get = |k: &str| -> Result<usize, ForwardError> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("`{k}` is missing or not a whole number")))
+        };
+        let hidden = get("hidden_size")?;
+        let heads = get("num_attention_heads")?;
+        let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+        let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
+        let cfg = LlamaConfig {
+            hidden,
+            intermediate: get("intermediate_size")?,
+            layers: get("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-6),
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10_000.0),
+            vocab: get("vocab_size")?,
+            tied: v
+                .get("tie_word_embeddings")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+        };
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "{heads} query heads, {kv_heads} key/value heads and head width {head_dim} do not fit together"
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Which linear weights of a block read a captured input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// The normed residual read by q, k and v.
+    Attention,
+    /// The attention heads' output read by o.
+    AttentionOutput,
+    /// The normed residual read by gate and up.
+    Mlp,
+    /// `silu(gate) · up`, read by down.
+    MlpDown,
+}
+
+impl Site {
+    /// Every site, in the order a block reaches them.
+    pub const ALL: [Site; 4] = [
+        Site::Attention,
+        Site::AttentionOutput,
+        Site::Mlp,
+        Site::MlpDown,
+    ];
+
+    /// HF names of the weights of block `layer` that read this site's input.
+    pub fn weights(self, layer: usize) -> Vec<String> {
+        let p = format!("model.layers.{layer}");
+        match self {
+            Site::Attention => ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|w| format!("{p}.self_attn.{w}.weight"))
+                .collect(),
+            Site::AttentionOutput => vec![format!("{p}.self_attn.o_proj.weight")],
+            Site::Mlp => ["gate_proj", "up_proj"]
+                .iter()
+                .map(|w| format!("{p}.mlp.{w}.weight"))
+                .collect(),
+            Site::MlpDown => vec![format!("{p}.mlp.down_proj.weight")],
+        }
+    }
+
+    /// The site a linear weight's name belongs to, with its layer.
+    pub fn of_weight(name: &str) -> Option<(usize, Site)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        let site = match rest {
+            "self_attn.q_proj.weight" | "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
+                Site::Attention
+            }
+            "self_attn.o_proj.weight" => Site::AttentionOutput,
+            "mlp.gate_proj.weight" | "mlp.up_proj.weight" => Site::Mlp,
+            "mlp.down_proj.weight" => Site::MlpDown,
+            _ => return None,
+        };
+        Some((layer, site))
+    }
+}
+
+/// One block's weights.
+struct Block {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded Llama-family decoder (f32, CPU).
+pub struct Llama {
+    /// Its shape.
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A weight as a [`WeightSource`] gives it: values (row-major f32) and
+/// shape, or `None` when the model has no such tensor.
+pub type Weight = Option<(Vec<f32>, Vec<usize>)>;
+
+/// Supplies a weight by HF name.
+pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Weight, ForwardError> + 'a;
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+impl Llama {
+    /// Builds the model from its config and a weight source. Positions up
+    /// to `max_positions` get rotary tables.
+    pub fn load(
+        cfg: LlamaConfig,
+        weights: &mut WeightSource<'_>,
+        max_positions: usize,
+    ) -> Result<Llama, ForwardError> {
+        let dev = Device::Cpu;
+        fn get(
+            weights: &mut WeightSource<'_>,
+            name: &str,
+            shape: &[usize],
+        ) -> Result<Tensor, ForwardError> {
+            let (v, s) = weights(name)?.ok_or_else(|| ForwardError::Weight {
+                name: name.into(),
+                why: "missing from the model".into(),
+            })?;
+            if s != shape {
+                return Err(ForwardError::Weight {
+                    name: name.into(),
+                    why: format!("shape {s:?}, the config needs {shape:?}"),
+                });
+            }
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        }
+        fn bias(
+            weights: &mut WeightSource<'_>,
+            name: String,
+            n: usize,
+        ) -> Result<Option<Tensor>, ForwardError> {
+            match weights(&name)? {
+                None => Ok(None),
+                Some((v, s)) if s == [n] => Ok(Some(Tensor::from_vec(v, n, &Device::Cpu)?)),
+                Some((_, s)) => Err(ForwardError::Weight {
+                    name,
+                    why: format!("shape {s:?}, expected [{n}]"),
+                }),
+            }
+        }
+        let (h, f, hd) = (cfg.hidden, cfg.intermediate, cfg.head_dim);
+        let (qd, kvd) = (cfg.heads * hd, cfg.kv_heads * hd);
+        let embed = get(weights, "model.embed_tokens.weight", &[cfg.vocab, h])?;
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("model.layers.{l}");
+            let q_bias = bias(weights, format!("{p}.self_attn.q_proj.bias"), qd)?;
+            let k_bias = bias(weights, format!("{p}.self_attn.k_proj.bias"), kvd)?;
+            let v_bias = bias(weights, format!("{p}.self_attn.v_proj.bias"), kvd)?;
+            blocks.push(Block {
+                input_norm: get(weights, &format!("{p}.input_layernorm.weight"), &[h])?,
+                q: get(weights, &format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+                k: get(weights, &format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+                v: get(weights, &format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                q_bias,
+                k_bias,
+                v_bias,
+                o: get(weights, &format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                post_norm: get(
+                    weights,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                gate: get(weights, &format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
+                up: get(weights, &format!("{p}.mlp.up_proj.weight"), &[f, h])?,
+                down: get(weights, &format!("{p}.mlp.down_proj.weight"), &[h, f])?,
+            });
+        }
+        let norm = get(weights, "model.norm.weight", &[h])?;
+        let head = if cfg.tied {
+            embed.clone()
+        } else {
+            get(weights, "lm_head.weight", &[cfg.vocab, h])?
+        };
+        let half = hd / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), &dev)?;
+        let pos = Tensor::arange(0u32, max_positions.max(1) as u32, &dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions.max(1), 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Llama {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    /// Loads a model folder: `config.json` and its safetensors files.
+    pub fn load_dir(dir: &Path, max_positions: usize) -> Result<Llama, ForwardError> {
+        let cfg = LlamaConfig::read(dir)?;
+        let mut files = Vec::new();
+        let rd = std::fs::read_dir(dir).map_err(|e| ForwardError::Config {
+            path: dir.to_path_buf(),
+            why: format!("cannot list: {e}"),
+        })?;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                files.push(p);
+            }
+        }
+        files.sort();
+        let mut all = std::collections::HashMap::new();
+        for p in &files {
+            let t = candle_core::safetensors::load(p, &Device::Cpu)?;
+            all.extend(t);
+        }
+        let mut src = |name: &str| -> Result<Weight, ForwardError> {
+            match all.get(name) {
+                None => Ok(None),
+                Some(t) => {
+                    let shape = t.dims().to_vec();
+                    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(Some((v, shape)))
+                }
+            }
+        };
+        Llama::load(cfg, &mut src, max_positions)
+    }
+
+    /// Replaces a linear weight (calibration swaps in quantized layers).
+    pub fn set_weight(&mut self, name: &str, values: Vec<f32>) -> Result<(), ForwardError> {
+        let (layer, _) = Site::of_weight(name).ok_or_else(|| ForwardError::Weight {
+            name: name.into(),
+            why: "not a linear weight of a block".into(),
+        })?;
+        let b = self
+            .blocks
+            .get_mut(layer)
+            .ok_or_else(|| ForwardError::Weight {
+                name: name.into(),
+                why: "no such layer".into(),
+            })?;
+        let slot = match name.rsplit('.').nth(1).unwrap_or("") {
+            "q_proj" => &mut b.q,
+            "k_proj" => &mut b.k,
+            "v_proj" => &mut b.v,
+            "o_proj" => &mut b.o,
+            "gate_proj" => &mut b.gate,
+            "up_proj" => &mut b.up,
+            _ => &mut b.down,
+        };
+        let shape = slot.dims().to_vec();
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(ForwardError::Weight {
+                name: name.into(),
+                why: format!("{} values for shape {shape:?}", values.len()),
+            });
+        }
+        *slot = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        Ok(())
+    }
+
+    /// Embeds `batch` windows of `len` tokens each: `[batch·len, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, ForwardError> {
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= self.cfg.vocab) {
+            return Err(ForwardError::Weight {
+                name: "model.embed_tokens.weight".into(),
+                why: format!(
+                    "token id {t} is beyond the vocabulary of {}",
+                    self.cfg.vocab
+                ),
+            });
+        }
+        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// Runs block `layer` over `x` (`[batch·len, hidden]`, `batch` windows
+    /// of `len` tokens) and returns its output; `capture` sees each linear
+    /// layer's input (`[batch·len, in_features]`).
+    pub fn layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
+    ) -> Result<Tensor, ForwardError> {
+        let c = &self.cfg;
+        let b = &self.blocks[layer];
+        let eps = c.eps as f32;
+        let hd = c.head_dim;
+        let xn = candle_nn::ops::rms_norm(x, &b.input_norm, eps)?;
+        capture(Site::Attention, &xn)?;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((batch, len, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(linear(&xn, &b.q, b.q_bias.as_ref())?, c.heads)?;
+        let k = heads(linear(&xn, &b.k, b.k_bias.as_ref())?, c.kv_heads)?;
+        let v = heads(linear(&xn, &b.v, b.v_bias.as_ref())?, c.kv_heads)?;
+        let cos = self.cos.narrow(0, 0, len)?;
+        let sin = self.sin.narrow(0, 0, len)?;
+        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let rep = c.heads / c.kv_heads;
+        let expand = |t: Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                return Ok(t);
+            }
+            t.unsqueeze(2)?
+                .expand((batch, c.kv_heads, rep, len, hd))?
+                .reshape((batch, c.heads, len, hd))
+        };
+        let k = expand(k)?;
+        let v = expand(v)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = att.broadcast_add(&causal_mask(len)?)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch * len, c.heads * hd))?;
+        capture(Site::AttentionOutput, &y)?;
+        let x = (x + y.matmul(&b.o.t()?)?)?;
+        let xn = candle_nn::ops::rms_norm(&x, &b.post_norm, eps)?;
+        capture(Site::Mlp, &xn)?;
+        let g = candle_nn::ops::silu(&xn.matmul(&b.gate.t()?)?)?;
+        let u = xn.matmul(&b.up.t()?)?;
+        let m = (g * u)?;
+        capture(Site::MlpDown, &m)?;
+        Ok((x + m.matmul(&b.down.t()?)?)?)
+    }
+
+    /// Final norm and head: logits `[rows, vocab]`.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
+        let xn = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.eps as f32)?;
+        Ok(xn.matmul(&self.head.t()?)?)
+    }
+
+    /// Logits of `batch` windows of `len` tokens: `[batch·len, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        len: usize,
+    ) -> Result<Tensor, ForwardError> {
+        let mut x = self.embed(tokens)?;
+        for l in 0..self.cfg.layers {
+            x = self.layer(l, &x, batch, len, &mut |_, _| Ok(()))?;
+        }
+        self.logits(&x)
+    }
+}
+
+fn causal_mask(len: usize) -> candle_core::Result<Tensor> {
+    let m: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (len, len), &Device::Cpu)
+}
+
+/// Log-probabilities over the vocabulary for each row of logits.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor, ForwardError> {
+    Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig {
+            hidden: 16,
+            intermediate: 24,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            eps: 1e-5,
+            rope_theta: 10_000.0,
+            vocab: 11,
+            tied: true,
+        }
+    }
+
+    fn tiny_model(seed: u64) -> Llama {
+        let cfg = tiny();
+        let mut state = seed;
+        let mut src = |name: &str| -> Result<Weight, ForwardError> {
+            let shape: Vec<usize> = if name.ends_with("norm.weight") {
+                vec![16]
+            } else if name.contains("bias") || name == "lm_head.weight" {
+                return Ok(None);
+            } else if name.contains("embed") {
+                vec![11, 16]
+            } else if name.contains("k_proj") || name.contains("v_proj") {
+                vec![8, 16]
+            } else if name.contains("gate") || name.contains("up_proj") {
+                vec![24, 16]
+            } else if name.contains("down") {
+                vec![16, 24]
+            } else {
+                vec![16, 16]
+            };
+            let n = shape.iter().product();
+            let v = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
+                })
+                .collect();
+            Ok(Some((v, shape)))
+        };
+        Llama::load(cfg, &mut src, 32).unwrap()
+    }
+
+    #[test]
+    fn causal_outputs_do_not_see_the_future() {
+        let m = tiny_model(3);
+        let a = m.forward(&[1, 2, 3, 4, 5, 6], 1, 6).unwrap();
+        let b = m.forward(&[1, 2, 3, 9, 9, 9], 1, 6).unwrap();
+        let a = a
+            .narrow(0, 0, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = b
+            .narrow(0, 0, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn batched_windows_match_single_windows() {
+        let m = tiny_model(5);
+        let both = m.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 2, 4).unwrap();
+        let second = m.forward(&[5, 6, 7, 8], 1, 4).unwrap();
+        let x = both
+            .narrow(0, 4, 4)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let y = second.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named() {
+        let e = LlamaConfig::parse(
+            Path::new("c.json"),
+            r#"{"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 8}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("GPTNeoXForCausalLM") && e.contains("no forward pass"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sites_name_their_weights() {
+        assert_eq!(
+            Site::of_weight("model.layers.3.mlp.up_proj.weight"),
+            Some((3, Site::Mlp))
+        );
+        assert!(
+            Site::Mlp
+                .weights(3)
+                .contains(&"model.layers.3.mlp.up_proj.weight".to_string())
+        );
+        assert_eq!(Site::of_weight("model.norm.weight"), None);
+    }
+
+    #[test]
+    fn token_beyond_vocabulary_is_an_error() {
+        let m = tiny_model(1);
+        assert!(m.forward(&[1, 99], 1, 2).is_err());
+    }
+}
