@@ -52,7 +52,7 @@ fn every_example_job_parses() {
             n += 1;
         }
     }
-    assert_eq!(n, 15, "expected the fifteen example jobs");
+    assert_eq!(n, 18, "expected the eighteen example jobs");
 }
 
 #[test]

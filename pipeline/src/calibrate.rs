@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
+use hcx_forward::bert::{Bert, BertConfig};
 use hcx_forward::llama::{Llama, LlamaConfig, Site};
 use hcx_forward::text::{TextTokenizer, read_texts, token_windows};
 use hcx_kernels::hessian::HessianSum;
@@ -62,11 +63,79 @@ fn model_file(model: &Model, name: &str) -> Result<(Vec<u8>, PathBuf), PipelineE
     Ok((data, p))
 }
 
-/// Loads the source as a decoder with a forward pass.
-fn load_decoder(model: &Model, max_positions: usize) -> Result<Llama, PipelineError> {
+/// The source's forward pass, block by block.
+enum Net {
+    Decoder(Llama),
+    Encoder(Bert),
+}
+
+/// A micro-batch: `windows` samples of `len` tokens, as the block input
+/// `[windows·len, hidden]`.
+struct Batch {
+    x: Tensor,
+    windows: usize,
+    len: usize,
+}
+
+impl Net {
+    fn layers(&self) -> usize {
+        match self {
+            Net::Decoder(m) => m.cfg.layers,
+            Net::Encoder(m) => m.cfg.layers,
+        }
+    }
+
+    fn site_of(&self, name: &str) -> Option<(usize, Site)> {
+        match self {
+            Net::Decoder(_) => Site::of_weight(name),
+            Net::Encoder(_) => hcx_forward::bert::site_of_weight(name),
+        }
+    }
+
+    fn run(
+        &self,
+        layer: usize,
+        b: &Batch,
+        capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), hcx_forward::ForwardError>,
+    ) -> Result<Tensor, hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.layer(layer, &b.x, b.windows, b.len, capture),
+            Net::Encoder(m) => m.layer(layer, &b.x, capture),
+        }
+    }
+
+    fn set_weight(
+        &mut self,
+        name: &str,
+        values: Vec<f32>,
+    ) -> Result<(), hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.set_weight(name, values),
+            Net::Encoder(m) => m.set_weight(name, values),
+        }
+    }
+}
+
+fn architecture(cfg: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(cfg)
+        .ok()
+        .and_then(|v| {
+            v.get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "<none>".into())
+}
+
+/// Loads the source's forward pass and cuts the calibration data into
+/// micro-batches: decoders take `text:` windows, encoders `sentences:`.
+fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, Vec<Batch>), PipelineError> {
+    let Some(cal) = &spec.calibration else {
+        return Err(bad(model, "the job has no `calibration:` section".into()));
+    };
     let (cfg_bytes, cfg_path) = model_file(model, "config.json")?;
-    let cfg = LlamaConfig::parse(&cfg_path, &String::from_utf8_lossy(&cfg_bytes))
-        .map_err(|e| forward_error(model, e))?;
+    let cfg_text = String::from_utf8_lossy(&cfg_bytes).to_string();
     let by_name: HashMap<&str, &crate::model::TensorInfo> =
         model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut src = |name: &str| -> Result<hcx_forward::llama::Weight, hcx_forward::ForwardError> {
@@ -75,53 +144,104 @@ fn load_decoder(model: &Model, max_positions: usize) -> Result<Llama, PipelineEr
             .filter(|t| t.is_float())
             .map(|t| (model.read_f32(t), t.shape.clone())))
     };
-    Llama::load(cfg, &mut src, max_positions).map_err(|e| forward_error(model, e))
-}
-
-/// The calibration windows' tokens (`samples` windows of `seq_len`).
-fn calibration_tokens(spec: &JobSpec, model: &Model) -> Result<Vec<u32>, PipelineError> {
-    let Some(cal) = &spec.calibration else {
-        return Err(bad(model, "the job has no `calibration:` section".into()));
+    let (tok_bytes, tok_path) = model_file(model, "tokenizer.json")?;
+    let tok =
+        TextTokenizer::from_bytes(&tok_bytes, &tok_path).map_err(|e| forward_error(model, e))?;
+    let text_error = |files: &[PathBuf], e: hcx_forward::ForwardError| PipelineError::Model {
+        path: files.first().cloned().unwrap_or_default(),
+        why: e.to_string(),
     };
-    let files = match (&cal.text, &cal.sentences) {
-        (Some(t), _) => t.as_slice().to_vec(),
-        (None, Some(_)) => {
+    if let Ok(cfg) = LlamaConfig::parse(&cfg_path, &cfg_text) {
+        let Some(files) = &cal.text else {
             return Err(bad(
                 model,
                 "this model is a decoder: calibrate it on `text:` (token windows), not `sentences:`"
                     .into(),
             ));
+        };
+        let files = files.as_slice();
+        let text = read_texts(files).map_err(|e| text_error(files, e))?;
+        let ids = tok.encode(&text).map_err(|e| forward_error(model, e))?;
+        let first = files.first().cloned().unwrap_or_default();
+        let tokens = token_windows(&ids, cal.seq_len, cal.samples, &first).map_err(|e| {
+            PipelineError::Model {
+                path: first.clone(),
+                why: e.to_string().replace(&format!("{}: ", first.display()), ""),
+            }
+        })?;
+        let got = tokens.len() / cal.seq_len;
+        if got < cal.samples {
+            return Err(PipelineError::Model {
+                path: first,
+                why: format!(
+                    "the calibration text makes {} tokens, {got} windows of {}; the job asks for {} (`calibration.samples`)",
+                    ids.len(),
+                    cal.seq_len,
+                    cal.samples
+                ),
+            });
         }
-        (None, None) => return Err(bad(model, "`calibration:` names no text".into())),
-    };
-    let (tok_bytes, tok_path) = model_file(model, "tokenizer.json")?;
-    let tok =
-        TextTokenizer::from_bytes(&tok_bytes, &tok_path).map_err(|e| forward_error(model, e))?;
-    let text = read_texts(&files).map_err(|e| PipelineError::Model {
-        path: files.first().cloned().unwrap_or_default(),
-        why: e.to_string(),
-    })?;
-    let ids = tok.encode(&text).map_err(|e| forward_error(model, e))?;
-    let first = files.first().cloned().unwrap_or_default();
-    let windows = token_windows(&ids, cal.seq_len, cal.samples, &first).map_err(|e| {
-        PipelineError::Model {
-            path: first.clone(),
-            why: e.to_string().replace(&format!("{}: ", first.display()), ""),
+        let net = Llama::load(cfg, &mut src, cal.seq_len).map_err(|e| forward_error(model, e))?;
+        let mut batches = Vec::new();
+        for chunk in tokens.chunks(MICRO_BATCH * cal.seq_len) {
+            batches.push(Batch {
+                x: net.embed(chunk).map_err(|e| forward_error(model, e))?,
+                windows: chunk.len() / cal.seq_len,
+                len: cal.seq_len,
+            });
         }
-    })?;
-    let got = windows.len() / cal.seq_len;
-    if got < cal.samples {
-        return Err(PipelineError::Model {
-            path: first,
-            why: format!(
-                "the calibration text makes {} tokens, {got} windows of {}; the job asks for {} (`calibration.samples`)",
-                ids.len(),
-                cal.seq_len,
-                cal.samples
-            ),
-        });
+        return Ok((Net::Decoder(net), batches));
     }
-    Ok(windows)
+    if let Ok(cfg) = BertConfig::parse(&cfg_path, &cfg_text) {
+        let Some(files) = &cal.sentences else {
+            return Err(bad(
+                model,
+                "this model is an encoder: calibrate it on `sentences:` (one sentence a line), not `text:`"
+                    .into(),
+            ));
+        };
+        let files = files.as_slice();
+        let text = read_texts(files).map_err(|e| text_error(files, e))?;
+        let sentences: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .take(cal.samples)
+            .collect();
+        if sentences.len() < cal.samples {
+            return Err(PipelineError::Model {
+                path: files.first().cloned().unwrap_or_default(),
+                why: format!(
+                    "{} sentences; the job asks for {} (`calibration.samples`)",
+                    sentences.len(),
+                    cal.samples
+                ),
+            });
+        }
+        let net = Bert::load(cfg, &mut src).map_err(|e| forward_error(model, e))?;
+        let mut batches = Vec::new();
+        for s in sentences {
+            let mut ids = tok
+                .encode_with_special(s)
+                .map_err(|e| forward_error(model, e))?;
+            ids.truncate(cal.seq_len);
+            let len = ids.len();
+            batches.push(Batch {
+                x: net.embed(&ids).map_err(|e| forward_error(model, e))?,
+                windows: 1,
+                len,
+            });
+        }
+        return Ok((Net::Encoder(net), batches));
+    }
+    Err(PipelineError::Model {
+        path: cfg_path,
+        why: format!(
+            "architecture `{}` has no forward pass for calibration (supported: {}, BertModel)",
+            architecture(&cfg_text),
+            hcx_forward::llama::ARCHITECTURES.join(", ")
+        ),
+    })
 }
 
 /// Runs a calibrated job on a decoder; the calibrated counterpart of the
@@ -141,34 +261,28 @@ pub(crate) fn build_calibrated(
         .iter()
         .map(|t| spec.stages_for(&t.name))
         .collect();
+    let t_cal = Instant::now();
+    let (mut net, mut batches) = load_net(spec, model)?;
     for (t, plan) in model.tensors.iter().zip(&plans) {
-        if plan.iter().any(StageSpec::needs_calibration) && Site::of_weight(&t.name).is_none() {
+        if plan.iter().any(StageSpec::needs_calibration) && net.site_of(&t.name).is_none() {
             return Err(PipelineError::Tensor {
                 tensor: t.name.clone(),
                 source: hcx_kernels::KernelError::Meta {
                     stage: "gptq".into(),
-                    why: "calibration statistics are collected for the blocks' linear weights only (q, k, v, o, gate, up, down); give this tensor another pipeline with a rule".into(),
+                    why: "calibration statistics are collected for the blocks' linear weights only (attention projections and MLP); give this tensor another pipeline with a rule".into(),
                 },
             });
         }
     }
-    let seq = cal.seq_len;
-    let tokens = calibration_tokens(spec, model)?;
-    let windows = tokens.len() / seq;
-    let mut llama = load_decoder(model, seq)?;
-    let t_cal = Instant::now();
-    let mut x = llama.embed(&tokens).map_err(|e| forward_error(model, e))?;
+    let samples: usize = batches.iter().map(|b| b.windows).sum();
+    let tokens: usize = batches.iter().map(|b| b.windows * b.len).sum();
     let mut done: Vec<Option<EncodedEntry>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut forward_seconds = 0f64;
-    for layer in 0..llama.cfg.layers {
+    for layer in 0..net.layers() {
         let t0 = Instant::now();
         let mut stats: HashMap<Site, HessianSum> = HashMap::new();
-        let mut outputs = Vec::new();
-        for start in (0..windows).step_by(MICRO_BATCH) {
-            let n = MICRO_BATCH.min(windows - start);
-            let xb = x
-                .narrow(0, start * seq, n * seq)
-                .map_err(|e| forward_error(model, e.into()))?;
+        let mut outputs = Vec::with_capacity(batches.len());
+        for b in &batches {
             let mut capture =
                 |site: Site, input: &Tensor| -> Result<(), hcx_forward::ForwardError> {
                     let (rows, dim) = input.dims2()?;
@@ -176,23 +290,22 @@ pub(crate) fn build_calibrated(
                     let h = stats.entry(site).or_insert_with(|| HessianSum::new(dim));
                     h.add_batch(&values, rows)
                         .map_err(|e| hcx_forward::ForwardError::Weight {
-                            name: format!("model.layers.{layer}"),
+                            name: format!("block {layer}"),
                             why: e.to_string(),
                         })
                 };
-            let y = llama
-                .layer(layer, &xb, n, seq, &mut capture)
+            let y = net
+                .run(layer, b, &mut capture)
                 .map_err(|e| forward_error(model, e))?;
             outputs.push(y);
         }
         forward_seconds += t0.elapsed().as_secs_f64();
-        // Encode this block's tensors with their inputs' statistics.
-        let prefix = format!("model.layers.{layer}.");
+        // Encode this block's linear weights with their inputs' statistics.
         let members: Vec<usize> = model
             .tensors
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.name.starts_with(&prefix))
+            .filter(|(_, t)| net.site_of(&t.name).is_some_and(|(l, _)| l == layer))
             .map(|(i, _)| i)
             .collect();
         let hessians: HashMap<Site, Vec<f64>> =
@@ -201,7 +314,7 @@ pub(crate) fn build_calibrated(
             .par_iter()
             .map(|&k| {
                 let t = &model.tensors[k];
-                let h = Site::of_weight(&t.name).and_then(|(_, s)| hessians.get(&s));
+                let h = net.site_of(&t.name).and_then(|(_, s)| hessians.get(&s));
                 (
                     k,
                     encode_raw_calibrated(
@@ -219,9 +332,7 @@ pub(crate) fn build_calibrated(
         let mut decoded = Vec::new();
         for (k, r) in encoded {
             let (entry, values) = r?;
-            if let Some(v) = values
-                && Site::of_weight(&model.tensors[k].name).is_some()
-            {
+            if let Some(v) = values {
                 decoded.push((k, v));
             }
             done[k] = Some(entry);
@@ -229,24 +340,21 @@ pub(crate) fn build_calibrated(
         if cal.order == CalibrationOrder::Sequential {
             let t1 = Instant::now();
             for (k, v) in decoded {
-                llama
-                    .set_weight(&model.tensors[k].name, v)
+                net.set_weight(&model.tensors[k].name, v)
                     .map_err(|e| forward_error(model, e))?;
             }
             outputs.clear();
-            for start in (0..windows).step_by(MICRO_BATCH) {
-                let n = MICRO_BATCH.min(windows - start);
-                let xb = x
-                    .narrow(0, start * seq, n * seq)
-                    .map_err(|e| forward_error(model, e.into()))?;
-                let y = llama
-                    .layer(layer, &xb, n, seq, &mut |_, _| Ok(()))
+            for b in &batches {
+                let y = net
+                    .run(layer, b, &mut |_, _| Ok(()))
                     .map_err(|e| forward_error(model, e))?;
                 outputs.push(y);
             }
             forward_seconds += t1.elapsed().as_secs_f64();
         }
-        x = Tensor::cat(&outputs, 0).map_err(|e| forward_error(model, e.into()))?;
+        for (b, y) in batches.iter_mut().zip(outputs) {
+            b.x = y;
+        }
         tracing::info!(
             layer,
             seconds = t0.elapsed().as_secs_f64(),
@@ -254,8 +362,8 @@ pub(crate) fn build_calibrated(
         );
     }
     let calibration_seconds = t_cal.elapsed().as_secs_f64();
-    drop(x);
-    drop(llama);
+    drop(batches);
+    drop(net);
     // Everything outside the blocks, in bounded waves, without statistics.
     let rest: Vec<usize> = (0..model.tensors.len())
         .filter(|k| done[*k].is_none())
@@ -298,21 +406,43 @@ pub(crate) fn build_calibrated(
         entries.push(e.entry);
         seconds.push(e.seconds);
     }
+    // Weight SQNR against output SQNR on the calibration inputs, over the
+    // calibrated tensors (parameter-weighted means of per-tensor dB).
+    let (mut wsum, mut osum, mut params) = (0f64, 0f64, 0f64);
+    for e in &entries {
+        if let (Some(w), Some(o)) = (e.sqnr_db, e.output_sqnr_db) {
+            let n = e.shape.iter().product::<usize>() as f64;
+            wsum += w * n;
+            osum += o * n;
+            params += n;
+        }
+    }
+    let (weight_db, output_db) = if params > 0.0 {
+        (Some(wsum / params), Some(osum / params))
+    } else {
+        (None, None)
+    };
+    let order = match cal.order {
+        CalibrationOrder::Sequential => "sequential",
+        CalibrationOrder::Original => "original",
+    };
+    let db = |v: Option<f64>| v.map_or("-".to_string(), |d| format!("{d:.2} dB"));
     let section = ReportSection {
         key: "calibration".into(),
         markdown: format!(
-            "## Calibration\n\n{windows} windows of {seq} tokens, `order: {}`; forward passes and statistics {forward_seconds:.1} s, calibration with encoding {calibration_seconds:.1} s.\n",
-            match cal.order {
-                CalibrationOrder::Sequential => "sequential",
-                CalibrationOrder::Original => "original",
-            }
+            "## Calibration\n\n{samples} samples, {tokens} tokens, `order: {order}`; forward passes and statistics {forward_seconds:.1} s, calibration with encoding {calibration_seconds:.1} s.\n\nOver the calibrated tensors (parameter-weighted mean of per-tensor dB): weight SQNR {}, output SQNR on the calibration inputs, 10·log10(‖XW‖²/‖X(W − Ŵ)‖²), {}.\n",
+            db(weight_db),
+            db(output_db)
         ),
         json: serde_json::json!({
-            "windows": windows,
-            "seq_len": seq,
+            "samples": samples,
+            "tokens": tokens,
+            "seq_len": cal.seq_len,
             "order": cal.order,
             "forward_seconds": forward_seconds,
             "seconds": calibration_seconds,
+            "weight_sqnr_db": weight_db,
+            "output_sqnr_db": output_db,
         }),
     };
     finish_artifact(
