@@ -11,8 +11,8 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hcx_kernels::rng::gaussian_vec;
 use hcx_kernels::{
-    Part, Parts, Signal, cast, entropy, hadamard, lowrank, nonuniform, rtn, seedlm, sparse,
-    ternary, uniform, vq,
+    Part, Parts, Signal, cast, entropy, gptq, hadamard, hessian, lowrank, nonuniform, rtn, seedlm,
+    sparse, ternary, uniform, vq,
 };
 use hcx_protocol::stage::*;
 
@@ -234,6 +234,37 @@ fn bench_codecs(c: &mut Criterion) {
                 pool.install(|| hadamard::forward(&mut s, None, 3))
                     .expect("rotate")
             })
+        });
+        g.finish();
+        // Calibration: the exact Hessian of 4,096 input rows of 1,536 (a
+        // SmolLM2 down_proj input), and GPTQ of a 576 × 1,536 weight.
+        let (rows, cols, n) = (576, 1536, 4096);
+        let inputs = gaussian_vec(7, n * cols);
+        let mut g = group(c, format!("hessian-4096x1536/{label}"), n * cols * 4);
+        g.bench_function("add_batch", |b| {
+            b.iter(|| {
+                let mut h = hessian::HessianSum::new(cols);
+                pool.install(|| h.add_batch(&inputs, n)).expect("hessian");
+                h
+            })
+        });
+        g.finish();
+        let mut hs = hessian::HessianSum::new(cols);
+        hs.add_batch(&inputs, n).expect("hessian");
+        let h = hs.to_f64();
+        let w = Signal::new(gaussian_vec(8, rows * cols), rows, cols);
+        let spec = GptqSpec {
+            grid: GptqGrid::Uniform(UniformSpec {
+                bits: 4.0,
+                deadzone: 0.0,
+            }),
+            damp: 0.01,
+            block: 128,
+            act_order: true,
+        };
+        let mut g = group(c, format!("gptq-uniform-576x1536/{label}"), rows * cols * 4);
+        g.bench_function("encode", |b| {
+            b.iter(|| pool.install(|| gptq::encode(&spec, &w, &h)).expect("gptq"))
         });
         g.finish();
         if threads != 1 {

@@ -283,6 +283,40 @@ mod tests {
     use std::time::Instant;
 
     #[test]
+    fn calibration_forward_pass_matches_candles_bert() {
+        // The encoder forward pass calibration runs (one sentence at a time,
+        // every linear input visible) gives the embeddings this crate's
+        // candle BertModel gives.
+        let dir = model_dir();
+        let sentences: Vec<String> = default_sentences().into_iter().take(6).collect();
+        let theirs = sentence_embeddings(&dir, &sentences).unwrap();
+        let cfg_text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let cfg =
+            hcx_forward::bert::BertConfig::parse(&dir.join("config.json"), &cfg_text).unwrap();
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut src =
+            |name: &str| -> Result<hcx_forward::llama::Weight, hcx_forward::ForwardError> {
+                Ok(st.tensor(name).ok().map(|t| {
+                    let v: Vec<f32> = t
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    (v, t.shape().to_vec())
+                }))
+            };
+        let bert = hcx_forward::bert::Bert::load(cfg, &mut src).unwrap();
+        let tok = hcx_forward::text::TextTokenizer::load(&dir).unwrap();
+        for (s, t) in sentences.iter().zip(&theirs) {
+            let ids = tok.encode_with_special(s).unwrap();
+            let ours = bert.embed_sentence(&ids).unwrap().to_vec1::<f32>().unwrap();
+            let cos: f32 = ours.iter().zip(t).map(|(a, b)| a * b).sum();
+            assert!(cos > 0.99999, "{s}: cosine {cos}");
+        }
+    }
+
+    #[test]
     fn default_sentences_are_64_varied_lines() {
         let sentences = default_sentences();
         assert_eq!(sentences.len(), 64);

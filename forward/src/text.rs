@@ -78,19 +78,29 @@ impl TextTokenizer {
     /// Loads `dir/tokenizer.json`.
     pub fn load(dir: &Path) -> Result<TextTokenizer, ForwardError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ForwardError::Text {
+        let bytes = std::fs::read(&path).map_err(|e| ForwardError::Text {
             path: path.clone(),
-            why: format!("cannot load the tokenizer: {e}"),
+            why: format!("cannot read: {e}"),
         })?;
-        Ok(TextTokenizer { inner, path })
+        TextTokenizer::from_bytes(&bytes, &path)
     }
 
     /// Loads a `tokenizer.json` held in memory (`path` names it in messages).
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<TextTokenizer, ForwardError> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ForwardError::Text {
-            path: path.to_path_buf(),
-            why: format!("cannot load the tokenizer: {e}"),
-        })?;
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ForwardError::Text {
+                path: path.to_path_buf(),
+                why: format!("cannot load the tokenizer: {e}"),
+            })?;
+        // Samples are cut to length by the caller and never padded (a
+        // tokenizer.json may ask for fixed padding, as MiniLM's does).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| ForwardError::Text {
+                path: path.to_path_buf(),
+                why: format!("cannot turn truncation off: {e}"),
+            })?;
         Ok(TextTokenizer {
             inner,
             path: path.to_path_buf(),

@@ -712,33 +712,6 @@ mod tests {
         assert!(e.to_string().contains("unknown grid"), "{e}");
     }
 
-    /// Timings at SmolLM2-135M's MLP sizes (run with `--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn timings() {
-        let (rows, cols, n) = (576, 1536, 4096);
-        let x = gaussian_vec(1, n * cols);
-        let t = std::time::Instant::now();
-        let mut hs = HessianSum::new(cols);
-        hs.add_batch(&x, n).unwrap();
-        let h = hs.to_f64();
-        eprintln!("Hessian of {n} rows of {cols}: {:?}", t.elapsed());
-        let w = Signal::new(gaussian_vec(2, rows * cols), rows, cols);
-        for grid in grids() {
-            let kind = grid.kind();
-            let t = std::time::Instant::now();
-            let out = encode(&gptq(grid, true), &w, &h).unwrap();
-            eprintln!(
-                "gptq({kind}) {rows}x{cols}: {:?}, output SQNR {:.2} dB",
-                t.elapsed(),
-                10.0 * (out.reference / out.output_error).log10()
-            );
-        }
-        let t = std::time::Instant::now();
-        let e = quadratic_trace(&w.data, rows, cols, &h);
-        eprintln!("tr(W H Wᵀ): {:?} ({e:.4e})", t.elapsed());
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
