@@ -81,6 +81,14 @@ pub fn example_job(dir: &Path, example: &str, model: &Path, output: &Path) -> Pa
                 format!("model: {}", model.display())
             } else if l.starts_with("output:") {
                 format!("output: {}", output.display())
+            } else if let Some((key, value)) = ["  sentences: ", "  text: "]
+                .iter()
+                .find_map(|k| l.strip_prefix(k).map(|v| (k, v)))
+                && !value.starts_with('/')
+                && !value.starts_with('[')
+            {
+                // Calibration files are relative to the example's folder.
+                format!("{key}{}", root().join("configs/jobs").join(value).display())
             } else {
                 l.to_string()
             }
