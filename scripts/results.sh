@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every example job on all-MiniLM-L6-v2 with a release build and prints
+# Runs the MiniLM example jobs (all-MiniLM-L6-v2) with a release build and prints
 # the README's results table: bits per weight over the 36 encoder linear
 # weights (every part, safetensors header entry and manifest entry counted),
 # whole-model ratio against the source file, SQNR of those weights (the

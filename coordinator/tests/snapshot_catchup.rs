@@ -240,8 +240,13 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     for id in 1..=3 {
         cs.insert(id, start(config(dir.path(), id, &peers)).await);
     }
-    wait_for("a leader", Duration::from_secs(10), || {
-        leader_of(&cs).is_some()
+    // A leader every coordinator follows: the test names followers by the
+    // leader it sees now, so an election still settling must be over.
+    wait_for("a leader all three follow", Duration::from_secs(10), || {
+        leader_of(&cs).is_some_and(|l| {
+            let id = l.metrics().id;
+            cs.values().all(|h| h.metrics().current_leader == Some(id))
+        })
     })
     .await;
     let leader_id = leader_of(&cs).unwrap().metrics().id;
@@ -250,22 +255,36 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
 
     // Live nodes to hold the shards, registered the way nodes do.
     let node_id = Identity::load(&dir.path().join("certs"), Role::Node).unwrap();
-    let ch = hcx_net::client::channel(
-        &peers[&leader_id],
-        Some(&hcx_net::tls::tonic_client_tls(&node_id, "localhost")),
-    )
-    .unwrap();
     for name in NODES {
-        ClusterClient::new(ch.clone())
-            .register_node(NodeInfo {
-                name: name.into(),
-                listen: "127.0.0.1:1".into(),
-                cores: 64,
-                memory_bytes: 512 << 30,
-                ..Default::default()
-            })
-            .await
-            .expect("node registered");
+        // Through whichever coordinator leads now (a loaded host can still
+        // move the leadership).
+        let mut attempt = 0;
+        loop {
+            let id = leader_of(&cs).map_or(leader_id, |l| l.metrics().id);
+            let ch = hcx_net::client::channel(
+                &peers[&id],
+                Some(&hcx_net::tls::tonic_client_tls(&node_id, "localhost")),
+            )
+            .unwrap();
+            let r = ClusterClient::new(ch)
+                .register_node(NodeInfo {
+                    name: name.into(),
+                    listen: "127.0.0.1:1".into(),
+                    cores: 64,
+                    memory_bytes: 512 << 30,
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    eprintln!("register {name}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("node registered: {e}"),
+            }
+        }
     }
     wait_for(
         "every coordinator has the nodes",
