@@ -257,6 +257,19 @@ fn smollm2_reads_as_hf_and_runs_like_candles_gguf_llama() {
     assert!(kl < 0.01, "KL {kl}");
 }
 
+/// Runs a job locally (on `threads` rayon threads when given) and returns
+/// its artifact's tensor file.
+fn run_tensor_file(job: &Path, out: &Path, threads: Option<&str>) -> Vec<u8> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hcx-cluster"));
+    cmd.args(["run", "--local", job.to_str().unwrap()]);
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out.join("model.hcx.safetensors")).unwrap()
+}
+
 /// Writes a calibration text of `words` words the tiny tokenizer knows.
 fn tiny_text(path: &Path, words: usize) {
     let w = ["ab", "ba", "c", "abc", "a", "cab"];
@@ -286,16 +299,7 @@ fn calibrated_jobs_are_deterministic_and_report_output_error() {
     tiny_text(&text, 200);
     let job = tiny_job(dir.path(), "cal", &gguf, &text, "");
     let out = dir.path().join("out-cal");
-    let run = |threads: Option<&str>| -> Vec<u8> {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hcx-cluster"));
-        cmd.args(["run", "--local", job.to_str().unwrap()]);
-        if let Some(t) = threads {
-            cmd.env("RAYON_NUM_THREADS", t);
-        }
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read(out.join("model.hcx.safetensors")).unwrap()
-    };
+    let run = |threads: Option<&str>| run_tensor_file(&job, &out, threads);
     let first = run(None);
     assert_eq!(first, run(None), "the same calibrated job twice");
     assert_eq!(first, run(Some("1")), "one thread and all cores");
@@ -461,16 +465,7 @@ fn smollm2_calibrated_run_is_deterministic_and_decompresses_sharded() {
         &out,
         "pipeline:\n  - rtn: {bits: 8, group: 32}\n  - zstd: {level: 3}\nrules:\n  - match: [\"*norm.weight\"]\n    keep: source\n  - match: [\"model.embed_tokens.weight\"]\n    keep: int8\n  - match: [\"model.layers.0.*\", \"model.layers.29.*\"]\n    pipeline:\n      - hadamard: {}\n      - gptq: {grid: {uniform: {bits: 3.4}}}\n      - zstd: {level: 3}\ncalibration:\n  text: [/usr/share/common-licenses/GPL-2, /usr/share/common-licenses/MPL-2.0]\n  samples: 4\n  seq_len: 64\n",
     );
-    let run = |threads: Option<&str>| -> Vec<u8> {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hcx-cluster"));
-        cmd.args(["run", "--local", job.to_str().unwrap()]);
-        if let Some(t) = threads {
-            cmd.env("RAYON_NUM_THREADS", t);
-        }
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read(out.join("model.hcx.safetensors")).unwrap()
-    };
+    let run = |threads: Option<&str>| run_tensor_file(&job, &out, threads);
     let first = run(None);
     assert_eq!(first, run(Some("1")), "one thread and all cores");
     assert_eq!(first, run(None), "the same calibrated job twice");

@@ -194,32 +194,26 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// Undoes llama.cpp's permutation of q/k rows: within each head, GGUF row
 /// `2i + j` holds HF row `j·half + i` (rotary pairs interleaved).
 pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let per_head = rows / heads;
-    let half = per_head / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * per_head + 2 * i + j;
-                let dst = h * per_head + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    move_rows(values, rows, cols, heads, false)
 }
 
 /// Applies llama.cpp's permutation (the inverse of [`unpermute_rows`]).
 pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(values, rows, cols, heads, true)
+}
+
+/// Moves rows between HF order (row `j·half + i` of a head) and GGUF order
+/// (row `2i + j`): to GGUF order when `to_gguf`, back otherwise.
+fn move_rows(values: &[f32], rows: usize, cols: usize, heads: usize, to_gguf: bool) -> Vec<f32> {
     let per_head = rows / heads;
     let half = per_head / 2;
     let mut out = vec![0f32; values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let dst = h * per_head + 2 * i + j;
-                let src = h * per_head + j * half + i;
+                let gguf = h * per_head + 2 * i + j;
+                let hf = h * per_head + j * half + i;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
