@@ -13,6 +13,7 @@
 pub mod bits;
 pub mod cast;
 pub mod chain;
+pub mod collective;
 pub mod entropy;
 pub mod error;
 pub mod gptq;
