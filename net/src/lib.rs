@@ -3,6 +3,7 @@
 pub mod client;
 pub mod frames;
 pub mod insecure;
+pub mod peer;
 pub mod tls;
 
 /// Generated gRPC messages, clients and servers (`protocol/proto/hcx.proto`).
