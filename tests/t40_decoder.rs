@@ -342,6 +342,60 @@ fn calibrated_jobs_are_deterministic_and_report_output_error() {
     assert!(kl.is_finite() && kl >= 0.0, "{v}");
 }
 
+/// Runs a calibrated job as `world` in-process data-parallel ranks (one
+/// thread each, linked by the in-process collective) and returns the tensor
+/// file rank 0 wrote.
+fn run_ranked(job: &Path, out: &Path, world: usize) -> Vec<u8> {
+    let spec = hcx_protocol::JobSpec::load(job).unwrap();
+    let rings = hcx_kernels::collective::local::group(world, 1).unwrap();
+    let handles: Vec<_> = rings
+        .into_iter()
+        .map(|mut ring| {
+            let (spec, out) = (spec.clone(), out.to_path_buf());
+            std::thread::spawn(move || {
+                hcx_pipeline::calibrate::run_job_ranked(&spec, Some(&out), &mut ring)
+                    .map(|o| o.is_some())
+            })
+        })
+        .collect();
+    let wrote: Vec<bool> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(wrote.iter().filter(|w| **w).count(), 1, "{wrote:?}");
+    assert!(wrote[0], "rank 0 writes the artifact");
+    std::fs::read(out.join("model.hcx.safetensors")).unwrap()
+}
+
+#[test]
+fn calibrated_artifact_is_the_same_bits_on_1_2_and_3_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, &noise);
+    let text = dir.path().join("calib.txt");
+    // 5 micro-batches of 8 windows: ranks get unequal shares (and with 3
+    // ranks, rank 2 gets one micro-batch fewer than rank 0).
+    tiny_text(&text, 600);
+    let job = tiny_job(dir.path(), "ranks", &gguf, &text, "");
+    let yaml = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, yaml.replace("samples: 4\n", "samples: 40\n")).unwrap();
+    let one = run_tensor_file(&job, &dir.path().join("out-ranks"), None);
+    for world in [1, 2, 3] {
+        let out = dir.path().join(format!("ranked-{world}"));
+        assert!(
+            run_ranked(&job, &out, world) == one,
+            "{world} ranks give another artifact than the local run"
+        );
+    }
+    // The statistics really are split: a job whose calibration text differs
+    // gives other bits, so the comparison above can fail.
+    let words = std::fs::read_to_string(&text).unwrap();
+    let reversed: Vec<&str> = words.split(' ').rev().collect();
+    std::fs::write(&text, reversed.join(" ")).unwrap();
+    let other = run_ranked(&job, &dir.path().join("ranked-other"), 2);
+    assert!(other != one);
+}
+
 #[test]
 fn bad_calibration_inputs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

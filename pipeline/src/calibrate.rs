@@ -13,6 +13,13 @@
 //! next block is calibrated on the inputs the compressed model will really
 //! give it; with `order: original` every block sees the original model's
 //! activations.
+//!
+//! Data-parallel runs ([`run_job_ranked`]) give micro-batch i to rank
+//! i mod n. Each rank adds its micro-batches' statistics and the ranks
+//! all-gather and merge the exact sums, so the statistics, and so the
+//! artifact, are the same bits for any number of ranks. Every rank then
+//! encodes the block (the encoders are deterministic, so no weights need to
+//! travel) and re-runs its own micro-batches; rank 0 writes the artifact.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +29,7 @@ use candle_core::Tensor;
 use hcx_forward::bert::{Bert, BertConfig};
 use hcx_forward::llama::{Llama, LlamaConfig, Site};
 use hcx_forward::text::{TextTokenizer, read_texts, token_windows};
+use hcx_kernels::collective::Collective;
 use hcx_kernels::hessian::HessianSum;
 use hcx_protocol::{CalibrationOrder, JobSpec, StageSpec};
 use rayon::prelude::*;
@@ -30,7 +38,8 @@ use crate::PipelineError;
 use crate::attribution::{Attribution, ReportSection};
 use crate::model::Model;
 use crate::run::{
-    EncodedEntry, TENSOR_FILE, encode_raw_calibrated, finish_artifact, waves, write_entry,
+    EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, finish_artifact, waves,
+    write_artifact, write_entry,
 };
 use crate::writer::TensorFileWriter;
 
@@ -244,14 +253,85 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, Vec<Batch>), Pipeline
     })
 }
 
-/// Runs a calibrated job on a decoder; the calibrated counterpart of the
-/// plain local build. Entries come out in model order.
-pub(crate) fn build_calibrated(
+/// Runs a calibrated job with this process as one rank of a data-parallel
+/// group: every rank calls it with the same spec; rank 0 writes the artifact
+/// to `output` (the spec's own when `None`) and returns it, the other ranks
+/// return `None`. With a one-rank group this is the plain calibrated run.
+pub fn run_job_ranked(
+    spec: &JobSpec,
+    output: Option<&Path>,
+    ranks: &mut dyn Collective,
+) -> Result<Option<RunOutcome>, PipelineError> {
+    if ranks.rank() != 0 {
+        let model = Model::open(&spec.model)?;
+        calibrate_blocks(spec, &model, ranks)?;
+        return Ok(None);
+    }
+    let output = output.unwrap_or(&spec.output).to_path_buf();
+    write_artifact(spec, &output, |model, tmp, started| {
+        build_calibrated(spec, model, tmp, started, ranks)
+    })
+    .map(Some)
+}
+
+/// What walking the blocks produced: every calibrated tensor's encoding,
+/// and the figures for the report.
+struct Calibrated {
+    done: Vec<Option<EncodedEntry>>,
+    samples: usize,
+    tokens: usize,
+    forward_seconds: f64,
+    seconds: f64,
+}
+
+/// One rank's statistics of a block, as bytes: per site present, its index
+/// in [`Site::ALL`], the length of its [`HessianSum::to_bytes`] and those bytes.
+fn stats_to_bytes(stats: &HashMap<Site, HessianSum>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (code, site) in Site::ALL.iter().enumerate() {
+        if let Some(h) = stats.get(site) {
+            let b = h.to_bytes();
+            out.push(code as u8);
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+    }
+    out
+}
+
+/// Merges ranks' statistics (from [`stats_to_bytes`]) into one map; the sums
+/// are exact, so the merge order does not matter.
+fn merge_stats(blocks: &[Vec<u8>], layer: usize) -> Result<HashMap<Site, HessianSum>, String> {
+    let mut all: HashMap<Site, HessianSum> = HashMap::new();
+    for (rank, mut b) in blocks.iter().map(Vec::as_slice).enumerate() {
+        while let Some(&code) = b.first() {
+            let bad = || format!("block {layer}: statistics from rank {rank} are malformed");
+            let site = *Site::ALL.get(code as usize).ok_or_else(bad)?;
+            let len = b.get(1..9).ok_or_else(bad)?;
+            let len = usize::try_from(u64::from_le_bytes(len.try_into().expect("8 bytes")))
+                .map_err(|_| bad())?;
+            let end = len.checked_add(9).ok_or_else(bad)?;
+            let body = b.get(9..end).ok_or_else(bad)?;
+            let h = HessianSum::from_bytes(body).map_err(|e| format!("{}: {e}", bad()))?;
+            match all.get_mut(&site) {
+                Some(sum) => sum.merge(&h).map_err(|e| format!("{}: {e}", bad()))?,
+                None => {
+                    all.insert(site, h);
+                }
+            }
+            b = &b[end..];
+        }
+    }
+    Ok(all)
+}
+
+/// Walks the blocks: statistics from this rank's micro-batches, summed
+/// over the ranks, then each block's calibrated tensors encoded.
+fn calibrate_blocks(
     spec: &JobSpec,
     model: &Model,
-    tmp: &Path,
-    started: Instant,
-) -> Result<Attribution, PipelineError> {
+    ranks: &mut dyn Collective,
+) -> Result<Calibrated, PipelineError> {
     let cal = spec
         .calibration
         .as_ref()
@@ -262,7 +342,7 @@ pub(crate) fn build_calibrated(
         .map(|t| spec.stages_for(&t.name))
         .collect();
     let t_cal = Instant::now();
-    let (mut net, mut batches) = load_net(spec, model)?;
+    let (mut net, batches) = load_net(spec, model)?;
     for (t, plan) in model.tensors.iter().zip(&plans) {
         if plan.iter().any(StageSpec::needs_calibration) && net.site_of(&t.name).is_none() {
             return Err(PipelineError::Tensor {
@@ -276,6 +356,14 @@ pub(crate) fn build_calibrated(
     }
     let samples: usize = batches.iter().map(|b| b.windows).sum();
     let tokens: usize = batches.iter().map(|b| b.windows * b.len).sum();
+    // Micro-batch i belongs to rank i mod n: the split follows the data.
+    let (rank, world) = (ranks.rank(), ranks.world());
+    let mut batches: Vec<Batch> = batches
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % world == rank)
+        .map(|(_, b)| b)
+        .collect();
     let mut done: Vec<Option<EncodedEntry>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut forward_seconds = 0f64;
     for layer in 0..net.layers() {
@@ -300,6 +388,16 @@ pub(crate) fn build_calibrated(
             outputs.push(y);
         }
         forward_seconds += t0.elapsed().as_secs_f64();
+        if world > 1 {
+            let during = || format!("block {layer}'s calibration statistics");
+            let gathered = ranks
+                .all_gather(&stats_to_bytes(&stats))
+                .map_err(|source| PipelineError::Collective {
+                    during: during(),
+                    source,
+                })?;
+            stats = merge_stats(&gathered, layer).map_err(|why| bad(model, why))?;
+        }
         // Encode this block's linear weights with their inputs' statistics.
         let members: Vec<usize> = model
             .tensors
@@ -361,9 +459,40 @@ pub(crate) fn build_calibrated(
             "calibrated block"
         );
     }
-    let calibration_seconds = t_cal.elapsed().as_secs_f64();
-    drop(batches);
-    drop(net);
+    Ok(Calibrated {
+        done,
+        samples,
+        tokens,
+        forward_seconds,
+        seconds: t_cal.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs a calibrated job on a decoder; the calibrated counterpart of the
+/// plain local build. Entries come out in model order.
+pub(crate) fn build_calibrated(
+    spec: &JobSpec,
+    model: &Model,
+    tmp: &Path,
+    started: Instant,
+    ranks: &mut dyn Collective,
+) -> Result<Attribution, PipelineError> {
+    let cal = spec
+        .calibration
+        .as_ref()
+        .ok_or_else(|| bad(model, "the job has no `calibration:` section".into()))?;
+    let plans: Vec<Vec<StageSpec>> = model
+        .tensors
+        .iter()
+        .map(|t| spec.stages_for(&t.name))
+        .collect();
+    let Calibrated {
+        mut done,
+        samples,
+        tokens,
+        forward_seconds,
+        seconds: calibration_seconds,
+    } = calibrate_blocks(spec, model, ranks)?;
     // Everything outside the blocks, in bounded waves, without statistics.
     let rest: Vec<usize> = (0..model.tensors.len())
         .filter(|k| done[*k].is_none())

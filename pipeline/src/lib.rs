@@ -63,6 +63,14 @@ pub enum PipelineError {
         /// What is wrong.
         why: String,
     },
+    /// A collective between the ranks of a data-parallel run failed.
+    #[error("collective during {during}: {source}")]
+    Collective {
+        /// What the ranks were exchanging.
+        during: String,
+        /// What the collective said.
+        source: hcx_kernels::collective::CollectiveError,
+    },
 }
 
 impl PipelineError {
