@@ -4,12 +4,12 @@
 # hyperfine (Debian's package, installed here when missing) for whole runs.
 # Run it on an otherwise idle machine; it prints the machine first.
 #
-#   bash scripts/perf.sh [codecs] [cluster] [e2e]   (default: all three)
+#   bash scripts/perf.sh [codecs] [cluster] [collectives] [e2e]   (default: all four)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster e2e)
+[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster collectives e2e)
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
 bash scripts/fetch-model.sh >&2
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -46,6 +46,8 @@ PY
       ;;
     cluster)
       cargo bench --locked --profile dev --bench cluster 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
+    collectives)
+      cargo bench --locked --bench collectives 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
     e2e)
       if ! command -v hyperfine >/dev/null; then
         apt-get install -y hyperfine >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y hyperfine >/dev/null; }

@@ -142,12 +142,29 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
             .as_ref()
             .map(|id| hcx_net::tls::tonic_client_tls(id, "localhost")),
     )?;
-    let mut endpoint = quinn::Endpoint::client(cfg.listen)
-        .map_err(|e| NodeError::Config(format!("cannot bind {}: {e}", cfg.listen)))?;
-    endpoint.set_default_client_config(match &cfg.tls {
+    // One endpoint for both directions: out to the coordinators' data plane,
+    // and in from other nodes (collective rings), which only nodes may join.
+    let server = match &cfg.tls {
+        Some(id) => hcx_net::tls::quinn_server_config(id)?,
+        None => hcx_net::insecure::quinn_server_config()?,
+    };
+    let client_config = match &cfg.tls {
         Some(id) => hcx_net::tls::quinn_client_config(id)?,
         None => hcx_net::insecure::quinn_client_config()?,
-    });
+    };
+    let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
+        .map_err(|e| NodeError::Config(format!("cannot bind {}: {e}", cfg.listen)))?;
+    endpoint.set_default_client_config(client_config.clone());
+    let bound = endpoint.local_addr().map_err(|e| {
+        NodeError::Config(format!(
+            "cannot read the address bound at {}: {e}",
+            cfg.listen
+        ))
+    })?;
+    // The address other nodes dial: the configured host with the port bound.
+    let listen = SocketAddr::new(cfg.listen.ip(), bound.port());
+    let _peers = hcx_net::peer::PeerPlane::new(endpoint.clone(), client_config, cfg.tls.is_some());
+    tracing::info!(%listen, "serving the node-to-node plane");
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         client,
@@ -156,7 +173,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
     });
     let info = NodeInfo {
         name: cfg.name.clone(),
-        listen: cfg.listen.to_string(),
+        listen: listen.to_string(),
         cores: cfg.cores,
         memory_bytes: cfg.memory_bytes,
         gpus: detect_gpus(),
