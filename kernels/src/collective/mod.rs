@@ -493,7 +493,8 @@ impl<L: Link> Ring<L> {
         if forward {
             self.send(op, 0, part, 0, head)?;
         }
-        let mut out = Vec::with_capacity(total.min(1 << 30));
+        // Grow as chunks arrive: a bogus length must not allocate up front.
+        let mut out = Vec::with_capacity(total.min(self.chunk_bytes * 8));
         let chunks = total.div_ceil(self.chunk_bytes);
         for c in 0..chunks {
             let len = (total - c * self.chunk_bytes).min(self.chunk_bytes);
