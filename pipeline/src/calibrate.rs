@@ -31,7 +31,7 @@ use hcx_forward::llama::{Llama, LlamaConfig, Site};
 use hcx_forward::text::{TextTokenizer, read_texts, token_windows};
 use hcx_kernels::collective::Collective;
 use hcx_kernels::hessian::HessianSum;
-use hcx_protocol::{CalibrationOrder, JobSpec, StageSpec};
+use hcx_protocol::{Calibration, CalibrationOrder, JobSpec, StageSpec};
 use rayon::prelude::*;
 
 use crate::PipelineError;
@@ -276,7 +276,11 @@ pub fn run_job_ranked(
 
 /// What walking the blocks produced: every calibrated tensor's encoding,
 /// and the figures for the report.
-struct Calibrated {
+struct Calibrated<'a> {
+    /// The job's calibration section.
+    cal: &'a Calibration,
+    /// Each tensor's stage chain.
+    plans: Vec<Vec<StageSpec>>,
     done: Vec<Option<EncodedEntry>>,
     samples: usize,
     tokens: usize,
@@ -327,11 +331,11 @@ fn merge_stats(blocks: &[Vec<u8>], layer: usize) -> Result<HashMap<Site, Hessian
 
 /// Walks the blocks: statistics from this rank's micro-batches, summed
 /// over the ranks, then each block's calibrated tensors encoded.
-fn calibrate_blocks(
-    spec: &JobSpec,
+fn calibrate_blocks<'a>(
+    spec: &'a JobSpec,
     model: &Model,
     ranks: &mut dyn Collective,
-) -> Result<Calibrated, PipelineError> {
+) -> Result<Calibrated<'a>, PipelineError> {
     let cal = spec
         .calibration
         .as_ref()
@@ -460,6 +464,8 @@ fn calibrate_blocks(
         );
     }
     Ok(Calibrated {
+        cal,
+        plans,
         done,
         samples,
         tokens,
@@ -468,7 +474,7 @@ fn calibrate_blocks(
     })
 }
 
-/// Runs a calibrated job on a decoder; the calibrated counterpart of the
+/// Runs a calibrated job on a decoder or encoder; the calibrated counterpart of the
 /// plain local build. Entries come out in model order.
 pub(crate) fn build_calibrated(
     spec: &JobSpec,
@@ -477,16 +483,9 @@ pub(crate) fn build_calibrated(
     started: Instant,
     ranks: &mut dyn Collective,
 ) -> Result<Attribution, PipelineError> {
-    let cal = spec
-        .calibration
-        .as_ref()
-        .ok_or_else(|| bad(model, "the job has no `calibration:` section".into()))?;
-    let plans: Vec<Vec<StageSpec>> = model
-        .tensors
-        .iter()
-        .map(|t| spec.stages_for(&t.name))
-        .collect();
     let Calibrated {
+        cal,
+        plans,
         mut done,
         samples,
         tokens,
