@@ -10,8 +10,52 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::ForwardError;
 use crate::llama::{Site, WeightSource};
+use crate::{ForwardError, Tunable};
+
+/// A block's normalisation parameters, by name under `encoder.layer.N.`.
+const NORMS: [&str; 4] = [
+    "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias",
+    "output.LayerNorm.weight",
+    "output.LayerNorm.bias",
+];
+
+/// A block's linear biases, by name under `encoder.layer.N.`.
+const BIASES: [&str; 6] = [
+    "attention.self.query.bias",
+    "attention.self.key.bias",
+    "attention.self.value.bias",
+    "attention.output.dense.bias",
+    "intermediate.dense.bias",
+    "output.dense.bias",
+];
+
+/// A block's tensor by its name under `encoder.layer.N.` (`mut` for a
+/// mutable borrow).
+macro_rules! block_tensor {
+    ($b:expr, $suffix:expr $(, $m:tt)?) => {
+        match $suffix {
+            "attention.self.query.weight" => Some(&$($m)? $b.q.w),
+            "attention.self.query.bias" => Some(&$($m)? $b.q.b),
+            "attention.self.key.weight" => Some(&$($m)? $b.k.w),
+            "attention.self.key.bias" => Some(&$($m)? $b.k.b),
+            "attention.self.value.weight" => Some(&$($m)? $b.v.w),
+            "attention.self.value.bias" => Some(&$($m)? $b.v.b),
+            "attention.output.dense.weight" => Some(&$($m)? $b.o.w),
+            "attention.output.dense.bias" => Some(&$($m)? $b.o.b),
+            "attention.output.LayerNorm.weight" => Some(&$($m)? $b.attn_norm.w),
+            "attention.output.LayerNorm.bias" => Some(&$($m)? $b.attn_norm.b),
+            "intermediate.dense.weight" => Some(&$($m)? $b.up.w),
+            "intermediate.dense.bias" => Some(&$($m)? $b.up.b),
+            "output.dense.weight" => Some(&$($m)? $b.down.w),
+            "output.dense.bias" => Some(&$($m)? $b.down.b),
+            "output.LayerNorm.weight" => Some(&$($m)? $b.out_norm.w),
+            "output.LayerNorm.bias" => Some(&$($m)? $b.out_norm.b),
+            _ => None,
+        }
+    };
+}
 
 /// The shape of a BERT encoder, from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -229,36 +273,81 @@ impl Bert {
 
     /// Replaces a linear weight (calibration swaps in quantized layers).
     pub fn set_weight(&mut self, name: &str, values: Vec<f32>) -> Result<(), ForwardError> {
+        if site_of_weight(name).is_none() {
+            return Err(ForwardError::Weight {
+                name: name.into(),
+                why: "not a linear weight of a block".into(),
+            });
+        }
+        let shape = self.tensor(name)?.dims().to_vec();
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(ForwardError::Weight {
+                name: name.into(),
+                why: "wrong number of values".into(),
+            });
+        }
+        self.set_tensor(name, Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    /// Splits a block tensor's name into its layer and its name in the block.
+    fn locate<'n>(&self, name: &'n str) -> Result<(usize, &'n str), ForwardError> {
         let bad = |why: &str| ForwardError::Weight {
             name: name.into(),
             why: why.into(),
         };
-        let (layer, _) =
-            site_of_weight(name).ok_or_else(|| bad("not a linear weight of a block"))?;
         let rest = name.strip_prefix(&self.prefix).unwrap_or(name);
-        let b = self
-            .blocks
-            .get_mut(layer)
-            .ok_or_else(|| bad("no such layer"))?;
-        let slot = if rest.ends_with("attention.self.query.weight") {
-            &mut b.q.w
-        } else if rest.ends_with("attention.self.key.weight") {
-            &mut b.k.w
-        } else if rest.ends_with("attention.self.value.weight") {
-            &mut b.v.w
-        } else if rest.ends_with("attention.output.dense.weight") {
-            &mut b.o.w
-        } else if rest.ends_with("intermediate.dense.weight") {
-            &mut b.up.w
-        } else {
-            &mut b.down.w
-        };
-        let shape = slot.dims().to_vec();
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(bad("wrong number of values"));
+        let rest = rest
+            .strip_prefix("encoder.layer.")
+            .ok_or_else(|| bad("not a tensor of a block"))?;
+        let (layer, suffix) = rest
+            .split_once('.')
+            .ok_or_else(|| bad("not a tensor of a block"))?;
+        let layer: usize = layer.parse().map_err(|_| bad("not a tensor of a block"))?;
+        if layer >= self.blocks.len() {
+            return Err(bad("no such layer"));
         }
-        *slot = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        Ok((layer, suffix))
+    }
+
+    /// A block tensor (linear weight or bias, LayerNorm gain or shift) by
+    /// its HF name.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor, ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        block_tensor!(self.blocks[layer], suffix).ok_or_else(|| ForwardError::Weight {
+            name: name.into(),
+            why: "not a tensor of a block".into(),
+        })
+    }
+
+    /// Replaces a block tensor by its HF name; the shape must not change.
+    /// Distillation swaps in trainable variables this way.
+    pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        let slot =
+            block_tensor!(self.blocks[layer], suffix, mut).ok_or_else(|| ForwardError::Weight {
+                name: name.into(),
+                why: "not a tensor of a block".into(),
+            })?;
+        if slot.dims() != t.dims() {
+            return Err(ForwardError::Weight {
+                name: name.into(),
+                why: format!("shape {:?}, the model has {:?}", t.dims(), slot.dims()),
+            });
+        }
+        *slot = t;
         Ok(())
+    }
+
+    /// The HF names of block `layer`'s parameters of one kind.
+    pub fn tunable(&self, layer: usize, kind: Tunable) -> Vec<String> {
+        let names: &[&str] = match kind {
+            Tunable::Norms => &NORMS,
+            Tunable::Biases => &BIASES,
+        };
+        names
+            .iter()
+            .map(|n| format!("{}encoder.layer.{layer}.{n}", self.prefix))
+            .collect()
     }
 
     /// Embeds one sentence's tokens: `[len, hidden]`.
@@ -297,6 +386,23 @@ impl Bert {
         x: &Tensor,
         capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
     ) -> Result<Tensor, ForwardError> {
+        self.run_block(layer, x, capture, false)
+    }
+
+    /// Runs block `layer` over one sentence with operations that record
+    /// gradients (candle's fused softmax has no backward pass), for
+    /// distillation.
+    pub fn layer_for_training(&self, layer: usize, x: &Tensor) -> Result<Tensor, ForwardError> {
+        self.run_block(layer, x, &mut |_, _| Ok(()), true)
+    }
+
+    fn run_block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
+        train: bool,
+    ) -> Result<Tensor, ForwardError> {
         let b = &self.blocks[layer];
         let (len, h) = x.dims2()?;
         let heads = self.cfg.heads;
@@ -309,7 +415,11 @@ impl Bert {
         let k = split(b.k.forward(x)?)?;
         let v = split(b.v.forward(x)?)?;
         let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = if train {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att.matmul(&v)?.transpose(0, 1)?.reshape((len, h))?;
         capture(Site::AttentionOutput, &y)?;
         let x = b

@@ -16,6 +16,15 @@ pub mod text;
 
 use std::path::PathBuf;
 
+/// A kind of continuous block parameter that block-wise distillation tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tunable {
+    /// Normalisation gains (and LayerNorm shifts).
+    Norms,
+    /// The linear layers' biases, where the model has them.
+    Biases,
+}
+
 /// Why a model could not be built or run; each variant says what and where.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {

@@ -14,7 +14,29 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::ForwardError;
+use crate::{ForwardError, Tunable};
+
+/// A block's tensor by its name under `model.layers.N.` (`mut` for a
+/// mutable borrow).
+macro_rules! block_tensor {
+    ($b:expr, $suffix:expr, $opt:ident $(, $m:tt)?) => {
+        match $suffix {
+            "input_layernorm.weight" => Some(&$($m)? $b.input_norm),
+            "self_attn.q_proj.weight" => Some(&$($m)? $b.q),
+            "self_attn.k_proj.weight" => Some(&$($m)? $b.k),
+            "self_attn.v_proj.weight" => Some(&$($m)? $b.v),
+            "self_attn.q_proj.bias" => $b.q_bias.$opt(),
+            "self_attn.k_proj.bias" => $b.k_bias.$opt(),
+            "self_attn.v_proj.bias" => $b.v_bias.$opt(),
+            "self_attn.o_proj.weight" => Some(&$($m)? $b.o),
+            "post_attention_layernorm.weight" => Some(&$($m)? $b.post_norm),
+            "mlp.gate_proj.weight" => Some(&$($m)? $b.gate),
+            "mlp.up_proj.weight" => Some(&$($m)? $b.up),
+            "mlp.down_proj.weight" => Some(&$($m)? $b.down),
+            _ => None,
+        }
+    };
+}
 
 /// Architectures (`config.json`'s `architectures`) this pass runs.
 pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
@@ -348,35 +370,86 @@ impl Llama {
 
     /// Replaces a linear weight (calibration swaps in quantized layers).
     pub fn set_weight(&mut self, name: &str, values: Vec<f32>) -> Result<(), ForwardError> {
-        let (layer, _) = Site::of_weight(name).ok_or_else(|| ForwardError::Weight {
-            name: name.into(),
-            why: "not a linear weight of a block".into(),
-        })?;
-        let b = self
-            .blocks
-            .get_mut(layer)
-            .ok_or_else(|| ForwardError::Weight {
+        if Site::of_weight(name).is_none() {
+            return Err(ForwardError::Weight {
                 name: name.into(),
-                why: "no such layer".into(),
-            })?;
-        let slot = match name.rsplit('.').nth(1).unwrap_or("") {
-            "q_proj" => &mut b.q,
-            "k_proj" => &mut b.k,
-            "v_proj" => &mut b.v,
-            "o_proj" => &mut b.o,
-            "gate_proj" => &mut b.gate,
-            "up_proj" => &mut b.up,
-            _ => &mut b.down,
-        };
-        let shape = slot.dims().to_vec();
+                why: "not a linear weight of a block".into(),
+            });
+        }
+        let shape = self.tensor(name)?.dims().to_vec();
         if values.len() != shape.iter().product::<usize>() {
             return Err(ForwardError::Weight {
                 name: name.into(),
                 why: format!("{} values for shape {shape:?}", values.len()),
             });
         }
-        *slot = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        self.set_tensor(name, Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    /// Splits a block tensor's name into its layer and its name in the block.
+    fn locate<'n>(&self, name: &'n str) -> Result<(usize, &'n str), ForwardError> {
+        let bad = |why: &str| ForwardError::Weight {
+            name: name.into(),
+            why: why.into(),
+        };
+        let (layer, suffix) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .ok_or_else(|| bad("not a tensor of a block"))?;
+        let layer: usize = layer.parse().map_err(|_| bad("not a tensor of a block"))?;
+        if layer >= self.blocks.len() {
+            return Err(bad("no such layer"));
+        }
+        Ok((layer, suffix))
+    }
+
+    /// A block tensor (linear weight or bias, norm gain) by its HF name.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor, ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        block_tensor!(self.blocks[layer], suffix, as_ref).ok_or_else(|| ForwardError::Weight {
+            name: name.into(),
+            why: "not a tensor of this model's blocks".into(),
+        })
+    }
+
+    /// Replaces a block tensor by its HF name; the shape must not change.
+    /// Distillation swaps in trainable variables this way.
+    pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        let slot = block_tensor!(self.blocks[layer], suffix, as_mut, mut).ok_or_else(|| {
+            ForwardError::Weight {
+                name: name.into(),
+                why: "not a tensor of this model's blocks".into(),
+            }
+        })?;
+        if slot.dims() != t.dims() {
+            return Err(ForwardError::Weight {
+                name: name.into(),
+                why: format!("shape {:?}, the model has {:?}", t.dims(), slot.dims()),
+            });
+        }
+        *slot = t;
         Ok(())
+    }
+
+    /// The HF names of block `layer`'s parameters of one kind (biases only
+    /// where the model has them).
+    pub fn tunable(&self, layer: usize, kind: Tunable) -> Vec<String> {
+        let p = format!("model.layers.{layer}");
+        let Some(b) = self.blocks.get(layer) else {
+            return Vec::new();
+        };
+        match kind {
+            Tunable::Norms => vec![
+                format!("{p}.input_layernorm.weight"),
+                format!("{p}.post_attention_layernorm.weight"),
+            ],
+            Tunable::Biases => [("q", &b.q_bias), ("k", &b.k_bias), ("v", &b.v_bias)]
+                .into_iter()
+                .filter(|(_, t)| t.is_some())
+                .map(|(n, _)| format!("{p}.self_attn.{n}_proj.bias"))
+                .collect(),
+        }
     }
 
     /// Embeds `batch` windows of `len` tokens each: `[batch·len, hidden]`.
@@ -405,11 +478,50 @@ impl Llama {
         len: usize,
         capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
     ) -> Result<Tensor, ForwardError> {
+        self.run_block(layer, x, batch, len, capture, false)
+    }
+
+    /// Runs block `layer` with operations that record gradients (candle's
+    /// fused norm, rotary and softmax kernels have no backward pass), for
+    /// distillation.
+    pub fn layer_for_training(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+    ) -> Result<Tensor, ForwardError> {
+        self.run_block(layer, x, batch, len, &mut |_, _| Ok(()), true)
+    }
+
+    fn run_block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
+        train: bool,
+    ) -> Result<Tensor, ForwardError> {
         let c = &self.cfg;
         let b = &self.blocks[layer];
         let eps = c.eps as f32;
         let hd = c.head_dim;
-        let xn = candle_nn::ops::rms_norm(x, &b.input_norm, eps)?;
+        let rms = |x: &Tensor, w: &Tensor| {
+            if train {
+                candle_nn::ops::rms_norm_slow(x, w, eps)
+            } else {
+                candle_nn::ops::rms_norm(x, w, eps)
+            }
+        };
+        let rope = |t: &Tensor, cos: &Tensor, sin: &Tensor| {
+            if train {
+                candle_nn::rotary_emb::rope_slow(t, cos, sin)
+            } else {
+                candle_nn::rotary_emb::rope(t, cos, sin)
+            }
+        };
+        let xn = rms(x, &b.input_norm)?;
         capture(Site::Attention, &xn)?;
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((batch, len, n, hd))?
@@ -421,8 +533,8 @@ impl Llama {
         let v = heads(linear(&xn, &b.v, b.v_bias.as_ref())?, c.kv_heads)?;
         let cos = self.cos.narrow(0, 0, len)?;
         let sin = self.sin.narrow(0, 0, len)?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        let q = rope(&q, &cos, &sin)?;
+        let k = rope(&k, &cos, &sin)?;
         let rep = c.heads / c.kv_heads;
         let expand = |t: Tensor| -> candle_core::Result<Tensor> {
             if rep == 1 {
@@ -437,14 +549,18 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
         let att = att.broadcast_add(&causal_mask(len)?)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = if train {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch * len, c.heads * hd))?;
         capture(Site::AttentionOutput, &y)?;
         let x = (x + y.matmul(&b.o.t()?)?)?;
-        let xn = candle_nn::ops::rms_norm(&x, &b.post_norm, eps)?;
+        let xn = rms(&x, &b.post_norm)?;
         capture(Site::Mlp, &xn)?;
         let g = candle_nn::ops::silu(&xn.matmul(&b.gate.t()?)?)?;
         let u = xn.matmul(&b.up.t()?)?;

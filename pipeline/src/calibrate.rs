@@ -36,7 +36,8 @@ use rayon::prelude::*;
 
 use crate::PipelineError;
 use crate::attribution::{Attribution, ReportSection};
-use crate::model::Model;
+use crate::distill::{BlockDistillation, MicroBatches, distill_block};
+use crate::model::{Model, f32_to_bytes, raw_to_f32};
 use crate::run::{
     EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, finish_artifact, waves,
     write_artifact, write_entry,
@@ -73,14 +74,14 @@ fn model_file(model: &Model, name: &str) -> Result<(Vec<u8>, PathBuf), PipelineE
 }
 
 /// The source's forward pass, block by block.
-enum Net {
+pub(crate) enum Net {
     Decoder(Llama),
     Encoder(Bert),
 }
 
 /// A micro-batch: `windows` samples of `len` tokens, as the block input
 /// `[windows·len, hidden]`.
-struct Batch {
+pub(crate) struct Batch {
     x: Tensor,
     windows: usize,
     len: usize,
@@ -101,7 +102,7 @@ impl Net {
         }
     }
 
-    fn run(
+    pub(crate) fn run(
         &self,
         layer: usize,
         b: &Batch,
@@ -121,6 +122,46 @@ impl Net {
         match self {
             Net::Decoder(m) => m.set_weight(name, values),
             Net::Encoder(m) => m.set_weight(name, values),
+        }
+    }
+
+    /// Block `layer` with operations that record gradients.
+    pub(crate) fn run_for_training(
+        &self,
+        layer: usize,
+        b: &Batch,
+    ) -> Result<Tensor, hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.layer_for_training(layer, &b.x, b.windows, b.len),
+            Net::Encoder(m) => m.layer_for_training(layer, &b.x),
+        }
+    }
+
+    /// The HF names of block `layer`'s parameters of one kind.
+    pub(crate) fn tunable(&self, layer: usize, kind: hcx_forward::Tunable) -> Vec<String> {
+        match self {
+            Net::Decoder(m) => m.tunable(layer, kind),
+            Net::Encoder(m) => m.tunable(layer, kind),
+        }
+    }
+
+    /// A block tensor by HF name.
+    pub(crate) fn tensor(&self, name: &str) -> Result<Tensor, hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.tensor(name).cloned(),
+            Net::Encoder(m) => m.tensor(name).cloned(),
+        }
+    }
+
+    /// Replaces a block tensor by HF name.
+    pub(crate) fn set_tensor(
+        &mut self,
+        name: &str,
+        t: Tensor,
+    ) -> Result<(), hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.set_tensor(name, t),
+            Net::Encoder(m) => m.set_tensor(name, t),
         }
     }
 }
@@ -286,6 +327,8 @@ struct Calibrated<'a> {
     tokens: usize,
     forward_seconds: f64,
     seconds: f64,
+    /// What distillation did to each block (empty without `distill:`).
+    distilled: Vec<BlockDistillation>,
 }
 
 /// One rank's statistics of a block, as bytes: per site present, its index
@@ -360,6 +403,19 @@ fn calibrate_blocks<'a>(
     }
     let samples: usize = batches.iter().map(|b| b.windows).sum();
     let tokens: usize = batches.iter().map(|b| b.windows * b.len).sum();
+    // Every micro-batch's size, by global index, for distillation's steps.
+    let all_samples: Vec<usize> = batches.iter().map(|b| b.windows).collect();
+    let all_elements: Vec<usize> = batches.iter().map(|b| b.x.elem_count()).collect();
+    let by_name: HashMap<&str, &crate::model::TensorInfo> =
+        model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    // A tuned tensor's values as the artifact stores them (its dtype).
+    let round = |name: &str, values: Vec<f32>| -> Vec<f32> {
+        match by_name.get(name) {
+            Some(t) => raw_to_f32(&f32_to_bytes(&values, t.dtype), t.dtype),
+            None => values,
+        }
+    };
+    let mut distilled = Vec::new();
     // Micro-batch i belongs to rank i mod n: the split follows the data.
     let (rank, world) = (ranks.rank(), ranks.world());
     let mut batches: Vec<Batch> = batches
@@ -370,6 +426,14 @@ fn calibrate_blocks<'a>(
         .collect();
     let mut done: Vec<Option<EncodedEntry>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut forward_seconds = 0f64;
+    // Distillation's targets: the original model's activations, carried
+    // beside the compressed model's, so that tuning a block also corrects
+    // the error the blocks before it left.
+    let mut original: Vec<Tensor> = if spec.distill.is_some() {
+        batches.iter().map(|b| b.x.clone()).collect()
+    } else {
+        Vec::new()
+    };
     for layer in 0..net.layers() {
         let t0 = Instant::now();
         let mut stats: HashMap<Site, HessianSum> = HashMap::new();
@@ -390,6 +454,16 @@ fn calibrate_blocks<'a>(
                 .run(layer, b, &mut capture)
                 .map_err(|e| forward_error(model, e))?;
             outputs.push(y);
+        }
+        for (o, b) in original.iter_mut().zip(&batches) {
+            let view = Batch {
+                x: o.clone(),
+                windows: b.windows,
+                len: b.len,
+            };
+            *o = net
+                .run(layer, &view, &mut |_, _| Ok(()))
+                .map_err(|e| forward_error(model, e))?;
         }
         forward_seconds += t0.elapsed().as_secs_f64();
         if world > 1 {
@@ -439,12 +513,32 @@ fn calibrate_blocks<'a>(
             }
             done[k] = Some(entry);
         }
-        if cal.order == CalibrationOrder::Sequential {
-            let t1 = Instant::now();
+        let sequential = cal.order == CalibrationOrder::Sequential;
+        if sequential || spec.distill.is_some() {
             for (k, v) in decoded {
                 net.set_weight(&model.tensors[k].name, v)
                     .map_err(|e| forward_error(model, e))?;
             }
+        }
+        if let Some(d) = &spec.distill {
+            let data = MicroBatches {
+                local: &batches,
+                targets: &original,
+                samples: &all_samples,
+                elements: &all_elements,
+            };
+            let report = distill_block(&mut net, layer, d, spec.seed, &data, &round, ranks)?;
+            tracing::info!(
+                layer,
+                params = report.params,
+                before_db = report.before.sqnr_db(),
+                after_db = report.after.sqnr_db(),
+                "distilled block"
+            );
+            distilled.push(report);
+        }
+        if sequential {
+            let t1 = Instant::now();
             outputs.clear();
             for b in &batches {
                 let y = net
@@ -471,6 +565,7 @@ fn calibrate_blocks<'a>(
         tokens,
         forward_seconds,
         seconds: t_cal.elapsed().as_secs_f64(),
+        distilled,
     })
 }
 
@@ -491,7 +586,12 @@ pub(crate) fn build_calibrated(
         tokens,
         forward_seconds,
         seconds: calibration_seconds,
+        distilled,
     } = calibrate_blocks(spec, model, ranks)?;
+    let tuned: HashMap<&str, &Vec<f32>> = distilled
+        .iter()
+        .flat_map(|d| d.tuned.iter().map(|(n, v)| (n.as_str(), v)))
+        .collect();
     // Everything outside the blocks, in bounded waves, without statistics.
     let rest: Vec<usize> = (0..model.tensors.len())
         .filter(|k| done[*k].is_none())
@@ -502,13 +602,15 @@ pub(crate) fn build_calibrated(
             .par_iter()
             .map(|&k| {
                 let t = &model.tensors[k];
+                // Distilled tensors are stored with their tuned values.
+                let tuned_raw = tuned.get(t.name.as_str()).map(|v| f32_to_bytes(v, t.dtype));
                 (
                     k,
                     encode_raw_calibrated(
                         &t.name,
                         t.dtype,
                         &t.shape,
-                        model.raw(t),
+                        tuned_raw.as_deref().unwrap_or_else(|| model.raw(t)),
                         &plans[k],
                         spec.seed,
                         None,
@@ -573,14 +675,55 @@ pub(crate) fn build_calibrated(
             "output_sqnr_db": output_db,
         }),
     };
+    let mut sections = vec![section];
+    if let Some(d) = &spec.distill {
+        sections.push(distill_section(d, &distilled));
+    }
     finish_artifact(
-        spec,
-        model,
-        tmp,
-        writer,
-        entries,
-        &seconds,
-        started,
-        &[section],
+        spec, model, tmp, writer, entries, &seconds, started, &sections,
     )
+}
+
+/// The report's account of distillation: each block's output error against
+/// the original model on the calibration samples, before and after tuning.
+fn distill_section(spec: &hcx_protocol::Distill, blocks: &[BlockDistillation]) -> ReportSection {
+    let params: Vec<&str> = spec.params.iter().map(|p| p.name()).collect();
+    let mut md = format!(
+        "## Distillation\n\nBlock by block after encoding: {} tuned with Adam (lr {}) for {} steps of {} samples, to match the original model's activations after the block on the calibration samples. Output SQNR = 10·log10(Σt²/Σ(y − t)²), the original model's activations t, the compressed model's y (so it includes the error of the blocks before).\n\n| block | tuned scalars | output SQNR before (dB) | after (dB) | seconds |\n|---:|---:|---:|---:|---:|\n",
+        params.join(", "),
+        spec.lr,
+        spec.steps,
+        spec.batch
+    );
+    for b in blocks {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:.1} |\n",
+            b.layer,
+            b.params,
+            b.before.sqnr_db(),
+            b.after.sqnr_db(),
+            b.seconds
+        ));
+    }
+    let json = serde_json::json!({
+        "steps": spec.steps,
+        "lr": spec.lr,
+        "batch": spec.batch,
+        "params": params,
+        "blocks": blocks.iter().map(|b| serde_json::json!({
+            "block": b.layer,
+            "tuned_scalars": b.params,
+            "tuned_tensors": b.tuned.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "output_sqnr_db_before": b.before.sqnr_db(),
+            "output_sqnr_db_after": b.after.sqnr_db(),
+            "squared_error_before": b.before.squared_error,
+            "squared_error_after": b.after.squared_error,
+            "seconds": b.seconds,
+        })).collect::<Vec<_>>(),
+    });
+    ReportSection {
+        key: "distill".into(),
+        markdown: md,
+        json,
+    }
 }

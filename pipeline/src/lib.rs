@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod attribution;
 pub mod calibrate;
 pub mod dense;
+mod distill;
 pub mod gguf;
 pub mod model;
 pub mod run;
@@ -70,6 +71,14 @@ pub enum PipelineError {
         during: String,
         /// What the collective said.
         source: hcx_kernels::collective::CollectiveError,
+    },
+    /// Block-wise distillation failed.
+    #[error("block {block}: distillation: {why}")]
+    Distill {
+        /// The block.
+        block: usize,
+        /// What went wrong.
+        why: String,
     },
 }
 

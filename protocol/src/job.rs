@@ -38,10 +38,11 @@ pub struct JobSpec {
     /// (`gptq`) are fitted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
-    /// Distillation steps (not supported yet).
+    /// Block-wise distillation after the calibrated stages: each block's
+    /// continuous parameters are tuned so that the compressed block's
+    /// outputs match the original block's on the calibration activations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(skip)]
-    pub distillation: Option<serde_json::Value>,
+    pub distill: Option<Distill>,
     /// How a cluster run places shards on nodes (ignored by `run --local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
@@ -88,6 +89,72 @@ pub enum CalibrationOrder {
     /// Every layer sees the original model's activations (one pass; layers
     /// are independent).
     Original,
+}
+
+/// Block-wise distillation: after a block's linear weights are encoded, its
+/// continuous parameters are tuned with Adam for `steps` steps of `batch`
+/// calibration samples to minimise the mean squared error between the
+/// original block's outputs and the compressed block's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Distill {
+    /// Optimiser steps per block.
+    #[serde(default = "default_distill_steps")]
+    pub steps: usize,
+    /// Adam's learning rate.
+    #[serde(default = "default_distill_lr")]
+    pub lr: f64,
+    /// Calibration samples (sentences or windows) per step; rounded up to
+    /// whole micro-batches.
+    #[serde(default = "default_distill_batch")]
+    pub batch: usize,
+    /// Which parameters are tuned.
+    #[serde(default = "default_distill_params")]
+    pub params: Vec<DistillParam>,
+}
+
+fn default_distill_steps() -> usize {
+    100
+}
+
+fn default_distill_lr() -> f64 {
+    1e-3
+}
+
+fn default_distill_batch() -> usize {
+    16
+}
+
+fn default_distill_params() -> Vec<DistillParam> {
+    vec![DistillParam::Norms, DistillParam::Offsets]
+}
+
+/// A kind of continuous block parameter distillation can tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillParam {
+    /// Normalisation gains (and LayerNorm shifts): stored as the source
+    /// stores them, so tuning them costs no bits.
+    Norms,
+    /// The linear layers' additive per-output terms (their biases), where
+    /// the model has them.
+    Offsets,
+    /// Per-output-row gains of the quantized weights.
+    Scales,
+    /// A low-rank correction added to each quantized weight.
+    LowrankCorrection,
+}
+
+impl DistillParam {
+    /// The name as a job file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DistillParam::Norms => "norms",
+            DistillParam::Offsets => "offsets",
+            DistillParam::Scales => "scales",
+            DistillParam::LowrankCorrection => "lowrank_correction",
+        }
+    }
 }
 
 /// One file or a list of files.
@@ -318,11 +385,45 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(("name".into(), "must not be empty".into()));
         }
-        if self.distillation.is_some() {
-            return Err((
-                "distillation".into(),
-                "`distillation` is not supported yet by this version of hcx-cluster".into(),
-            ));
+        if let Some(d) = &self.distill {
+            if self.calibration.is_none() {
+                return Err((
+                    "distill".into(),
+                    "distillation tunes blocks on calibration activations: add a `calibration:` section".into(),
+                ));
+            }
+            if d.steps == 0 {
+                return Err(("distill.steps".into(), "must be at least 1".into()));
+            }
+            if !(d.lr.is_finite() && d.lr > 0.0 && d.lr <= 1.0) {
+                return Err(("distill.lr".into(), format!("{} is not in (0, 1]", d.lr)));
+            }
+            if d.batch == 0 {
+                return Err(("distill.batch".into(), "must be at least 1".into()));
+            }
+            if d.params.is_empty() {
+                return Err((
+                    "distill.params".into(),
+                    "name at least one of norms, offsets".into(),
+                ));
+            }
+            for (i, p) in d.params.iter().enumerate() {
+                if matches!(p, DistillParam::Scales | DistillParam::LowrankCorrection) {
+                    return Err((
+                        format!("distill.params[{i}]"),
+                        format!(
+                            "`{}` is not supported yet by this version of hcx-cluster (supported: norms, offsets)",
+                            p.name()
+                        ),
+                    ));
+                }
+                if d.params[..i].contains(p) {
+                    return Err((
+                        format!("distill.params[{i}]"),
+                        format!("`{}` is named twice", p.name()),
+                    ));
+                }
+            }
         }
         if let Some(c) = &self.calibration {
             match (&c.text, &c.sentences) {
@@ -641,11 +742,34 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_sections_are_refused_clearly() {
-        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ndistillation:\n  steps: 3\n";
+    fn distill_section_parses_and_is_checked() {
+        let cal = "calibration:\n  sentences: s.txt\n";
+        let y = format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{steps: 3}}\n");
+        let d = parse(&y).unwrap().distill.unwrap();
+        assert_eq!((d.steps, d.lr, d.batch), (3, 1e-3, 16));
+        assert_eq!(d.params, vec![DistillParam::Norms, DistillParam::Offsets]);
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ndistill:\n  steps: 3\n";
         let e = parse(y).unwrap_err().to_string();
-        assert!(e.contains("not supported yet"), "{e}");
+        assert!(e.contains("add a `calibration:` section"), "{e}");
         assert!(e.contains("job.yaml:5:"), "{e}");
+        let y = format!(
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill:\n  params: [norms, scales]\n"
+        );
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("distill.params[1]") && e.contains("not supported yet"),
+            "{e}"
+        );
+        let y = format!(
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill:\n  params: [norms, norms]\n"
+        );
+        assert!(parse(&y).unwrap_err().to_string().contains("named twice"));
+        let y = format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{lr: 0}}\n");
+        assert!(parse(&y).unwrap_err().to_string().contains("distill.lr"));
+        let y = format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{step: 3}}\n");
+        assert!(parse(&y).is_err(), "unknown distill fields are refused");
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ndistillation:\n  steps: 3\n";
+        assert!(parse(y).is_err(), "the old name is an unknown field");
     }
 
     #[test]

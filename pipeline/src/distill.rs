@@ -1,0 +1,302 @@
+//! Block-wise distillation (the job's `distill:` section).
+//!
+//! After a block's linear weights are encoded, the block's continuous
+//! parameters (norm gains and shifts, linear biases) become trainable
+//! variables and are tuned with Adam so that the compressed model's
+//! activations after the block match the original model's on the same
+//! calibration samples (mean squared error). The original model's
+//! activations are carried beside the compressed model's through the walk,
+//! so tuning a block also corrects the error the blocks before it left. The
+//! gradients of the loss go through candle's autograd.
+//!
+//! Data-parallel and the same bits on any number of ranks: each step takes
+//! a fixed set of micro-batches (a seeded permutation of all of them, cut
+//! into runs of `batch` samples), each rank computes the gradient of the
+//! micro-batches it holds (in parallel) and adds them into an exact
+//! fixed-point sum (i128, 64 fraction bits); the ranks all-reduce those
+//! integers, which is exact and so independent of the order. Every rank
+//! then applies the same Adam update to the same numbers.
+
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use hcx_forward::Tunable;
+use hcx_kernels::collective::Collective;
+use hcx_kernels::rng::{SplitMix64, seed_for};
+use hcx_protocol::{Distill, DistillParam};
+use rayon::prelude::*;
+
+use crate::PipelineError;
+use crate::calibrate::{Batch, Net};
+
+/// Fraction bits of the fixed-point gradient sum.
+const FRACTION_BITS: i32 = 64;
+
+/// Adam's moment decay rates and denominator guard (Kingma & Ba's defaults).
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPSILON: f64 = 1e-8;
+
+/// A block's output error on the calibration inputs, summed over all ranks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct OutputError {
+    /// Σ (y − t)², compressed model's activation y after the block, the
+    /// original model's t.
+    pub(crate) squared_error: f64,
+    /// Σ t².
+    pub(crate) energy: f64,
+}
+
+impl OutputError {
+    /// 10·log10(Σt² / Σ(y − t)²).
+    pub(crate) fn sqnr_db(&self) -> f64 {
+        10.0 * (self.energy / self.squared_error.max(f64::MIN_POSITIVE)).log10()
+    }
+}
+
+/// What distilling one block did.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockDistillation {
+    /// The block.
+    pub(crate) layer: usize,
+    /// Scalars tuned.
+    pub(crate) params: usize,
+    /// Output error with the encoded weights, before tuning.
+    pub(crate) before: OutputError,
+    /// Output error after tuning.
+    pub(crate) after: OutputError,
+    /// Wall time.
+    pub(crate) seconds: f64,
+    /// The tuned tensors' final values (as stored), by HF name.
+    pub(crate) tuned: Vec<(String, Vec<f32>)>,
+}
+
+/// The micro-batches of the data-parallel run, as every rank sees them.
+pub(crate) struct MicroBatches<'a> {
+    /// This rank's micro-batches, in global order (micro-batch i is on rank
+    /// i mod n, as the `i / n`-th local one).
+    pub(crate) local: &'a [Batch],
+    /// The original model's activations after the block, for the samples
+    /// of `local`.
+    pub(crate) targets: &'a [Tensor],
+    /// Samples (windows or sentences) of every micro-batch, by global index.
+    pub(crate) samples: &'a [usize],
+    /// Output scalars (rows × hidden) of every micro-batch, by global index.
+    pub(crate) elements: &'a [usize],
+}
+
+fn fail(layer: usize, why: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Distill {
+        block: layer,
+        why: why.to_string(),
+    }
+}
+
+/// Tunes block `layer` of `net` (whose linear weights are already the
+/// encoded ones); `round` maps a tuned tensor's values to what the artifact
+/// will store (its dtype), and those values are left in `net`.
+pub(crate) fn distill_block(
+    net: &mut Net,
+    layer: usize,
+    spec: &Distill,
+    job_seed: u64,
+    data: &MicroBatches<'_>,
+    round: &dyn Fn(&str, Vec<f32>) -> Vec<f32>,
+    ranks: &mut dyn Collective,
+) -> Result<BlockDistillation, PipelineError> {
+    let t0 = Instant::now();
+    let (rank, world) = (ranks.rank(), ranks.world());
+    let total = data.samples.len();
+    if data.local.len() != data.targets.len() || data.elements.len() != total {
+        return Err(fail(layer, "micro-batch bookkeeping disagrees"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for p in &spec.params {
+        let kind = match p {
+            DistillParam::Norms => Tunable::Norms,
+            DistillParam::Offsets => Tunable::Biases,
+            other => {
+                return Err(fail(
+                    layer,
+                    format!("`{}` cannot be tuned by this version", other.name()),
+                ));
+            }
+        };
+        names.extend(net.tunable(layer, kind));
+    }
+    let mut vars = Vec::with_capacity(names.len());
+    for name in &names {
+        let t = net.tensor(name).map_err(|e| fail(layer, e))?;
+        let v = Var::from_tensor(&t).map_err(|e| fail(layer, e))?;
+        net.set_tensor(name, v.as_tensor().clone())
+            .map_err(|e| fail(layer, e))?;
+        vars.push(v);
+    }
+    let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+    let params: usize = sizes.iter().sum();
+    let mut values: Vec<f32> = Vec::with_capacity(params);
+    for v in &vars {
+        values.extend(flat(v.as_tensor()).map_err(|e| fail(layer, e))?);
+    }
+
+    let before = output_error(net, layer, data, ranks)?;
+    if params > 0 && total > 0 {
+        let per_batch = data.samples[0].max(1);
+        let k = spec.batch.div_ceil(per_batch).clamp(1, total);
+        let mut order: Vec<usize> = (0..total).collect();
+        let mut rng = SplitMix64::new(seed_for(job_seed, &format!("block {layer}"), "distill"));
+        for i in (1..total).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let scale = 2f64.powi(FRACTION_BITS);
+        let limit = 2f64.powi(126 - 64) / total as f64;
+        let (mut m, mut v2) = (vec![0f64; params], vec![0f64; params]);
+        let mut master: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        for step in 0..spec.steps {
+            let set: Vec<usize> = (0..k).map(|j| order[(step * k + j) % total]).collect();
+            let n: usize = set.iter().map(|&g| data.elements[g]).sum();
+            // Micro-batches in parallel: the fixed-point sum is exact, so
+            // the order the partial gradients are added in does not matter.
+            let mine: Vec<usize> = set.iter().copied().filter(|g| g % world == rank).collect();
+            let net_ref: &Net = net;
+            let partial: Vec<Result<Vec<i128>, PipelineError>> = mine
+                .par_iter()
+                .map(|&g| {
+                    let li = g / world;
+                    let y = net_ref
+                        .run_for_training(layer, &data.local[li])
+                        .map_err(|e| fail(layer, e))?;
+                    let loss = (y - &data.targets[li])
+                        .and_then(|d| d.sqr())
+                        .and_then(|d| d.sum_all())
+                        .and_then(|d| d / n.max(1) as f64)
+                        .map_err(|e| fail(layer, e))?;
+                    let grads = loss.backward().map_err(|e| fail(layer, e))?;
+                    let mut fixed = vec![0i128; params];
+                    let mut at = 0;
+                    for (var, &size) in vars.iter().zip(&sizes) {
+                        if let Some(gr) = grads.get(var.as_tensor()) {
+                            let gr = flat(gr).map_err(|e| fail(layer, e))?;
+                            for (a, x) in fixed[at..at + size].iter_mut().zip(gr) {
+                                let x = f64::from(x);
+                                if !(x.is_finite() && x.abs() < limit) {
+                                    return Err(fail(
+                                        layer,
+                                        format!("gradient {x} at step {step} is out of range; lower `distill.lr`"),
+                                    ));
+                                }
+                                *a = (x * scale).round() as i128;
+                            }
+                        }
+                        at += size;
+                    }
+                    Ok(fixed)
+                })
+                .collect();
+            let mut acc = vec![0i128; params];
+            for p in partial {
+                for (a, x) in acc.iter_mut().zip(p?) {
+                    *a += x;
+                }
+            }
+            if world > 1 {
+                ranks
+                    .all_reduce_i128(&mut acc)
+                    .map_err(|source| PipelineError::Collective {
+                        during: format!("block {layer}'s distillation gradients, step {step}"),
+                        source,
+                    })?;
+            }
+            // Adam (no weight decay: the tuned parameters are gains and shifts).
+            let t = (step + 1) as i32;
+            let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+            for i in 0..params {
+                let g = acc[i] as f64 / scale;
+                m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
+                v2[i] = BETA2 * v2[i] + (1.0 - BETA2) * g * g;
+                master[i] -= spec.lr * (m[i] / c1) / ((v2[i] / c2).sqrt() + EPSILON);
+            }
+            let mut at = 0;
+            for (var, &size) in vars.iter().zip(&sizes) {
+                let vals: Vec<f32> = master[at..at + size].iter().map(|&x| x as f32).collect();
+                let t = Tensor::from_vec(vals, var.shape(), var.device())
+                    .map_err(|e| fail(layer, e))?;
+                var.set(&t).map_err(|e| fail(layer, e))?;
+                at += size;
+            }
+        }
+        values = master.iter().map(|&x| x as f32).collect();
+    }
+    // The tuned values as the artifact stores them, back into the model as
+    // plain tensors.
+    let mut tuned = Vec::with_capacity(names.len());
+    let mut at = 0;
+    for ((name, var), &size) in names.iter().zip(&vars).zip(&sizes) {
+        let stored = round(name, values[at..at + size].to_vec());
+        let t = Tensor::from_vec(stored.clone(), var.shape(), var.device())
+            .map_err(|e| fail(layer, e))?;
+        net.set_tensor(name, t).map_err(|e| fail(layer, e))?;
+        tuned.push((name.clone(), stored));
+        at += size;
+    }
+    let after = output_error(net, layer, data, ranks)?;
+    Ok(BlockDistillation {
+        layer,
+        params,
+        before,
+        after,
+        seconds: t0.elapsed().as_secs_f64(),
+        tuned,
+    })
+}
+
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The block's output error over every rank's micro-batches. Each rank
+/// fills the entries of its own micro-batches and leaves the rest zero, so
+/// the all-reduce adds only zeros to each value (exact) and the sum is taken
+/// in micro-batch order on every rank.
+fn output_error(
+    net: &Net,
+    layer: usize,
+    data: &MicroBatches<'_>,
+    ranks: &mut dyn Collective,
+) -> Result<OutputError, PipelineError> {
+    let (rank, world) = (ranks.rank(), ranks.world());
+    let total = data.samples.len();
+    let mut per = vec![0f64; 2 * total];
+    for (li, (b, t)) in data.local.iter().zip(data.targets).enumerate() {
+        let g = li * world + rank;
+        let y = net
+            .run(layer, b, &mut |_, _| Ok(()))
+            .map_err(|e| fail(layer, e))?;
+        let err = (y - t)
+            .and_then(|d| d.to_dtype(candle_core::DType::F64))
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .map_err(|e| fail(layer, e))?;
+        let energy = t
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .map_err(|e| fail(layer, e))?;
+        per[2 * g] = err;
+        per[2 * g + 1] = energy;
+    }
+    if world > 1 {
+        ranks
+            .all_reduce_f64(&mut per)
+            .map_err(|source| PipelineError::Collective {
+                during: format!("block {layer}'s output error"),
+                source,
+            })?;
+    }
+    Ok(OutputError {
+        squared_error: per.iter().step_by(2).sum(),
+        energy: per.iter().skip(1).step_by(2).sum(),
+    })
+}
