@@ -3,9 +3,13 @@
 //! kernels, and uploads the shard file with its SHA-256.
 //!
 //! A shard the leader takes back (lease expired, job cancelled) disappears
-//! from the heartbeat reply; the agent then drops its work on it.
+//! from the heartbeat reply; the agent then drops its work on it. What to
+//! do when is decided by [`agent::Agent`], a state machine without I/O;
+//! [`run`] is the async shell that carries its actions out.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod agent;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,8 +22,10 @@ use hcx_net::tls::Identity;
 use hcx_pipeline::PipelineError;
 use hcx_pipeline::shard::{SourceTensor, encode_shard};
 use hcx_protocol::JobSpec;
+
+use crate::agent::{Action, Agent, Event, WorkKey};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// How a node runs.
@@ -109,14 +115,6 @@ struct Ctx {
     one_at_a_time: Semaphore,
 }
 
-type WorkKey = (String, u32, u32);
-
-/// A shard being worked on, and when the work ended (if it has).
-struct Work {
-    handle: JoinHandle<()>,
-    ended: Arc<std::sync::OnceLock<Instant>>,
-}
-
 /// A shard whose work ended but which the leader still lists for this node
 /// (its result or failure report did not get through) is started again
 /// after this long.
@@ -179,13 +177,52 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         gpus: detect_gpus(),
         labels: cfg.labels.clone().into_iter().collect(),
     };
-    let mut registered = false;
-    let mut work: HashMap<WorkKey, Work> = HashMap::new();
+    // The shell: carry out the agent's actions, feed it what came of them,
+    // and wait for the next tick, work end or stop.
+    let mut agent = Agent::new(RETRY_AFTER);
+    let mut tasks: HashMap<WorkKey, JoinHandle<()>> = HashMap::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<WorkKey>();
+    let mut next = Event::Tick;
     loop {
-        if *stop.borrow() {
+        let stopping = matches!(next, Event::Stop);
+        let mut events = VecDeque::from([next]);
+        while let Some(event) = events.pop_front() {
+            for action in agent.step(Instant::now(), event) {
+                if let Some(e) = carry_out(&ctx, &info, &mut tasks, &ended_tx, action).await {
+                    events.push_back(e);
+                }
+            }
+        }
+        if stopping {
             break;
         }
-        if !registered {
+        next = tokio::select! {
+            _ = tokio::time::sleep(cfg.heartbeat) => Event::Tick,
+            _ = stop.changed() => Event::Stop,
+            Some(k) = ended_rx.recv() => Event::WorkEnded(k),
+        };
+        if *stop.borrow() {
+            next = Event::Stop;
+        }
+    }
+    for (_, h) in tasks {
+        h.abort();
+    }
+    ctx.endpoint.close(0u32.into(), b"node stopping");
+    Ok(())
+}
+
+/// Carries out one of the agent's actions; returns the event it led to.
+async fn carry_out(
+    ctx: &Arc<Ctx>,
+    info: &NodeInfo,
+    tasks: &mut HashMap<WorkKey, JoinHandle<()>>,
+    ended: &mpsc::UnboundedSender<WorkKey>,
+    action: Action,
+) -> Option<Event> {
+    let name = &ctx.cfg.name;
+    match action {
+        Action::Register => Some(
             match ctx
                 .client
                 .call(|mut c| {
@@ -195,14 +232,16 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
                 .await
             {
                 Ok(_) => {
-                    tracing::info!("{} registered", cfg.name);
-                    registered = true;
+                    tracing::info!("{name} registered");
+                    Event::Registered
                 }
-                Err(e) => tracing::warn!("{}: cannot register yet: {e}", cfg.name),
-            }
-        }
-        if registered {
-            let name = cfg.name.clone();
+                Err(e) => {
+                    tracing::warn!("{name}: cannot register yet: {e}");
+                    Event::RegisterFailed
+                }
+            },
+        ),
+        Action::Heartbeat => Some(
             match ctx
                 .client
                 .call(|mut c| {
@@ -211,51 +250,33 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
                 })
                 .await
             {
-                Ok(reply) => reconcile(&ctx, &mut work, reply.assignments),
-                Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => {
-                    registered = false;
+                Ok(reply) => Event::Assignments(reply.assignments),
+                Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => Event::Unknown,
+                Err(e) => {
+                    tracing::warn!("{name}: heartbeat failed: {e}");
+                    Event::HeartbeatFailed
                 }
-                Err(e) => tracing::warn!("{}: heartbeat failed: {e}", cfg.name),
+            },
+        ),
+        Action::Start(a) => {
+            let k = agent::key_of(&a);
+            let (ctx, ended) = (ctx.clone(), ended.clone());
+            let key = k.clone();
+            let handle = tokio::spawn(async move {
+                do_shard(ctx, a).await;
+                let _ = ended.send(key);
+            });
+            if let Some(old) = tasks.insert(k, handle) {
+                old.abort();
             }
+            None
         }
-        tokio::select! {
-            _ = tokio::time::sleep(cfg.heartbeat) => {}
-            _ = stop.changed() => {}
+        Action::Abort(k) => {
+            if let Some(h) = tasks.remove(&k) {
+                h.abort();
+            }
+            None
         }
-    }
-    for (_, w) in work {
-        w.handle.abort();
-    }
-    ctx.endpoint.close(0u32.into(), b"node stopping");
-    Ok(())
-}
-
-fn reconcile(ctx: &Arc<Ctx>, work: &mut HashMap<WorkKey, Work>, list: Vec<Assignment>) {
-    let wanted: HashMap<WorkKey, Assignment> = list
-        .into_iter()
-        .map(|a| ((a.job_id.clone(), a.shard, a.attempt), a))
-        .collect();
-    work.retain(|k, w| {
-        if !wanted.contains_key(k) {
-            // Taken back (lease, cancel) or done: stop any work left.
-            w.handle.abort();
-            return false;
-        }
-        // Ended long ago but still ours: its report was lost; run it again.
-        w.ended.get().is_none_or(|t| t.elapsed() <= RETRY_AFTER)
-    });
-    for (k, a) in wanted {
-        if work.contains_key(&k) {
-            continue;
-        }
-        let ctx = ctx.clone();
-        let ended = Arc::new(std::sync::OnceLock::new());
-        let mark = ended.clone();
-        let handle = tokio::spawn(async move {
-            do_shard(ctx, a).await;
-            let _ = mark.set(Instant::now());
-        });
-        work.insert(k, Work { handle, ended });
     }
 }
 
