@@ -697,6 +697,53 @@ mod tests {
     }
 
     #[test]
+    fn the_training_pass_matches_the_fast_pass_and_reaches_every_norm() {
+        let mut m = tiny_model(7);
+        let x = m.embed(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let fast = m.layer(0, &x, 2, 4, &mut |_, _| Ok(())).unwrap();
+        let names = m.tunable(0, Tunable::Norms);
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.input_layernorm.weight",
+                "model.layers.0.post_attention_layernorm.weight"
+            ]
+        );
+        assert!(m.tunable(0, Tunable::Biases).is_empty(), "no biases here");
+        let vars: Vec<candle_core::Var> = names
+            .iter()
+            .map(|n| candle_core::Var::from_tensor(m.tensor(n).unwrap()).unwrap())
+            .collect();
+        for (n, v) in names.iter().zip(&vars) {
+            m.set_tensor(n, v.as_tensor().clone()).unwrap();
+        }
+        let slow = m.layer_for_training(0, &x, 2, 4).unwrap();
+        let d = (&slow - &fast).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        let grads = slow.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in &vars {
+            let g = grads.get(v.as_tensor()).expect("a gradient for every norm");
+            let g = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(g > 0.0);
+        }
+        // Shapes are checked and only block tensors can be swapped.
+        let wrong = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(m.set_tensor(&names[0], wrong.clone()).is_err());
+        assert!(m.set_tensor("model.norm.weight", wrong.clone()).is_err());
+        assert!(
+            m.set_tensor("model.layers.9.input_layernorm.weight", wrong)
+                .is_err()
+        );
+        assert!(m.tensor("model.layers.0.self_attn.q_proj.bias").is_err());
+    }
+
+    #[test]
     fn unsupported_architecture_is_named() {
         let e = LlamaConfig::parse(
             Path::new("c.json"),
