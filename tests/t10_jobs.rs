@@ -48,11 +48,20 @@ fn every_example_job_parses() {
                     "{name}: calibrated exactly when it uses gptq"
                 );
             }
+            // Distilled jobs are calibrated ones.
+            assert_eq!(
+                spec.distill.is_some(),
+                name.contains("-distill"),
+                "{name}: distilled exactly when its name says so"
+            );
+            if spec.distill.is_some() {
+                assert!(spec.calibration.is_some(), "{name}");
+            }
             hcx_ok(&["validate", p.to_str().unwrap()]);
             n += 1;
         }
     }
-    assert_eq!(n, 18, "expected the eighteen example jobs");
+    assert_eq!(n, 19, "expected the nineteen example jobs");
 }
 
 #[test]
