@@ -125,16 +125,7 @@ fn minilm_4bit_meets_its_targets_and_is_deterministic() {
         (measured - sqnr).abs() < 0.05,
         "decompressed {measured} dB vs manifest {sqnr} dB"
     );
-    let out = hcx_ok(&[
-        "eval",
-        "--reference",
-        model.to_str().unwrap(),
-        "--candidate",
-        a.to_str().unwrap(),
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let cos = v["embeddings"]["mean_cosine"].as_f64().unwrap();
+    let cos = eval_cosine(&model, &a);
     eprintln!("minilm-4bit: mean embedding cosine {cos:.5}");
     assert!(cos >= 0.985, "{cos}");
 }
@@ -177,6 +168,20 @@ fn minilm_3bit_and_2bit_meet_their_targets() {
     }
 }
 
+/// Mean embedding cosine of an artifact against the source, from `eval --json`.
+fn eval_cosine(model: &std::path::Path, artifact: &std::path::Path) -> f64 {
+    let out = hcx_ok(&[
+        "eval",
+        "--reference",
+        model.to_str().unwrap(),
+        "--candidate",
+        artifact.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["embeddings"]["mean_cosine"].as_f64().unwrap()
+}
+
 /// Runs an example job with `run --local` into `dir` and returns its bits
 /// per weight and weight SQNR over the 36 encoder linear weights and its
 /// mean embedding cosine against the source.
@@ -186,16 +191,7 @@ fn run_and_measure(dir: &std::path::Path, job: &str) -> (f64, f64, f64) {
     let file = example_job(dir, job, &model, &a);
     hcx_ok(&["run", "--local", file.to_str().unwrap()]);
     let (bpw, sqnr, _) = encoder_linear_totals(&inspect_encoder(&a));
-    let out = hcx_ok(&[
-        "eval",
-        "--reference",
-        model.to_str().unwrap(),
-        "--candidate",
-        a.to_str().unwrap(),
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let cos = v["embeddings"]["mean_cosine"].as_f64().unwrap();
+    let cos = eval_cosine(&model, &a);
     eprintln!("{job}: {bpw:.3} bits per weight, weight SQNR {sqnr:.2} dB, cosine {cos:.5}");
     (bpw, sqnr, cos)
 }

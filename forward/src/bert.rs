@@ -291,22 +291,8 @@ impl Bert {
 
     /// Splits a block tensor's name into its layer and its name in the block.
     fn locate<'n>(&self, name: &'n str) -> Result<(usize, &'n str), ForwardError> {
-        let bad = |why: &str| ForwardError::Weight {
-            name: name.into(),
-            why: why.into(),
-        };
         let rest = name.strip_prefix(&self.prefix).unwrap_or(name);
-        let rest = rest
-            .strip_prefix("encoder.layer.")
-            .ok_or_else(|| bad("not a tensor of a block"))?;
-        let (layer, suffix) = rest
-            .split_once('.')
-            .ok_or_else(|| bad("not a tensor of a block"))?;
-        let layer: usize = layer.parse().map_err(|_| bad("not a tensor of a block"))?;
-        if layer >= self.blocks.len() {
-            return Err(bad("no such layer"));
-        }
-        Ok((layer, suffix))
+        crate::split_block_name(rest, "encoder.layer.", self.blocks.len())
     }
 
     /// A block tensor (linear weight or bias, LayerNorm gain or shift) by
@@ -323,19 +309,7 @@ impl Bert {
     /// Distillation swaps in trainable variables this way.
     pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
         let (layer, suffix) = self.locate(name)?;
-        let slot =
-            block_tensor!(self.blocks[layer], suffix, mut).ok_or_else(|| ForwardError::Weight {
-                name: name.into(),
-                why: "not a tensor of a block".into(),
-            })?;
-        if slot.dims() != t.dims() {
-            return Err(ForwardError::Weight {
-                name: name.into(),
-                why: format!("shape {:?}, the model has {:?}", t.dims(), slot.dims()),
-            });
-        }
-        *slot = t;
-        Ok(())
+        crate::replace_block_tensor(block_tensor!(self.blocks[layer], suffix, mut), name, t)
     }
 
     /// The HF names of block `layer`'s parameters of one kind.

@@ -25,6 +25,50 @@ pub enum Tunable {
     Biases,
 }
 
+/// Splits a block tensor's HF name (`{blocks}{layer}.{suffix}`, e.g.
+/// `model.layers.3.input_layernorm.weight`) into its layer, checked against
+/// the model's `layers`, and its name in the block.
+pub(crate) fn split_block_name<'n>(
+    name: &'n str,
+    blocks: &str,
+    layers: usize,
+) -> Result<(usize, &'n str), ForwardError> {
+    let bad = |why: &str| ForwardError::Weight {
+        name: name.into(),
+        why: why.into(),
+    };
+    let (layer, suffix) = name
+        .strip_prefix(blocks)
+        .and_then(|r| r.split_once('.'))
+        .ok_or_else(|| bad("not a tensor of a block"))?;
+    let layer: usize = layer.parse().map_err(|_| bad("not a tensor of a block"))?;
+    if layer >= layers {
+        return Err(bad("no such layer"));
+    }
+    Ok((layer, suffix))
+}
+
+/// Puts `t` in a block tensor's `slot` (found by name, `None` when the
+/// block has no such tensor); the shape must not change.
+pub(crate) fn replace_block_tensor(
+    slot: Option<&mut candle_core::Tensor>,
+    name: &str,
+    t: candle_core::Tensor,
+) -> Result<(), ForwardError> {
+    let slot = slot.ok_or_else(|| ForwardError::Weight {
+        name: name.into(),
+        why: "not a tensor of this model's blocks".into(),
+    })?;
+    if slot.dims() != t.dims() {
+        return Err(ForwardError::Weight {
+            name: name.into(),
+            why: format!("shape {:?}, the model has {:?}", t.dims(), slot.dims()),
+        });
+    }
+    *slot = t;
+    Ok(())
+}
+
 /// Why a model could not be built or run; each variant says what and where.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {

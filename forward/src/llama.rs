@@ -388,19 +388,7 @@ impl Llama {
 
     /// Splits a block tensor's name into its layer and its name in the block.
     fn locate<'n>(&self, name: &'n str) -> Result<(usize, &'n str), ForwardError> {
-        let bad = |why: &str| ForwardError::Weight {
-            name: name.into(),
-            why: why.into(),
-        };
-        let (layer, suffix) = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split_once('.'))
-            .ok_or_else(|| bad("not a tensor of a block"))?;
-        let layer: usize = layer.parse().map_err(|_| bad("not a tensor of a block"))?;
-        if layer >= self.blocks.len() {
-            return Err(bad("no such layer"));
-        }
-        Ok((layer, suffix))
+        crate::split_block_name(name, "model.layers.", self.blocks.len())
     }
 
     /// A block tensor (linear weight or bias, norm gain) by its HF name.
@@ -416,20 +404,11 @@ impl Llama {
     /// Distillation swaps in trainable variables this way.
     pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
         let (layer, suffix) = self.locate(name)?;
-        let slot = block_tensor!(self.blocks[layer], suffix, as_mut, mut).ok_or_else(|| {
-            ForwardError::Weight {
-                name: name.into(),
-                why: "not a tensor of this model's blocks".into(),
-            }
-        })?;
-        if slot.dims() != t.dims() {
-            return Err(ForwardError::Weight {
-                name: name.into(),
-                why: format!("shape {:?}, the model has {:?}", t.dims(), slot.dims()),
-            });
-        }
-        *slot = t;
-        Ok(())
+        crate::replace_block_tensor(
+            block_tensor!(self.blocks[layer], suffix, as_mut, mut),
+            name,
+            t,
+        )
     }
 
     /// The HF names of block `layer`'s parameters of one kind (biases only

@@ -428,12 +428,14 @@ fn calibrate_blocks<'a>(
     let mut forward_seconds = 0f64;
     // Distillation's targets: the original model's activations, carried
     // beside the compressed model's, so that tuning a block also corrects
-    // the error the blocks before it left.
-    let mut original: Vec<Tensor> = if spec.distill.is_some() {
-        batches.iter().map(|b| b.x.clone()).collect()
-    } else {
-        Vec::new()
-    };
+    // the error the blocks before it left. With `order: original` the
+    // block's outputs already are those activations.
+    let mut original: Vec<Tensor> =
+        if spec.distill.is_some() && cal.order == CalibrationOrder::Sequential {
+            batches.iter().map(|b| b.x.clone()).collect()
+        } else {
+            Vec::new()
+        };
     for layer in 0..net.layers() {
         let t0 = Instant::now();
         let mut stats: HashMap<Site, HessianSum> = HashMap::new();
@@ -523,7 +525,11 @@ fn calibrate_blocks<'a>(
         if let Some(d) = &spec.distill {
             let data = MicroBatches {
                 local: &batches,
-                targets: &original,
+                targets: if original.is_empty() {
+                    &outputs
+                } else {
+                    &original
+                },
                 samples: &all_samples,
                 elements: &all_elements,
             };
