@@ -550,7 +550,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let spec = load_job(job.as_deref())?;
             if !local && spec.calibration.is_some() {
                 eprintln!(
-                    "note: calibrated jobs run on this machine's pipeline in this version (as with --local)"
+                    "note: `run` calibrates on this machine's pipeline (as with --local); `submit` runs a calibrated job on a cluster's nodes as one collective group"
                 );
             }
             let out = if local || spec.calibration.is_some() {

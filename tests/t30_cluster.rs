@@ -98,7 +98,10 @@ impl Cluster {
             "--host",
             "127.0.0.3",
         ]);
+        let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
         for i in 0..nodes {
+            // Valid for the address the node serves the node-to-node plane
+            // on, which the other ranks of a collective group dial.
             hcx_ok(&[
                 "certs",
                 "issue",
@@ -106,6 +109,8 @@ impl Cluster {
                 certs.to_str().unwrap(),
                 "--node",
                 &format!("n{}", i + 1),
+                "--host",
+                ips[i % 3],
             ]);
         }
         let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
@@ -113,7 +118,6 @@ impl Cluster {
         for m in if models.is_empty() { &own[..] } else { models } {
             roots.extend(["--model-root".into(), m.display().to_string()]);
         }
-        let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
         let addrs: Vec<String> = ips
             .iter()
             .map(|ip| format!("{ip}:{}", free_port(ip)))
@@ -439,6 +443,123 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
         embedded.to_str().unwrap(),
     ]);
     assert_same_artifact(&local, &embedded);
+}
+
+/// A calibrated and distilled MiniLM job small enough for a test, with
+/// `steps` distillation steps, and the folder its calibration file lies in.
+fn calibrated_job(dir: &Path, name: &str, output: &Path, steps: u32) -> (PathBuf, PathBuf) {
+    let sentences = common::root().join("configs/calibration");
+    let body = format!(
+        "pipeline:\n  - hadamard: {{}}\n  - gptq: {{grid: {{uniform: {{bits: 2.52}}}}}}\nrules:\n  - match: [\"*LayerNorm*\", \"*.bias\"]\n    keep: source\n  - match: [\"embeddings.*\", \"pooler.*\"]\n    keep: int8\ncalibration:\n  sentences: {}\n  samples: 24\n  seq_len: 32\ndistill: {{steps: {steps}, lr: 0.001, batch: 6, params: [norms, offsets]}}\n",
+        sentences.join("sentences.txt").display()
+    );
+    (write_job(dir, name, &minilm(), output, &body), sentences)
+}
+
+#[test]
+fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let (job, sentences) = calibrated_job(dir.path(), "group", &local, 4);
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let c = Cluster::start(dir.path(), 3, &[&minilm(), &sentences]);
+    let out = dir.path().join("cluster");
+    let submitted = c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--watch",
+    ]);
+    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    assert_same_artifact(&local, &out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
+            .unwrap();
+    // The three nodes ran it as one group, and each wrote a shard.
+    let group = &report["group"];
+    assert_eq!(
+        group["members"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    assert_eq!(group["formation"], 1, "{report}");
+    assert_eq!(
+        report["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    // The ranks' calibration and distillation accounts reach the report.
+    assert_eq!(report["calibration"]["samples"], 24, "{report}");
+    let blocks = report["distill"]["blocks"]
+        .as_array()
+        .expect("distill section");
+    assert_eq!(blocks.len(), 6, "{report}");
+    // A calibration file outside the model roots is refused at submit.
+    let stray = dir.path().join("stray.txt");
+    std::fs::write(&stray, "a sentence\n").unwrap();
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        &sentences.join("sentences.txt").display().to_string(),
+        &stray.display().to_string(),
+    );
+    let outside = dir.path().join("outside.yaml");
+    std::fs::write(&outside, text).unwrap();
+    let refused = c.run(&["submit", outside.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("calibration file") && err.contains("outside the model root"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_killed_rank_breaks_the_group_which_forms_again_and_the_job_still_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let (job, sentences) = calibrated_job(dir.path(), "regroup", &local, 40);
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let mut c = Cluster::start(dir.path(), 3, &[&minilm(), &sentences]);
+    let out = dir.path().join("out");
+    let id = submit(&c, &job, &out, "regroup");
+    c.wait_job(&id, "a group of three", |v| {
+        let shards = v["shards"].as_array().cloned().unwrap_or_default();
+        shards.len() == 3
+            && shards
+                .iter()
+                .all(|s| !s["node"].as_str().unwrap_or("").is_empty())
+    });
+    // Let the ranks get into the calibration, then kill the middle one.
+    let log = dir.path().join("n2.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("calibrated block")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "n2 never calibrated a block:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.nodes[1].kill9();
+    c.wait_succeeded(&id);
+    assert_same_artifact(&local, &out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
+            .unwrap();
+    let group = &report["group"];
+    assert_eq!(group["formation"], 2, "{report}");
+    assert_eq!(
+        group["members"],
+        serde_json::json!(["n1", "n3"]),
+        "{report}"
+    );
+    assert!(
+        group["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{report}"
+    );
 }
 
 #[test]

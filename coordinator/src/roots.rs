@@ -42,15 +42,16 @@ pub enum RootError {
     },
     /// A job's path resolves outside every root of its kind.
     #[error(
-        "{what} {} is outside the {what} {plural} of this coordinator: it resolves to {}, which is not {inside} {} (--{flag})",
+        "{what} {} is outside the {} {plural} of this coordinator: it resolves to {}, which is not {inside} {} (--{flag})",
         path.display(),
+        flag.trim_end_matches("-root"),
         resolved.display(),
         roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(" or "),
         plural = if roots.len() == 1 { "root" } else { "roots" },
         inside = if *what == "output" { "inside" } else { "in" },
     )]
     Outside {
-        /// `model` or `output`.
+        /// `model`, `calibration file` or `output`.
         what: &'static str,
         /// The path as submitted.
         path: PathBuf,
@@ -102,12 +103,22 @@ impl Roots {
 
     /// The model at `path`, resolved, if it lies in (or is) a model root.
     pub fn model(&self, path: &Path) -> Result<PathBuf, RootError> {
-        let resolved = resolve("model", path)?;
+        self.input("model", path)
+    }
+
+    /// A calibration file at `path`, resolved, if it lies in a model root
+    /// (the nodes of the job's group read it, as they read the model).
+    pub fn calibration(&self, path: &Path) -> Result<PathBuf, RootError> {
+        self.input("calibration file", path)
+    }
+
+    fn input(&self, what: &'static str, path: &Path) -> Result<PathBuf, RootError> {
+        let resolved = resolve(what, path)?;
         if self.models.iter().any(|r| resolved.starts_with(r)) {
             return Ok(resolved);
         }
         Err(RootError::Outside {
-            what: "model",
+            what,
             path: path.to_path_buf(),
             resolved,
             roots: self.models.clone(),

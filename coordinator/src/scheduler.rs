@@ -440,6 +440,96 @@ pub fn reassign_avoiding(
         .or_else(|_| reassign(shard, nodes, opts, load, &[]))
 }
 
+/// Splits a job's shards (`units`, in id order) into `n` rank shards for a
+/// collective group, where every rank runs the whole calibration and writes
+/// the tensors of its own rank shard: contiguous runs of units, cut where
+/// the running cost first reaches each k/n of the total, and never leaving
+/// a rank empty. `n` is clamped to `1..=units.len()`; ids run 0.. in rank
+/// order; every tensor lands in exactly one rank shard.
+pub fn rank_shards(units: &[Shard], n: usize) -> Vec<Shard> {
+    if units.is_empty() {
+        return Vec::new();
+    }
+    let n = n.clamp(1, units.len());
+    let total: f64 = units.iter().map(|u| clean(u.cost)).sum();
+    let mut parts: Vec<Vec<&Shard>> = vec![Vec::new()];
+    let mut running = 0.0;
+    for (i, u) in units.iter().enumerate() {
+        let left = units.len() - i;
+        let open = n - parts.len();
+        let filled = !parts.last().expect("one part at least").is_empty();
+        // Cut before this unit when the part reached its share, or when
+        // every remaining unit is needed to give each rank one.
+        let share = total * parts.len() as f64 / n as f64;
+        if filled && open > 0 && (running >= share || left == open) {
+            parts.push(Vec::new());
+        }
+        running += clean(u.cost);
+        parts.last_mut().expect("one part at least").push(u);
+    }
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(rank, members)| {
+            let labels: Vec<&str> = members.iter().map(|u| u.label.as_str()).collect();
+            let label = match labels.as_slice() {
+                [one] => one.to_string(),
+                [first, .., last] => format!("{first} … {last} ({} shards)", labels.len()),
+                [] => String::new(),
+            };
+            let mut tensors: Vec<String> = members.iter().flat_map(|u| u.tensors.clone()).collect();
+            tensors.sort();
+            let first = members.iter().filter_map(|u| u.layers).map(|l| l.0).min();
+            let last = members.iter().filter_map(|u| u.layers).map(|l| l.1).max();
+            Shard {
+                id: u32::try_from(rank).unwrap_or(u32::MAX),
+                label,
+                layers: first.zip(last),
+                tensors,
+                cost: members
+                    .iter()
+                    .map(|u| clean(u.cost))
+                    .sum::<f64>()
+                    .min(f64::MAX),
+                memory_bytes: members
+                    .iter()
+                    .fold(0u64, |acc, u| acc.saturating_add(u.memory_bytes)),
+            }
+        })
+        .collect()
+}
+
+/// The members of a collective group in rank order (by name): every node
+/// that may take the job's work (not draining, every required label, at
+/// least `need_bytes` of memory, since each rank holds the whole model), at
+/// most `max` of them. Deterministic whatever the order of `nodes`.
+pub fn group_members(
+    nodes: &[NodeCapacity],
+    opts: &PlanOptions,
+    need_bytes: u64,
+    max: usize,
+) -> Result<Vec<String>, ScheduleError> {
+    let sorted = sorted_nodes(nodes);
+    let members: Vec<String> = sorted
+        .iter()
+        .filter(|n| check(n, need_bytes, opts, &[]).is_ok())
+        .take(max.max(1))
+        .map(|n| n.name.clone())
+        .collect();
+    if members.is_empty() {
+        let whole = Shard {
+            id: 0,
+            label: "the whole model (a collective group)".into(),
+            layers: None,
+            tensors: Vec::new(),
+            cost: 0.0,
+            memory_bytes: need_bytes,
+        };
+        return Err(no_eligible(&whole, &sorted, opts, &[]));
+    }
+    Ok(members)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,6 +805,45 @@ mod tests {
     }
 
     #[test]
+    fn rank_shards_balance_cost_in_unit_order() {
+        let layers: Vec<TensorCost> = (0..12).map(|l| t(&format!("h.{l}.w"), 1000)).collect();
+        let units = make_shards(&layers, &opts(1, None));
+        let ranks = rank_shards(&units, 3);
+        assert_eq!(ranks.len(), 3);
+        for r in &ranks {
+            assert_eq!(r.tensors.len(), 4, "{r:?}");
+        }
+        // Contiguous runs of units, in unit order.
+        let flat: Vec<&String> = ranks.iter().flat_map(|r| &r.tensors).collect();
+        let want: Vec<&String> = units.iter().flat_map(|u| &u.tensors).collect();
+        assert_eq!(flat, want);
+        // One expensive unit takes a rank of its own.
+        let units = make_shards(&minilm(), &opts(1, None));
+        let ranks = rank_shards(&units, 2);
+        assert_eq!(ranks[0].label, "embeddings", "{ranks:?}");
+        // More ranks than units: one unit a rank.
+        assert_eq!(rank_shards(&units, 100).len(), units.len());
+        assert!(rank_shards(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn group_members_are_the_able_nodes_by_name() {
+        let nodes = vec![
+            node("c", 2, 8 * GIB, Some("a"), false),
+            node("a", 2, 8 * GIB, Some("a"), false),
+            node("b", 2, 8 * GIB, Some("a"), true),
+            node("d", 2, GIB, Some("a"), false),
+            node("e", 2, 8 * GIB, Some("b"), false),
+        ];
+        let got = group_members(&nodes, &opts(1, Some("a")), 2 * GIB, 8).unwrap();
+        assert_eq!(got, names("a c"));
+        let got = group_members(&nodes, &opts(1, None), 2 * GIB, 2).unwrap();
+        assert_eq!(got, names("a c"));
+        let e = group_members(&nodes, &opts(1, Some("z")), 2 * GIB, 8).unwrap_err();
+        assert!(e.to_string().contains("lack site=z"), "{e}");
+    }
+
+    #[test]
     fn odd_inputs_do_not_panic() {
         let ts = [
             tc("", u64::MAX, u64::MAX, f64::INFINITY),
@@ -796,6 +925,22 @@ mod tests {
             for (i, s) in shards.iter().enumerate() {
                 prop_assert_eq!(s.id as usize, i);
                 prop_assert!(s.tensors.is_sorted() && !s.tensors.is_empty());
+            }
+        }
+
+        #[test]
+        fn rank_shards_cover_every_tensor_once(ts in arb_tensors(60), o in arb_opts(), n in 0usize..8) {
+            let units = make_shards(&ts, &o);
+            let ranks = rank_shards(&units, n);
+            prop_assert_eq!(ranks.len(), n.clamp(1, units.len().max(1)).min(units.len()));
+            let mut got: Vec<&String> = ranks.iter().flat_map(|s| &s.tensors).collect();
+            let mut want: Vec<&String> = ts.iter().map(|t| &t.name).collect();
+            got.sort_unstable();
+            want.sort_unstable();
+            prop_assert_eq!(got, want);
+            for (i, s) in ranks.iter().enumerate() {
+                prop_assert_eq!(s.id as usize, i);
+                prop_assert!(!s.tensors.is_empty() && s.tensors.is_sorted());
             }
         }
 

@@ -10,7 +10,7 @@ use futures::Stream;
 use hcx_net::proto::cluster_server::Cluster;
 use hcx_net::proto::raft_server::Raft as RaftRpc;
 use hcx_net::proto::{
-    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, HeartbeatReply,
+    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, Group, HeartbeatReply,
     HeartbeatRequest, JobRef, JobStatus, ListJobsReply, ListJobsRequest, ListNodesReply,
     ListNodesRequest, NodeInfo, NodeStatus, RaftMessage, ShardFailure, ShardStatus, SnapshotChunk,
     SubmitJobReply, SubmitJobRequest,
@@ -148,11 +148,6 @@ impl ClusterService {
             })?;
             spec
         };
-        if spec.calibration.is_some() {
-            return Err(Status::failed_precondition(
-                "calibrated jobs (a `calibration:` section) run on one machine in this version: use `hcx-cluster run --local`; the cluster runs them once its nodes reduce calibration statistics between them",
-            ));
-        }
         if spec.model.is_relative() || spec.output.is_relative() {
             spec.model = base.join(&spec.model);
             spec.output = base.join(&spec.output);
@@ -162,15 +157,30 @@ impl ClusterService {
         }
         // Only inside this coordinator's roots, checked before anything is
         // created; the job keeps the resolved paths.
+        // Calibration files are read by the group's nodes: model roots too.
+        if let Some(c) = &mut spec.calibration {
+            for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+                f.resolve(&base);
+            }
+        }
         let roots = sh.roots.clone();
         let (model, output) = (spec.model.clone(), spec.output.clone());
-        let (model, output) =
-            tokio::task::spawn_blocking(move || Ok((roots.model(&model)?, roots.output(&output)?)))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
+        let calibration = spec.calibration.clone();
+        let (model, output, calibration) = tokio::task::spawn_blocking(move || {
+            let mut calibration = calibration;
+            if let Some(c) = &mut calibration {
+                for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+                    f.try_map(|p| roots.calibration(p))?;
+                }
+            }
+            Ok((roots.model(&model)?, roots.output(&output)?, calibration))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
         spec.model = model;
         spec.output = output;
+        spec.calibration = calibration;
         let out = spec.output.clone();
         tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
             .await
@@ -205,8 +215,17 @@ impl ClusterService {
                 .map(capacity)
                 .collect()
         });
+        let group = spec.calibration.is_some();
+        let placeable = if group {
+            let need = shards
+                .iter()
+                .fold(0u64, |acc, u| acc.saturating_add(u.memory_bytes));
+            scheduler::group_members(&registered, &opts, need, shards.len()).map(|_| ())
+        } else {
+            scheduler::place(&shards, &registered, &opts, &BTreeMap::new()).map(|_| ())
+        };
         if !registered.is_empty()
-            && let Err(e) = scheduler::place(&shards, &registered, &opts, &BTreeMap::new())
+            && let Err(e) = placeable
         {
             return Err(Status::failed_precondition(format!(
                 "job `{}` cannot be placed: {e}",
@@ -214,7 +233,8 @@ impl ClusterService {
             )));
         }
         let nodes = sh.live_nodes();
-        let placements = if nodes.is_empty() {
+        // A group job is placed when the supervisor forms its group.
+        let placements = if nodes.is_empty() || group {
             Vec::new()
         } else {
             scheduler::place(&shards, &nodes, &opts, &BTreeMap::new()).unwrap_or_default()
@@ -428,6 +448,18 @@ impl Cluster for ClusterService {
                 .filter_map(|(job, shard, attempt)| {
                     let j = s.jobs.get(&job)?;
                     let rec = j.shards.get(shard as usize)?;
+                    let group = match &j.group {
+                        Some(g) => Some(Group {
+                            epoch: g.epoch,
+                            rank: u32::try_from(g.members.iter().position(|m| *m == name)?).ok()?,
+                            members: g
+                                .members
+                                .iter()
+                                .map(|m| s.nodes.get(m).map(|n| n.listen.clone()))
+                                .collect::<Option<Vec<_>>>()?,
+                        }),
+                        None => None,
+                    };
                     Some(Assignment {
                         job_id: job,
                         shard,
@@ -435,6 +467,7 @@ impl Cluster for ClusterService {
                         spec_json: serde_json::to_string(&j.spec).ok()?,
                         tensors: rec.shard.tensors.clone(),
                         data_addr: data_addr.clone(),
+                        group,
                     })
                 })
                 .collect()

@@ -13,10 +13,14 @@ use std::collections::BTreeMap;
 use hcx_protocol::JobSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::scheduler::{Placement, Shard};
+use crate::scheduler::{Placement, Shard, rank_shards};
 
 /// How many times a shard may fail with a retryable error before its job fails.
 pub const MAX_SHARD_FAILURES: u32 = 3;
+
+/// How many times a job's collective group may be formed (the first time
+/// and after each break) before the job fails.
+pub const MAX_GROUP_FORMATIONS: u32 = 4;
 
 /// A worker node as registered with the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +138,22 @@ impl ShardRecord {
     }
 }
 
+/// The nodes running a calibrated job together: each is one rank of the
+/// data-parallel calibration (statistics and gradients summed over the
+/// node-to-node plane) and writes the tensors of its own rank shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Cluster-wide unique number of this formation; ring connections are
+    /// keyed by it, so a rank of an older formation cannot join a newer one.
+    pub epoch: u64,
+    /// How many times the job's group has been formed (1 the first time).
+    pub formation: u32,
+    /// Members by rank.
+    pub members: Vec<String>,
+    /// Why the previous formation broke, if one did.
+    pub last_error: Option<String>,
+}
+
 /// A submitted job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -153,12 +173,26 @@ pub struct JobRecord {
     pub submitted_ms: u64,
     /// Leader's clock when it ended.
     pub finished_ms: Option<u64>,
+    /// For a job run by a collective group: the plan's shards, which each
+    /// formation splits among its ranks (`shards` then holds the ranks'
+    /// shards). Empty for other jobs.
+    #[serde(default)]
+    pub units: Vec<Shard>,
+    /// The current collective group, once one is formed.
+    #[serde(default)]
+    pub group: Option<GroupRecord>,
 }
 
 impl JobRecord {
     /// Shards done so far.
     pub fn done(&self) -> usize {
         self.shards.iter().filter(|s| s.result.is_some()).count()
+    }
+
+    /// Whether the job runs as one collective group (it has a
+    /// `calibration:` section: statistics are summed over all its data).
+    pub fn runs_as_group(&self) -> bool {
+        self.spec.calibration.is_some()
     }
 }
 
@@ -176,7 +210,9 @@ pub enum Command {
         /// Its name.
         name: String,
     },
-    /// A new job with its plan.
+    /// A new job with its plan. A job that runs as a collective group
+    /// keeps `shards` as the units its groups split and is placed by
+    /// [`Command::FormGroup`], so its `placements` are empty.
     SubmitJob {
         /// Makes a retried submit idempotent.
         idempotency_key: Option<String>,
@@ -190,6 +226,14 @@ pub enum Command {
         placements: Vec<Placement>,
         /// Leader's clock.
         now_ms: u64,
+    },
+    /// Form (or re-form) a collective-group job's group: a new epoch, the
+    /// units split into one shard per member, each held by its member.
+    FormGroup {
+        /// Job id.
+        job: String,
+        /// Members by rank.
+        members: Vec<String>,
     },
     /// Give a waiting shard to a node.
     Assign {
@@ -298,6 +342,9 @@ pub struct ClusterState {
     pub keys: BTreeMap<String, String>,
     /// Number of the next job.
     pub next_job: u64,
+    /// The last collective-group epoch handed out.
+    #[serde(default)]
+    pub last_epoch: u64,
 }
 
 impl ClusterState {
@@ -338,6 +385,14 @@ impl ClusterState {
                 }
                 self.next_job += 1;
                 let id = format!("j{:06}", self.next_job);
+                let group = spec.calibration.is_some();
+                if group && !placements.is_empty() {
+                    return CommandResult::refused(
+                        "a job run by a collective group is placed when its group forms",
+                    );
+                }
+                let units = if group { shards.clone() } else { Vec::new() };
+                let shards = if group { Vec::new() } else { shards };
                 let placed: BTreeMap<u32, &str> = placements
                     .iter()
                     .map(|p| (p.shard, p.node.as_str()))
@@ -371,6 +426,8 @@ impl ClusterState {
                         shards,
                         submitted_ms: now_ms,
                         finished_ms: None,
+                        units,
+                        group: None,
                     },
                 );
                 CommandResult {
@@ -379,6 +436,7 @@ impl ClusterState {
                     message: String::new(),
                 }
             }
+            Command::FormGroup { job, members } => self.form_group(&job, members),
             Command::Assign {
                 job,
                 shard,
@@ -457,7 +515,11 @@ impl ClusterState {
                 CommandResult::ok()
             }
             Command::BeginMerge { job } => match self.jobs.get_mut(&job) {
-                Some(j) if j.state == JobState::Running && j.done() == j.shards.len() => {
+                Some(j)
+                    if j.state == JobState::Running
+                        && !j.shards.is_empty()
+                        && j.done() == j.shards.len() =>
+                {
                     j.state = JobState::Merging;
                     CommandResult::ok()
                 }
@@ -484,6 +546,69 @@ impl ClusterState {
                 None => CommandResult::refused(format!("no job {job}")),
             },
         }
+    }
+
+    fn form_group(&mut self, job: &str, members: Vec<String>) -> CommandResult {
+        let Some(j) = self.jobs.get(job) else {
+            return CommandResult::refused(format!("no job {job}"));
+        };
+        if j.state != JobState::Running || !j.runs_as_group() {
+            return CommandResult::refused(format!("{job} is not a running group job"));
+        }
+        if members.is_empty() || members.len() > j.units.len() {
+            return CommandResult::refused(format!(
+                "a group of {} for {} shards",
+                members.len(),
+                j.units.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(m) = members
+            .iter()
+            .find(|m| !self.nodes.contains_key(*m) || !seen.insert(m.as_str()))
+        {
+            return CommandResult::refused(format!("member {m} is unknown or listed twice"));
+        }
+        if let Some(s) = j
+            .shards
+            .iter()
+            .find(|s| s.result.is_none() && s.node.is_some())
+        {
+            return CommandResult::refused(format!(
+                "{job} shard {} is still held by {}",
+                s.shard.id,
+                s.node.as_deref().unwrap_or_default()
+            ));
+        }
+        let last_error = j
+            .shards
+            .iter()
+            .find_map(|s| s.last_error.clone())
+            .or_else(|| j.group.as_ref().and_then(|g| g.last_error.clone()));
+        let formation = j.group.as_ref().map_or(0, |g| g.formation) + 1;
+        self.last_epoch += 1;
+        let epoch = self.last_epoch;
+        let j = self.jobs.get_mut(job).expect("checked above");
+        j.shards = rank_shards(&j.units, members.len())
+            .into_iter()
+            .zip(&members)
+            .map(|(shard, node)| ShardRecord {
+                shard,
+                attempt: formation,
+                node: Some(node.clone()),
+                failures: 0,
+                last_error: None,
+                result: None,
+                failed_by: Vec::new(),
+            })
+            .collect();
+        j.group = Some(GroupRecord {
+            epoch,
+            formation,
+            members,
+            last_error,
+        });
+        CommandResult::ok()
     }
 
     fn running_shard(&mut self, job: &str, shard: u32) -> Option<&mut ShardRecord> {
@@ -574,6 +699,150 @@ mod tests {
             kernel_seconds: 0.5,
             wall_seconds: 1.0,
         }
+    }
+
+    /// A calibrated job over four layer units, with nodes a, b, c registered.
+    fn group_job(st: &mut ClusterState) -> String {
+        for n in ["a", "b", "c"] {
+            st.apply(Command::RegisterNode { node: node(n) });
+        }
+        let mut spec = spec();
+        spec.calibration =
+            Some(serde_json::from_value(serde_json::json!({"sentences": "/s.txt"})).unwrap());
+        let placed = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec.clone()),
+            output: "/o".into(),
+            shards: (0..4).map(shard).collect(),
+            placements: vec![Placement {
+                shard: 0,
+                node: "a".into(),
+            }],
+            now_ms: 5,
+        });
+        assert!(!placed.ok, "a group job is placed when its group forms");
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec),
+            output: "/o".into(),
+            shards: (0..4).map(shard).collect(),
+            placements: vec![],
+            now_ms: 5,
+        });
+        assert!(r.ok);
+        r.job.unwrap()
+    }
+
+    #[test]
+    fn a_group_forms_splits_the_units_and_re_forms_with_a_new_epoch() {
+        let mut st = ClusterState::default();
+        let j = group_job(&mut st);
+        assert!(st.jobs[&j].shards.is_empty() && st.jobs[&j].group.is_none());
+        // Nothing to merge before a group has formed.
+        assert!(!st.apply(Command::BeginMerge { job: j.clone() }).ok);
+        let form = |members: &[&str]| Command::FormGroup {
+            job: j.clone(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        };
+        assert!(!st.apply(form(&[])).ok);
+        assert!(!st.apply(form(&["a", "a"])).ok, "a member twice");
+        assert!(!st.apply(form(&["a", "z"])).ok, "an unknown member");
+        assert!(
+            !st.apply(form(&["a", "b", "c", "a", "b"])).ok,
+            "more ranks than units"
+        );
+        assert!(st.apply(form(&["a", "b", "c"])).ok);
+        let job = &st.jobs[&j];
+        let g = job.group.clone().unwrap();
+        assert_eq!((g.epoch, g.formation), (1, 1));
+        assert_eq!(job.shards.len(), 3);
+        let tensors: usize = job.shards.iter().map(|s| s.shard.tensors.len()).sum();
+        assert_eq!(tensors, 4);
+        assert_eq!(st.assignments_of("b"), vec![(j.clone(), 1, 1)]);
+        // While members hold their shards, the group cannot be re-formed.
+        assert!(!st.apply(form(&["a", "b"])).ok);
+        // Rank 0 finishes; rank 2 fails; rank 1's lease runs out.
+        assert!(
+            st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: 0,
+                result: result("a", 1, "h0"),
+            })
+            .ok
+        );
+        assert!(
+            st.apply(Command::ShardFailed {
+                job: j.clone(),
+                shard: 2,
+                attempt: 1,
+                reason: "rank 1 left the ring".into(),
+                stage: "collective".into(),
+                retryable: true,
+            })
+            .ok
+        );
+        assert!(st.jobs[&j].state.is_active());
+        assert!(
+            st.apply(Command::Release {
+                job: j.clone(),
+                shard: 1,
+                attempt: 1,
+                reason: "lease".into(),
+            })
+            .ok
+        );
+        assert!(st.apply(form(&["a", "c"])).ok);
+        let job = &st.jobs[&j];
+        let g = job.group.clone().unwrap();
+        assert_eq!((g.epoch, g.formation), (2, 2));
+        assert_eq!(g.last_error.as_deref(), Some("lease"));
+        assert_eq!(job.shards.len(), 2);
+        assert!(
+            job.shards
+                .iter()
+                .all(|s| s.result.is_none() && s.attempt == 2)
+        );
+        // A report from the old formation is stale.
+        assert!(
+            !st.apply(Command::ShardFailed {
+                job: j.clone(),
+                shard: 1,
+                attempt: 1,
+                reason: "late".into(),
+                stage: "collective".into(),
+                retryable: true,
+            })
+            .ok
+        );
+        for (k, n) in ["a", "c"].iter().enumerate() {
+            let k = k as u32;
+            let done = st.apply(Command::ShardDone {
+                job: j.clone(),
+                shard: k,
+                result: result(n, 2, "h"),
+            });
+            assert!(done.ok);
+        }
+        assert!(st.apply(Command::BeginMerge { job: j.clone() }).ok);
+        // Epochs are cluster-wide: another job's group gets the next one.
+        let k = group_job(&mut st);
+        assert!(
+            st.apply(Command::FormGroup {
+                job: k.clone(),
+                members: vec!["b".into()]
+            })
+            .ok
+        );
+        assert_eq!(st.jobs[&k].group.as_ref().unwrap().epoch, 3);
+        // Only group jobs form groups.
+        let plain = submit(&mut st, None);
+        assert!(
+            !st.apply(Command::FormGroup {
+                job: plain,
+                members: vec!["a".into()]
+            })
+            .ok
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use hcx_pipeline::attribution::ReportSection;
 
 use crate::scheduler::{self, NodeCapacity, PlanOptions};
 use crate::service::{plan_options, shard_store};
-use crate::state::{Command, JobRecord, JobState, ShardRecord};
+use crate::state::{Command, JobRecord, JobState, MAX_GROUP_FORMATIONS, ShardRecord};
 use crate::{Shared, now_ms};
 
 /// How often the leader looks at the state.
@@ -121,6 +121,10 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
             start_merge(shared, merging, j.clone());
             continue;
         }
+        if j.runs_as_group() {
+            group_tick(shared, j, &opts, &nodes).await;
+            continue;
+        }
         let mut all_done = true;
         for s in &j.shards {
             if s.result.is_some() {
@@ -166,6 +170,92 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
                 .await;
         }
     }
+}
+
+/// Looks after a job run by a collective group: takes shards back from
+/// members whose lease ran out, merges when every rank's shard is in, and
+/// forms the group again once a formation broke (some rank failed or was
+/// lost) and every member has let go of its shard, since a collective needs
+/// all of its ranks. Each formation has a new epoch, so ranks of a broken
+/// one cannot join it.
+async fn group_tick(
+    shared: &Arc<Shared>,
+    j: &JobRecord,
+    opts: &PlanOptions,
+    nodes: &[NodeCapacity],
+) {
+    let mut held = false;
+    for s in j.shards.iter().filter(|s| s.result.is_none()) {
+        match &s.node {
+            Some(n) if !shared.alive(n) => {
+                tracing::warn!("{} rank {}: lease of {n} expired", j.id, s.shard.id);
+                let cmd = Command::Release {
+                    job: j.id.clone(),
+                    shard: s.shard.id,
+                    attempt: s.attempt,
+                    reason: format!(
+                        "node {n} missed its lease ({} ms without a heartbeat)",
+                        shared.lease.as_millis()
+                    ),
+                };
+                let _ = shared.propose(cmd).await;
+                return;
+            }
+            Some(_) => held = true,
+            None => {}
+        }
+    }
+    if !j.shards.is_empty() && j.done() == j.shards.len() {
+        let _ = shared
+            .propose(Command::BeginMerge { job: j.id.clone() })
+            .await;
+        return;
+    }
+    let broken = j.group.is_none()
+        || j.shards
+            .iter()
+            .any(|s| s.result.is_none() && s.node.is_none());
+    if !broken || held {
+        return;
+    }
+    let formation = j.group.as_ref().map_or(0, |g| g.formation);
+    if formation >= MAX_GROUP_FORMATIONS {
+        let last = j
+            .shards
+            .iter()
+            .find_map(|s| s.last_error.clone())
+            .unwrap_or_else(|| "no reason recorded".into());
+        let cmd = Command::FinishJob {
+            job: j.id.clone(),
+            state: JobState::Failed {
+                reason: format!("the collective group broke {formation} times; last: {last}"),
+                stage: "collective".into(),
+            },
+            now_ms: now_ms(),
+        };
+        let _ = shared.propose(cmd).await;
+        return;
+    }
+    let need = j
+        .units
+        .iter()
+        .fold(0u64, |acc, u| acc.saturating_add(u.memory_bytes));
+    let Ok(members) = scheduler::group_members(nodes, opts, need, j.units.len()) else {
+        return;
+    };
+    tracing::info!(
+        "{}: forming its collective group (formation {}) of {} node(s): {}",
+        j.id,
+        formation + 1,
+        members.len(),
+        members.join(", ")
+    );
+    let _ = shared
+        .propose(Command::FormGroup {
+            job: j.id.clone(),
+            members,
+        })
+        .await;
 }
 
 /// The node a waiting shard goes to next: the least loaded able node, but
@@ -252,10 +342,39 @@ fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
         }
         files.push(f);
     }
-    let sections = [node_section(&node_shares(job))?];
+    let mut sections = vec![node_section(&node_shares(job))?];
+    if let Some(g) = &job.group {
+        sections.push(group_section(g));
+    }
     let out = hcx_pipeline::shard::merge_shards(&job.spec, &files, &output, &sections)
         .map_err(|e| e.to_string())?;
     Ok((out.attribution.artifact_bytes, out.attribution.source_bytes))
+}
+
+/// The collective group that ran a calibrated job, for the report.
+fn group_section(g: &crate::state::GroupRecord) -> ReportSection {
+    let mut md = format!(
+        "## Collective group\n\nCalibration ran data-parallel on {} node(s) linked in a ring (epoch {}, formation {}): {}. Every rank walked all blocks with its share of the calibration micro-batches; statistics and gradients were summed exactly over the ranks, so the tensors are those of a single-machine run.\n",
+        g.members.len(),
+        g.epoch,
+        g.formation,
+        g.members.join(", ")
+    );
+    if let Some(e) = &g.last_error {
+        md.push_str(&format!(
+            "\nThe group was formed again after it broke; the last break: {e}\n"
+        ));
+    }
+    ReportSection {
+        key: "group".into(),
+        json: serde_json::json!({
+            "epoch": g.epoch,
+            "formation": g.formation,
+            "members": g.members,
+            "last_error": g.last_error,
+        }),
+        markdown: md,
+    }
 }
 
 /// The per-node table of the attribution report, written with the rest of

@@ -1,6 +1,9 @@
 //! The worker agent: registers with the coordinators, heartbeats, and for
 //! each shard it is given fetches the source tensors over QUIC, runs the
-//! kernels, and uploads the shard file with its SHA-256.
+//! kernels, and uploads the shard file with its SHA-256. A shard of a
+//! calibrated job comes with its collective group: the node links into the
+//! group's ring on the node-to-node plane and runs the calibration as one
+//! rank, writing its own shard.
 //!
 //! A shard the leader takes back (lease expired, job cancelled) disappears
 //! from the heartbeat reply; the agent then drops its work on it. What to
@@ -17,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use hcx_net::client::{ClientError, CoordinatorClient};
 use hcx_net::frames::{Reply, Request, read_frame, write_frame};
-use hcx_net::proto::{Assignment, HeartbeatRequest, NodeInfo, ShardFailure};
+use hcx_net::peer::{PeerPlane, RingPlan};
+use hcx_net::proto::{Assignment, Group, HeartbeatRequest, NodeInfo, ShardFailure};
 use hcx_net::tls::Identity;
 use hcx_pipeline::PipelineError;
 use hcx_pipeline::shard::{SourceTensor, encode_shard};
@@ -112,8 +116,12 @@ struct Ctx {
     cfg: NodeConfig,
     client: CoordinatorClient,
     endpoint: quinn::Endpoint,
+    peers: PeerPlane,
     one_at_a_time: Semaphore,
 }
+
+/// How long a rank waits for its ring neighbours to link up.
+const RING_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A shard whose work ended but which the leader still lists for this node
 /// (its result or failure report did not get through) is started again
@@ -161,12 +169,13 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
     })?;
     // The address other nodes dial: the configured host with the port bound.
     let listen = SocketAddr::new(cfg.listen.ip(), bound.port());
-    let _peers = hcx_net::peer::PeerPlane::new(endpoint.clone(), client_config, cfg.tls.is_some());
+    let peers = PeerPlane::new(endpoint.clone(), client_config, cfg.tls.is_some());
     tracing::info!(%listen, "serving the node-to-node plane");
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         client,
         endpoint,
+        peers,
         one_at_a_time: Semaphore::new(1),
     });
     let info = NodeInfo {
@@ -288,9 +297,13 @@ struct ShardError {
 }
 
 async fn do_shard(ctx: Arc<Ctx>, a: Assignment) {
-    let _permit = match ctx.one_at_a_time.acquire().await {
-        Ok(p) => p,
-        Err(_) => return,
+    // A rank of a collective group starts at once: its peers wait for it.
+    let _permit = match &a.group {
+        Some(_) => None,
+        None => match ctx.one_at_a_time.acquire().await {
+            Ok(p) => Some(p),
+            Err(_) => return,
+        },
     };
     let started = Instant::now();
     tracing::info!(
@@ -301,7 +314,11 @@ async fn do_shard(ctx: Arc<Ctx>, a: Assignment) {
         a.attempt,
         a.tensors.len()
     );
-    if let Err(e) = shard_steps(&ctx, &a, started).await {
+    let done = match &a.group {
+        Some(g) => group_steps(&ctx, &a, g, started).await,
+        None => shard_steps(&ctx, &a, started).await,
+    };
+    if let Err(e) = done {
         tracing::warn!(
             "{}: {} shard {} failed at {}: {}",
             ctx.cfg.name,
@@ -526,17 +543,112 @@ async fn fetch(
     }
 }
 
-async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), ShardError> {
-    let io = |stage: &str, reason: String| ShardError {
+fn retry(stage: &str, reason: String) -> ShardError {
+    ShardError {
         stage: stage.to_string(),
         reason,
         retryable: true,
-    };
-    let spec: JobSpec = serde_json::from_str(&a.spec_json).map_err(|e| ShardError {
+    }
+}
+
+fn job_spec(a: &Assignment) -> Result<JobSpec, ShardError> {
+    serde_json::from_str(&a.spec_json).map_err(|e| ShardError {
         stage: "assignment".into(),
         reason: format!("the job spec does not parse: {e}"),
         retryable: false,
+    })
+}
+
+/// One rank's part of a calibrated job: link into the group's ring, run
+/// the calibration (and distillation) with the other ranks, write this
+/// rank's shard and upload it. The model and calibration files are read
+/// from the paths in the job, which the coordinators confined to their
+/// model roots.
+async fn group_steps(
+    ctx: &Ctx,
+    a: &Assignment,
+    g: &Group,
+    started: Instant,
+) -> Result<(), ShardError> {
+    let spec = job_spec(a)?;
+    let members = g
+        .members
+        .iter()
+        .map(|m| m.parse::<SocketAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ShardError {
+            stage: "assignment".into(),
+            reason: format!("a group member's address does not parse: {e}"),
+            retryable: false,
+        })?;
+    let plan = RingPlan {
+        epoch: g.epoch,
+        rank: g.rank as usize,
+        members,
+    };
+    tracing::info!(
+        "{}: {} rank {} of {} (epoch {})",
+        ctx.cfg.name,
+        a.job_id,
+        plan.rank,
+        plan.members.len(),
+        plan.epoch
+    );
+    let mut ring = ctx
+        .peers
+        .join_ring(&plan, RING_JOIN_TIMEOUT)
+        .await
+        .map_err(|e| retry("collective", e.to_string()))?;
+    let path = ctx.cfg.work_dir.join(format!(
+        "{}-shard-{:05}-a{}.bin",
+        a.job_id, a.shard, a.attempt
+    ));
+    let (p, tensors) = (path.clone(), a.tensors.clone());
+    let t0 = Instant::now();
+    let summary = tokio::task::spawn_blocking(move || {
+        hcx_pipeline::calibrate::encode_group_shard(&spec, &mut ring, &tensors, &p)
+    })
+    .await
+    .map_err(|e| retry("calibrate", e.to_string()))?
+    .map_err(|e| match e {
+        PipelineError::Collective { .. } => retry("collective", e.to_string()),
+        PipelineError::Io { .. } | PipelineError::Output { .. } => {
+            retry("calibrate", e.to_string())
+        }
+        PipelineError::Tensor { ref tensor, .. } => ShardError {
+            stage: format!("encode {tensor}"),
+            reason: e.to_string(),
+            retryable: false,
+        },
+        other => ShardError {
+            stage: "calibrate".into(),
+            reason: other.to_string(),
+            retryable: false,
+        },
     })?;
+    let kernel_seconds = t0.elapsed().as_secs_f64();
+    let conn = connect(ctx, &a.data_addr)
+        .await
+        .map_err(|e| retry("upload", e))?;
+    let result = upload(
+        ctx,
+        conn,
+        a,
+        &path,
+        &summary.sha256,
+        summary.bytes,
+        0,
+        kernel_seconds,
+        started.elapsed().as_secs_f64(),
+    )
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    result
+}
+
+async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), ShardError> {
+    let io = retry;
+    let spec = job_spec(a)?;
     let conn = connect(ctx, &a.data_addr)
         .await
         .map_err(|e| io("fetch", e))?;

@@ -111,7 +111,7 @@ pub struct Attribution {
 /// A section added to the report by whoever runs the job: a JSON value
 /// stored under `key` in `attribution.json` and a Markdown section appended
 /// to `attribution.md`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReportSection {
     /// Key of the JSON value.
     pub key: String,

@@ -21,7 +21,7 @@
 //! encodes the block (the encoders are deterministic, so no weights need to
 //! travel) and re-runs its own micro-batches; rank 0 writes the artifact.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +42,7 @@ use crate::run::{
     EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, finish_artifact, waves,
     write_artifact, write_entry,
 };
+use crate::shard::{ShardSummary, ShardWriter};
 use crate::writer::TensorFileWriter;
 
 /// A tensor's encoding and, for a calibrated one, its decoded values.
@@ -584,6 +585,69 @@ pub(crate) fn build_calibrated(
     started: Instant,
     ranks: &mut dyn Collective,
 ) -> Result<Attribution, PipelineError> {
+    let (done, sections) = encode_calibrated(spec, model, ranks, &|_| true)?;
+    let mut writer = TensorFileWriter::create(&tmp.join(TENSOR_FILE))?;
+    let mut entries = Vec::with_capacity(done.len());
+    let mut seconds = Vec::with_capacity(done.len());
+    for (k, e) in done.into_iter().enumerate() {
+        let e = e.ok_or_else(|| {
+            bad(
+                model,
+                format!("tensor `{}` was not encoded", model.tensors[k].name),
+            )
+        })?;
+        write_entry(&mut writer, &e)?;
+        entries.push(e.entry);
+        seconds.push(e.seconds);
+    }
+    finish_artifact(
+        spec, model, tmp, writer, entries, &seconds, started, &sections,
+    )
+}
+
+/// Runs a calibrated job as one rank of a collective group and writes the
+/// tensors named in `tensors` (this rank's shard) to a shard file at
+/// `path`. Every rank walks all the blocks, since each block's statistics
+/// and gradients are sums over every rank's micro-batches (and later blocks
+/// need the earlier ones encoded), but only this rank's share of the other
+/// tensors is encoded here. The report's calibration and distillation
+/// sections travel in the shard's metadata for the merge.
+pub fn encode_group_shard(
+    spec: &JobSpec,
+    ranks: &mut dyn Collective,
+    tensors: &[String],
+    path: &Path,
+) -> Result<ShardSummary, PipelineError> {
+    let model = Model::open(&spec.model)?;
+    let wanted: HashSet<&str> = tensors.iter().map(String::as_str).collect();
+    let known: HashSet<&str> = model.tensors.iter().map(|t| t.name.as_str()).collect();
+    if let Some(name) = tensors.iter().find(|n| !known.contains(n.as_str())) {
+        return Err(bad(
+            &model,
+            format!("the shard names tensor `{name}`, which the model does not have"),
+        ));
+    }
+    let (done, sections) = encode_calibrated(spec, &model, ranks, &|n| wanted.contains(n))?;
+    let mut writer = ShardWriter::create(path)?;
+    for (t, e) in model.tensors.iter().zip(done) {
+        if !wanted.contains(t.name.as_str()) {
+            continue;
+        }
+        let e = e.ok_or_else(|| bad(&model, format!("tensor `{}` was not encoded", t.name)))?;
+        writer.add(e)?;
+    }
+    writer.finish(&sections)
+}
+
+/// The encodings of the tensors `keep` selects, by model index (the
+/// blocks' calibrated tensors are always encoded: later blocks need them),
+/// and the report's calibration (and distillation) sections.
+fn encode_calibrated(
+    spec: &JobSpec,
+    model: &Model,
+    ranks: &mut dyn Collective,
+    keep: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<(Vec<Option<EncodedEntry>>, Vec<ReportSection>), PipelineError> {
     let Calibrated {
         cal,
         plans,
@@ -600,7 +664,7 @@ pub(crate) fn build_calibrated(
         .collect();
     // Everything outside the blocks, in bounded waves, without statistics.
     let rest: Vec<usize> = (0..model.tensors.len())
-        .filter(|k| done[*k].is_none())
+        .filter(|k| done[*k].is_none() && keep(&model.tensors[*k].name))
         .collect();
     let sizes: Vec<usize> = rest.iter().map(|k| model.tensors[*k].numel()).collect();
     for range in waves(&sizes) {
@@ -628,24 +692,10 @@ pub(crate) fn build_calibrated(
             done[k] = Some(r?.0);
         }
     }
-    let mut writer = TensorFileWriter::create(&tmp.join(TENSOR_FILE))?;
-    let mut entries = Vec::with_capacity(done.len());
-    let mut seconds = Vec::with_capacity(done.len());
-    for (k, e) in done.into_iter().enumerate() {
-        let e = e.ok_or_else(|| {
-            bad(
-                model,
-                format!("tensor `{}` was not encoded", model.tensors[k].name),
-            )
-        })?;
-        write_entry(&mut writer, &e)?;
-        entries.push(e.entry);
-        seconds.push(e.seconds);
-    }
     // Weight SQNR against output SQNR on the calibration inputs, over the
     // calibrated tensors (parameter-weighted means of per-tensor dB).
     let (mut wsum, mut osum, mut params) = (0f64, 0f64, 0f64);
-    for e in &entries {
+    for e in done.iter().flatten().map(|e| &e.entry) {
         if let (Some(w), Some(o)) = (e.sqnr_db, e.output_sqnr_db) {
             let n = e.shape.iter().product::<usize>() as f64;
             wsum += w * n;
@@ -685,9 +735,7 @@ pub(crate) fn build_calibrated(
     if let Some(d) = &spec.distill {
         sections.push(distill_section(d, &distilled));
     }
-    finish_artifact(
-        spec, model, tmp, writer, entries, &seconds, started, &sections,
-    )
+    Ok((done, sections))
 }
 
 /// The report's account of distillation: each block's output error against

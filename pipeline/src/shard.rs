@@ -64,6 +64,67 @@ pub struct ShardSummary {
     pub tensors: usize,
 }
 
+/// Writes encoded tensors into a shard file, one entry at a time.
+pub(crate) struct ShardWriter {
+    path: PathBuf,
+    writer: TensorFileWriter,
+    index: Vec<IndexEntry>,
+    kernel_seconds: f64,
+}
+
+impl ShardWriter {
+    /// Starts a shard file at `path`.
+    pub(crate) fn create(path: &Path) -> Result<ShardWriter, PipelineError> {
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            writer: TensorFileWriter::create(path)?,
+            index: Vec::new(),
+            kernel_seconds: 0.0,
+        })
+    }
+
+    /// Adds one encoded tensor.
+    pub(crate) fn add(&mut self, enc: EncodedEntry) -> Result<(), PipelineError> {
+        write_entry(&mut self.writer, &enc)?;
+        self.kernel_seconds += enc.seconds.iter().sum::<f64>();
+        self.index.push(IndexEntry {
+            entry: enc.entry,
+            seconds: enc.seconds,
+        });
+        Ok(())
+    }
+
+    /// Writes the entry index and `sections` (report sections the merge
+    /// adds to the artifact's report) into the metadata and closes the file.
+    pub(crate) fn finish(self, sections: &[ReportSection]) -> Result<ShardSummary, PipelineError> {
+        let json = |v: Result<String, serde_json::Error>| {
+            v.map_err(|e| PipelineError::Output {
+                path: self.path.clone(),
+                why: e.to_string(),
+            })
+        };
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), SHARD_FORMAT.to_string());
+        meta.insert(
+            "entries".to_string(),
+            json(serde_json::to_string(&self.index))?,
+        );
+        if !sections.is_empty() {
+            meta.insert(
+                "sections".to_string(),
+                json(serde_json::to_string(sections))?,
+            );
+        }
+        let written = self.writer.finish(&meta)?;
+        Ok(ShardSummary {
+            bytes: written.bytes,
+            sha256: written.sha256,
+            kernel_seconds: self.kernel_seconds,
+            tensors: self.index.len(),
+        })
+    }
+}
+
 /// Encodes `tensors` with `spec`'s stages into a shard file at `path`.
 pub fn encode_shard(
     spec: &JobSpec,
@@ -72,9 +133,7 @@ pub fn encode_shard(
 ) -> Result<ShardSummary, PipelineError> {
     let mut order: Vec<&SourceTensor> = tensors.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut writer = TensorFileWriter::create(path)?;
-    let mut index = Vec::with_capacity(order.len());
-    let mut kernel_seconds = 0.0;
+    let mut writer = ShardWriter::create(path)?;
     let sizes: Vec<usize> = order.iter().map(|t| t.shape.iter().product()).collect();
     for range in waves(&sizes) {
         let wave: Vec<Result<EncodedEntry, PipelineError>> = order[range]
@@ -85,31 +144,10 @@ pub fn encode_shard(
             })
             .collect();
         for enc in wave {
-            let enc = enc?;
-            write_entry(&mut writer, &enc)?;
-            kernel_seconds += enc.seconds.iter().sum::<f64>();
-            index.push(IndexEntry {
-                entry: enc.entry,
-                seconds: enc.seconds,
-            });
+            writer.add(enc?)?;
         }
     }
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), SHARD_FORMAT.to_string());
-    meta.insert(
-        "entries".to_string(),
-        serde_json::to_string(&index).map_err(|e| PipelineError::Output {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?,
-    );
-    let written = writer.finish(&meta)?;
-    Ok(ShardSummary {
-        bytes: written.bytes,
-        sha256: written.sha256,
-        kernel_seconds,
-        tensors: index.len(),
-    })
+    writer.finish(&[])
 }
 
 struct OpenShard {
@@ -124,22 +162,39 @@ fn shard_err(path: &Path, why: impl Into<String>) -> PipelineError {
     }
 }
 
-fn read_index(s: &OpenShard) -> Result<Vec<IndexEntry>, PipelineError> {
+fn shard_meta(s: &OpenShard) -> Result<std::collections::HashMap<String, String>, PipelineError> {
     let (_, meta) = SafeTensors::read_metadata(&s.map)
         .map_err(|e| shard_err(&s.path, format!("not a shard file: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(SHARD_FORMAT) {
         return Err(shard_err(&s.path, format!("not a {SHARD_FORMAT} file")));
     }
+    Ok(meta)
+}
+
+fn read_index(s: &OpenShard) -> Result<Vec<IndexEntry>, PipelineError> {
+    let meta = shard_meta(s)?;
     let entries = meta
         .get("entries")
         .ok_or_else(|| shard_err(&s.path, "shard has no entry index"))?;
     serde_json::from_str(entries).map_err(|e| shard_err(&s.path, format!("bad entry index: {e}")))
 }
 
+/// The report sections a shard carries (a collective group's calibration
+/// and distillation accounts), none for a plain shard.
+fn read_sections(s: &OpenShard) -> Result<Vec<ReportSection>, PipelineError> {
+    match shard_meta(s)?.get("sections") {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| shard_err(&s.path, format!("bad report sections: {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Merges shard files into the artifact of `spec` at `output`: the same
 /// files a local run writes. Every tensor of the model must be in exactly
-/// one shard, with the dtype and shape the model gives it.
+/// one shard, with the dtype and shape the model gives it. The report gets
+/// the sections the shards carry (each key from the first shard that has
+/// it), then `sections`.
 pub fn merge_shards(
     spec: &JobSpec,
     shard_files: &[PathBuf],
@@ -157,6 +212,16 @@ pub fn merge_shards(
             map,
         });
     }
+    let mut report: Vec<ReportSection> = Vec::new();
+    for s in &shards {
+        for section in read_sections(s)? {
+            if !report.iter().any(|r| r.key == section.key) {
+                report.push(section);
+            }
+        }
+    }
+    report.extend(sections.iter().cloned());
+    let sections = report.as_slice();
     let mut by_name: BTreeMap<String, (usize, IndexEntry)> = BTreeMap::new();
     for (i, s) in shards.iter().enumerate() {
         for e in read_index(s)? {

@@ -176,7 +176,8 @@ impl Files {
         }
     }
 
-    fn resolve(&mut self, base: &Path) {
+    /// Makes relative paths relative to `base` (the job file's folder).
+    pub fn resolve(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -186,6 +187,20 @@ impl Files {
             Files::One(p) => fix(p),
             Files::Many(v) => v.iter_mut().for_each(fix),
         }
+    }
+
+    /// Replaces every path with what `f` makes of it, stopping at the
+    /// first error (used to confine paths to allowed roots).
+    pub fn try_map<E>(&mut self, mut f: impl FnMut(&Path) -> Result<PathBuf, E>) -> Result<(), E> {
+        match self {
+            Files::One(p) => *p = f(p)?,
+            Files::Many(v) => {
+                for p in v {
+                    *p = f(p)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
