@@ -217,6 +217,12 @@ pub fn submit_request(
     }
     spec.model = std::path::absolute(&spec.model).unwrap_or(spec.model);
     spec.output = std::path::absolute(&spec.output).unwrap_or(spec.output);
+    if let Some(c) = &mut spec.calibration {
+        for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+            f.try_map(|p| std::path::absolute(p))
+                .context("cannot make a calibration path absolute")?;
+        }
+    }
     Ok(SubmitJobRequest {
         spec_json: serde_json::to_string(&spec)?,
         idempotency_key: key.unwrap_or_default().to_string(),

@@ -402,9 +402,21 @@ fn run_embedded(
             .to_path_buf()
     };
     let (model_root, output_root) = (folder_above(&model), folder_above(&out));
+    // The group's nodes read the calibration files too.
+    let mut model_roots = vec![model_root];
+    if let Some(c) = &spec.calibration {
+        for f in [&c.text, &c.sentences].into_iter().flatten() {
+            for p in f.as_slice() {
+                let p = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+                model_roots.push(folder_above(&p));
+            }
+        }
+    }
+    model_roots.sort();
+    model_roots.dedup();
     let rt = runtime()?;
     let st = rt.block_on(async {
-        let cluster = cluster::Embedded::start(nodes, vec![model_root], vec![output_root]).await?;
+        let cluster = cluster::Embedded::start(nodes, model_roots, vec![output_root]).await?;
         let st = cluster.run(spec, output, quiet).await;
         cluster.stop().await;
         st
@@ -548,12 +560,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             local,
         } => {
             let spec = load_job(job.as_deref())?;
-            if !local && spec.calibration.is_some() {
-                eprintln!(
-                    "note: `run` calibrates on this machine's pipeline (as with --local); `submit` runs a calibrated job on a cluster's nodes as one collective group"
-                );
-            }
-            let out = if local || spec.calibration.is_some() {
+            let out = if local {
                 hcx_pipeline::run::run_job(&spec, output.as_deref())?
             } else {
                 run_embedded(&spec, output.as_deref(), nodes, json)?

@@ -495,6 +495,17 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
         .as_array()
         .expect("distill section");
     assert_eq!(blocks.len(), 6, "{report}");
+    // The embedded cluster runs it as a group of two, to the same bytes.
+    let embedded = dir.path().join("embedded");
+    hcx_ok(&[
+        "run",
+        job.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--output",
+        embedded.to_str().unwrap(),
+    ]);
+    assert_same_artifact(&local, &embedded);
     // A calibration file outside the model roots is refused at submit.
     let stray = dir.path().join("stray.txt");
     std::fs::write(&stray, "a sentence\n").unwrap();

@@ -536,6 +536,17 @@ pub fn finish_artifact(
     let mut job = spec.clone();
     job.output = PathBuf::from(".");
     job.model = std::fs::canonicalize(&spec.model).unwrap_or_else(|_| spec.model.clone());
+    // Calibration files as canonical paths too, so the manifest does not
+    // depend on how the job named them.
+    if let Some(c) = &mut job.calibration {
+        for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+            let _ = f.try_map(|p| {
+                Ok::<_, std::convert::Infallible>(
+                    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()),
+                )
+            });
+        }
+    }
     let manifest = Manifest {
         format: FORMAT.into(),
         job,
