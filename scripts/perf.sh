@@ -4,12 +4,12 @@
 # hyperfine (Debian's package, installed here when missing) for whole runs.
 # Run it on an otherwise idle machine; it prints the machine first.
 #
-#   bash scripts/perf.sh [codecs] [cluster] [collectives] [e2e]   (default: all four)
+#   bash scripts/perf.sh [codecs] [cluster] [collectives] [e2e] [group]   (default: all five)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster collectives e2e)
+[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster collectives e2e group)
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
 bash scripts/fetch-model.sh >&2
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -67,6 +67,34 @@ PY
         "$bin" run --nodes "$n" --output "$out/k$n" >/dev/null 2>&1
         python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); print(f"--nodes {sys.argv[2]}: kernel seconds {sum(x[\"kernel_seconds\"] for x in a[\"nodes\"]):.2f}")' "$out/k$n/attribution.json" "$n"
       done ;;
-    *) echo "unknown part $part (codecs, cluster, e2e)" >&2; exit 2 ;;
+    group)
+      # The calibrated and distilled MiniLM job as a collective group of 1,
+      # 2 and 3 embedded nodes (one run each: it takes minutes), beside the
+      # local pipeline; then where each run's time went, from its report.
+      if ! command -v hyperfine >/dev/null; then
+        apt-get install -y hyperfine >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y hyperfine >/dev/null; }
+      fi
+      cargo build --locked --quiet
+      bin="$target/debug/hcx-cluster"
+      job=configs/jobs/minilm-2bit-distill.yaml
+      out="$(mktemp -d)"
+      trap 'rm -rf "$out"' EXIT
+      hyperfine --runs 1 --export-markdown "$out/group.md" \
+        -n 'run --local' "$bin run --local $job --output $out/local" \
+        -n 'run --nodes 1' "$bin run $job --nodes 1 --output $out/g1" \
+        -n 'run --nodes 2' "$bin run $job --nodes 2 --output $out/g2" \
+        -n 'run --nodes 3' "$bin run $job --nodes 3 --output $out/g3" >&2
+      cat "$out/group.md"
+      for d in local g1 g2 g3; do
+        python3 - "$out/$d/attribution.json" "$d" <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1]))
+cal, dist = a["calibration"], a["distill"]
+spent = sum(b["seconds"] for b in dist["blocks"])
+print(f"{sys.argv[2]}: forward passes {cal['forward_seconds']:.1f} s, blocks in all {cal['seconds']:.1f} s, of which distillation {spent:.1f} s")
+PY
+        cmp -s "$out/local/model.hcx.safetensors" "$out/$d/model.hcx.safetensors" || echo "$d: the tensor file differs from the local run's" >&2
+      done ;;
+    *) echo "unknown part $part (codecs, cluster, collectives, e2e, group)" >&2; exit 2 ;;
   esac
 done

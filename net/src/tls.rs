@@ -699,6 +699,25 @@ pub fn peer_node_name(cert_der: &[u8]) -> Option<String> {
     })
 }
 
+/// Whether a certificate is valid for the IP address `ip` (an IP subject
+/// alternative name equal to it): peers that dial this address check that.
+pub fn cert_covers_ip(cert_der: &[u8], ip: std::net::IpAddr) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value.general_names.iter().any(|g| match g {
+        x509_parser::extensions::GeneralName::IPAddress(b) => match (ip, b.len()) {
+            (std::net::IpAddr::V4(v4), 4) => v4.octets()[..] == b[..],
+            (std::net::IpAddr::V6(v6), 16) => v6.octets()[..] == b[..],
+            _ => false,
+        },
+        _ => false,
+    })
+}
+
 /// Allows plaintext (`--insecure`) only toward loopback: `host:port` must
 /// be a loopback IP or `localhost`.
 pub fn check_insecure_host(host_port: &str) -> Result<(), TlsError> {
@@ -857,6 +876,22 @@ mod tests {
             .unwrap();
         assert_eq!(out, b"hi");
         server.close(0u32.into(), b"bye");
+    }
+
+    #[test]
+    fn a_node_certificate_covers_the_addresses_it_was_issued_for() {
+        let dir = tempfile::tempdir().unwrap();
+        init_certs(dir.path(), &[], false).unwrap();
+        issue_node_cert(dir.path(), "n1", &["10.1.2.3".into()], false).unwrap();
+        let n1 = Identity::load_node(dir.path(), "n1").unwrap();
+        let leaf = &n1.cert_chain()[0];
+        for ip in ["10.1.2.3", "127.0.0.1", "::1"] {
+            assert!(cert_covers_ip(leaf, ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.1.2.4", "127.0.0.2", "::2"] {
+            assert!(!cert_covers_ip(leaf, ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!cert_covers_ip(b"not a certificate", "10.1.2.3".parse().unwrap()));
     }
 
     #[test]

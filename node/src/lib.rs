@@ -169,6 +169,19 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
     })?;
     // The address other nodes dial: the configured host with the port bound.
     let listen = SocketAddr::new(cfg.listen.ip(), bound.port());
+    if let Some(id) = &cfg.tls
+        && let Some(leaf) = id.cert_chain().first()
+        && !cfg.listen.ip().is_unspecified()
+        && !hcx_net::tls::cert_covers_ip(leaf, cfg.listen.ip())
+    {
+        tracing::warn!(
+            "{}: the node certificate is not valid for {}, where the other ranks of a collective group dial this node: calibrated jobs will fail here until it is issued with `certs issue --node {} --host {}`",
+            cfg.name,
+            cfg.listen.ip(),
+            cfg.name,
+            cfg.listen.ip()
+        );
+    }
     let peers = PeerPlane::new(endpoint.clone(), client_config, cfg.tls.is_some());
     tracing::info!(%listen, "serving the node-to-node plane");
     let ctx = Arc::new(Ctx {
