@@ -502,7 +502,7 @@ impl Embedded {
         let certs = dir.path().join("certs");
         hcx_net::tls::init_certs(&certs, &[], false)?;
         for i in 1..=n {
-            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), &[], false)?;
+            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), None, &[], false)?;
         }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
             id: 1,

@@ -89,7 +89,9 @@ enum Command {
         /// Unique node name.
         #[arg(long)]
         name: String,
-        /// KEY=VALUE label (repeatable), e.g. site=a.
+        /// KEY=VALUE label (repeatable), e.g. gpu=h100. With TLS, the `site`
+        /// label comes from the node's certificate (`certs issue --site`):
+        /// a `site=` label must agree with it.
         #[arg(long = "label")]
         labels: Vec<String>,
         /// Where shard files are built.
@@ -304,6 +306,10 @@ enum CertsCommand {
         /// Extra host name or IP the certificate is valid for (repeatable).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// The node's site: coordinators take the node's `site` label from
+        /// the certificate, not from its `--label`.
+        #[arg(long)]
+        site: Option<String>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,
@@ -460,10 +466,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                     dir,
                     node,
                     hosts,
+                    site,
                     force,
                 },
         } => {
-            let pem = hcx_net::tls::issue_node_cert(&dir, &node, &hosts, force)?;
+            let pem = hcx_net::tls::issue_node_cert(&dir, &node, site.as_deref(), &hosts, force)?;
             println!("certificate of node {node} written to {}", pem.display());
             Ok(())
         }

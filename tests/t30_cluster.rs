@@ -111,6 +111,8 @@ impl Cluster {
                 &format!("n{}", i + 1),
                 "--host",
                 ips[i % 3],
+                "--site",
+                if i == 0 { "a" } else { "b" },
             ]);
         }
         let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
@@ -168,8 +170,6 @@ impl Cluster {
                 format!("{ip}:0"),
                 "--name".into(),
                 format!("n{}", i + 1),
-                "--label".into(),
-                format!("site={}", if i == 0 { "a" } else { "b" }),
                 "--work-dir".into(),
                 dir.join(format!("n{}", i + 1)).display().to_string(),
                 "--certs".into(),
@@ -655,7 +655,40 @@ fn peers_without_cluster_certificates_are_refused() {
 #[test]
 fn labels_and_drain_steer_placement() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start(dir.path(), 2, &[&minilm()]); // n1 has site=a, n2 site=b
+    // n1's certificate places it at site a, n2's at site b.
+    let mut c = Cluster::start(dir.path(), 2, &[&minilm()]);
+    // A node cannot claim another site than its certificate names.
+    let liar = Proc::spawn(
+        vec![
+            "node".into(),
+            "--coordinators".into(),
+            c.addrs.join(","),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--name".into(),
+            "n2".into(),
+            "--label".into(),
+            "site=a".into(),
+            "--work-dir".into(),
+            dir.path().join("liar").display().to_string(),
+            "--certs".into(),
+            c.certs.display().to_string(),
+        ],
+        dir.path().join("liar.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.path().join("liar.log"))
+        .unwrap_or_default()
+        .contains("but its certificate places it at site")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the claim was not refused:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.nodes.push(liar);
     let nodes_of = |job: &str| -> std::collections::BTreeSet<String> {
         c.status(job)["shards"]
             .as_array()

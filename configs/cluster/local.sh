@@ -32,19 +32,20 @@ start)
     # Each node gets a certificate naming it: the coordinators then serve a
     # node only the tensors of the shards it holds.
     if [ ! -f "$state/certs/node-node-$i.pem" ]; then
-      "$bin" certs issue --dir "$state/certs" --node "node-$i" --host "127.0.0.$i"
+      "$bin" certs issue --dir "$state/certs" --node "node-$i" --host "127.0.0.$i" --site local
     fi
   done
   for i in 1 2 3; do
     addr="$(echo "$coords" | cut -d, -f"$i")"
     nohup "$bin" coordinator --id "$i" --listen "$addr" --peers "$peers" \
       --data-dir "$state/c$i" --certs "$state/certs" \
-      --model-root "$model_root" --output-root "$output_root" >>"$state/c$i.log" 2>&1 &
+      --model-root "$model_root" --model-root "$PWD/configs/calibration" \
+      --output-root "$output_root" >>"$state/c$i.log" 2>&1 &
     echo $! >"$state/c$i.pid"
   done
   for i in 1 2 3; do
     nohup "$bin" node --coordinators "$coords" --listen "127.0.0.$i:0" --name "node-$i" \
-      --label "site=local" --work-dir "$state/n$i" --certs "$state/certs" >>"$state/n$i.log" 2>&1 &
+      --work-dir "$state/n$i" --certs "$state/certs" >>"$state/n$i.log" 2>&1 &
     echo $! >"$state/n$i.pid"
   done
   echo "started; now run:"

@@ -196,6 +196,19 @@ impl Shared {
             .and_then(|c| hcx_net::tls::peer_node_name(c.as_ref()))
     }
 
+    /// The site the caller's certificate places it at (TLS mode only).
+    pub(crate) fn certified_site(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    ) -> Option<String> {
+        if !self.secure {
+            return None;
+        }
+        certs
+            .and_then(|c| c.first())
+            .and_then(|c| hcx_net::tls::peer_site(c.as_ref()))
+    }
+
     /// Refuses a node call that names another node than the one the
     /// caller's certificate was issued for.
     pub(crate) fn require_node_name(

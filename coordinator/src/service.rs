@@ -257,6 +257,36 @@ impl ClusterService {
     }
 }
 
+/// A registering node's labels with its `site` taken from its certificate:
+/// with TLS (`secure`), the certificate's site becomes the `site` label,
+/// a claimed `site` must agree with it, and a node whose certificate names
+/// no site may not claim one, so that a site's data is never handed to a
+/// node merely saying it belongs there. Without TLS (loopback only) the
+/// claim is all there is.
+pub fn site_labels(
+    node: &str,
+    mut claimed: BTreeMap<String, String>,
+    secure: bool,
+    certified: Option<&str>,
+) -> Result<BTreeMap<String, String>, String> {
+    if !secure {
+        return Ok(claimed);
+    }
+    match (certified, claimed.get("site")) {
+        (Some(c), Some(s)) if s != c => Err(format!(
+            "RegisterNode: node {node:?} claims site {s:?}, but its certificate places it at site {c:?}"
+        )),
+        (None, Some(s)) => Err(format!(
+            "RegisterNode: node {node:?} claims site {s:?}, but its certificate names no site; a node's site comes from its certificate (`certs issue --node {node} --site {s}`)"
+        )),
+        (Some(c), _) => {
+            claimed.insert("site".into(), c.to_string());
+            Ok(claimed)
+        }
+        (None, None) => Ok(claimed),
+    }
+}
+
 /// Checks the caller's certificate role.
 fn role<T>(sh: &Shared, req: &Request<T>, allowed: &[Role], call: &str) -> Result<(), Status> {
     let certs = req.peer_certs();
@@ -401,6 +431,10 @@ impl Cluster for ClusterService {
         role(sh, &req, NODES, "RegisterNode")?;
         sh.require_leader()?;
         let cert = certified(sh, &req);
+        let site = {
+            let certs = req.peer_certs();
+            sh.certified_site(certs.as_deref().map(|v| v.as_slice()))
+        };
         let n = req.into_inner();
         sh.require_node_name(cert.as_deref(), &n.name, "RegisterNode")?;
         if n.name.is_empty() || n.name.len() > 128 {
@@ -408,13 +442,20 @@ impl Cluster for ClusterService {
                 "node name must be 1 to 128 characters",
             ));
         }
+        let labels = site_labels(
+            &n.name,
+            n.labels.into_iter().collect(),
+            sh.secure,
+            site.as_deref(),
+        )
+        .map_err(Status::permission_denied)?;
         let node = NodeRecord {
             name: n.name.clone(),
             listen: n.listen,
             cores: n.cores.max(1),
             memory_bytes: n.memory_bytes,
             gpus: n.gpus,
-            labels: n.labels.into_iter().collect(),
+            labels,
             draining: false,
             registered_ms: crate::now_ms(),
         };
@@ -627,4 +668,39 @@ pub fn shard_store(output: &Path, job: &str) -> PathBuf {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "artifact".into());
     parent.join(format!(".{name}.hcx-shards")).join(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_nodes_site_comes_from_its_certificate() {
+        // The certificate's site becomes the label, beside the others.
+        let got = site_labels("n1", labels(&[("gpu", "h100")]), true, Some("a")).unwrap();
+        assert_eq!(got, labels(&[("gpu", "h100"), ("site", "a")]));
+        let got = site_labels("n1", labels(&[("site", "a")]), true, Some("a")).unwrap();
+        assert_eq!(got, labels(&[("site", "a")]));
+        // A claim against the certificate, or without one, is refused.
+        let e = site_labels("n1", labels(&[("site", "b")]), true, Some("a")).unwrap_err();
+        assert!(
+            e.contains("claims site \"b\"") && e.contains("site \"a\""),
+            "{e}"
+        );
+        let e = site_labels("n1", labels(&[("site", "b")]), true, None).unwrap_err();
+        assert!(e.contains("--site b"), "{e}");
+        // No site at all is fine; without TLS the claim stands.
+        assert_eq!(
+            site_labels("n1", labels(&[]), true, None).unwrap(),
+            labels(&[])
+        );
+        let got = site_labels("n1", labels(&[("site", "b")]), false, None).unwrap();
+        assert_eq!(got, labels(&[("site", "b")]));
+    }
 }

@@ -21,7 +21,7 @@ use hcx_net::tls::{Identity, Role, init_certs};
 async fn coordinator(dir: &Path) -> CoordinatorHandle {
     init_certs(&dir.join("certs"), &[], false).unwrap();
     for n in ["a", "b"] {
-        hcx_net::tls::issue_node_cert(&dir.join("certs"), n, &[], false).unwrap();
+        hcx_net::tls::issue_node_cert(&dir.join("certs"), n, None, &[], false).unwrap();
     }
     for d in ["models", "out"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();

@@ -105,14 +105,28 @@ pub enum TlsError {
         /// The refused name.
         name: String,
     },
+    /// A site name that cannot go into a certificate.
+    #[error(
+        "site name {name:?} cannot be certified: use 1 to 128 ASCII letters, digits, `.`, `_` or `-`"
+    )]
+    InvalidSiteName {
+        /// The refused name.
+        name: String,
+    },
 }
 
 /// A node certificate names its node in a URI subject alternative name
 /// with this prefix (`urn:hcx-cluster:node:gpu-9`).
 pub const NODE_NAME_URI_PREFIX: &str = "urn:hcx-cluster:node:";
 
-/// Whether `name` can be a certified node name: 1 to 128 ASCII letters,
-/// digits, `.`, `_` or `-`.
+/// A node certificate may name the node's site (a federated run's
+/// calibration data stays at its site) in a URI subject alternative name
+/// with this prefix (`urn:hcx-cluster:site:a`). Coordinators take a node's
+/// `site` label from here, not from what the node claims.
+pub const SITE_URI_PREFIX: &str = "urn:hcx-cluster:site:";
+
+/// Whether `name` can be a certified node (or site) name: 1 to 128 ASCII
+/// letters, digits, `.`, `_` or `-`.
 pub fn check_node_name(name: &str) -> Result<(), TlsError> {
     let ok = (1..=128).contains(&name.len())
         && name
@@ -386,16 +400,34 @@ fn leaf_params(role: Role, sans: &[SanType]) -> CertificateParams {
 /// [`init_certs`]; needs `ca.key`): `node-NAME.pem` and `node-NAME.key`,
 /// valid for the same host names as `node.pem` plus `hosts`, naming the
 /// node (see [`NODE_NAME_URI_PREFIX`]) so coordinators can tell it from
-/// other nodes. Returns the certificate's path. Existing files are an
-/// error unless `force`.
+/// other nodes, and its `site` when given (see [`SITE_URI_PREFIX`]).
+/// Returns the certificate's path. Existing files are an error unless
+/// `force`.
 pub fn issue_node_cert(
     dir: &Path,
     name: &str,
+    site: Option<&str>,
     hosts: &[String],
     force: bool,
 ) -> Result<PathBuf, TlsError> {
     check_node_name(name)?;
+    if let Some(site) = site
+        && check_node_name(site).is_err()
+    {
+        return Err(TlsError::InvalidSiteName {
+            name: site.to_string(),
+        });
+    }
     let (_, mut sans) = server_sans(hosts)?;
+    if let Some(site) = site {
+        let uri = format!("{SITE_URI_PREFIX}{site}");
+        sans.push(SanType::URI(uri.clone().try_into().map_err(|e| {
+            TlsError::InvalidHost {
+                host: uri,
+                reason: format!("{e}"),
+            }
+        })?));
+    }
     let uri = format!("{NODE_NAME_URI_PREFIX}{name}");
     sans.push(SanType::URI(uri.clone().try_into().map_err(|e| {
         TlsError::InvalidHost {
@@ -699,6 +731,22 @@ pub fn peer_node_name(cert_der: &[u8]) -> Option<String> {
     })
 }
 
+/// The site a peer certificate places its node at (a URI subject
+/// alternative name `urn:hcx-cluster:site:NAME`); `None` when it names
+/// none. Only meaningful for certificates already verified against the
+/// cluster CA.
+pub fn peer_site(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix(SITE_URI_PREFIX)
+            .filter(|n| check_node_name(n).is_ok())
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
 /// Whether a certificate is valid for the IP address `ip` (an IP subject
 /// alternative name equal to it): peers that dial this address check that.
 pub fn cert_covers_ip(cert_der: &[u8], ip: std::net::IpAddr) -> bool {
@@ -843,23 +891,32 @@ mod tests {
         init_certs(dir.path(), &[], false).unwrap();
         let shared = Identity::load(dir.path(), Role::Node).unwrap();
         assert_eq!(shared.node_name(), None);
-        let pem = issue_node_cert(dir.path(), "gpu-9", &["10.0.0.9".into()], false).unwrap();
+        let pem = issue_node_cert(dir.path(), "gpu-9", None, &["10.0.0.9".into()], false).unwrap();
         assert_eq!(pem, dir.path().join("node-gpu-9.pem"));
         let named = Identity::load_node(dir.path(), "gpu-9").unwrap();
         assert_eq!(named.node_name().as_deref(), Some("gpu-9"));
         assert_eq!(peer_role(named.cert_chain()[0].as_ref()), Some(Role::Node));
+        assert_eq!(peer_site(named.cert_chain()[0].as_ref()), None);
+        // A site, when given, is in the certificate; a bad one is refused.
+        issue_node_cert(dir.path(), "gpu-8", Some("site-a"), &[], false).unwrap();
+        let placed = Identity::load_node(dir.path(), "gpu-8").unwrap();
+        let leaf = placed.cert_chain()[0].as_ref();
+        assert_eq!(peer_site(leaf).as_deref(), Some("site-a"));
+        assert_eq!(peer_node_name(leaf).as_deref(), Some("gpu-8"));
+        let err = issue_node_cert(dir.path(), "gpu-7", Some("a b"), &[], false).unwrap_err();
+        assert!(matches!(err, TlsError::InvalidSiteName { .. }), "{err}");
         // A node without its own certificate uses the shared one.
         let other = Identity::load_node(dir.path(), "gpu-10").unwrap();
         assert_eq!(other.node_name(), None);
         // Again only with force; bad names never reach a certificate.
-        let err = issue_node_cert(dir.path(), "gpu-9", &[], false).unwrap_err();
+        let err = issue_node_cert(dir.path(), "gpu-9", None, &[], false).unwrap_err();
         assert!(matches!(err, TlsError::Exists { .. }), "{err}");
-        issue_node_cert(dir.path(), "gpu-9", &[], true).unwrap();
+        issue_node_cert(dir.path(), "gpu-9", None, &[], true).unwrap();
         for bad in ["", "a b", "../x", &"n".repeat(129)] {
-            let err = issue_node_cert(dir.path(), bad, &[], false).unwrap_err();
+            let err = issue_node_cert(dir.path(), bad, None, &[], false).unwrap_err();
             assert!(matches!(err, TlsError::InvalidNodeName { .. }), "{err}");
         }
-        let err = issue_node_cert(&dir.path().join("none"), "n1", &[], false).unwrap_err();
+        let err = issue_node_cert(&dir.path().join("none"), "n1", None, &[], false).unwrap_err();
         assert!(err.to_string().contains("ca.key"), "{err}");
     }
 
@@ -867,7 +924,7 @@ mod tests {
     async fn issued_node_certificates_chain_to_the_cluster_ca() {
         let dir = tempfile::tempdir().unwrap();
         init_certs(dir.path(), &[], false).unwrap();
-        issue_node_cert(dir.path(), "n1", &[], false).unwrap();
+        issue_node_cert(dir.path(), "n1", None, &[], false).unwrap();
         let coord = Identity::load(dir.path(), Role::Coordinator).unwrap();
         let n1 = Identity::load_node(dir.path(), "n1").unwrap();
         let (server, addr) = echo_server(&coord);
@@ -882,7 +939,7 @@ mod tests {
     fn a_node_certificate_covers_the_addresses_it_was_issued_for() {
         let dir = tempfile::tempdir().unwrap();
         init_certs(dir.path(), &[], false).unwrap();
-        issue_node_cert(dir.path(), "n1", &["10.1.2.3".into()], false).unwrap();
+        issue_node_cert(dir.path(), "n1", None, &["10.1.2.3".into()], false).unwrap();
         let n1 = Identity::load_node(dir.path(), "n1").unwrap();
         let leaf = &n1.cert_chain()[0];
         for ip in ["10.1.2.3", "127.0.0.1", "::1"] {
@@ -891,7 +948,10 @@ mod tests {
         for ip in ["10.1.2.4", "127.0.0.2", "::2"] {
             assert!(!cert_covers_ip(leaf, ip.parse().unwrap()), "{ip}");
         }
-        assert!(!cert_covers_ip(b"not a certificate", "10.1.2.3".parse().unwrap()));
+        assert!(!cert_covers_ip(
+            b"not a certificate",
+            "10.1.2.3".parse().unwrap()
+        ));
     }
 
     #[test]
