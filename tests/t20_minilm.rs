@@ -218,12 +218,16 @@ fn calibrated_jobs_meet_their_embedding_targets() {
 fn distilled_2bit_job_meets_its_embedding_target() {
     // The 2-bit GPTQ job plus block-wise distillation of the LayerNorms and
     // biases (no extra bits). Measured: cosine 0.95292 at 2.615 bits per
-    // weight, against 0.94832 for the same job undistilled.
+    // weight on one machine and 0.95161 on another (AVX-512), against
+    // 0.94832 for the same job undistilled: candle's matrix kernels are
+    // chosen by CPU features, so the calibration activations differ in the
+    // last bits between CPU types, and the tuned result with them. The
+    // gate sits under the lower figure.
     let t = tempfile::tempdir().unwrap();
     let job = "minilm-2bit-distill";
     let (bpw, _, cos) = run_and_measure(t.path(), job);
     assert!(bpw <= 2.625, "{job}: {bpw}");
-    assert!(cos >= 0.9525, "{job}: {cos}");
+    assert!(cos >= 0.9512, "{job}: {cos}");
     let report: serde_json::Value = serde_json::from_slice(
         &std::fs::read(t.path().join(job).join("attribution.json")).unwrap(),
     )
