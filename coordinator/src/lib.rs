@@ -188,12 +188,7 @@ impl Shared {
         &self,
         certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
     ) -> Option<String> {
-        if !self.secure {
-            return None;
-        }
-        certs
-            .and_then(|c| c.first())
-            .and_then(|c| hcx_net::tls::peer_node_name(c.as_ref()))
+        self.read_leaf(certs, hcx_net::tls::peer_node_name)
     }
 
     /// The site the caller's certificate places it at (TLS mode only).
@@ -201,12 +196,20 @@ impl Shared {
         &self,
         certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
     ) -> Option<String> {
+        self.read_leaf(certs, hcx_net::tls::peer_site)
+    }
+
+    /// What `read` finds in the caller's leaf certificate; `None` under
+    /// `--insecure`, where certificates prove nothing.
+    fn read_leaf(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        read: fn(&[u8]) -> Option<String>,
+    ) -> Option<String> {
         if !self.secure {
             return None;
         }
-        certs
-            .and_then(|c| c.first())
-            .and_then(|c| hcx_net::tls::peer_site(c.as_ref()))
+        certs.and_then(|c| c.first()).and_then(|c| read(c.as_ref()))
     }
 
     /// Refuses a node call that names another node than the one the
