@@ -218,7 +218,7 @@ pub fn submit_request(
     spec.model = std::path::absolute(&spec.model).unwrap_or(spec.model);
     spec.output = std::path::absolute(&spec.output).unwrap_or(spec.output);
     if let Some(c) = &mut spec.calibration {
-        for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+        for f in c.files_mut() {
             f.try_map(|p| std::path::absolute(p))
                 .context("cannot make a calibration path absolute")?;
         }
@@ -490,8 +490,11 @@ pub struct Embedded {
 impl Embedded {
     /// Starts the cluster with `n` nodes; its coordinator reads models only
     /// under `model_roots` and writes artifacts only inside `output_roots`.
+    /// With `sites`, node i's certificate places it at site i mod the
+    /// number of sites (a federated job's sites, in turn).
     pub async fn start(
         n: usize,
+        sites: &[String],
         model_roots: Vec<PathBuf>,
         output_roots: Vec<PathBuf>,
     ) -> Result<Embedded> {
@@ -502,7 +505,8 @@ impl Embedded {
         let certs = dir.path().join("certs");
         hcx_net::tls::init_certs(&certs, &[], false)?;
         for i in 1..=n {
-            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), None, &[], false)?;
+            let site = (!sites.is_empty()).then(|| sites[(i - 1) % sites.len()].as_str());
+            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), site, &[], false)?;
         }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
             id: 1,

@@ -392,6 +392,20 @@ fn run_embedded(
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // A federated job's in-process nodes take its sites in turn.
+    let sites: Vec<String> = spec
+        .calibration
+        .as_ref()
+        .map(|c| c.sites.keys().cloned().collect())
+        .unwrap_or_default();
+    if nodes < sites.len() {
+        bail!(
+            "the job's calibration has {} sites ({}), each read only by its own nodes: give --nodes {} or more",
+            sites.len(),
+            sites.join(", "),
+            sites.len()
+        );
+    }
     // The embedded coordinator may read this job's model and write its
     // output, and nothing else.
     let model =
@@ -422,7 +436,8 @@ fn run_embedded(
     model_roots.dedup();
     let rt = runtime()?;
     let st = rt.block_on(async {
-        let cluster = cluster::Embedded::start(nodes, model_roots, vec![output_root]).await?;
+        let cluster =
+            cluster::Embedded::start(nodes, &sites, model_roots, vec![output_root]).await?;
         let st = cluster.run(spec, output, quiet).await;
         cluster.stop().await;
         st

@@ -525,6 +525,71 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
 }
 
 #[test]
+fn a_federated_job_calibrates_each_site_on_its_own_nodes_and_matches_the_local_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each site's sentences in a folder of its own, outside every model root.
+    let all =
+        std::fs::read_to_string(common::root().join("configs/calibration/sentences.txt")).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let mut files = Vec::new();
+    for (site, part) in [("a", &lines[..40]), ("b", &lines[40..80])] {
+        let d = dir.path().join(format!("site-{site}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("sentences.txt"), part.join("\n")).unwrap();
+        files.push(d.join("sentences.txt"));
+    }
+    let local = dir.path().join("local");
+    let body = format!(
+        "pipeline:\n  - hadamard: {{}}\n  - gptq: {{grid: {{uniform: {{bits: 2.52}}}}}}\nrules:\n  - match: [\"*LayerNorm*\", \"*.bias\"]\n    keep: source\n  - match: [\"embeddings.*\", \"pooler.*\"]\n    keep: int8\ncalibration:\n  sites:\n    a: {}\n    b: {}\n  samples: 10\n  seq_len: 32\n  allow_small_sites: true\ndistill: {{steps: 2, lr: 0.001, batch: 6, params: [norms]}}\n",
+        files[0].display(),
+        files[1].display()
+    );
+    let job = write_job(dir.path(), "federated", &minilm(), &local, &body);
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    // n1 is at site a, n2 and n3 at site b; only the model is shared.
+    let c = Cluster::start(dir.path(), 3, &[&minilm()]);
+    let out = dir.path().join("cluster");
+    let submitted = c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--watch",
+    ]);
+    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    assert_same_artifact(&local, &out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["group"]["members"],
+        serde_json::json!(["n1", "n2", "n3"]),
+        "{report}"
+    );
+    assert_eq!(report["calibration"]["samples"], 20, "{report}");
+    // The embedded cluster puts its two nodes at the two sites.
+    let embedded = dir.path().join("embedded");
+    hcx_ok(&[
+        "run",
+        job.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--output",
+        embedded.to_str().unwrap(),
+    ]);
+    assert_same_artifact(&local, &embedded);
+    // A site no node is at: refused at submit, by name.
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("    b: ", "    z: ");
+    let lost = dir.path().join("lost.yaml");
+    std::fs::write(&lost, text).unwrap();
+    let refused = c.run(&["submit", lost.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("site=z"), "{err}");
+}
+
+#[test]
 fn a_killed_rank_breaks_the_group_which_forms_again_and_the_job_still_matches() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");

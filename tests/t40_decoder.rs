@@ -353,7 +353,7 @@ fn run_ranked(job: &Path, out: &Path, world: usize) -> Vec<u8> {
         .map(|mut ring| {
             let (spec, out) = (spec.clone(), out.to_path_buf());
             std::thread::spawn(move || {
-                hcx_pipeline::calibrate::run_job_ranked(&spec, Some(&out), &mut ring)
+                hcx_pipeline::calibrate::run_job_ranked(&spec, Some(&out), &mut ring, &[])
                     .map(|o| o.is_some())
             })
         })
@@ -394,6 +394,214 @@ fn calibrated_artifact_is_the_same_bits_on_1_2_and_3_ranks() {
     std::fs::write(&text, reversed.join(" ")).unwrap();
     let other = run_ranked(&job, &dir.path().join("ranked-other"), 2);
     assert!(other != one);
+}
+
+/// A link that keeps a copy of every frame it sends: it watches what one
+/// rank sends to its right neighbour.
+struct Tap {
+    inner: hcx_kernels::collective::local::LocalLink,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<hcx_kernels::collective::Frame>>>,
+}
+
+impl hcx_kernels::collective::Link for Tap {
+    fn send(
+        &mut self,
+        frame: hcx_kernels::collective::Frame,
+    ) -> Result<(), hcx_kernels::collective::LinkError> {
+        self.sent.lock().unwrap().push(frame.clone());
+        self.inner.send(frame)
+    }
+    fn recv(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<hcx_kernels::collective::Frame, hcx_kernels::collective::LinkError> {
+        self.inner.recv(timeout)
+    }
+    fn abort(&mut self, reason: &str) {
+        self.inner.abort(reason)
+    }
+}
+
+/// Runs a federated job as in-process ranks at the given sites (by rank)
+/// and returns rank 0's tensor file and every frame each rank sent.
+fn run_at_sites(
+    job: &Path,
+    out: &Path,
+    sites: &[&str],
+) -> (Vec<u8>, Vec<Vec<hcx_kernels::collective::Frame>>) {
+    let spec = hcx_protocol::JobSpec::load(job).unwrap();
+    let world = sites.len();
+    let sites: Vec<String> = sites.iter().map(|s| s.to_string()).collect();
+    let logs: Vec<_> = (0..world).map(|_| std::sync::Arc::default()).collect();
+    let links = hcx_kernels::collective::local::links(world).unwrap();
+    let handles: Vec<_> = links
+        .into_iter()
+        .zip(&logs)
+        .enumerate()
+        .map(|(rank, (inner, log))| {
+            let tap = Tap {
+                inner,
+                sent: std::sync::Arc::clone(log),
+            };
+            let mut ring = hcx_kernels::collective::Ring::new(rank, world, 1, tap).unwrap();
+            let (spec, out, sites) = (spec.clone(), out.to_path_buf(), sites.clone());
+            std::thread::spawn(move || {
+                hcx_pipeline::calibrate::run_job_ranked(&spec, Some(&out), &mut ring, &sites)
+                    .map(|o| o.is_some())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    let frames = logs
+        .iter()
+        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
+        .collect();
+    (
+        std::fs::read(out.join("model.hcx.safetensors")).unwrap(),
+        frames,
+    )
+}
+
+/// Checks that every frame `from` sent to the next site holds only what may
+/// leave a site: exact integer sums (Hessian sums with their row counts,
+/// distillation gradients, output error totals) and all-gathered counts
+/// (micro-batch sizes, which statistics a rank holds with their
+/// dimensions and bounds). Returns how many frames of each were seen.
+fn check_crossing(frames: &[hcx_kernels::collective::Frame]) -> (usize, usize) {
+    use hcx_kernels::collective::Op;
+    let (mut sums, mut gathered) = (0, 0);
+    // All-gather blocks, rebuilt from their frames (chunk 0 is the length).
+    let mut blocks: std::collections::BTreeMap<(u64, u32), Vec<u8>> = Default::default();
+    for f in frames {
+        let h = &f.header;
+        match h.op {
+            Op::Hello => {}
+            Op::AllReduce => {
+                assert_eq!(
+                    h.kind, 4,
+                    "only exact i128 sums are all-reduced across sites: {h:?}"
+                );
+                sums += 1;
+            }
+            Op::AllGather if h.chunk > 0 => {
+                blocks
+                    .entry((h.seq, h.part))
+                    .or_default()
+                    .extend(&f.payload);
+            }
+            Op::AllGather => {}
+            other => panic!("a {other} frame crossed between sites: {h:?}"),
+        }
+    }
+    for ((seq, _), b) in &blocks {
+        // Micro-batch sizes: a site name, a count and three u64 per micro-batch.
+        let sizes = b.len() >= 10 && {
+            let n = usize::from(u16::from_le_bytes([b[0], b[1]]));
+            b.len() >= 10 + n
+                && ["a", "b"].contains(&std::str::from_utf8(&b[2..2 + n]).unwrap_or(""))
+                && 10 + n + 24 * u64::from_le_bytes(b[2 + n..10 + n].try_into().unwrap()) as usize
+                    == b.len()
+        };
+        // Which statistics a rank holds: (site code, dim, bound) records.
+        let meta = b.len() % 25 == 0 && b.chunks(25).all(|r| r[0] < 16);
+        assert!(
+            sizes || meta,
+            "call {seq}: an all-gathered block of {} bytes is neither sizes nor statistics metadata",
+            b.len()
+        );
+        gathered += 1;
+    }
+    (sums, gathered)
+}
+
+#[test]
+fn a_federated_job_equals_one_site_holding_all_the_data_and_only_sums_cross_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, &noise);
+    let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+    tiny_text(&a, 600);
+    tiny_text(&b, 400);
+    let words = std::fs::read_to_string(&b).unwrap();
+    std::fs::write(&b, words.split(' ').rev().collect::<Vec<_>>().join(" ")).unwrap();
+    let job = tiny_job(
+        dir.path(),
+        "fed",
+        &gguf,
+        &a,
+        "distill: {steps: 6, lr: 0.01, batch: 16, params: [norms]}\n",
+    );
+    let yaml = std::fs::read_to_string(&job).unwrap().replace(
+        &format!("  text: {}\n  samples: 4\n", a.display()),
+        &format!(
+            "  sites:\n    a: {}\n    b: {}\n  samples: 20\n",
+            a.display(),
+            b.display()
+        ),
+    );
+    assert!(yaml.contains("sites:"), "{yaml}");
+    std::fs::write(&job, &yaml).unwrap();
+    // One process reading both sites' files: the reference.
+    let one = run_tensor_file(&job, &dir.path().join("out-fed"), None);
+    // Site a's 3 micro-batches over two ranks, site b's over one; then one
+    // rank a site.
+    let (three, frames) = run_at_sites(&job, &dir.path().join("fed-3"), &["a", "a", "b"]);
+    assert!(three == one, "3 ranks at 2 sites give another artifact");
+    let (two, _) = run_at_sites(&job, &dir.path().join("fed-2"), &["a", "b"]);
+    assert!(two == one, "2 ranks at 2 sites give another artifact");
+    // What crossed from site a to b (rank 1 → 2) and back (rank 2 → 0):
+    // sums and counts only, and both kinds did cross.
+    for from in [1, 2] {
+        let (sums, gathered) = check_crossing(&frames[from]);
+        assert!(
+            sums > 0 && gathered > 0,
+            "rank {from}: {sums} sums, {gathered} blocks"
+        );
+    }
+    // Inside site a rank 0 sent rank 1 the same kinds only, too.
+    check_crossing(&frames[0]);
+    // The site's data is really used: other text at site b, other bits.
+    std::fs::write(&b, words).unwrap();
+    let (other, _) = run_at_sites(&job, &dir.path().join("fed-other"), &["a", "b"]);
+    assert!(other != one);
+    // A group that lacks a site, or whose site's ranks are not side by
+    // side, is refused by name.
+    let spec = hcx_protocol::JobSpec::load(&job).unwrap();
+    let mut alone = hcx_kernels::collective::local::group(1, 1)
+        .unwrap()
+        .remove(0);
+    let e = hcx_pipeline::calibrate::run_job_ranked(
+        &spec,
+        Some(&dir.path().join("fed-a")),
+        &mut alone,
+        &["a".to_string()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no node of site `b`"), "{e}");
+    // A site with fewer token rows than the widest layer input (12, the
+    // MLP's) is refused unless the job allows it.
+    std::fs::write(&job, yaml.replace("samples: 20", "samples: 1")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))
+        .args(["run", "--local", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("site `a` calibrates on 8 token rows")
+            && err.contains("allow_small_sites"),
+        "{err}"
+    );
+    std::fs::write(
+        &job,
+        yaml.replace("samples: 20", "samples: 1\n  allow_small_sites: true"),
+    )
+    .unwrap();
+    run_tensor_file(&job, &dir.path().join("out-fed"), None);
 }
 
 #[test]

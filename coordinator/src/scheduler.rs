@@ -83,6 +83,9 @@ pub struct PlanOptions {
     pub layers_per_shard: u32,
     /// label constraints every chosen node must satisfy, e.g. site=a
     pub require_labels: BTreeMap<String, String>,
+    /// A federated job's sites: its group takes nodes of these sites only
+    /// (the `site` label), at least one of each, a site's ranks side by side.
+    pub sites: Vec<String>,
 }
 
 impl Default for PlanOptions {
@@ -90,6 +93,7 @@ impl Default for PlanOptions {
         Self {
             layers_per_shard: 1,
             require_labels: BTreeMap::new(),
+            sites: Vec::new(),
         }
     }
 }
@@ -503,6 +507,11 @@ pub fn rank_shards(units: &[Shard], n: usize) -> Vec<Shard> {
 /// that may take the job's work (not draining, every required label, at
 /// least `need_bytes` of memory, since each rank holds the whole model), at
 /// most `max` of them. Deterministic whatever the order of `nodes`.
+///
+/// For a federated job (`opts.sites`) only nodes of its sites take part, at
+/// least one of each site (taken by turns, site by site, while more than
+/// `max` are able), in rank order by site and then name, so a site's ranks
+/// are neighbours in the ring.
 pub fn group_members(
     nodes: &[NodeCapacity],
     opts: &PlanOptions,
@@ -510,6 +519,9 @@ pub fn group_members(
     max: usize,
 ) -> Result<Vec<String>, ScheduleError> {
     let sorted = sorted_nodes(nodes);
+    if !opts.sites.is_empty() {
+        return site_members(&sorted, opts, need_bytes, max);
+    }
     let members: Vec<String> = sorted
         .iter()
         .filter(|n| check(n, need_bytes, opts, &[]).is_ok())
@@ -528,6 +540,68 @@ pub fn group_members(
         return Err(no_eligible(&whole, &sorted, opts, &[]));
     }
     Ok(members)
+}
+
+/// [`group_members`] for a federated job.
+fn site_members(
+    sorted: &[&NodeCapacity],
+    opts: &PlanOptions,
+    need_bytes: u64,
+    max: usize,
+) -> Result<Vec<String>, ScheduleError> {
+    let mut able: Vec<Vec<&NodeCapacity>> = Vec::with_capacity(opts.sites.len());
+    for site in &opts.sites {
+        let mut o = opts.clone();
+        o.require_labels.insert("site".into(), site.clone());
+        let ok: Vec<&NodeCapacity> = sorted
+            .iter()
+            .copied()
+            .filter(|n| check(n, need_bytes, &o, &[]).is_ok())
+            .collect();
+        if ok.is_empty() {
+            let whole = Shard {
+                id: 0,
+                label: format!("site {site}'s part of the collective group"),
+                layers: None,
+                tensors: Vec::new(),
+                cost: 0.0,
+                memory_bytes: need_bytes,
+            };
+            return Err(no_eligible(&whole, sorted, &o, &[]));
+        }
+        able.push(ok);
+    }
+    let max = max.max(able.len());
+    let mut taken = vec![0usize; able.len()];
+    let mut count = 0;
+    'turns: loop {
+        let mut any = false;
+        for (i, nodes) in able.iter().enumerate() {
+            if count == max {
+                break 'turns;
+            }
+            if taken[i] < nodes.len() {
+                taken[i] += 1;
+                count += 1;
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let mut members: Vec<(&str, &str)> = able
+        .iter()
+        .zip(&taken)
+        .zip(&opts.sites)
+        .flat_map(|((nodes, &k), site)| {
+            nodes[..k]
+                .iter()
+                .map(move |n| (site.as_str(), n.name.as_str()))
+        })
+        .collect();
+    members.sort();
+    Ok(members.into_iter().map(|(_, n)| n.to_string()).collect())
 }
 
 #[cfg(test)]
@@ -573,6 +647,7 @@ mod tests {
         PlanOptions {
             layers_per_shard,
             require_labels: site(at),
+            sites: Vec::new(),
         }
     }
 
@@ -841,6 +916,36 @@ mod tests {
         assert_eq!(got, names("a c"));
         let e = group_members(&nodes, &opts(1, Some("z")), 2 * GIB, 8).unwrap_err();
         assert!(e.to_string().contains("lack site=z"), "{e}");
+    }
+
+    #[test]
+    fn a_federated_group_takes_every_site_with_its_ranks_side_by_side() {
+        let nodes = vec![
+            node("a1", 2, 8 * GIB, Some("b"), false),
+            node("b1", 2, 8 * GIB, Some("a"), false),
+            node("b2", 2, 8 * GIB, Some("a"), false),
+            node("c1", 2, 8 * GIB, Some("c"), false),
+            node("b3", 2, GIB, Some("a"), false),
+            node("a2", 2, 8 * GIB, Some("b"), true),
+        ];
+        let mut o = opts(1, None);
+        o.sites = vec!["a".into(), "b".into()];
+        // Site a's nodes first, then b's; c's node is not in the job.
+        let got = group_members(&nodes, &o, 2 * GIB, 8).unwrap();
+        assert_eq!(got, names("b1 b2 a1"));
+        // Fewer places than able nodes: by turns, every site keeps one.
+        assert_eq!(
+            group_members(&nodes, &o, 2 * GIB, 2).unwrap(),
+            names("b1 a1")
+        );
+        assert_eq!(
+            group_members(&nodes, &o, 2 * GIB, 1).unwrap(),
+            names("b1 a1")
+        );
+        // A site without an able node: no group, and the reason names it.
+        o.sites.push("d".into());
+        let e = group_members(&nodes, &o, 2 * GIB, 8).unwrap_err();
+        assert!(e.to_string().contains("site=d"), "{e}");
     }
 
     #[test]

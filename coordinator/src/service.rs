@@ -93,6 +93,11 @@ pub fn plan_options(spec: &JobSpec) -> PlanOptions {
     PlanOptions {
         layers_per_shard: p.layers_per_shard.unwrap_or(1).max(1),
         require_labels: p.labels,
+        sites: spec
+            .calibration
+            .as_ref()
+            .map(|c| c.sites.keys().cloned().collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -158,8 +163,10 @@ impl ClusterService {
         // Only inside this coordinator's roots, checked before anything is
         // created; the job keeps the resolved paths.
         // Calibration files are read by the group's nodes: model roots too.
+        // A federated job's site files are read only at their sites, so
+        // this coordinator does not look for them.
         if let Some(c) = &mut spec.calibration {
-            for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+            for f in c.files_mut() {
                 f.resolve(&base);
             }
         }
@@ -169,7 +176,7 @@ impl ClusterService {
         let (model, output, calibration) = tokio::task::spawn_blocking(move || {
             let mut calibration = calibration;
             if let Some(c) = &mut calibration {
-                for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+                for f in c.shared_files_mut() {
                     f.try_map(|p| roots.calibration(p))?;
                 }
             }
@@ -497,6 +504,15 @@ impl Cluster for ClusterService {
                                 .members
                                 .iter()
                                 .map(|m| s.nodes.get(m).map(|n| n.listen.clone()))
+                                .collect::<Option<Vec<_>>>()?,
+                            sites: g
+                                .members
+                                .iter()
+                                .map(|m| {
+                                    s.nodes
+                                        .get(m)
+                                        .map(|n| n.labels.get("site").cloned().unwrap_or_default())
+                                })
                                 .collect::<Option<Vec<_>>>()?,
                         }),
                         None => None,

@@ -247,6 +247,52 @@ impl HessianSum {
         Ok(())
     }
 
+    /// An upper bound on the magnitude of every integer the sum holds;
+    /// ranks add their bounds before an integer all-reduce to know it
+    /// cannot overflow.
+    pub fn bound(&self) -> u128 {
+        self.max_abs
+    }
+
+    /// The sum as integers for an exact all-reduce: the row count, then
+    /// the upper triangle column by column (units of 2^-48).
+    pub fn to_words(&self) -> Vec<i128> {
+        let mut out = Vec::with_capacity(1 + self.acc.len());
+        out.push(i128::from(self.count));
+        out.extend_from_slice(&self.acc);
+        out
+    }
+
+    /// Reads what [`to_words`](Self::to_words) gave (or a sum of such
+    /// vectors) for rows of `dim` values.
+    pub fn from_words(dim: usize, words: &[i128]) -> Result<HessianSum, KernelError> {
+        let bad = |why: String| KernelError::corrupt("hessian", why);
+        let Some((&count, acc)) = words.split_first() else {
+            return Err(bad("no row count".into()));
+        };
+        if dim
+            .checked_add(1)
+            .and_then(|e| dim.checked_mul(e))
+            .map(|m| m / 2)
+            != Some(acc.len())
+        {
+            return Err(bad(format!(
+                "{} values do not hold the {dim} × {dim} upper triangle",
+                acc.len()
+            )));
+        }
+        let count = u64::try_from(count).map_err(|_| bad(format!("row count {count}")))?;
+        if let Some(j) = (0..dim).find(|&j| acc[tri(j) + j] < 0) {
+            return Err(bad(format!("diagonal entry {j} is negative")));
+        }
+        Ok(HessianSum {
+            dim,
+            count,
+            acc: acc.to_vec(),
+            max_abs: acc.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0),
+        })
+    }
+
     /// The sum as f64, row-major `dim × dim`, symmetric.
     pub fn to_f64(&self) -> Vec<f64> {
         let dim = self.dim;
@@ -695,6 +741,22 @@ mod tests {
             prop_assert_eq!(back.to_bytes(), b);
             prop_assert_eq!(back.count(), rows as u64);
             prop_assert_eq!(back.dim(), dim);
+        }
+
+        #[test]
+        fn summed_words_are_the_merged_sum(dim in 0usize..12, rows in 0usize..30, seed in any::<u64>()) {
+            let (x, y) = (inputs(seed, rows, dim), inputs(seed ^ 1, rows, dim));
+            let (mut a, mut b) = (HessianSum::new(dim), HessianSum::new(dim));
+            a.add_batch(&x, rows).unwrap();
+            b.add_batch(&y, rows).unwrap();
+            prop_assert_eq!(&HessianSum::from_words(dim, &a.to_words()).unwrap(), &a);
+            let words: Vec<i128> = a.to_words().iter().zip(b.to_words()).map(|(p, q)| p + q).collect();
+            let summed = HessianSum::from_words(dim, &words).unwrap();
+            prop_assert!(summed.bound() <= a.bound() + b.bound());
+            a.merge(&b).unwrap();
+            prop_assert_eq!(summed, a);
+            prop_assert!(HessianSum::from_words(dim + 1, &words).is_err());
+            prop_assert!(HessianSum::from_words(dim, &[]).is_err());
         }
     }
 }

@@ -128,11 +128,7 @@ pub const SITE_URI_PREFIX: &str = "urn:hcx-cluster:site:";
 /// Whether `name` can be a certified node (or site) name: 1 to 128 ASCII
 /// letters, digits, `.`, `_` or `-`.
 pub fn check_node_name(name: &str) -> Result<(), TlsError> {
-    let ok = (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if hcx_protocol::job::valid_certified_name(name) {
         Ok(())
     } else {
         Err(TlsError::InvalidNodeName {

@@ -617,9 +617,15 @@ async fn group_steps(
         a.job_id, a.shard, a.attempt
     ));
     let (p, tensors) = (path.clone(), a.tensors.clone());
+    // A federated job's ranks read their own site's files; others ignore sites.
+    let sites = if spec.calibration.as_ref().is_some_and(|c| c.is_federated()) {
+        g.sites.clone()
+    } else {
+        Vec::new()
+    };
     let t0 = Instant::now();
     let summary = tokio::task::spawn_blocking(move || {
-        hcx_pipeline::calibrate::encode_group_shard(&spec, &mut ring, &tensors, &p)
+        hcx_pipeline::calibrate::encode_group_shard(&spec, &mut ring, &sites, &tensors, &p)
     })
     .await
     .map_err(|e| retry("calibrate", e.to_string()))?

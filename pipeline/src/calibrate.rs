@@ -16,10 +16,21 @@
 //!
 //! Data-parallel runs ([`run_job_ranked`]) give micro-batch i to rank
 //! i mod n. Each rank adds its micro-batches' statistics and the ranks
-//! all-gather and merge the exact sums, so the statistics, and so the
+//! all-reduce the exact integer sums, so the statistics, and so the
 //! artifact, are the same bits for any number of ranks. Every rank then
 //! encodes the block (the encoders are deterministic, so no weights need to
 //! travel) and re-runs its own micro-batches; rank 0 writes the artifact.
+//!
+//! Federated runs (`calibration.sites`): each rank reads only its own
+//! site's files. Micro-batches are numbered site by site (sites by name),
+//! a site's j-th going to the j mod k-th of its k ranks; the ranks
+//! all-gather only the micro-batch sizes. A site's ranks are neighbours in
+//! the ring, so a partial sum leaves a site only once it holds all of that
+//! site's data: what crosses between sites is exact integer sums
+//! (statistics with their row counts, gradients, output error totals) and
+//! counts, never tokens or activations. The numbering and the sums do not
+//! depend on who holds what, so the artifact equals that of one process
+//! reading every site's files.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -179,9 +190,10 @@ fn architecture(cfg: &str) -> String {
         .unwrap_or_else(|| "<none>".into())
 }
 
-/// Loads the source's forward pass and cuts the calibration data into
-/// micro-batches: decoders take `text:` windows, encoders `sentences:`.
-fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, Vec<Batch>), PipelineError> {
+/// Loads the source's forward pass and its tokenizer. Decoders calibrate
+/// on `text:` windows, encoders on `sentences:` (a federated job's site
+/// files are read as the model's kind needs).
+fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, TextTokenizer), PipelineError> {
     let Some(cal) = &spec.calibration else {
         return Err(bad(model, "the job has no `calibration:` section".into()));
     };
@@ -198,92 +210,27 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, Vec<Batch>), Pipeline
     let (tok_bytes, tok_path) = model_file(model, "tokenizer.json")?;
     let tok =
         TextTokenizer::from_bytes(&tok_bytes, &tok_path).map_err(|e| forward_error(model, e))?;
-    let text_error = |files: &[PathBuf], e: hcx_forward::ForwardError| PipelineError::Model {
-        path: files.first().cloned().unwrap_or_default(),
-        why: e.to_string(),
-    };
     if let Ok(cfg) = LlamaConfig::parse(&cfg_path, &cfg_text) {
-        let Some(files) = &cal.text else {
+        if cal.text.is_none() && !cal.is_federated() {
             return Err(bad(
                 model,
                 "this model is a decoder: calibrate it on `text:` (token windows), not `sentences:`"
                     .into(),
             ));
-        };
-        let files = files.as_slice();
-        let text = read_texts(files).map_err(|e| text_error(files, e))?;
-        let ids = tok.encode(&text).map_err(|e| forward_error(model, e))?;
-        let first = files.first().cloned().unwrap_or_default();
-        let tokens = token_windows(&ids, cal.seq_len, cal.samples, &first).map_err(|e| {
-            PipelineError::Model {
-                path: first.clone(),
-                why: e.to_string().replace(&format!("{}: ", first.display()), ""),
-            }
-        })?;
-        let got = tokens.len() / cal.seq_len;
-        if got < cal.samples {
-            return Err(PipelineError::Model {
-                path: first,
-                why: format!(
-                    "the calibration text makes {} tokens, {got} windows of {}; the job asks for {} (`calibration.samples`)",
-                    ids.len(),
-                    cal.seq_len,
-                    cal.samples
-                ),
-            });
         }
         let net = Llama::load(cfg, &mut src, cal.seq_len).map_err(|e| forward_error(model, e))?;
-        let mut batches = Vec::new();
-        for chunk in tokens.chunks(MICRO_BATCH * cal.seq_len) {
-            batches.push(Batch {
-                x: net.embed(chunk).map_err(|e| forward_error(model, e))?,
-                windows: chunk.len() / cal.seq_len,
-                len: cal.seq_len,
-            });
-        }
-        return Ok((Net::Decoder(net), batches));
+        return Ok((Net::Decoder(net), tok));
     }
     if let Ok(cfg) = BertConfig::parse(&cfg_path, &cfg_text) {
-        let Some(files) = &cal.sentences else {
+        if cal.sentences.is_none() && !cal.is_federated() {
             return Err(bad(
                 model,
                 "this model is an encoder: calibrate it on `sentences:` (one sentence a line), not `text:`"
                     .into(),
             ));
-        };
-        let files = files.as_slice();
-        let text = read_texts(files).map_err(|e| text_error(files, e))?;
-        let sentences: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .take(cal.samples)
-            .collect();
-        if sentences.len() < cal.samples {
-            return Err(PipelineError::Model {
-                path: files.first().cloned().unwrap_or_default(),
-                why: format!(
-                    "{} sentences; the job asks for {} (`calibration.samples`)",
-                    sentences.len(),
-                    cal.samples
-                ),
-            });
         }
         let net = Bert::load(cfg, &mut src).map_err(|e| forward_error(model, e))?;
-        let mut batches = Vec::new();
-        for s in sentences {
-            let mut ids = tok
-                .encode_with_special(s)
-                .map_err(|e| forward_error(model, e))?;
-            ids.truncate(cal.seq_len);
-            let len = ids.len();
-            batches.push(Batch {
-                x: net.embed(&ids).map_err(|e| forward_error(model, e))?,
-                windows: 1,
-                len,
-            });
-        }
-        return Ok((Net::Encoder(net), batches));
+        return Ok((Net::Encoder(net), tok));
     }
     Err(PipelineError::Model {
         path: cfg_path,
@@ -295,23 +242,347 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, Vec<Batch>), Pipeline
     })
 }
 
+/// Cuts calibration files into micro-batches: `samples` windows of
+/// `seq_len` tokens for a decoder, [`MICRO_BATCH`] windows a micro-batch;
+/// `samples` sentences for an encoder, one a micro-batch.
+fn read_batches(
+    net: &Net,
+    tok: &TextTokenizer,
+    model: &Model,
+    cal: &Calibration,
+    files: &[PathBuf],
+) -> Result<Vec<Batch>, PipelineError> {
+    let first = files.first().cloned().unwrap_or_default();
+    let text = read_texts(files).map_err(|e| PipelineError::Model {
+        path: first.clone(),
+        why: e.to_string(),
+    })?;
+    let mut batches = Vec::new();
+    match net {
+        Net::Decoder(net) => {
+            let ids = tok.encode(&text).map_err(|e| forward_error(model, e))?;
+            let tokens = token_windows(&ids, cal.seq_len, cal.samples, &first).map_err(|e| {
+                PipelineError::Model {
+                    path: first.clone(),
+                    why: e.to_string().replace(&format!("{}: ", first.display()), ""),
+                }
+            })?;
+            let got = tokens.len() / cal.seq_len;
+            if got < cal.samples {
+                return Err(PipelineError::Model {
+                    path: first,
+                    why: format!(
+                        "the calibration text makes {} tokens, {got} windows of {}; the job asks for {} (`calibration.samples`)",
+                        ids.len(),
+                        cal.seq_len,
+                        cal.samples
+                    ),
+                });
+            }
+            for chunk in tokens.chunks(MICRO_BATCH * cal.seq_len) {
+                batches.push(Batch {
+                    x: net.embed(chunk).map_err(|e| forward_error(model, e))?,
+                    windows: chunk.len() / cal.seq_len,
+                    len: cal.seq_len,
+                });
+            }
+        }
+        Net::Encoder(net) => {
+            let sentences: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(cal.samples)
+                .collect();
+            if sentences.len() < cal.samples {
+                return Err(PipelineError::Model {
+                    path: first,
+                    why: format!(
+                        "{} sentences; the job asks for {} (`calibration.samples`)",
+                        sentences.len(),
+                        cal.samples
+                    ),
+                });
+            }
+            for s in sentences {
+                let mut ids = tok
+                    .encode_with_special(s)
+                    .map_err(|e| forward_error(model, e))?;
+                ids.truncate(cal.seq_len);
+                let len = ids.len();
+                batches.push(Batch {
+                    x: net.embed(&ids).map_err(|e| forward_error(model, e))?,
+                    windows: 1,
+                    len,
+                });
+            }
+        }
+    }
+    Ok(batches)
+}
+
+/// The sizes of one micro-batch, which every rank knows for every
+/// micro-batch (counts, never contents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchSize {
+    /// Windows or sentences.
+    samples: usize,
+    /// Block output scalars (rows × hidden).
+    elements: usize,
+    /// Token rows (each a row of every layer input's statistics).
+    rows: usize,
+}
+
+impl BatchSize {
+    fn of(b: &Batch) -> BatchSize {
+        BatchSize {
+            samples: b.windows,
+            elements: b.x.elem_count(),
+            rows: b.windows * b.len,
+        }
+    }
+}
+
+/// The calibration micro-batches of a run as one rank holds them.
+///
+/// Micro-batches are numbered globally in a way that depends on the data
+/// alone: the shared files' micro-batches in order, or, for a federated
+/// job, each site's in order, sites by name. A site's j-th micro-batch is
+/// held by the j mod n-th of its n ranks (a shared file's by rank j mod
+/// world), so which rank holds which never changes a sum.
+struct Layout {
+    /// This rank's micro-batches, ascending by global index.
+    local: Vec<Batch>,
+    /// The global index of each of `local`.
+    global: Vec<usize>,
+    /// Every micro-batch's sizes, by global index.
+    sizes: Vec<BatchSize>,
+    /// A federated job's sites by name, with their token rows.
+    sites: Vec<(String, usize)>,
+}
+
+fn federation(why: impl Into<String>) -> PipelineError {
+    PipelineError::Federation { why: why.into() }
+}
+
+/// A site's micro-batch sizes as this rank tells the others: the site
+/// name's length (u16) and bytes, the count (u64), then per micro-batch
+/// samples, elements and rows (u64 each), little-endian.
+fn sizes_to_bytes(site: &str, sizes: &[BatchSize]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + site.len() + sizes.len() * 24);
+    out.extend_from_slice(&(site.len() as u16).to_le_bytes());
+    out.extend_from_slice(site.as_bytes());
+    out.extend_from_slice(&(sizes.len() as u64).to_le_bytes());
+    for s in sizes {
+        for v in [s.samples, s.elements, s.rows] {
+            out.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Reads [`sizes_to_bytes`]; `None` when malformed.
+fn sizes_from_bytes(b: &[u8]) -> Option<(String, Vec<BatchSize>)> {
+    let u64_at = |o: usize| -> Option<usize> {
+        usize::try_from(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?)).ok()
+    };
+    let n = usize::from(u16::from_le_bytes(b.get(..2)?.try_into().ok()?));
+    let site = String::from_utf8(b.get(2..2 + n)?.to_vec()).ok()?;
+    let count = u64_at(2 + n)?;
+    let body = 10 + n;
+    if count.checked_mul(24)?.checked_add(body)? != b.len() {
+        return None;
+    }
+    let sizes = (0..count)
+        .map(|i| {
+            let at = body + 24 * i;
+            Some(BatchSize {
+                samples: u64_at(at)?,
+                elements: u64_at(at + 8)?,
+                rows: u64_at(at + 16)?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((site, sizes))
+}
+
+/// Reads this rank's calibration data and agrees with the other ranks on
+/// the global micro-batch numbering. `rank_sites` gives a federated job's
+/// site of every rank (empty for a one-process run, which reads every
+/// site's files itself).
+fn layout(
+    net: &Net,
+    tok: &TextTokenizer,
+    model: &Model,
+    cal: &Calibration,
+    ranks: &mut dyn Collective,
+    rank_sites: &[String],
+) -> Result<Layout, PipelineError> {
+    let (rank, world) = (ranks.rank(), ranks.world());
+    if !cal.is_federated() {
+        let files: Vec<PathBuf> = cal.files().flat_map(|f| f.as_slice().to_vec()).collect();
+        let all = read_batches(net, tok, model, cal, &files)?;
+        let sizes = all.iter().map(BatchSize::of).collect();
+        let (global, local) = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .unzip();
+        return Ok(Layout {
+            local,
+            global,
+            sizes,
+            sites: Vec::new(),
+        });
+    }
+    if world == 1 && rank_sites.is_empty() {
+        // One process holding every site's data: the reference a
+        // federated run must equal.
+        let (mut local, mut sites) = (Vec::new(), Vec::new());
+        for (site, files) in &cal.sites {
+            let b = read_batches(net, tok, model, cal, files.as_slice())?;
+            sites.push((site.clone(), b.iter().map(|b| b.windows * b.len).sum()));
+            local.extend(b);
+        }
+        let sizes: Vec<BatchSize> = local.iter().map(BatchSize::of).collect();
+        return Ok(Layout {
+            global: (0..local.len()).collect(),
+            local,
+            sizes,
+            sites,
+        });
+    }
+    if rank_sites.len() != world {
+        return Err(federation(format!(
+            "the group has {world} ranks but {} site labels",
+            rank_sites.len()
+        )));
+    }
+    for (r, site) in rank_sites.iter().enumerate() {
+        if !cal.sites.contains_key(site) {
+            return Err(federation(format!(
+                "rank {r}'s node is at site `{site}`, for which the job names no calibration source"
+            )));
+        }
+        // A site's ranks sit side by side in the ring, so a partial sum
+        // leaves a site only once it holds all of the site's data.
+        if r > 0 && rank_sites[r - 1] != *site && rank_sites[..r - 1].contains(site) {
+            return Err(federation(format!(
+                "the ranks of site `{site}` are not adjacent in the group"
+            )));
+        }
+    }
+    if let Some(site) = cal.sites.keys().find(|s| !rank_sites.contains(s)) {
+        return Err(federation(format!(
+            "no node of site `{site}` is in the group; its calibration data is read only there"
+        )));
+    }
+    let me = &rank_sites[rank];
+    let mine = read_batches(net, tok, model, cal, cal.sites[me].as_slice())?;
+    let my_sizes: Vec<BatchSize> = mine.iter().map(BatchSize::of).collect();
+    let gathered = ranks
+        .all_gather(&sizes_to_bytes(me, &my_sizes))
+        .map_err(|source| PipelineError::Collective {
+            during: "the calibration micro-batch sizes".into(),
+            source,
+        })?;
+    let mut by_site: std::collections::BTreeMap<&str, Vec<BatchSize>> = Default::default();
+    for (r, b) in gathered.iter().enumerate() {
+        let (site, sizes) = sizes_from_bytes(b)
+            .ok_or_else(|| federation(format!("rank {r} sent malformed micro-batch sizes")))?;
+        if site != rank_sites[r] {
+            return Err(federation(format!(
+                "rank {r} says it is at site `{site}`, the group places it at `{}`",
+                rank_sites[r]
+            )));
+        }
+        match by_site.get(site.as_str()) {
+            Some(known) if *known != sizes => {
+                return Err(federation(format!(
+                    "the nodes of site `{site}` read different calibration data (rank {r} disagrees)"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let key = cal.sites.get_key_value(&site).map(|(k, _)| k.as_str());
+                by_site.insert(key.unwrap_or_default(), sizes);
+            }
+        }
+    }
+    // This site's ranks, and this rank's place among them.
+    let peers = rank_sites.iter().filter(|s| *s == me).count();
+    let at = (0..rank).filter(|&r| rank_sites[r] == *me).count();
+    let (mut sizes, mut sites, mut global) = (Vec::new(), Vec::new(), Vec::new());
+    for (site, s) in &by_site {
+        if *site == me.as_str() {
+            let first = sizes.len();
+            global.extend((0..s.len()).filter(|j| j % peers == at).map(|j| first + j));
+        }
+        sites.push((site.to_string(), s.iter().map(|b| b.rows).sum()));
+        sizes.extend_from_slice(s);
+    }
+    let local = mine
+        .into_iter()
+        .enumerate()
+        .filter(|(j, _)| j % peers == at)
+        .map(|(_, b)| b)
+        .collect();
+    Ok(Layout {
+        local,
+        global,
+        sizes,
+        sites,
+    })
+}
+
+/// Refuses a federated site with fewer token rows than the widest
+/// calibrated layer's input (its statistics would have low rank and could
+/// reveal its inputs) unless the job allows it.
+fn check_site_rows(
+    net: &Net,
+    model: &Model,
+    cal: &Calibration,
+    sites: &[(String, usize)],
+) -> Result<(), PipelineError> {
+    if cal.allow_small_sites {
+        return Ok(());
+    }
+    let widest = model
+        .tensors
+        .iter()
+        .filter(|t| net.site_of(&t.name).is_some())
+        .filter_map(|t| t.shape.last().copied())
+        .max()
+        .unwrap_or(0);
+    if let Some((site, rows)) = sites.iter().find(|(_, rows)| *rows < widest) {
+        return Err(federation(format!(
+            "site `{site}` calibrates on {rows} token rows, fewer than the widest calibrated layer's input ({widest} values), so its summed statistics could reveal its inputs; give it more data or set `calibration.allow_small_sites: true`"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs a calibrated job with this process as one rank of a data-parallel
 /// group: every rank calls it with the same spec; rank 0 writes the artifact
 /// to `output` (the spec's own when `None`) and returns it, the other ranks
 /// return `None`. With a one-rank group this is the plain calibrated run.
+/// For a federated job (`calibration.sites`), `rank_sites` names every
+/// rank's site (each rank reads only its site's files); empty, one process
+/// reads every site's files.
 pub fn run_job_ranked(
     spec: &JobSpec,
     output: Option<&Path>,
     ranks: &mut dyn Collective,
+    rank_sites: &[String],
 ) -> Result<Option<RunOutcome>, PipelineError> {
     if ranks.rank() != 0 {
         let model = Model::open(&spec.model)?;
-        calibrate_blocks(spec, &model, ranks)?;
+        calibrate_blocks(spec, &model, ranks, rank_sites)?;
         return Ok(None);
     }
     let output = output.unwrap_or(&spec.output).to_path_buf();
     write_artifact(spec, &output, |model, tmp, started| {
-        build_calibrated(spec, model, tmp, started, ranks)
+        build_calibrated(spec, model, tmp, started, ranks, rank_sites)
     })
     .map(Some)
 }
@@ -332,45 +603,85 @@ struct Calibrated<'a> {
     distilled: Vec<BlockDistillation>,
 }
 
-/// One rank's statistics of a block, as bytes: per site present, its index
-/// in [`Site::ALL`], the length of its [`HessianSum::to_bytes`] and those bytes.
-fn stats_to_bytes(stats: &HashMap<Site, HessianSum>) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Sums the ranks' statistics of block `layer` exactly. The ranks first
+/// all-gather which sites they hold, with each sum's dimension and bound
+/// (so a rank without micro-batches adds zeros, and the integer sum is
+/// known not to overflow), then all-reduce the integers. In the ring a
+/// partial sum leaves a federated site only once it holds all that site's
+/// micro-batches (the site's ranks are adjacent).
+fn reduce_stats(
+    stats: &mut HashMap<Site, HessianSum>,
+    layer: usize,
+    ranks: &mut dyn Collective,
+) -> Result<(), PipelineError> {
+    let collective = |what: &str, source| PipelineError::Collective {
+        during: format!("block {layer}'s calibration statistics ({what})"),
+        source,
+    };
+    let malformed =
+        |r: usize| federation(format!("block {layer}: rank {r} sent malformed statistics"));
+    // Per site present: its index in Site::ALL (u8), dim (u64), bound (u128).
+    let mut meta = Vec::new();
     for (code, site) in Site::ALL.iter().enumerate() {
         if let Some(h) = stats.get(site) {
-            let b = h.to_bytes();
-            out.push(code as u8);
-            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            out.extend_from_slice(&b);
+            meta.push(code as u8);
+            meta.extend_from_slice(&(h.dim() as u64).to_le_bytes());
+            meta.extend_from_slice(&h.bound().to_le_bytes());
         }
     }
-    out
-}
-
-/// Merges ranks' statistics (from [`stats_to_bytes`]) into one map; the sums
-/// are exact, so the merge order does not matter.
-fn merge_stats(blocks: &[Vec<u8>], layer: usize) -> Result<HashMap<Site, HessianSum>, String> {
-    let mut all: HashMap<Site, HessianSum> = HashMap::new();
-    for (rank, mut b) in blocks.iter().map(Vec::as_slice).enumerate() {
-        while let Some(&code) = b.first() {
-            let bad = || format!("block {layer}: statistics from rank {rank} are malformed");
-            let site = *Site::ALL.get(code as usize).ok_or_else(bad)?;
-            let len = b.get(1..9).ok_or_else(bad)?;
-            let len = usize::try_from(u64::from_le_bytes(len.try_into().expect("8 bytes")))
-                .map_err(|_| bad())?;
-            let end = len.checked_add(9).ok_or_else(bad)?;
-            let body = b.get(9..end).ok_or_else(bad)?;
-            let h = HessianSum::from_bytes(body).map_err(|e| format!("{}: {e}", bad()))?;
-            match all.get_mut(&site) {
-                Some(sum) => sum.merge(&h).map_err(|e| format!("{}: {e}", bad()))?,
-                None => {
-                    all.insert(site, h);
-                }
+    let gathered = ranks
+        .all_gather(&meta)
+        .map_err(|e| collective("which sites", e))?;
+    let mut union: std::collections::BTreeMap<usize, (usize, u128)> = Default::default();
+    for (r, b) in gathered.iter().enumerate() {
+        if b.len() % 25 != 0 {
+            return Err(malformed(r));
+        }
+        for m in b.chunks_exact(25) {
+            let code = usize::from(m[0]);
+            let dim = usize::try_from(u64::from_le_bytes(
+                m[1..9].try_into().map_err(|_| malformed(r))?,
+            ))
+            .map_err(|_| malformed(r))?;
+            let bound = u128::from_le_bytes(m[9..25].try_into().map_err(|_| malformed(r))?);
+            if code >= Site::ALL.len() {
+                return Err(malformed(r));
             }
-            b = &b[end..];
+            let e = union.entry(code).or_insert((dim, 0));
+            if e.0 != dim {
+                return Err(malformed(r));
+            }
+            e.1 = e
+                .1
+                .checked_add(bound)
+                .filter(|b| *b <= i128::MAX as u128)
+                .ok_or_else(|| {
+                    federation(format!(
+                        "block {layer}: the summed calibration statistics would overflow their exact 128-bit accumulator (inputs too large)"
+                    ))
+                })?;
         }
     }
-    Ok(all)
+    let mut words = Vec::new();
+    for (&code, &(dim, _)) in &union {
+        match stats.get(&Site::ALL[code]) {
+            Some(h) => words.extend(h.to_words()),
+            None => words.extend(HessianSum::new(dim).to_words()),
+        }
+    }
+    ranks
+        .all_reduce_i128(&mut words)
+        .map_err(|e| collective("sums", e))?;
+    stats.clear();
+    let mut at = 0;
+    for (&code, &(dim, _)) in &union {
+        let n = 1 + dim * (dim + 1) / 2;
+        let h = HessianSum::from_words(dim, &words[at..at + n])
+            .map_err(|e| federation(format!("block {layer}: {e}")))?;
+        stats.insert(Site::ALL[code], h);
+        at += n;
+    }
+    Ok(())
 }
 
 /// Walks the blocks: statistics from this rank's micro-batches, summed
@@ -379,6 +690,7 @@ fn calibrate_blocks<'a>(
     spec: &'a JobSpec,
     model: &Model,
     ranks: &mut dyn Collective,
+    rank_sites: &[String],
 ) -> Result<Calibrated<'a>, PipelineError> {
     let cal = spec
         .calibration
@@ -390,7 +702,7 @@ fn calibrate_blocks<'a>(
         .map(|t| spec.stages_for(&t.name))
         .collect();
     let t_cal = Instant::now();
-    let (mut net, batches) = load_net(spec, model)?;
+    let (mut net, tok) = load_net(spec, model)?;
     for (t, plan) in model.tensors.iter().zip(&plans) {
         if plan.iter().any(StageSpec::needs_calibration) && net.site_of(&t.name).is_none() {
             return Err(PipelineError::Tensor {
@@ -402,11 +714,18 @@ fn calibrate_blocks<'a>(
             });
         }
     }
-    let samples: usize = batches.iter().map(|b| b.windows).sum();
-    let tokens: usize = batches.iter().map(|b| b.windows * b.len).sum();
+    let Layout {
+        local: mut batches,
+        global,
+        sizes,
+        sites,
+    } = layout(&net, &tok, model, cal, ranks, rank_sites)?;
+    check_site_rows(&net, model, cal, &sites)?;
+    let samples: usize = sizes.iter().map(|b| b.samples).sum();
+    let tokens: usize = sizes.iter().map(|b| b.rows).sum();
     // Every micro-batch's size, by global index, for distillation's steps.
-    let all_samples: Vec<usize> = batches.iter().map(|b| b.windows).collect();
-    let all_elements: Vec<usize> = batches.iter().map(|b| b.x.elem_count()).collect();
+    let all_samples: Vec<usize> = sizes.iter().map(|b| b.samples).collect();
+    let all_elements: Vec<usize> = sizes.iter().map(|b| b.elements).collect();
     let by_name: HashMap<&str, &crate::model::TensorInfo> =
         model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     // A tuned tensor's values as the artifact stores them (its dtype).
@@ -417,14 +736,7 @@ fn calibrate_blocks<'a>(
         }
     };
     let mut distilled = Vec::new();
-    // Micro-batch i belongs to rank i mod n: the split follows the data.
-    let (rank, world) = (ranks.rank(), ranks.world());
-    let mut batches: Vec<Batch> = batches
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % world == rank)
-        .map(|(_, b)| b)
-        .collect();
+    let world = ranks.world();
     let mut done: Vec<Option<EncodedEntry>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut forward_seconds = 0f64;
     // Distillation's targets: the original model's activations, carried
@@ -470,14 +782,7 @@ fn calibrate_blocks<'a>(
         }
         forward_seconds += t0.elapsed().as_secs_f64();
         if world > 1 {
-            let during = || format!("block {layer}'s calibration statistics");
-            let gathered = ranks
-                .all_gather(&stats_to_bytes(&stats))
-                .map_err(|source| PipelineError::Collective {
-                    during: during(),
-                    source,
-                })?;
-            stats = merge_stats(&gathered, layer).map_err(|why| bad(model, why))?;
+            reduce_stats(&mut stats, layer, ranks)?;
         }
         // Encode this block's linear weights with their inputs' statistics.
         let members: Vec<usize> = model
@@ -526,6 +831,7 @@ fn calibrate_blocks<'a>(
         if let Some(d) = &spec.distill {
             let data = MicroBatches {
                 local: &batches,
+                global: &global,
                 targets: if original.is_empty() {
                     &outputs
                 } else {
@@ -584,8 +890,9 @@ pub(crate) fn build_calibrated(
     tmp: &Path,
     started: Instant,
     ranks: &mut dyn Collective,
+    rank_sites: &[String],
 ) -> Result<Attribution, PipelineError> {
-    let (done, sections) = encode_calibrated(spec, model, ranks, &|_| true)?;
+    let (done, sections) = encode_calibrated(spec, model, ranks, rank_sites, &|_| true)?;
     let mut writer = TensorFileWriter::create(&tmp.join(TENSOR_FILE))?;
     let mut entries = Vec::with_capacity(done.len());
     let mut seconds = Vec::with_capacity(done.len());
@@ -611,10 +918,12 @@ pub(crate) fn build_calibrated(
 /// and gradients are sums over every rank's micro-batches (and later blocks
 /// need the earlier ones encoded), but only this rank's share of the other
 /// tensors is encoded here. The report's calibration and distillation
-/// sections travel in the shard's metadata for the merge.
+/// sections travel in the shard's metadata for the merge. `rank_sites` is
+/// as for [`run_job_ranked`].
 pub fn encode_group_shard(
     spec: &JobSpec,
     ranks: &mut dyn Collective,
+    rank_sites: &[String],
     tensors: &[String],
     path: &Path,
 ) -> Result<ShardSummary, PipelineError> {
@@ -627,7 +936,8 @@ pub fn encode_group_shard(
             format!("the shard names tensor `{name}`, which the model does not have"),
         ));
     }
-    let (done, sections) = encode_calibrated(spec, &model, ranks, &|n| wanted.contains(n))?;
+    let (done, sections) =
+        encode_calibrated(spec, &model, ranks, rank_sites, &|n| wanted.contains(n))?;
     let mut writer = ShardWriter::create(path)?;
     for (t, e) in model.tensors.iter().zip(done) {
         if !wanted.contains(t.name.as_str()) {
@@ -646,6 +956,7 @@ fn encode_calibrated(
     spec: &JobSpec,
     model: &Model,
     ranks: &mut dyn Collective,
+    rank_sites: &[String],
     keep: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<(Vec<Option<EncodedEntry>>, Vec<ReportSection>), PipelineError> {
     let Calibrated {
@@ -657,7 +968,7 @@ fn encode_calibrated(
         forward_seconds,
         seconds: calibration_seconds,
         distilled,
-    } = calibrate_blocks(spec, model, ranks)?;
+    } = calibrate_blocks(spec, model, ranks, rank_sites)?;
     let tuned: HashMap<&str, &Vec<f32>> = distilled
         .iter()
         .flat_map(|d| d.tuned.iter().map(|(n, v)| (n.as_str(), v)))

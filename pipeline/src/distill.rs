@@ -73,9 +73,10 @@ pub(crate) struct BlockDistillation {
 
 /// The micro-batches of the data-parallel run, as every rank sees them.
 pub(crate) struct MicroBatches<'a> {
-    /// This rank's micro-batches, in global order (micro-batch i is on rank
-    /// i mod n, as the `i / n`-th local one).
+    /// This rank's micro-batches, ascending by global index.
     pub(crate) local: &'a [Batch],
+    /// The global index of each of `local`.
+    pub(crate) global: &'a [usize],
     /// The original model's activations after the block, for the samples
     /// of `local`.
     pub(crate) targets: &'a [Tensor],
@@ -105,9 +106,20 @@ pub(crate) fn distill_block(
     ranks: &mut dyn Collective,
 ) -> Result<BlockDistillation, PipelineError> {
     let t0 = Instant::now();
-    let (rank, world) = (ranks.rank(), ranks.world());
+    let world = ranks.world();
     let total = data.samples.len();
-    if data.local.len() != data.targets.len() || data.elements.len() != total {
+    // Where each global micro-batch sits among this rank's.
+    let local_of: std::collections::HashMap<usize, usize> = data
+        .global
+        .iter()
+        .enumerate()
+        .map(|(li, &g)| (g, li))
+        .collect();
+    if data.local.len() != data.targets.len()
+        || data.local.len() != data.global.len()
+        || data.elements.len() != total
+        || data.global.iter().any(|&g| g >= total)
+    {
         return Err(fail(layer, "micro-batch bookkeeping disagrees"));
     }
     let mut names: Vec<String> = Vec::new();
@@ -157,12 +169,14 @@ pub(crate) fn distill_block(
             let n: usize = set.iter().map(|&g| data.elements[g]).sum();
             // Micro-batches in parallel: the fixed-point sum is exact, so
             // the order the partial gradients are added in does not matter.
-            let mine: Vec<usize> = set.iter().copied().filter(|g| g % world == rank).collect();
+            let mine: Vec<usize> = set
+                .iter()
+                .filter_map(|g| local_of.get(g).copied())
+                .collect();
             let net_ref: &Net = net;
             let partial: Vec<Result<Vec<i128>, PipelineError>> = mine
                 .par_iter()
-                .map(|&g| {
-                    let li = g / world;
+                .map(|&li| {
                     let y = net_ref
                         .run_for_training(layer, &data.local[li])
                         .map_err(|e| fail(layer, e))?;
@@ -254,21 +268,33 @@ fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// The block's output error over every rank's micro-batches. Each rank
-/// fills the entries of its own micro-batches and leaves the rest zero, so
-/// the all-reduce adds only zeros to each value (exact) and the sum is taken
-/// in micro-batch order on every rank.
+/// Fraction bits of the fixed-point output error sums.
+const ERROR_FRACTION_BITS: i32 = 32;
+
+/// The block's output error over every rank's micro-batches. Each
+/// micro-batch's two sums are rounded to fixed point and added as
+/// integers, so the total is exact and the same for any split over ranks;
+/// only the two totals are exchanged.
 fn output_error(
     net: &Net,
     layer: usize,
     data: &MicroBatches<'_>,
     ranks: &mut dyn Collective,
 ) -> Result<OutputError, PipelineError> {
-    let (rank, world) = (ranks.rank(), ranks.world());
-    let total = data.samples.len();
-    let mut per = vec![0f64; 2 * total];
-    for (li, (b, t)) in data.local.iter().zip(data.targets).enumerate() {
-        let g = li * world + rank;
+    let scale = 2f64.powi(ERROR_FRACTION_BITS);
+    let limit = 2f64.powi(120 - ERROR_FRACTION_BITS) / data.samples.len().max(1) as f64;
+    let fixed = |x: f64| -> Result<i128, PipelineError> {
+        if x.is_finite() && x.abs() < limit {
+            Ok((x * scale).round() as i128)
+        } else {
+            Err(fail(
+                layer,
+                format!("an output error sum {x} is out of range"),
+            ))
+        }
+    };
+    let mut sums = [0i128; 2];
+    for (b, t) in data.local.iter().zip(data.targets) {
         let y = net
             .run(layer, b, &mut |_, _| Ok(()))
             .map_err(|e| fail(layer, e))?;
@@ -284,19 +310,19 @@ fn output_error(
             .and_then(|d| d.sum_all())
             .and_then(|d| d.to_scalar::<f64>())
             .map_err(|e| fail(layer, e))?;
-        per[2 * g] = err;
-        per[2 * g + 1] = energy;
+        sums[0] += fixed(err)?;
+        sums[1] += fixed(energy)?;
     }
-    if world > 1 {
+    if ranks.world() > 1 {
         ranks
-            .all_reduce_f64(&mut per)
+            .all_reduce_i128(&mut sums)
             .map_err(|source| PipelineError::Collective {
                 during: format!("block {layer}'s output error"),
                 source,
             })?;
     }
     Ok(OutputError {
-        squared_error: per.iter().step_by(2).sum(),
-        energy: per.iter().skip(1).step_by(2).sum(),
+        squared_error: sums[0] as f64 / scale,
+        energy: sums[1] as f64 / scale,
     })
 }

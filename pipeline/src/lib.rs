@@ -72,6 +72,13 @@ pub enum PipelineError {
         /// What the collective said.
         source: hcx_kernels::collective::CollectiveError,
     },
+    /// A federated run's ranks, sites or statistics do not fit together,
+    /// or a site's data is too small to share statistics of.
+    #[error("federated calibration: {why}")]
+    Federation {
+        /// What is wrong.
+        why: String,
+    },
     /// Block-wise distillation failed.
     #[error("block {block}: distillation: {why}")]
     Distill {

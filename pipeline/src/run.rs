@@ -276,7 +276,7 @@ pub fn run_job(spec: &JobSpec, output: Option<&Path>) -> Result<RunOutcome, Pipe
                     source,
                 })?
                 .remove(0);
-            crate::calibrate::build_calibrated(spec, model, tmp, started, &mut alone)
+            crate::calibrate::build_calibrated(spec, model, tmp, started, &mut alone, &[])
         } else {
             build(spec, model, tmp, started)
         }
@@ -537,14 +537,18 @@ pub fn finish_artifact(
     job.output = PathBuf::from(".");
     job.model = std::fs::canonicalize(&spec.model).unwrap_or_else(|_| spec.model.clone());
     // Calibration files as canonical paths too, so the manifest does not
-    // depend on how the job named them.
+    // depend on how the job named them. A federated job's site files are
+    // not at the merging coordinator: they are written as absolute paths.
     if let Some(c) = &mut job.calibration {
-        for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+        for f in c.shared_files_mut() {
             let _ = f.try_map(|p| {
                 Ok::<_, std::convert::Infallible>(
                     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()),
                 )
             });
+        }
+        for f in c.sites.values_mut() {
+            let _ = f.try_map(|p| std::path::absolute(p));
         }
     }
     let manifest = Manifest {

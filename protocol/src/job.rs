@@ -59,7 +59,20 @@ pub struct Calibration {
     /// Encoders (e.g. MiniLM): sentence file(s), one sentence a line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sentences: Option<Files>,
-    /// Windows (decoders) or sentences (encoders) used.
+    /// A federated run: one calibration source per site, by site name
+    /// (the `site` a node's certificate gives it). Each site's files are
+    /// read only by that site's nodes, as text windows for a decoder and
+    /// sentences for an encoder; only statistic sums, counts and gradients
+    /// leave a site. Instead of `text` or `sentences`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sites: std::collections::BTreeMap<String, Files>,
+    /// Let a site calibrate with fewer input rows (tokens) than the widest
+    /// calibrated layer's input: its summed statistics could then reveal
+    /// its inputs, so this is refused unless set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_small_sites: bool,
+    /// Windows (decoders) or sentences (encoders) used; with `sites`, per
+    /// site.
     #[serde(default = "default_samples")]
     pub samples: usize,
     /// Tokens per window (decoders) or at most per sentence (encoders).
@@ -72,6 +85,44 @@ pub struct Calibration {
 
 fn default_samples() -> usize {
     128
+}
+
+impl Calibration {
+    /// Every file the section names (`text`, `sentences` and each site's).
+    pub fn files(&self) -> impl Iterator<Item = &Files> {
+        [&self.text, &self.sentences]
+            .into_iter()
+            .flatten()
+            .chain(self.sites.values())
+    }
+
+    /// As [`Calibration::files`], to change them.
+    pub fn files_mut(&mut self) -> impl Iterator<Item = &mut Files> {
+        [&mut self.text, &mut self.sentences]
+            .into_iter()
+            .flatten()
+            .chain(self.sites.values_mut())
+    }
+
+    /// The files read on a cluster's shared storage (`text` or
+    /// `sentences`); a site's files are read only at that site.
+    pub fn shared_files_mut(&mut self) -> impl Iterator<Item = &mut Files> {
+        [&mut self.text, &mut self.sentences].into_iter().flatten()
+    }
+
+    /// Whether this is a federated run (`sites`).
+    pub fn is_federated(&self) -> bool {
+        !self.sites.is_empty()
+    }
+}
+
+/// Whether `name` can name a node or a site: 1 to 128 ASCII letters,
+/// digits, `.`, `_` or `-` (what a node certificate can carry).
+pub fn valid_certified_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn default_seq_len() -> usize {
@@ -387,7 +438,7 @@ impl JobSpec {
             spec.output = base.join(&spec.output);
         }
         if let Some(c) = &mut spec.calibration {
-            for f in [&mut c.text, &mut c.sentences].into_iter().flatten() {
+            for f in c.files_mut() {
                 f.resolve(base);
             }
         }
@@ -441,23 +492,40 @@ impl JobSpec {
             }
         }
         if let Some(c) = &self.calibration {
-            match (&c.text, &c.sentences) {
-                (Some(_), Some(_)) => {
+            let sources = usize::from(c.text.is_some())
+                + usize::from(c.sentences.is_some())
+                + usize::from(c.is_federated());
+            if sources != 1 {
+                return Err((
+                    "calibration".into(),
+                    format!(
+                        "give one of `text` (decoders), `sentences` (encoders) or `sites` (a federated run){}",
+                        if sources > 1 { ", not several" } else { "" }
+                    ),
+                ));
+            }
+            for (site, f) in &c.sites {
+                if !valid_certified_name(site) {
                     return Err((
-                        "calibration".into(),
-                        "give `text` (decoders) or `sentences` (encoders), not both".into(),
+                        format!("calibration.sites.{site}"),
+                        "a site name is 1 to 128 ASCII letters, digits, `.`, `_` or `-`".into(),
                     ));
                 }
-                (None, None) => {
+                if f.as_slice().is_empty() {
                     return Err((
-                        "calibration".into(),
-                        "give `text` (decoders) or `sentences` (encoders)".into(),
+                        format!("calibration.sites.{site}"),
+                        "the file list is empty".into(),
                     ));
                 }
-                (Some(f), None) | (None, Some(f)) if f.as_slice().is_empty() => {
-                    return Err(("calibration".into(), "the file list is empty".into()));
-                }
-                _ => {}
+            }
+            if c.files().any(|f| f.as_slice().is_empty()) {
+                return Err(("calibration".into(), "the file list is empty".into()));
+            }
+            if c.allow_small_sites && !c.is_federated() {
+                return Err((
+                    "calibration.allow_small_sites".into(),
+                    "applies to a federated run: give `sites`".into(),
+                ));
             }
             if c.samples == 0 {
                 return Err(("calibration.samples".into(), "must be at least 1".into()));
@@ -805,7 +873,7 @@ mod tests {
         assert!(parse(y).is_err(), "unknown calibration fields are refused");
         let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  samples: 3\n";
         let e = parse(y).unwrap_err().to_string();
-        assert!(e.contains("give `text`"), "{e}");
+        assert!(e.contains("give one of `text`"), "{e}");
         let y =
             "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  text: a\n  seq_len: 1\n";
         let e = parse(y).unwrap_err().to_string();
@@ -813,6 +881,39 @@ mod tests {
         let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - gptq: {grid: {uniform: {bits: 4}}}\n  - zstd: {}\n";
         let e = parse(y).unwrap_err().to_string();
         assert!(e.contains("needs calibration data"), "{e}");
+    }
+
+    #[test]
+    fn federated_calibration_names_one_source_per_site() {
+        let head = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n";
+        let y = format!("{head}  sites:\n    b: b.txt\n    a: [a1.txt, /abs/a2.txt]\n");
+        let c = parse(&y).unwrap().calibration.unwrap();
+        assert!(c.is_federated() && !c.allow_small_sites);
+        assert_eq!(c.sites.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(c.sites["b"].as_slice()[0].is_absolute());
+        assert_eq!(c.sites["a"].as_slice()[1], PathBuf::from("/abs/a2.txt"));
+        assert_eq!(c.files().count(), 2);
+        // It round-trips through the JSON a cluster carries.
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Calibration>(&json).unwrap(), c);
+        let y = format!("{head}  sites: {{a: a.txt}}\n  allow_small_sites: true\n");
+        assert!(parse(&y).unwrap().calibration.unwrap().allow_small_sites);
+        // Sites are instead of `text` / `sentences`.
+        let y = format!("{head}  text: t.txt\n  sites: {{a: a.txt}}\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(e.contains("not several"), "{e}");
+        let y = format!("{head}  sites: {{\"a b\": a.txt}}\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(e.contains("calibration.sites.a b"), "{e}");
+        let y = format!("{head}  sites: {{a: []}}\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("calibration.sites.a") && e.contains("empty"),
+            "{e}"
+        );
+        let y = format!("{head}  text: t.txt\n  allow_small_sites: true\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(e.contains("calibration.allow_small_sites"), "{e}");
     }
 
     #[test]

@@ -58,6 +58,17 @@ impl LocalLink {
 /// `world` ranks of one ring of `epoch`, linked in a circle; hand each to
 /// its own thread.
 pub fn group(world: usize, epoch: u64) -> Result<Vec<Ring<LocalLink>>, CollectiveError> {
+    links(world)?
+        .into_iter()
+        .enumerate()
+        .map(|(rank, link)| Ring::new(rank, world, epoch, link))
+        .collect()
+}
+
+/// The links of `world` ranks in a circle, by rank (link r sends to rank
+/// r + 1), for building rings over a link that wraps them (a test that
+/// watches the frames between two ranks).
+pub fn links(world: usize) -> Result<Vec<LocalLink>, CollectiveError> {
     if world == 0 {
         return Err(CollectiveError::BadCall(
             "a ring needs at least one rank".into(),
@@ -66,17 +77,13 @@ pub fn group(world: usize, epoch: u64) -> Result<Vec<Ring<LocalLink>>, Collectiv
     // Channel r carries frames from rank r to rank r + 1.
     let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..world).map(|_| mpsc::channel()).unzip();
     receivers.rotate_right(1);
-    senders
+    Ok(senders
         .into_iter()
         .zip(receivers)
-        .enumerate()
-        .map(|(rank, (tx, rx))| {
-            let link = LocalLink {
-                to_right: Some(tx),
-                from_left: Some(rx),
-                reason: None,
-            };
-            Ring::new(rank, world, epoch, link)
+        .map(|(tx, rx)| LocalLink {
+            to_right: Some(tx),
+            from_left: Some(rx),
+            reason: None,
         })
-        .collect()
+        .collect())
 }
