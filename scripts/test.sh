@@ -9,4 +9,12 @@ bash scripts/fetch-model.sh
 bash scripts/fetch-smollm2.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# cargo-nextest, where the machine has it, runs every test in its own
+# process, two at a time with the slowest first (.config/nextest.toml), which
+# keeps the 2-core CI machines busy; plain cargo test runs the same tests.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked
+fi

@@ -859,28 +859,38 @@ fn decoder_eval(gguf: &Path, artifact: &Path) -> serde_json::Value {
     v["decoder"].clone()
 }
 
-#[test]
-fn smollm2_4bit_gptq_meets_its_kl_gate_and_beats_the_uncalibrated_job() {
+/// Runs an example SmolLM2 job and returns its KL divergence from the
+/// source on the evaluation text, checking its bits per weight.
+fn smollm2_kl(name: &str) -> f64 {
     let gguf = common::smollm2();
     let dir = tempfile::tempdir().unwrap();
-    let mut kl = Vec::new();
-    for name in ["smollm2-4bit", "smollm2-4bit-gptq"] {
-        let out = dir.path().join(name);
-        let job = common::example_job(dir.path(), name, &gguf, &out);
-        common::hcx_ok(&["run", "--local", job.to_str().unwrap()]);
-        let bits = linear_bits(&out);
-        let d = decoder_eval(&gguf, &out);
-        println!("{name}: {bits:.3} bits per weight, {d}");
-        assert!(bits <= 4.5, "{name}: {bits}");
-        assert_eq!(
-            d["scored"], 4064,
-            "32 windows, the second half of each scored"
-        );
-        kl.push(d["mean_kl"].as_f64().unwrap());
-    }
-    // Measured: 0.368 without calibration, 0.031 with (128 windows of 256
-    // tokens, sequential GPTQ on the Hadamard-rotated uniform grid).
-    assert!(kl[0] <= 0.38, "uncalibrated KL {}", kl[0]);
-    assert!(kl[1] <= 0.034, "calibrated KL {}", kl[1]);
-    assert!(kl[1] < kl[0] / 5.0, "{kl:?}");
+    let out = dir.path().join(name);
+    let job = common::example_job(dir.path(), name, &gguf, &out);
+    common::hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let bits = linear_bits(&out);
+    let d = decoder_eval(&gguf, &out);
+    println!("{name}: {bits:.3} bits per weight, {d}");
+    assert!(bits <= 4.5, "{name}: {bits}");
+    assert_eq!(
+        d["scored"], 4064,
+        "32 windows, the second half of each scored"
+    );
+    d["mean_kl"].as_f64().unwrap()
+}
+
+// Measured: KL 0.368 without calibration, 0.031 with (128 windows of 256
+// tokens, sequential GPTQ on the Hadamard-rotated uniform grid). Each job
+// is its own test, with its gate just above its figure, so the two can run
+// side by side.
+
+#[test]
+fn smollm2_4bit_meets_its_kl_gate() {
+    let kl = smollm2_kl("smollm2-4bit");
+    assert!(kl <= 0.38, "uncalibrated KL {kl}");
+}
+
+#[test]
+fn smollm2_4bit_gptq_meets_its_kl_gate() {
+    let kl = smollm2_kl("smollm2-4bit-gptq");
+    assert!(kl <= 0.034, "calibrated KL {kl}");
 }
