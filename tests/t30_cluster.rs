@@ -566,6 +566,11 @@ fn a_federated_job_calibrates_each_site_on_its_own_nodes_and_matches_the_local_r
         serde_json::json!(["n1", "n2", "n3"]),
         "{report}"
     );
+    assert_eq!(
+        report["group"]["sites"],
+        serde_json::json!(["a", "b", "b"]),
+        "{report}"
+    );
     assert_eq!(report["calibration"]["samples"], 20, "{report}");
     // The embedded cluster puts its two nodes at the two sites.
     let embedded = dir.path().join("embedded");

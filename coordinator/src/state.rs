@@ -150,6 +150,10 @@ pub struct GroupRecord {
     pub formation: u32,
     /// Members by rank.
     pub members: Vec<String>,
+    /// Each member's site (its certificate's), by rank; empty where a node
+    /// has none.
+    #[serde(default)]
+    pub sites: Vec<String>,
     /// Why the previous formation broke, if one did.
     pub last_error: Option<String>,
 }
@@ -586,6 +590,15 @@ impl ClusterState {
             .find_map(|s| s.last_error.clone())
             .or_else(|| j.group.as_ref().and_then(|g| g.last_error.clone()));
         let formation = j.group.as_ref().map_or(0, |g| g.formation) + 1;
+        let sites: Vec<String> = members
+            .iter()
+            .map(|m| {
+                self.nodes
+                    .get(m)
+                    .and_then(|n| n.labels.get("site").cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
         self.last_epoch += 1;
         let epoch = self.last_epoch;
         let j = self.jobs.get_mut(job).expect("checked above");
@@ -606,6 +619,7 @@ impl ClusterState {
             epoch,
             formation,
             members,
+            sites,
             last_error,
         });
         CommandResult::ok()
@@ -704,7 +718,11 @@ mod tests {
     /// A calibrated job over four layer units, with nodes a, b, c registered.
     fn group_job(st: &mut ClusterState) -> String {
         for n in ["a", "b", "c"] {
-            st.apply(Command::RegisterNode { node: node(n) });
+            let mut info = node(n);
+            if n != "c" {
+                info.labels.insert("site".into(), format!("site-{n}"));
+            }
+            st.apply(Command::RegisterNode { node: info });
         }
         let mut spec = spec();
         spec.calibration =
@@ -755,6 +773,8 @@ mod tests {
         let job = &st.jobs[&j];
         let g = job.group.clone().unwrap();
         assert_eq!((g.epoch, g.formation), (1, 1));
+        // Each rank's site, as its node's certificate gave it.
+        assert_eq!(g.sites, ["site-a", "site-b", ""]);
         assert_eq!(job.shards.len(), 3);
         let tensors: usize = job.shards.iter().map(|s| s.shard.tensors.len()).sum();
         assert_eq!(tensors, 4);

@@ -358,7 +358,21 @@ fn group_section(g: &crate::state::GroupRecord) -> ReportSection {
         g.members.len(),
         g.epoch,
         g.formation,
-        g.members.join(", ")
+        g.members
+            .iter()
+            .zip(
+                g.sites
+                    .iter()
+                    .map(String::as_str)
+                    .chain(std::iter::repeat(""))
+            )
+            .map(|(m, s)| if s.is_empty() {
+                m.clone()
+            } else {
+                format!("{m} (site {s})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if let Some(e) = &g.last_error {
         md.push_str(&format!(
@@ -371,6 +385,7 @@ fn group_section(g: &crate::state::GroupRecord) -> ReportSection {
             "epoch": g.epoch,
             "formation": g.formation,
             "members": g.members,
+            "sites": g.sites,
             "last_error": g.last_error,
         }),
         markdown: md,
