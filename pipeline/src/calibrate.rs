@@ -4,9 +4,10 @@
 //! tensor also reports its output error on those inputs).
 //!
 //! The model is walked one block at a time. Windows go through the block in
-//! fixed micro-batches of [`MICRO_BATCH`] windows; each micro-batch's XᵀX is
-//! added into an exact fixed-point sum ([`HessianSum`]), so the statistics
-//! do not depend on how the windows are split or in which order the parts
+//! fixed micro-batches of [`MICRO_BATCH`] windows (the split follows the
+//! data alone); each micro-batch's XᵀX, one f64 product, is rounded into a
+//! fixed-point integer sum ([`HessianSum`]), so the statistics do not depend
+//! on which process computed which micro-batch or in which order the parts
 //! are added. Once a block's statistics are complete its tensors are
 //! encoded. With `order: sequential` (the default) the block's weights are
 //! then replaced by their decoded values and the block is run again, so the
@@ -608,9 +609,12 @@ struct Calibrated<'a> {
 /// (so a rank without micro-batches adds zeros, and the integer sum is
 /// known not to overflow), then all-reduce the integers. In the ring a
 /// partial sum leaves a federated site only once it holds all that site's
-/// micro-batches (the site's ranks are adjacent).
+/// micro-batches (the site's ranks are adjacent). `dims` gives each of the
+/// block's input sites its width from the model; a rank that announces
+/// another site or width is refused before anything is allocated for it.
 fn reduce_stats(
     stats: &mut HashMap<Site, HessianSum>,
+    dims: &HashMap<Site, usize>,
     layer: usize,
     ranks: &mut dyn Collective,
 ) -> Result<(), PipelineError> {
@@ -644,8 +648,10 @@ fn reduce_stats(
             ))
             .map_err(|_| malformed(r))?;
             let bound = u128::from_le_bytes(m[9..25].try_into().map_err(|_| malformed(r))?);
-            if code >= Site::ALL.len() {
-                return Err(malformed(r));
+            if Site::ALL.get(code).and_then(|s| dims.get(s)) != Some(&dim) {
+                return Err(federation(format!(
+                    "block {layer}: rank {r} sent statistics of {dim} columns for input site {code}, which the model's block does not read with that width"
+                )));
             }
             let e = union.entry(code).or_insert((dim, 0));
             if e.0 != dim {
@@ -781,10 +787,7 @@ fn calibrate_blocks<'a>(
                 .map_err(|e| forward_error(model, e))?;
         }
         forward_seconds += t0.elapsed().as_secs_f64();
-        if world > 1 {
-            reduce_stats(&mut stats, layer, ranks)?;
-        }
-        // Encode this block's linear weights with their inputs' statistics.
+        // This block's linear weights, and the width of each input site.
         let members: Vec<usize> = model
             .tensors
             .iter()
@@ -792,6 +795,18 @@ fn calibrate_blocks<'a>(
             .filter(|(_, t)| net.site_of(&t.name).is_some_and(|(l, _)| l == layer))
             .map(|(i, _)| i)
             .collect();
+        if world > 1 {
+            let dims: HashMap<Site, usize> = members
+                .iter()
+                .filter_map(|&k| {
+                    let t = &model.tensors[k];
+                    let (_, s) = net.site_of(&t.name)?;
+                    Some((s, *t.shape.last()?))
+                })
+                .collect();
+            reduce_stats(&mut stats, &dims, layer, ranks)?;
+        }
+        // Encode this block's linear weights with their inputs' statistics.
         let hessians: HashMap<Site, Vec<f64>> =
             stats.iter().map(|(s, h)| (*s, h.to_f64())).collect();
         let encoded: Vec<(usize, Encoded)> = members
@@ -1090,5 +1105,63 @@ fn distill_section(spec: &hcx_protocol::Distill, blocks: &[BlockDistillation]) -
         key: "distill".into(),
         markdown: md,
         json,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hcx_kernels::collective::local;
+
+    fn stats(dim: usize, seed: u32) -> HessianSum {
+        let x: Vec<f32> = (0..3 * dim)
+            .map(|i| ((i as u32 * 7 + seed) % 11) as f32 - 5.0)
+            .collect();
+        let mut h = HessianSum::new(dim);
+        h.add_batch(&x, 3).unwrap();
+        h
+    }
+
+    /// Runs `reduce_stats` on two in-process ranks that announce the given
+    /// widths for the attention input, against a model whose width is 4.
+    fn reduce(widths: [usize; 2]) -> Vec<Result<HashMap<Site, HessianSum>, String>> {
+        let dims: HashMap<Site, usize> = [(Site::Attention, 4)].into();
+        let rings = local::group(2, 1).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .zip(widths)
+                .enumerate()
+                .map(|(r, (mut ring, w))| {
+                    let dims = &dims;
+                    s.spawn(move || {
+                        let mut st: HashMap<Site, HessianSum> =
+                            [(Site::Attention, stats(w, r as u32))].into();
+                        reduce_stats(&mut st, dims, 3, &mut ring)
+                            .map(|()| st)
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn ranks_statistics_add_up_and_a_width_the_model_lacks_is_refused() {
+        let mut want = stats(4, 0);
+        want.merge(&stats(4, 1)).unwrap();
+        for got in reduce([4, 4]) {
+            assert_eq!(got.unwrap()[&Site::Attention], want);
+        }
+        // A rank announcing a wider input (which would make every rank
+        // allocate for it) is refused on every rank, naming it.
+        for got in reduce([4, 4000]) {
+            let e = got.unwrap_err();
+            assert!(
+                e.contains("block 3: rank 1 sent statistics of 4000 columns"),
+                "{e}"
+            );
+        }
     }
 }
