@@ -103,6 +103,7 @@ async fn raft_figures(dir: &Path) {
         cores: 2,
         memory_bytes: 1 << 34,
         gpus: vec![],
+        nccl: false,
         labels: Default::default(),
     };
     for i in 0..20 {

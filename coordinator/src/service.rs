@@ -10,10 +10,10 @@ use futures::Stream;
 use hcx_net::proto::cluster_server::Cluster;
 use hcx_net::proto::raft_server::Raft as RaftRpc;
 use hcx_net::proto::{
-    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, Group, HeartbeatReply,
-    HeartbeatRequest, JobRef, JobStatus, ListJobsReply, ListJobsRequest, ListNodesReply,
-    ListNodesRequest, NodeInfo, NodeStatus, RaftMessage, ShardFailure, ShardStatus, SnapshotChunk,
-    SubmitJobReply, SubmitJobRequest,
+    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, Group, GroupToken,
+    GroupTokenRef, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
+    ListJobsRequest, ListNodesReply, ListNodesRequest, NodeInfo, NodeStatus, RaftMessage,
+    ShardFailure, ShardStatus, SnapshotChunk, SubmitJobReply, SubmitJobRequest,
 };
 use hcx_protocol::JobSpec;
 use tonic::{Request, Response, Status};
@@ -462,6 +462,7 @@ impl Cluster for ClusterService {
             cores: n.cores.max(1),
             memory_bytes: n.memory_bytes,
             gpus: n.gpus,
+            nccl: n.nccl,
             labels,
             draining: false,
             registered_ms: crate::now_ms(),
@@ -505,15 +506,22 @@ impl Cluster for ClusterService {
                                 .iter()
                                 .map(|m| s.nodes.get(m).map(|n| n.listen.clone()))
                                 .collect::<Option<Vec<_>>>()?,
-                            sites: g
-                                .members
-                                .iter()
-                                .map(|m| {
-                                    s.nodes
-                                        .get(m)
-                                        .map(|n| n.labels.get("site").cloned().unwrap_or_default())
-                                })
-                                .collect::<Option<Vec<_>>>()?,
+                            // The sites the members had when the group
+                            // formed (their labels now for a group
+                            // recorded before formations kept them).
+                            sites: if g.sites.len() == g.members.len() {
+                                g.sites.clone()
+                            } else {
+                                g.members
+                                    .iter()
+                                    .map(|m| {
+                                        s.nodes.get(m).map(|n| {
+                                            n.labels.get("site").cloned().unwrap_or_default()
+                                        })
+                                    })
+                                    .collect::<Option<Vec<_>>>()?
+                            },
+                            backend: g.backend.name().into(),
                         }),
                         None => None,
                     };
@@ -574,9 +582,101 @@ impl Cluster for ClusterService {
             .await?;
         Ok(Response::new(Ack { message: r.message }))
     }
+
+    async fn publish_group_token(&self, req: Request<GroupToken>) -> Result<Response<Ack>, Status> {
+        let t = req.get_ref().clone();
+        self.group_member(
+            &req,
+            "PublishGroupToken",
+            &t.job_id,
+            t.epoch,
+            &t.node,
+            Some(0),
+        )?;
+        let r = self
+            .shared
+            .propose(Command::SetGroupToken {
+                job: t.job_id,
+                epoch: t.epoch,
+                nccl_id: t.nccl_id,
+            })
+            .await?;
+        if !r.ok {
+            return Err(Status::failed_precondition(r.message));
+        }
+        Ok(Response::new(Ack {
+            message: "published".into(),
+        }))
+    }
+
+    async fn get_group_token(
+        &self,
+        req: Request<GroupTokenRef>,
+    ) -> Result<Response<GroupToken>, Status> {
+        let t = req.get_ref().clone();
+        self.group_member(&req, "GetGroupToken", &t.job_id, t.epoch, &t.node, None)?;
+        let id = self.shared.view.read(|s| {
+            s.jobs
+                .get(&t.job_id)
+                .and_then(|j| j.group.as_ref())
+                .and_then(|g| g.nccl_id.clone())
+        });
+        let Some(nccl_id) = id else {
+            return Err(Status::not_found(format!(
+                "rank 0 of {}'s group has not published its NCCL id yet",
+                t.job_id
+            )));
+        };
+        let node = self.shared.view.read(|s| {
+            s.jobs
+                .get(&t.job_id)
+                .and_then(|j| j.group.as_ref())
+                .and_then(|g| g.members.first().cloned())
+                .unwrap_or_default()
+        });
+        Ok(Response::new(GroupToken {
+            job_id: t.job_id,
+            epoch: t.epoch,
+            node,
+            nccl_id,
+        }))
+    }
 }
 
 impl ClusterService {
+    /// Checks that `node` (the caller's certified name, where it has one)
+    /// is rank `rank` of `job`'s group of `epoch` (any rank when `None`).
+    fn group_member<T>(
+        &self,
+        req: &Request<T>,
+        call: &str,
+        job: &str,
+        epoch: u64,
+        node: &str,
+        rank: Option<usize>,
+    ) -> Result<(), Status> {
+        let sh = &self.shared;
+        role(sh, req, NODES, call)?;
+        sh.require_leader()?;
+        let cert = certified(sh, req);
+        sh.require_node_name(cert.as_deref(), node, call)?;
+        let at = sh.view.read(|s| {
+            let g = s.jobs.get(job)?.group.as_ref()?;
+            Some((g.epoch, g.members.iter().position(|m| m == node)))
+        });
+        match at {
+            Some((e, Some(r))) if e == epoch && rank.is_none_or(|want| want == r) => Ok(()),
+            Some((e, _)) if e != epoch => Err(Status::failed_precondition(format!(
+                "{job}'s group is at epoch {e}, not {epoch}"
+            ))),
+            Some(_) => Err(Status::permission_denied(format!(
+                "{node} is not {} of {job}'s group",
+                rank.map_or("a member".to_string(), |r| format!("rank {r}"))
+            ))),
+            None => Err(Status::not_found(format!("{job} has no group"))),
+        }
+    }
+
     fn info(&self) -> ClusterInfoReply {
         let sh = &self.shared;
         let m = sh.raft.metrics().borrow().clone();
@@ -603,6 +703,7 @@ fn node_info(n: &NodeRecord) -> NodeInfo {
         memory_bytes: n.memory_bytes,
         gpus: n.gpus.clone(),
         labels: n.labels.clone().into_iter().collect(),
+        nccl: n.nccl,
     }
 }
 

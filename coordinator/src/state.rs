@@ -35,6 +35,10 @@ pub struct NodeRecord {
     pub memory_bytes: u64,
     /// GPUs detected at start (names), empty on CPU-only nodes.
     pub gpus: Vec<String>,
+    /// Whether it can run NCCL collectives (built with `cuda`, a device and
+    /// libnccl present).
+    #[serde(default)]
+    pub nccl: bool,
     /// Operator labels such as `site=a`.
     pub labels: BTreeMap<String, String>,
     /// A drained node keeps its running shard but gets nothing new.
@@ -156,7 +160,40 @@ pub struct GroupRecord {
     pub sites: Vec<String>,
     /// Why the previous formation broke, if one did.
     pub last_error: Option<String>,
+    /// How the ranks sum.
+    #[serde(default)]
+    pub backend: GroupBackend,
+    /// The NCCL unique id rank 0 published for this formation (NCCL
+    /// groups only; the other ranks wait for it).
+    #[serde(default)]
+    pub nccl_id: Option<Vec<u8>>,
 }
+
+/// The collective backend of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBackend {
+    /// A ring over QUIC between the members' node-to-node addresses.
+    #[default]
+    Ring,
+    /// NCCL between the members' GPUs: chosen when every member can run it
+    /// and the job is not federated (whose cross-site traffic stays on the
+    /// ring, where every message is one of ours).
+    Nccl,
+}
+
+impl GroupBackend {
+    /// The name the assignment carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupBackend::Ring => "ring",
+            GroupBackend::Nccl => "nccl",
+        }
+    }
+}
+
+/// Length of an NCCL unique id.
+pub const NCCL_ID_BYTES: usize = 128;
 
 /// A submitted job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +275,15 @@ pub enum Command {
         job: String,
         /// Members by rank.
         members: Vec<String>,
+    },
+    /// Rank 0 of an NCCL group published the formation's NCCL unique id.
+    SetGroupToken {
+        /// Job id.
+        job: String,
+        /// The formation it belongs to.
+        epoch: u64,
+        /// ncclUniqueId, [`NCCL_ID_BYTES`] bytes.
+        nccl_id: Vec<u8>,
     },
     /// Give a waiting shard to a node.
     Assign {
@@ -441,6 +487,39 @@ impl ClusterState {
                 }
             }
             Command::FormGroup { job, members } => self.form_group(&job, members),
+            Command::SetGroupToken {
+                job,
+                epoch,
+                nccl_id,
+            } => {
+                let Some(g) = self.jobs.get_mut(&job).and_then(|j| j.group.as_mut()) else {
+                    return CommandResult::refused(format!("{job} has no group"));
+                };
+                if g.epoch != epoch || g.backend != GroupBackend::Nccl {
+                    return CommandResult::refused(format!(
+                        "{job}'s group of epoch {} ({}) takes no NCCL id for epoch {epoch}",
+                        g.epoch,
+                        g.backend.name()
+                    ));
+                }
+                if nccl_id.len() != NCCL_ID_BYTES {
+                    return CommandResult::refused(format!(
+                        "an NCCL id is {NCCL_ID_BYTES} bytes, not {}",
+                        nccl_id.len()
+                    ));
+                }
+                match &g.nccl_id {
+                    // A retried publish of the same id is fine; another is not.
+                    Some(id) if *id == nccl_id => CommandResult::ok(),
+                    Some(_) => CommandResult::refused(format!(
+                        "{job}'s group of epoch {epoch} already has its NCCL id"
+                    )),
+                    None => {
+                        g.nccl_id = Some(nccl_id);
+                        CommandResult::ok()
+                    }
+                }
+            }
             Command::Assign {
                 job,
                 shard,
@@ -599,6 +678,20 @@ impl ClusterState {
                     .unwrap_or_default()
             })
             .collect();
+        let federated = j
+            .spec
+            .calibration
+            .as_ref()
+            .is_some_and(|c| c.is_federated());
+        let backend = if !federated
+            && members
+                .iter()
+                .all(|m| self.nodes.get(m).is_some_and(|n| n.nccl))
+        {
+            GroupBackend::Nccl
+        } else {
+            GroupBackend::Ring
+        };
         self.last_epoch += 1;
         let epoch = self.last_epoch;
         let j = self.jobs.get_mut(job).expect("checked above");
@@ -621,6 +714,8 @@ impl ClusterState {
             members,
             sites,
             last_error,
+            backend,
+            nccl_id: None,
         });
         CommandResult::ok()
     }
@@ -681,6 +776,7 @@ mod tests {
             cores: 2,
             memory_bytes: 1 << 30,
             gpus: vec![],
+            nccl: false,
             labels: BTreeMap::new(),
             draining: false,
             registered_ms: 1,
@@ -749,6 +845,89 @@ mod tests {
         });
         assert!(r.ok);
         r.job.unwrap()
+    }
+
+    #[test]
+    fn a_group_of_nccl_nodes_sums_through_nccl_with_the_id_rank_0_publishes() {
+        let mut st = ClusterState::default();
+        let j = group_job(&mut st);
+        for n in ["a", "b"] {
+            let mut info = st.nodes[n].clone();
+            info.nccl = true;
+            st.apply(Command::RegisterNode { node: info });
+        }
+        let form = |members: &[&str]| Command::FormGroup {
+            job: j.clone(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        };
+        let token = |epoch: u64, id: Vec<u8>| Command::SetGroupToken {
+            job: j.clone(),
+            epoch,
+            nccl_id: id,
+        };
+        // c has no NCCL: a group with it sums on the ring, and takes no id.
+        assert!(st.apply(form(&["a", "c"])).ok);
+        let g = st.jobs[&j].group.clone().unwrap();
+        assert_eq!(g.backend, GroupBackend::Ring);
+        assert!(!st.apply(token(g.epoch, vec![1; NCCL_ID_BYTES])).ok);
+        // Free the members, then form a group of NCCL nodes only.
+        for (shard, attempt) in [(0, 1), (1, 1)] {
+            st.apply(Command::Release {
+                job: j.clone(),
+                shard,
+                attempt,
+                reason: "test".into(),
+            });
+        }
+        assert!(st.apply(form(&["a", "b"])).ok);
+        let g = st.jobs[&j].group.clone().unwrap();
+        assert_eq!((g.backend, g.nccl_id.as_ref()), (GroupBackend::Nccl, None));
+        assert!(
+            !st.apply(token(g.epoch - 1, vec![1; NCCL_ID_BYTES])).ok,
+            "old epoch"
+        );
+        assert!(!st.apply(token(g.epoch, vec![1; 7])).ok, "short id");
+        assert!(st.apply(token(g.epoch, vec![1; NCCL_ID_BYTES])).ok);
+        assert!(
+            st.apply(token(g.epoch, vec![1; NCCL_ID_BYTES])).ok,
+            "a retry"
+        );
+        assert!(
+            !st.apply(token(g.epoch, vec![2; NCCL_ID_BYTES])).ok,
+            "another id"
+        );
+        assert_eq!(
+            st.jobs[&j].group.as_ref().unwrap().nccl_id,
+            Some(vec![1; NCCL_ID_BYTES])
+        );
+        // A federated job stays on the ring whatever its nodes have.
+        let mut spec = st.jobs[&j].spec.clone();
+        spec.calibration = Some(
+            serde_json::from_value(
+                serde_json::json!({"sites": {"site-a": "/a.txt", "site-b": "/b.txt"}}),
+            )
+            .unwrap(),
+        );
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec),
+            output: "/o2".into(),
+            shards: (0..4).map(shard).collect(),
+            placements: vec![],
+            now_ms: 6,
+        });
+        let f = r.job.unwrap();
+        assert!(
+            st.apply(Command::FormGroup {
+                job: f.clone(),
+                members: vec!["a".into(), "b".into()],
+            })
+            .ok
+        );
+        assert_eq!(
+            st.jobs[&f].group.as_ref().unwrap().backend,
+            GroupBackend::Ring
+        );
     }
 
     #[test]

@@ -354,8 +354,12 @@ fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
 /// The collective group that ran a calibrated job, for the report.
 fn group_section(g: &crate::state::GroupRecord) -> ReportSection {
     let mut md = format!(
-        "## Collective group\n\nCalibration ran data-parallel on {} node(s) linked in a ring (epoch {}, formation {}): {}. Every rank walked all blocks with its share of the calibration micro-batches; statistics and gradients were summed exactly over the ranks, so the tensors are those of a single-machine run.\n",
+        "## Collective group\n\nCalibration ran data-parallel on {} node(s) linked {} (epoch {}, formation {}): {}. Every rank walked all blocks with its share of the calibration micro-batches; statistics and gradients were summed exactly over the ranks, so the tensors are those of a single-machine run.\n",
         g.members.len(),
+        match g.backend {
+            crate::state::GroupBackend::Ring => "in a ring over QUIC",
+            crate::state::GroupBackend::Nccl => "through NCCL on their GPUs",
+        },
         g.epoch,
         g.formation,
         g.members
@@ -386,6 +390,7 @@ fn group_section(g: &crate::state::GroupRecord) -> ReportSection {
             "formation": g.formation,
             "members": g.members,
             "sites": g.sites,
+            "backend": g.backend.name(),
             "last_error": g.last_error,
         }),
         markdown: md,

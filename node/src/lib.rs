@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hcx_kernels::collective::Collective;
 use hcx_net::client::{ClientError, CoordinatorClient};
 use hcx_net::frames::{Reply, Request, read_frame, write_frame};
 use hcx_net::peer::{PeerPlane, RingPlan};
@@ -198,6 +199,16 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         memory_bytes: cfg.memory_bytes,
         gpus: detect_gpus(),
         labels: cfg.labels.clone().into_iter().collect(),
+        nccl: match hcx_kernels::collective::nccl_devices() {
+            Ok(n) => {
+                tracing::info!("NCCL collectives available on {n} CUDA device(s)");
+                true
+            }
+            Err(why) => {
+                tracing::debug!("collective groups use the QUIC ring: {why}");
+                false
+            }
+        },
     };
     // The shell: carry out the agent's actions, feed it what came of them,
     // and wait for the next tick, work end or stop.
@@ -572,7 +583,8 @@ fn job_spec(a: &Assignment) -> Result<JobSpec, ShardError> {
     })
 }
 
-/// One rank's part of a calibrated job: link into the group's ring, run
+/// One rank's part of a calibrated job: link into the group (the QUIC ring,
+/// or NCCL where the leader chose it), run
 /// the calibration (and distillation) with the other ranks, write this
 /// rank's shard and upload it. The model and calibration files are read
 /// from the paths in the job, which the coordinators confined to their
@@ -594,24 +606,42 @@ async fn group_steps(
             reason: format!("a group member's address does not parse: {e}"),
             retryable: false,
         })?;
-    let plan = RingPlan {
-        epoch: g.epoch,
-        rank: g.rank as usize,
-        members,
-    };
     tracing::info!(
-        "{}: {} rank {} of {} (epoch {})",
+        "{}: {} rank {} of {} (epoch {}, {})",
         ctx.cfg.name,
         a.job_id,
-        plan.rank,
-        plan.members.len(),
-        plan.epoch
+        g.rank,
+        members.len(),
+        g.epoch,
+        if g.backend.is_empty() {
+            "ring"
+        } else {
+            &g.backend
+        }
     );
-    let mut ring = ctx
-        .peers
-        .join_ring(&plan, RING_JOIN_TIMEOUT)
-        .await
-        .map_err(|e| retry("collective", e.to_string()))?;
+    let mut ranks: Box<dyn Collective> = match g.backend.as_str() {
+        "" | "ring" => {
+            let plan = RingPlan {
+                epoch: g.epoch,
+                rank: g.rank as usize,
+                members,
+            };
+            Box::new(
+                ctx.peers
+                    .join_ring(&plan, RING_JOIN_TIMEOUT)
+                    .await
+                    .map_err(|e| retry("collective", e.to_string()))?,
+            )
+        }
+        "nccl" => nccl_member(ctx, a, g).await?,
+        other => {
+            return Err(ShardError {
+                stage: "assignment".into(),
+                reason: format!("unknown collective backend {other:?}"),
+                retryable: false,
+            });
+        }
+    };
     let path = ctx.cfg.work_dir.join(format!(
         "{}-shard-{:05}-a{}.bin",
         a.job_id, a.shard, a.attempt
@@ -625,7 +655,7 @@ async fn group_steps(
     };
     let t0 = Instant::now();
     let summary = tokio::task::spawn_blocking(move || {
-        hcx_pipeline::calibrate::encode_group_shard(&spec, &mut ring, &sites, &tensors, &p)
+        hcx_pipeline::calibrate::encode_group_shard(&spec, &mut *ranks, &sites, &tensors, &p)
     })
     .await
     .map_err(|e| retry("calibrate", e.to_string()))?
@@ -663,6 +693,94 @@ async fn group_steps(
     .await;
     let _ = tokio::fs::remove_file(&path).await;
     result
+}
+
+/// Joins an NCCL group: rank 0 makes the NCCL unique id and publishes it
+/// through the leader; the other ranks ask the leader for it until it is
+/// there. Every rank then joins the communicator on its first GPU.
+#[cfg(feature = "cuda")]
+async fn nccl_member(
+    ctx: &Ctx,
+    a: &Assignment,
+    g: &Group,
+) -> Result<Box<dyn Collective>, ShardError> {
+    use hcx_kernels::collective::nccl;
+    use hcx_net::proto::{GroupToken, GroupTokenRef};
+    let backend = |e: String| retry("collective", e);
+    let world = g.members.len();
+    let rank = g.rank as usize;
+    let id: [u8; nccl::ID_BYTES] = if rank == 0 {
+        let id = tokio::task::spawn_blocking(nccl::unique_id)
+            .await
+            .map_err(|e| backend(e.to_string()))?
+            .map_err(|e| backend(e.to_string()))?;
+        let token = GroupToken {
+            job_id: a.job_id.clone(),
+            epoch: g.epoch,
+            node: ctx.cfg.name.clone(),
+            nccl_id: id.to_vec(),
+        };
+        ctx.client
+            .call(|mut c| {
+                let t = token.clone();
+                async move { c.publish_group_token(t).await }
+            })
+            .await
+            .map_err(|e| backend(format!("publishing the NCCL id: {e}")))?;
+        id
+    } else {
+        let ask = GroupTokenRef {
+            job_id: a.job_id.clone(),
+            epoch: g.epoch,
+            node: ctx.cfg.name.clone(),
+        };
+        let deadline = Instant::now() + RING_JOIN_TIMEOUT;
+        loop {
+            let got = ctx
+                .client
+                .call(|mut c| {
+                    let t = ask.clone();
+                    async move { c.get_group_token(t).await }
+                })
+                .await;
+            match got {
+                Ok(t) => {
+                    break t.nccl_id.as_slice().try_into().map_err(|_| {
+                        backend(format!("an NCCL id of {} bytes", t.nccl_id.len()))
+                    })?;
+                }
+                Err(ClientError::Refused(s))
+                    if s.code() == tonic::Code::NotFound && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(backend(format!("waiting for the NCCL id: {e}"))),
+            }
+        }
+    };
+    let joined = tokio::task::spawn_blocking(move || {
+        nccl::Nccl::join(rank, world, id, 0, RING_JOIN_TIMEOUT)
+    })
+    .await
+    .map_err(|e| backend(e.to_string()))?
+    .map_err(|e| backend(e.to_string()))?;
+    Ok(Box::new(joined))
+}
+
+/// Without the `cuda` feature a node never offers NCCL, so the leader only
+/// puts it in an NCCL group if it was registered by another build.
+#[cfg(not(feature = "cuda"))]
+async fn nccl_member(
+    _ctx: &Ctx,
+    _a: &Assignment,
+    _g: &Group,
+) -> Result<Box<dyn Collective>, ShardError> {
+    Err(ShardError {
+        stage: "collective".into(),
+        reason: "the group sums through NCCL, but this node was built without the `cuda` feature"
+            .into(),
+        retryable: false,
+    })
 }
 
 async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), ShardError> {

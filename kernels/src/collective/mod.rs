@@ -21,11 +21,27 @@
 //! the group is re-planned with a new epoch.
 
 pub mod frame;
+pub mod limbs;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use std::time::Duration;
 
 pub use frame::{Frame, FrameHeader, Op};
+
+/// Whether this build and machine can run the NCCL backend: the number of
+/// CUDA devices, or why not.
+pub fn nccl_devices() -> Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    {
+        nccl::devices()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("this build was made without the `cuda` feature".into())
+    }
+}
 
 /// Default time a rank waits for its neighbour's next frame.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
