@@ -9,12 +9,23 @@
 # weights dequantized to f32; run time and peak resident memory of the run.
 #
 # With --write, also replaces the table in README.md (between the
-# `decoder:begin` and `decoder:end` markers).
+# `decoder:begin` and `decoder:end` markers). Jobs named after the options
+# (`4bit-gptq 2bit-gptq`, without the `smollm2-` prefix) run only those;
+# --write then replaces only their rows.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 write=false
-[ "${1:-}" = "--write" ] && write=true
+if [ "${1:-}" = "--write" ]; then
+  write=true
+  shift
+fi
+all_jobs=(int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq)
+jobs=("$@")
+[ ${#jobs[@]} -eq 0 ] && jobs=("${all_jobs[@]}")
+for job in "${jobs[@]}"; do
+  [ -f "configs/jobs/smollm2-$job.yaml" ] || { echo "no job configs/jobs/smollm2-$job.yaml" >&2; exit 2; }
+done
 bash scripts/fetch-smollm2.sh >&2
 cargo build --release --locked --quiet
 bin="${CARGO_TARGET_DIR:-$root/target}/release/hcx-cluster"
@@ -26,7 +37,7 @@ table="$work/table.md"
   echo "| job | bits per weight (210 linear weights) | weight SQNR, mean (dB) | perplexity (reference {ref}) | KL divergence (nats) | top-1 agreement | run time (s) | peak memory (GB) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 } >"$table"
-for job in int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq; do
+for job in "${jobs[@]}"; do
   name="smollm2-$job"
   out="$work/$name"
   /usr/bin/time -f "%e %M" -o "$work/time" "$bin" run --local "configs/jobs/$name.yaml" --output "$out" >/dev/null
@@ -50,12 +61,20 @@ PY
 done
 cat "$table"
 if $write; then
-  python3 - README.md "$table" <<'PY'
+  python3 - README.md "$table" "$#" <<'PY'
 import sys
-readme, table = sys.argv[1], open(sys.argv[2]).read()
+readme, table, subset = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3] != "0"
 text = open(readme).read()
 begin, end = "<!-- decoder:begin -->\n", "<!-- decoder:end -->"
 i, j = text.index(begin) + len(begin), text.index(end)
+if subset:
+    # Replace only the rows of the jobs that ran (and the header, which
+    # carries the reference perplexity).
+    old = text[i:j].splitlines(keepends=True)
+    new = table.splitlines(keepends=True)
+    rows = {l.split("|")[1].strip(): l for l in new[2:]}
+    lines = [new[0]] + [rows.get(l.split("|")[1].strip(), l) for l in old[1:]]
+    table = "".join(lines)
 open(readme, "w").write(text[:i] + table + text[j:])
 PY
   echo "README.md updated" >&2

@@ -7,11 +7,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/fetch-model.sh
 bash scripts/fetch-smollm2.sh
-# CI builds from a fresh clone, where incremental compilation only costs
-# (saving its caches); a developer's machine keeps it.
-if [ -n "${CI:-}" ]; then
-  export CARGO_INCREMENTAL=0
-fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU code (NCCL through cudarc, opened at run time) must build without a

@@ -113,14 +113,31 @@ async fn fetch_as(
 
 /// Writes a one-tensor safetensors file (`w`, F32 2×2: 1, 2, 3, 4).
 fn tiny_model(path: &Path) {
-    let mut header = br#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#.to_vec();
+    model_of(path, &["w"]);
+}
+
+/// A safetensors file of 2 × 2 f32 tensors with these names, holding 1, 2,
+/// 3, … in order.
+fn model_of(path: &Path, names: &[&str]) {
+    let entries: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                r#""{n}":{{"dtype":"F32","shape":[2,2],"data_offsets":[{},{}]}}"#,
+                16 * i,
+                16 * (i + 1)
+            )
+        })
+        .collect();
+    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
     while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(header);
-    for v in [1.0f32, 2.0, 3.0, 4.0] {
-        bytes.extend(v.to_le_bytes());
+    for v in 0..4 * names.len() {
+        bytes.extend((v as f32 + 1.0).to_le_bytes());
     }
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
@@ -449,5 +466,120 @@ async fn jobs_outside_the_roots_are_refused() {
     submit(&h, &certs, &model, &base.join("out/new/art"))
         .await
         .unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_rank_0_publishes_an_nccl_id_and_only_members_read_it() {
+    use hcx_net::proto::{GroupToken, GroupTokenRef, HeartbeatRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let h = coordinator(dir.path()).await;
+    let certs = dir.path().join("certs");
+    let a = Identity::load_node(&certs, "a").unwrap();
+    let b = Identity::load_node(&certs, "b").unwrap();
+    for (id, name) in [(&a, "a"), (&b, "b")] {
+        let info = hcx_net::proto::NodeInfo {
+            nccl: true,
+            ..node_info(name)
+        };
+        grpc_as(&h, id).register_node(info).await.unwrap();
+    }
+    let model = dir.path().join("models/two.safetensors");
+    // Two layers, so the calibrated job's group can have two ranks.
+    model_of(&model, &["layers.0.w", "layers.1.w"]);
+    let text = dir.path().join("models/calibration.txt");
+    std::fs::write(&text, "Some calibration text.\n").unwrap();
+    let spec = serde_json::json!({
+        "name": "t", "seed": 1, "model": model, "output": dir.path().join("out/two"),
+        "pipeline": [{"rtn": {"bits": 8}}],
+        "calibration": {"sentences": text},
+    });
+    let client = Identity::load(&certs, Role::Client).unwrap();
+    let job = grpc_as(&h, &client)
+        .submit_job(SubmitJobRequest {
+            spec_json: spec.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    // Both nodes offer NCCL: the group the leader forms sums through it.
+    let mut group = None;
+    for _ in 0..100 {
+        let r = grpc_as(&h, &a)
+            .heartbeat(HeartbeatRequest { name: "a".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        group = r.assignments.into_iter().find_map(|x| x.group);
+        if group.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let g = group.expect("a group formed");
+    assert_eq!(
+        (g.backend.as_str(), g.rank, g.members.len()),
+        ("nccl", 0, 2)
+    );
+    let ask = |node: &str| GroupTokenRef {
+        job_id: job.clone(),
+        epoch: g.epoch,
+        node: node.into(),
+    };
+    let token = |node: &str, epoch: u64| GroupToken {
+        job_id: job.clone(),
+        epoch,
+        node: node.into(),
+        nccl_id: vec![7; 128],
+    };
+    // Nothing to read before rank 0 publishes.
+    let e = grpc_as(&h, &b).get_group_token(ask("b")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    // Rank 1 may not publish; rank 0 may not publish for another epoch;
+    // nobody publishes under another node's name; a client cannot publish.
+    let e = grpc_as(&h, &b)
+        .publish_group_token(token("b", g.epoch))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("b is not rank 0"), "{e}");
+    let e = grpc_as(&h, &a)
+        .publish_group_token(token("a", g.epoch + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let e = grpc_as(&h, &b)
+        .publish_group_token(token("a", g.epoch))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("issued to node \"b\""), "{e}");
+    let e = grpc_as(&h, &client)
+        .publish_group_token(token("a", g.epoch))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // Rank 0 publishes (twice, as a retry would); the other rank reads it.
+    for _ in 0..2 {
+        grpc_as(&h, &a)
+            .publish_group_token(token("a", g.epoch))
+            .await
+            .unwrap();
+    }
+    let got = grpc_as(&h, &b)
+        .get_group_token(ask("b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.nccl_id, got.node), (vec![7; 128], "a".to_string()));
+    // Another id for the same formation is refused.
+    let mut other = token("a", g.epoch);
+    other.nccl_id = vec![8; 128];
+    let e = grpc_as(&h, &a)
+        .publish_group_token(other)
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("already has its NCCL id"), "{e}");
     h.shutdown().await;
 }
