@@ -615,25 +615,20 @@ impl Cluster for ClusterService {
     ) -> Result<Response<GroupToken>, Status> {
         let t = req.get_ref().clone();
         self.group_member(&req, "GetGroupToken", &t.job_id, t.epoch, &t.node, None)?;
-        let id = self.shared.view.read(|s| {
-            s.jobs
-                .get(&t.job_id)
-                .and_then(|j| j.group.as_ref())
-                .and_then(|g| g.nccl_id.clone())
+        // The id and its publisher (rank 0) from one read of the state.
+        let published = self.shared.view.read(|s| {
+            let g = s.jobs.get(&t.job_id)?.group.as_ref()?;
+            Some((
+                g.nccl_id.clone()?,
+                g.members.first().cloned().unwrap_or_default(),
+            ))
         });
-        let Some(nccl_id) = id else {
+        let Some((nccl_id, node)) = published else {
             return Err(Status::not_found(format!(
                 "rank 0 of {}'s group has not published its NCCL id yet",
                 t.job_id
             )));
         };
-        let node = self.shared.view.read(|s| {
-            s.jobs
-                .get(&t.job_id)
-                .and_then(|j| j.group.as_ref())
-                .and_then(|g| g.members.first().cloned())
-                .unwrap_or_default()
-        });
         Ok(Response::new(GroupToken {
             job_id: t.job_id,
             epoch: t.epoch,
