@@ -379,3 +379,100 @@ fn every_manifest_and_copied_byte_is_counted_and_checked() {
     );
     assert!(!t.path().join("dense").exists());
 }
+
+/// Runs a calibrated job as in-process stages of the model split by layer
+/// (`calibration.parallel: layers`), rank r writing the shard of
+/// `shards[r]`; merges the shards and returns the tensor file, or the first
+/// rank's error.
+fn run_staged(
+    job: &std::path::Path,
+    out: &std::path::Path,
+    shards: Vec<Vec<String>>,
+) -> Result<Vec<u8>, String> {
+    let spec = hcx_protocol::JobSpec::load(job).unwrap();
+    let dir = out.with_extension("shards");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rings = hcx_kernels::collective::local::group(shards.len(), 1).unwrap();
+    let handles: Vec<_> = rings
+        .into_iter()
+        .zip(shards)
+        .enumerate()
+        .map(|(r, (mut ring, tensors))| {
+            let (spec, path) = (spec.clone(), dir.join(format!("{r}.bin")));
+            std::thread::spawn(move || {
+                hcx_pipeline::calibrate::encode_group_shard(&spec, &mut ring, &[], &tensors, &path)
+                    .map(|_| path)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let files = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect::<Result<Vec<_>, _>>()?;
+    hcx_pipeline::shard::merge_shards(&spec, &files, out, &[]).map_err(|e| e.to_string())?;
+    Ok(std::fs::read(out.join("model.hcx.safetensors")).unwrap())
+}
+
+/// MiniLM's tensors split into stages: stage r holds the blocks in
+/// `blocks[r]`; the embeddings go to stage 0 and the pooler to the last.
+fn stage_shards(model: &std::path::Path, blocks: &[std::ops::Range<usize>]) -> Vec<Vec<String>> {
+    let m = hcx_pipeline::model::Model::open(model).unwrap();
+    let mut shards = vec![Vec::new(); blocks.len()];
+    for t in &m.tensors {
+        let layer = t
+            .name
+            .strip_prefix("encoder.layer.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok());
+        let stage = match layer {
+            Some(l) => blocks.iter().position(|b| b.contains(&l)).unwrap(),
+            None if t.name.starts_with("embeddings.") => 0,
+            None => blocks.len() - 1,
+        };
+        shards[stage].push(t.name.clone());
+    }
+    shards
+}
+
+#[test]
+fn layer_parallel_stages_give_the_local_artifact() {
+    // Sequential GPTQ with distillation, so both the compressed and the
+    // original model's activations travel from stage to stage, and each
+    // stage writes its own blocks' tuned LayerNorms and biases.
+    let model = minilm();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("local");
+    let job = write_job(
+        t.path(),
+        "staged",
+        &model,
+        &out,
+        &format!(
+            "pipeline:\n  - hadamard: {{}}\n  - gptq: {{grid: {{uniform: {{bits: 2.5}}}}}}\n  - zstd: {{level: 3}}\nrules:\n  - match: [\"*LayerNorm*\", \"*.bias\"]\n    keep: source\n  - match: [\"embeddings.*\", \"pooler.*\"]\n    keep: int8\ncalibration:\n  sentences: {}\n  samples: 12\n  seq_len: 32\n  parallel: layers\ndistill:\n  steps: 2\n  lr: 0.001\n  batch: 4\n  params: [norms, offsets]\n",
+            root().join("configs/calibration/sentences.txt").display()
+        ),
+    );
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let local = std::fs::read(out.join("model.hcx.safetensors")).unwrap();
+    for (name, blocks) in [
+        ("three", vec![0..2, 2..4, 4..6]),
+        // A first stage that only embeds, and one that holds the rest.
+        ("two", vec![0..0, 0..6]),
+    ] {
+        let staged = run_staged(&job, &t.path().join(name), stage_shards(&model, &blocks)).unwrap();
+        assert!(staged == local, "{name} stages give another artifact");
+        // The last stage's report covers every block.
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(t.path().join(name).join("attribution.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["distill"]["blocks"].as_array().unwrap().len(), 6);
+        assert_eq!(report["calibration"]["samples"], 12, "{report}");
+    }
+    // Stages out of layer order are refused, naming the rank.
+    let mut shuffled = stage_shards(&model, &[0..3, 3..6]);
+    shuffled.swap(0, 1);
+    let e = run_staged(&job, &t.path().join("shuffled"), shuffled).unwrap_err();
+    assert!(e.contains("contiguous run of blocks in rank order"), "{e}");
+}

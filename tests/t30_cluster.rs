@@ -506,6 +506,42 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
         embedded.to_str().unwrap(),
     ]);
     assert_same_artifact(&local, &embedded);
+    // The model split by layer over the three nodes: each holds only its
+    // own blocks and the activations flow from node to node, to the same
+    // tensor bytes (the manifest differs by the job's `parallel:` only).
+    let staged_job = dir.path().join("staged.yaml");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &staged_job,
+        text.replace("  seq_len: 32\n", "  seq_len: 32\n  parallel: layers\n"),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&staged_job)
+            .unwrap()
+            .contains("parallel: layers")
+    );
+    let staged = dir.path().join("staged");
+    let submitted = c.run_ok(&[
+        "submit",
+        staged_job.to_str().unwrap(),
+        "--output",
+        staged.to_str().unwrap(),
+        "--watch",
+    ]);
+    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    assert!(
+        artifact_bytes(&staged).0 == artifact_bytes(&local).0,
+        "the layer-parallel run gives other tensor bytes"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(staged.join("attribution.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["group"]["members"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        report["distill"]["blocks"].as_array().map(Vec::len),
+        Some(6)
+    );
     // A calibration file outside the model roots is refused at submit.
     let stray = dir.path().join("stray.txt");
     std::fs::write(&stray, "a sentence\n").unwrap();

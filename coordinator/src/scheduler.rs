@@ -444,6 +444,17 @@ pub fn reassign_avoiding(
         .or_else(|_| reassign(shard, nodes, opts, load, &[]))
 }
 
+/// A job's shards reordered for a model split by layer: the shards
+/// without layers first (embeddings, head, …, in id order), then the layer
+/// shards by their first layer as a number (ids follow name order, where
+/// `layer.10` comes before `layer.2`). [`rank_shards`] over this order gives
+/// each rank a run of consecutive layers.
+pub fn in_layer_order(units: &[Shard]) -> Vec<Shard> {
+    let mut out = units.to_vec();
+    out.sort_by_key(|u| u.layers.map(|l| l.0));
+    out
+}
+
 /// Splits a job's shards (`units`, in id order) into `n` rank shards for a
 /// collective group, where every rank runs the whole calibration and writes
 /// the tensors of its own rank shard: contiguous runs of units, cut where
@@ -877,6 +888,32 @@ mod tests {
             reassign_avoiding(shard, &both, &o, &busy, &names("a b")).unwrap(),
             "a"
         );
+    }
+
+    #[test]
+    fn layer_order_gives_each_rank_consecutive_layers() {
+        let mut tensors: Vec<TensorCost> = (0..12)
+            .map(|l| t(&format!("model.layers.{l}.mlp.weight"), 1000))
+            .collect();
+        tensors.push(t("model.embed_tokens.weight", 3000));
+        tensors.push(t("model.norm.weight", 10));
+        let units = make_shards(&tensors, &opts(1, None));
+        // Name order puts layer 10 before layer 2.
+        assert_eq!(units[3].label, "layer.10", "{units:?}");
+        let ordered = in_layer_order(&units);
+        let firsts: Vec<Option<u32>> = ordered.iter().map(|u| u.layers.map(|l| l.0)).collect();
+        // `model.*` outside the layers (embeddings and final norm) first.
+        assert_eq!(firsts[0], None);
+        assert_eq!(firsts[1..], (0..12).map(Some).collect::<Vec<_>>()[..]);
+        let ranks = rank_shards(&ordered, 3);
+        let mut next = 0;
+        for r in &ranks {
+            if let Some((a, b)) = r.layers {
+                assert_eq!(a, next, "{ranks:?}");
+                next = b + 1;
+            }
+        }
+        assert_eq!(next, 12);
     }
 
     #[test]

@@ -177,8 +177,9 @@ pub enum GroupBackend {
     #[default]
     Ring,
     /// NCCL between the members' GPUs: chosen when every member can run it
-    /// and the job is not federated (whose cross-site traffic stays on the
-    /// ring, where every message is one of ours).
+    /// and the job is neither federated (whose cross-site traffic stays on
+    /// the ring, where every message is one of ours) nor split by layer
+    /// (whose stages hand host activations to their neighbour).
     Nccl,
 }
 
@@ -683,7 +684,15 @@ impl ClusterState {
             .calibration
             .as_ref()
             .is_some_and(|c| c.is_federated());
+        // A model split by layer passes activations between host memories
+        // from one stage to the next: the QUIC ring's links do exactly that.
+        let staged = j
+            .spec
+            .calibration
+            .as_ref()
+            .is_some_and(|c| c.parallel == hcx_protocol::CalibrationParallel::Layers);
         let backend = if !federated
+            && !staged
             && members
                 .iter()
                 .all(|m| self.nodes.get(m).is_some_and(|n| n.nccl))
@@ -695,7 +704,14 @@ impl ClusterState {
         self.last_epoch += 1;
         let epoch = self.last_epoch;
         let j = self.jobs.get_mut(job).expect("checked above");
-        j.shards = rank_shards(&j.units, members.len())
+        // A model split by layer needs each rank's blocks to be a run of
+        // consecutive layers, in rank order.
+        let units = if staged {
+            crate::scheduler::in_layer_order(&j.units)
+        } else {
+            j.units.clone()
+        };
+        j.shards = rank_shards(&units, members.len())
             .into_iter()
             .zip(&members)
             .map(|(shard, node)| ShardRecord {
@@ -926,6 +942,34 @@ mod tests {
         );
         assert_eq!(
             st.jobs[&f].group.as_ref().unwrap().backend,
+            GroupBackend::Ring
+        );
+        // So does a model split by layer: its stages hand host activations on.
+        let mut spec = st.jobs[&j].spec.clone();
+        spec.calibration = Some(
+            serde_json::from_value(
+                serde_json::json!({"sentences": "/s.txt", "parallel": "layers"}),
+            )
+            .unwrap(),
+        );
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec),
+            output: "/o3".into(),
+            shards: (0..4).map(shard).collect(),
+            placements: vec![],
+            now_ms: 7,
+        });
+        let staged = r.job.unwrap();
+        assert!(
+            st.apply(Command::FormGroup {
+                job: staged.clone(),
+                members: vec!["a".into(), "b".into()],
+            })
+            .ok
+        );
+        assert_eq!(
+            st.jobs[&staged].group.as_ref().unwrap().backend,
             GroupBackend::Ring
         );
     }

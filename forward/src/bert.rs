@@ -187,17 +187,35 @@ pub struct Bert {
     /// Its shape.
     pub cfg: BertConfig,
     prefix: String,
+    /// The embeddings (absent from a part without them).
+    embeddings: Option<Embeddings>,
+    /// Blocks by layer; `None` for a layer outside the loaded part.
+    blocks: Vec<Option<Block>>,
+}
+
+/// Word, position and token-type embeddings and their LayerNorm.
+struct Embeddings {
     words: Tensor,
     positions: Tensor,
     types: Tensor,
-    embed_norm: Norm,
-    blocks: Vec<Block>,
+    norm: Norm,
 }
 
 impl Bert {
     /// Builds the encoder from its config and a weight source; the weights
     /// may sit at the root or under `bert.`.
     pub fn load(cfg: BertConfig, weights: &mut WeightSource<'_>) -> Result<Bert, ForwardError> {
+        let whole = crate::Part::whole(cfg.layers);
+        Bert::load_part(cfg, weights, &whole)
+    }
+
+    /// As [`Bert::load`], reading only the weights of `part` (an encoder
+    /// has no head: `part.head` is ignored).
+    pub fn load_part(
+        cfg: BertConfig,
+        weights: &mut WeightSource<'_>,
+        part: &crate::Part,
+    ) -> Result<Bert, ForwardError> {
         let prefix = if weights("embeddings.word_embeddings.weight")?.is_some() {
             String::new()
         } else {
@@ -218,18 +236,28 @@ impl Bert {
             Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
         };
         let (h, f) = (cfg.hidden, cfg.intermediate);
-        let words = get("embeddings.word_embeddings.weight", &[cfg.vocab, h])?;
-        let positions = get(
-            "embeddings.position_embeddings.weight",
-            &[cfg.max_positions, h],
-        )?;
-        let types = get("embeddings.token_type_embeddings.weight", &[2, h])?;
-        let embed_norm = Norm {
-            w: get("embeddings.LayerNorm.weight", &[h])?,
-            b: get("embeddings.LayerNorm.bias", &[h])?,
+        let embeddings = if part.embeddings {
+            Some(Embeddings {
+                words: get("embeddings.word_embeddings.weight", &[cfg.vocab, h])?,
+                positions: get(
+                    "embeddings.position_embeddings.weight",
+                    &[cfg.max_positions, h],
+                )?,
+                types: get("embeddings.token_type_embeddings.weight", &[2, h])?,
+                norm: Norm {
+                    w: get("embeddings.LayerNorm.weight", &[h])?,
+                    b: get("embeddings.LayerNorm.bias", &[h])?,
+                },
+            })
+        } else {
+            None
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
+            if !part.blocks.contains(&l) {
+                blocks.push(None);
+                continue;
+            }
             let p = format!("encoder.layer.{l}");
             let mut lin = |n: &str, o: usize, i: usize| -> Result<Linear, ForwardError> {
                 Ok(Linear {
@@ -243,7 +271,7 @@ impl Bert {
             let o = lin("attention.output.dense", h, h)?;
             let up = lin("intermediate.dense", f, h)?;
             let down = lin("output.dense", h, f)?;
-            blocks.push(Block {
+            blocks.push(Some(Block {
                 q,
                 k,
                 v,
@@ -258,15 +286,12 @@ impl Bert {
                     w: get(&format!("{p}.output.LayerNorm.weight"), &[h])?,
                     b: get(&format!("{p}.output.LayerNorm.bias"), &[h])?,
                 },
-            });
+            }));
         }
         Ok(Bert {
             cfg,
             prefix,
-            words,
-            positions,
-            types,
-            embed_norm,
+            embeddings,
             blocks,
         })
     }
@@ -295,11 +320,19 @@ impl Bert {
         crate::split_block_name(rest, "encoder.layer.", self.blocks.len())
     }
 
+    /// Block `layer`, if this part of the model holds it.
+    fn block(&self, layer: usize) -> Result<&Block, ForwardError> {
+        self.blocks
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| crate::not_loaded(format!("{}encoder.layer.{layer}", self.prefix)))
+    }
+
     /// A block tensor (linear weight or bias, LayerNorm gain or shift) by
     /// its HF name.
     pub fn tensor(&self, name: &str) -> Result<&Tensor, ForwardError> {
         let (layer, suffix) = self.locate(name)?;
-        block_tensor!(self.blocks[layer], suffix).ok_or_else(|| ForwardError::Weight {
+        block_tensor!(self.block(layer)?, suffix).ok_or_else(|| ForwardError::Weight {
             name: name.into(),
             why: "not a tensor of a block".into(),
         })
@@ -309,7 +342,13 @@ impl Bert {
     /// Distillation swaps in trainable variables this way.
     pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
         let (layer, suffix) = self.locate(name)?;
-        crate::replace_block_tensor(block_tensor!(self.blocks[layer], suffix, mut), name, t)
+        let prefix = &self.prefix;
+        let block = self
+            .blocks
+            .get_mut(layer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| crate::not_loaded(format!("{prefix}encoder.layer.{layer}")))?;
+        crate::replace_block_tensor(block_tensor!(block, suffix, mut), name, t)
     }
 
     /// The HF names of block `layer`'s parameters of one kind.
@@ -345,11 +384,14 @@ impl Bert {
                 ),
             });
         }
+        let e = self.embeddings.as_ref().ok_or_else(|| {
+            crate::not_loaded(format!("{}embeddings.word_embeddings.weight", self.prefix))
+        })?;
         let ids = Tensor::from_slice(tokens, len, &Device::Cpu)?;
-        let x = self.words.index_select(&ids, 0)?;
-        let x = (x + self.positions.narrow(0, 0, len)?)?;
-        let x = x.broadcast_add(&self.types.get(0)?)?;
-        Ok(self.embed_norm.forward(&x, self.cfg.eps)?)
+        let x = e.words.index_select(&ids, 0)?;
+        let x = (x + e.positions.narrow(0, 0, len)?)?;
+        let x = x.broadcast_add(&e.types.get(0)?)?;
+        Ok(e.norm.forward(&x, self.cfg.eps)?)
     }
 
     /// Runs block `layer` over one sentence `x` (`[len, hidden]`); `capture`
@@ -377,7 +419,7 @@ impl Bert {
         capture: &mut dyn FnMut(Site, &Tensor) -> Result<(), ForwardError>,
         train: bool,
     ) -> Result<Tensor, ForwardError> {
-        let b = &self.blocks[layer];
+        let b = self.block(layer)?;
         let (len, h) = x.dims2()?;
         let heads = self.cfg.heads;
         let hd = h / heads;

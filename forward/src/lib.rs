@@ -14,7 +14,39 @@ pub mod bert;
 pub mod llama;
 pub mod text;
 
+use std::ops::Range;
 use std::path::PathBuf;
+
+/// The part of a model a process loads. A stage of a model split by layer
+/// holds only its own blocks (and the embeddings if it is the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The blocks, by layer index.
+    pub blocks: Range<usize>,
+    /// Whether the token embeddings are loaded (needed to embed tokens).
+    pub embeddings: bool,
+    /// Whether the final norm and head are loaded (needed for logits).
+    pub head: bool,
+}
+
+impl Part {
+    /// Every block, the embeddings and the head.
+    pub fn whole(layers: usize) -> Part {
+        Part {
+            blocks: 0..layers,
+            embeddings: true,
+            head: true,
+        }
+    }
+}
+
+/// The error for a weight outside the loaded part of a model.
+pub(crate) fn not_loaded(name: String) -> ForwardError {
+    ForwardError::Weight {
+        name,
+        why: "not loaded in this part of the model".into(),
+    }
+}
 
 /// A kind of continuous block parameter that block-wise distillation tunes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::{ForwardError, Tunable};
+use crate::{ForwardError, Part, Tunable};
 
 /// A block's tensor by its name under `model.layers.N.` (`mut` for a
 /// mutable borrow).
@@ -218,10 +218,13 @@ struct Block {
 pub struct Llama {
     /// Its shape.
     pub cfg: LlamaConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    head: Tensor,
+    /// The token embeddings (absent from a part without them).
+    embed: Option<Tensor>,
+    /// Blocks by layer; `None` for a layer outside the loaded part.
+    blocks: Vec<Option<Block>>,
+    /// Final norm and head (absent from a part without them).
+    norm: Option<Tensor>,
+    head: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -248,6 +251,18 @@ impl Llama {
         cfg: LlamaConfig,
         weights: &mut WeightSource<'_>,
         max_positions: usize,
+    ) -> Result<Llama, ForwardError> {
+        let whole = Part::whole(cfg.layers);
+        Llama::load_part(cfg, weights, max_positions, &whole)
+    }
+
+    /// As [`Llama::load`], reading only the weights of `part`: a stage of a
+    /// model split by layer holds its own blocks and nothing else.
+    pub fn load_part(
+        cfg: LlamaConfig,
+        weights: &mut WeightSource<'_>,
+        max_positions: usize,
+        part: &Part,
     ) -> Result<Llama, ForwardError> {
         let dev = Device::Cpu;
         fn get(
@@ -283,14 +298,23 @@ impl Llama {
         }
         let (h, f, hd) = (cfg.hidden, cfg.intermediate, cfg.head_dim);
         let (qd, kvd) = (cfg.heads * hd, cfg.kv_heads * hd);
-        let embed = get(weights, "model.embed_tokens.weight", &[cfg.vocab, h])?;
+        let needs_embed = part.embeddings || (part.head && cfg.tied);
+        let embed = if needs_embed {
+            Some(get(weights, "model.embed_tokens.weight", &[cfg.vocab, h])?)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
+            if !part.blocks.contains(&l) {
+                blocks.push(None);
+                continue;
+            }
             let p = format!("model.layers.{l}");
             let q_bias = bias(weights, format!("{p}.self_attn.q_proj.bias"), qd)?;
             let k_bias = bias(weights, format!("{p}.self_attn.k_proj.bias"), kvd)?;
             let v_bias = bias(weights, format!("{p}.self_attn.v_proj.bias"), kvd)?;
-            blocks.push(Block {
+            blocks.push(Some(Block {
                 input_norm: get(weights, &format!("{p}.input_layernorm.weight"), &[h])?,
                 q: get(weights, &format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
                 k: get(weights, &format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
@@ -307,14 +331,20 @@ impl Llama {
                 gate: get(weights, &format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
                 up: get(weights, &format!("{p}.mlp.up_proj.weight"), &[f, h])?,
                 down: get(weights, &format!("{p}.mlp.down_proj.weight"), &[h, f])?,
-            });
+            }));
         }
-        let norm = get(weights, "model.norm.weight", &[h])?;
-        let head = if cfg.tied {
-            embed.clone()
+        let (norm, head) = if part.head {
+            let norm = get(weights, "model.norm.weight", &[h])?;
+            let head = if cfg.tied {
+                embed.clone()
+            } else {
+                Some(get(weights, "lm_head.weight", &[cfg.vocab, h])?)
+            };
+            (Some(norm), head)
         } else {
-            get(weights, "lm_head.weight", &[cfg.vocab, h])?
+            (None, None)
         };
+        let embed = if part.embeddings { embed } else { None };
         let half = hd / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
@@ -391,10 +421,25 @@ impl Llama {
         crate::split_block_name(name, "model.layers.", self.blocks.len())
     }
 
+    /// Block `layer`, if this part of the model holds it.
+    fn block(&self, layer: usize) -> Result<&Block, ForwardError> {
+        self.blocks
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| crate::not_loaded(format!("model.layers.{layer}")))
+    }
+
+    fn block_mut(&mut self, layer: usize) -> Result<&mut Block, ForwardError> {
+        self.blocks
+            .get_mut(layer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| crate::not_loaded(format!("model.layers.{layer}")))
+    }
+
     /// A block tensor (linear weight or bias, norm gain) by its HF name.
     pub fn tensor(&self, name: &str) -> Result<&Tensor, ForwardError> {
         let (layer, suffix) = self.locate(name)?;
-        block_tensor!(self.blocks[layer], suffix, as_ref).ok_or_else(|| ForwardError::Weight {
+        block_tensor!(self.block(layer)?, suffix, as_ref).ok_or_else(|| ForwardError::Weight {
             name: name.into(),
             why: "not a tensor of this model's blocks".into(),
         })
@@ -405,7 +450,7 @@ impl Llama {
     pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
         let (layer, suffix) = self.locate(name)?;
         crate::replace_block_tensor(
-            block_tensor!(self.blocks[layer], suffix, as_mut, mut),
+            block_tensor!(self.block_mut(layer)?, suffix, as_mut, mut),
             name,
             t,
         )
@@ -415,7 +460,7 @@ impl Llama {
     /// where the model has them).
     pub fn tunable(&self, layer: usize, kind: Tunable) -> Vec<String> {
         let p = format!("model.layers.{layer}");
-        let Some(b) = self.blocks.get(layer) else {
+        let Some(b) = self.blocks.get(layer).and_then(Option::as_ref) else {
             return Vec::new();
         };
         match kind {
@@ -442,8 +487,12 @@ impl Llama {
                 ),
             });
         }
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| crate::not_loaded("model.embed_tokens.weight".into()))?;
         let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        Ok(embed.index_select(&ids, 0)?)
     }
 
     /// Runs block `layer` over `x` (`[batch·len, hidden]`, `batch` windows
@@ -483,7 +532,7 @@ impl Llama {
         train: bool,
     ) -> Result<Tensor, ForwardError> {
         let c = &self.cfg;
-        let b = &self.blocks[layer];
+        let b = self.block(layer)?;
         let eps = c.eps as f32;
         let hd = c.head_dim;
         let rms = |x: &Tensor, w: &Tensor| {
@@ -550,8 +599,11 @@ impl Llama {
 
     /// Final norm and head: logits `[rows, vocab]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
-        let xn = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.eps as f32)?;
-        Ok(xn.matmul(&self.head.t()?)?)
+        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
+            return Err(crate::not_loaded("model.norm.weight".into()));
+        };
+        let xn = candle_nn::ops::rms_norm(x, norm, self.cfg.eps as f32)?;
+        Ok(xn.matmul(&head.t()?)?)
     }
 
     /// Logits of `batch` windows of `len` tokens: `[batch·len, vocab]`.

@@ -38,12 +38,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
+use hcx_forward::Part;
 use hcx_forward::bert::{Bert, BertConfig};
 use hcx_forward::llama::{Llama, LlamaConfig, Site};
 use hcx_forward::text::{TextTokenizer, read_texts, token_windows};
 use hcx_kernels::collective::Collective;
 use hcx_kernels::hessian::HessianSum;
-use hcx_protocol::{Calibration, CalibrationOrder, JobSpec, StageSpec};
+use hcx_protocol::{Calibration, CalibrationOrder, CalibrationParallel, JobSpec, StageSpec};
 use rayon::prelude::*;
 
 use crate::PipelineError;
@@ -63,7 +64,7 @@ type Encoded = Result<(EncodedEntry, Option<Vec<f32>>), PipelineError>;
 /// Windows per micro-batch: the unit statistics are summed in.
 pub const MICRO_BATCH: usize = 8;
 
-fn bad(model: &Model, why: String) -> PipelineError {
+pub(crate) fn bad(model: &Model, why: String) -> PipelineError {
     PipelineError::Model {
         path: model
             .dir
@@ -72,7 +73,7 @@ fn bad(model: &Model, why: String) -> PipelineError {
     }
 }
 
-fn forward_error(model: &Model, e: hcx_forward::ForwardError) -> PipelineError {
+pub(crate) fn forward_error(model: &Model, e: hcx_forward::ForwardError) -> PipelineError {
     bad(model, e.to_string())
 }
 
@@ -95,20 +96,28 @@ pub(crate) enum Net {
 /// A micro-batch: `windows` samples of `len` tokens, as the block input
 /// `[windows·len, hidden]`.
 pub(crate) struct Batch {
-    x: Tensor,
-    windows: usize,
-    len: usize,
+    pub(crate) x: Tensor,
+    pub(crate) windows: usize,
+    pub(crate) len: usize,
 }
 
 impl Net {
-    fn layers(&self) -> usize {
+    pub(crate) fn layers(&self) -> usize {
         match self {
             Net::Decoder(m) => m.cfg.layers,
             Net::Encoder(m) => m.cfg.layers,
         }
     }
 
-    fn site_of(&self, name: &str) -> Option<(usize, Site)> {
+    /// Width of the residual stream (a block's input and output).
+    pub(crate) fn hidden(&self) -> usize {
+        match self {
+            Net::Decoder(m) => m.cfg.hidden,
+            Net::Encoder(m) => m.cfg.hidden,
+        }
+    }
+
+    pub(crate) fn site_of(&self, name: &str) -> Option<(usize, Site)> {
         match self {
             Net::Decoder(_) => Site::of_weight(name),
             Net::Encoder(_) => hcx_forward::bert::site_of_weight(name),
@@ -194,7 +203,13 @@ fn architecture(cfg: &str) -> String {
 /// Loads the source's forward pass and its tokenizer. Decoders calibrate
 /// on `text:` windows, encoders on `sentences:` (a federated job's site
 /// files are read as the model's kind needs).
-fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, TextTokenizer), PipelineError> {
+/// `part` limits what is loaded (a stage of a model split by layer); `None`
+/// loads it all.
+pub(crate) fn load_net(
+    spec: &JobSpec,
+    model: &Model,
+    part: Option<&Part>,
+) -> Result<(Net, TextTokenizer), PipelineError> {
     let Some(cal) = &spec.calibration else {
         return Err(bad(model, "the job has no `calibration:` section".into()));
     };
@@ -219,7 +234,10 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, TextTokenizer), Pipel
                     .into(),
             ));
         }
-        let net = Llama::load(cfg, &mut src, cal.seq_len).map_err(|e| forward_error(model, e))?;
+        let whole = Part::whole(cfg.layers);
+        let part = part.unwrap_or(&whole);
+        let net = Llama::load_part(cfg, &mut src, cal.seq_len, part)
+            .map_err(|e| forward_error(model, e))?;
         return Ok((Net::Decoder(net), tok));
     }
     if let Ok(cfg) = BertConfig::parse(&cfg_path, &cfg_text) {
@@ -230,7 +248,9 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, TextTokenizer), Pipel
                     .into(),
             ));
         }
-        let net = Bert::load(cfg, &mut src).map_err(|e| forward_error(model, e))?;
+        let whole = Part::whole(cfg.layers);
+        let part = part.unwrap_or(&whole);
+        let net = Bert::load_part(cfg, &mut src, part).map_err(|e| forward_error(model, e))?;
         return Ok((Net::Encoder(net), tok));
     }
     Err(PipelineError::Model {
@@ -243,10 +263,29 @@ fn load_net(spec: &JobSpec, model: &Model) -> Result<(Net, TextTokenizer), Pipel
     })
 }
 
+/// The number of blocks of the source's forward pass, from its config.
+pub(crate) fn layer_count(model: &Model) -> Result<usize, PipelineError> {
+    let (cfg_bytes, cfg_path) = model_file(model, "config.json")?;
+    let cfg_text = String::from_utf8_lossy(&cfg_bytes).to_string();
+    if let Ok(cfg) = LlamaConfig::parse(&cfg_path, &cfg_text) {
+        return Ok(cfg.layers);
+    }
+    if let Ok(cfg) = BertConfig::parse(&cfg_path, &cfg_text) {
+        return Ok(cfg.layers);
+    }
+    Err(PipelineError::Model {
+        path: cfg_path,
+        why: format!(
+            "architecture `{}` has no forward pass for calibration",
+            architecture(&cfg_text)
+        ),
+    })
+}
+
 /// Cuts calibration files into micro-batches: `samples` windows of
 /// `seq_len` tokens for a decoder, [`MICRO_BATCH`] windows a micro-batch;
 /// `samples` sentences for an encoder, one a micro-batch.
-fn read_batches(
+pub(crate) fn read_batches(
     net: &Net,
     tok: &TextTokenizer,
     model: &Model,
@@ -325,17 +364,17 @@ fn read_batches(
 /// The sizes of one micro-batch, which every rank knows for every
 /// micro-batch (counts, never contents).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BatchSize {
+pub(crate) struct BatchSize {
     /// Windows or sentences.
-    samples: usize,
+    pub(crate) samples: usize,
     /// Block output scalars (rows × hidden).
-    elements: usize,
+    pub(crate) elements: usize,
     /// Token rows (each a row of every layer input's statistics).
-    rows: usize,
+    pub(crate) rows: usize,
 }
 
 impl BatchSize {
-    fn of(b: &Batch) -> BatchSize {
+    pub(crate) fn of(b: &Batch) -> BatchSize {
         BatchSize {
             samples: b.windows,
             elements: b.x.elem_count(),
@@ -576,6 +615,18 @@ pub fn run_job_ranked(
     ranks: &mut dyn Collective,
     rank_sites: &[String],
 ) -> Result<Option<RunOutcome>, PipelineError> {
+    let layers = spec
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c.parallel == CalibrationParallel::Layers);
+    if layers && ranks.world() > 1 {
+        // Each stage holds only its blocks' encodings: the ranks write
+        // shards (encode_group_shard) that the merge joins.
+        return Err(PipelineError::Model {
+            path: spec.model.clone(),
+            why: "`calibration.parallel: layers` runs on a cluster's nodes, each writing the shard of its own layers; a single process calibrates the whole model itself".into(),
+        });
+    }
     if ranks.rank() != 0 {
         let model = Model::open(&spec.model)?;
         calibrate_blocks(spec, &model, ranks, rank_sites)?;
@@ -590,18 +641,20 @@ pub fn run_job_ranked(
 
 /// What walking the blocks produced: every calibrated tensor's encoding,
 /// and the figures for the report.
-struct Calibrated<'a> {
+pub(crate) struct Calibrated<'a> {
     /// The job's calibration section.
-    cal: &'a Calibration,
+    pub(crate) cal: &'a Calibration,
     /// Each tensor's stage chain.
-    plans: Vec<Vec<StageSpec>>,
-    done: Vec<Option<EncodedEntry>>,
-    samples: usize,
-    tokens: usize,
-    forward_seconds: f64,
-    seconds: f64,
+    pub(crate) plans: Vec<Vec<StageSpec>>,
+    pub(crate) done: Vec<Option<EncodedEntry>>,
+    /// Every calibrated tensor's figures (of every rank's blocks).
+    pub(crate) figures: Vec<TensorFigure>,
+    pub(crate) samples: usize,
+    pub(crate) tokens: usize,
+    pub(crate) forward_seconds: f64,
+    pub(crate) seconds: f64,
     /// What distillation did to each block (empty without `distill:`).
-    distilled: Vec<BlockDistillation>,
+    pub(crate) distilled: Vec<BlockDistillation>,
 }
 
 /// Sums the ranks' statistics of block `layer` exactly. The ranks first
@@ -690,6 +743,80 @@ fn reduce_stats(
     Ok(())
 }
 
+/// A walk over the blocks: the forward pass, this rank's micro-batches as
+/// they enter the next block, and what the blocks so far produced.
+pub(crate) struct Walk {
+    pub(crate) net: Net,
+    pub(crate) batches: Vec<Batch>,
+    /// The global index of each of `batches`.
+    pub(crate) global: Vec<usize>,
+    /// Samples (windows or sentences) of every micro-batch, by global index.
+    pub(crate) all_samples: Vec<usize>,
+    /// Output scalars (rows × hidden) of every micro-batch, by global index.
+    pub(crate) all_elements: Vec<usize>,
+    /// Distillation's targets: the original model's activations, carried
+    /// beside the compressed model's, so that tuning a block also corrects
+    /// the error the blocks before it left (sequential order with
+    /// `distill:`; empty otherwise, where the block's outputs already are
+    /// those activations or nothing is tuned).
+    pub(crate) original: Vec<Tensor>,
+    /// Each tensor's encoding, by model index, once its block is walked.
+    pub(crate) done: Vec<Option<EncodedEntry>>,
+    /// The calibrated tensors' figures, in the order they were encoded.
+    pub(crate) figures: Vec<TensorFigure>,
+    pub(crate) forward_seconds: f64,
+    /// What distillation did to each block walked.
+    pub(crate) distilled: Vec<BlockDistillation>,
+}
+
+/// A calibrated tensor's figures for the report's calibration section.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TensorFigure {
+    /// Its number of values.
+    pub(crate) params: f64,
+    /// Weight SQNR (dB).
+    pub(crate) weight_db: f64,
+    /// Output SQNR on the calibration inputs (dB).
+    pub(crate) output_db: f64,
+}
+
+impl Walk {
+    /// A walk starting at the first block walked, over `batches` (whose
+    /// global indices are `global`; `sizes` gives every micro-batch's).
+    pub(crate) fn new(
+        spec: &JobSpec,
+        model: &Model,
+        net: Net,
+        batches: Vec<Batch>,
+        global: Vec<usize>,
+        sizes: &[BatchSize],
+        original: Option<Vec<Tensor>>,
+    ) -> Walk {
+        let wants_original = spec.distill.is_some()
+            && spec
+                .calibration
+                .as_ref()
+                .is_some_and(|c| c.order == CalibrationOrder::Sequential);
+        let original = match original {
+            Some(o) => o,
+            None if wants_original => batches.iter().map(|b| b.x.clone()).collect(),
+            None => Vec::new(),
+        };
+        Walk {
+            net,
+            batches,
+            global,
+            all_samples: sizes.iter().map(|b| b.samples).collect(),
+            all_elements: sizes.iter().map(|b| b.elements).collect(),
+            original,
+            done: (0..model.tensors.len()).map(|_| None).collect(),
+            figures: Vec::new(),
+            forward_seconds: 0.0,
+            distilled: Vec::new(),
+        }
+    }
+}
+
 /// Walks the blocks: statistics from this rank's micro-batches, summed
 /// over the ranks, then each block's calibrated tensors encoded.
 fn calibrate_blocks<'a>(
@@ -698,18 +825,64 @@ fn calibrate_blocks<'a>(
     ranks: &mut dyn Collective,
     rank_sites: &[String],
 ) -> Result<Calibrated<'a>, PipelineError> {
-    let cal = spec
-        .calibration
+    let cal = calibration_of(spec, model)?;
+    let plans = plans_of(spec, model);
+    let t_cal = Instant::now();
+    let (net, tok) = load_net(spec, model, None)?;
+    check_calibrated_tensors(&net, model, &plans)?;
+    let Layout {
+        local: batches,
+        global,
+        sizes,
+        sites,
+    } = layout(&net, &tok, model, cal, ranks, rank_sites)?;
+    check_site_rows(&net, model, cal, &sites)?;
+    let samples: usize = sizes.iter().map(|b| b.samples).sum();
+    let tokens: usize = sizes.iter().map(|b| b.rows).sum();
+    let mut walk = Walk::new(spec, model, net, batches, global, &sizes, None);
+    for layer in 0..walk.net.layers() {
+        calibrate_block(spec, model, &plans, &mut walk, layer, ranks)?;
+    }
+    Ok(Calibrated {
+        cal,
+        plans,
+        done: walk.done,
+        figures: walk.figures,
+        samples,
+        tokens,
+        forward_seconds: walk.forward_seconds,
+        seconds: t_cal.elapsed().as_secs_f64(),
+        distilled: walk.distilled,
+    })
+}
+
+/// The job's calibration section.
+pub(crate) fn calibration_of<'a>(
+    spec: &'a JobSpec,
+    model: &Model,
+) -> Result<&'a Calibration, PipelineError> {
+    spec.calibration
         .as_ref()
-        .ok_or_else(|| bad(model, "the job has no `calibration:` section".into()))?;
-    let plans: Vec<Vec<StageSpec>> = model
+        .ok_or_else(|| bad(model, "the job has no `calibration:` section".into()))
+}
+
+/// Each tensor's stage chain, by model index.
+pub(crate) fn plans_of(spec: &JobSpec, model: &Model) -> Vec<Vec<StageSpec>> {
+    model
         .tensors
         .iter()
         .map(|t| spec.stages_for(&t.name))
-        .collect();
-    let t_cal = Instant::now();
-    let (mut net, tok) = load_net(spec, model)?;
-    for (t, plan) in model.tensors.iter().zip(&plans) {
+        .collect()
+}
+
+/// Refuses a calibrated stage on a tensor that is not a block's linear
+/// weight (no statistics are collected for it).
+pub(crate) fn check_calibrated_tensors(
+    net: &Net,
+    model: &Model,
+    plans: &[Vec<StageSpec>],
+) -> Result<(), PipelineError> {
+    for (t, plan) in model.tensors.iter().zip(plans) {
         if plan.iter().any(StageSpec::needs_calibration) && net.site_of(&t.name).is_none() {
             return Err(PipelineError::Tensor {
                 tensor: t.name.clone(),
@@ -720,18 +893,34 @@ fn calibrate_blocks<'a>(
             });
         }
     }
-    let Layout {
-        local: mut batches,
+    Ok(())
+}
+
+/// Walks block `layer`: its inputs' statistics from this rank's
+/// micro-batches summed over the ranks, its calibrated tensors encoded
+/// (and, with `distill:`, its continuous parameters tuned), and the
+/// micro-batches moved on to the block's output.
+pub(crate) fn calibrate_block(
+    spec: &JobSpec,
+    model: &Model,
+    plans: &[Vec<StageSpec>],
+    walk: &mut Walk,
+    layer: usize,
+    ranks: &mut dyn Collective,
+) -> Result<(), PipelineError> {
+    let cal = calibration_of(spec, model)?;
+    let Walk {
+        net,
+        batches,
         global,
-        sizes,
-        sites,
-    } = layout(&net, &tok, model, cal, ranks, rank_sites)?;
-    check_site_rows(&net, model, cal, &sites)?;
-    let samples: usize = sizes.iter().map(|b| b.samples).sum();
-    let tokens: usize = sizes.iter().map(|b| b.rows).sum();
-    // Every micro-batch's size, by global index, for distillation's steps.
-    let all_samples: Vec<usize> = sizes.iter().map(|b| b.samples).collect();
-    let all_elements: Vec<usize> = sizes.iter().map(|b| b.elements).collect();
+        all_samples,
+        all_elements,
+        original,
+        done,
+        figures,
+        forward_seconds,
+        distilled,
+    } = walk;
     let by_name: HashMap<&str, &crate::model::TensorInfo> =
         model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     // A tuned tensor's values as the artifact stores them (its dtype).
@@ -741,160 +930,141 @@ fn calibrate_blocks<'a>(
             None => values,
         }
     };
-    let mut distilled = Vec::new();
     let world = ranks.world();
-    let mut done: Vec<Option<EncodedEntry>> = (0..model.tensors.len()).map(|_| None).collect();
-    let mut forward_seconds = 0f64;
-    // Distillation's targets: the original model's activations, carried
-    // beside the compressed model's, so that tuning a block also corrects
-    // the error the blocks before it left. With `order: original` the
-    // block's outputs already are those activations.
-    let mut original: Vec<Tensor> =
-        if spec.distill.is_some() && cal.order == CalibrationOrder::Sequential {
-            batches.iter().map(|b| b.x.clone()).collect()
-        } else {
-            Vec::new()
+    let t0 = Instant::now();
+    let mut stats: HashMap<Site, HessianSum> = HashMap::new();
+    let mut outputs = Vec::with_capacity(batches.len());
+    for b in batches.iter() {
+        let mut capture = |site: Site, input: &Tensor| -> Result<(), hcx_forward::ForwardError> {
+            let (rows, dim) = input.dims2()?;
+            let values = input.flatten_all()?.to_vec1::<f32>()?;
+            let h = stats.entry(site).or_insert_with(|| HessianSum::new(dim));
+            h.add_batch(&values, rows)
+                .map_err(|e| hcx_forward::ForwardError::Weight {
+                    name: format!("block {layer}"),
+                    why: e.to_string(),
+                })
         };
-    for layer in 0..net.layers() {
-        let t0 = Instant::now();
-        let mut stats: HashMap<Site, HessianSum> = HashMap::new();
-        let mut outputs = Vec::with_capacity(batches.len());
-        for b in &batches {
-            let mut capture =
-                |site: Site, input: &Tensor| -> Result<(), hcx_forward::ForwardError> {
-                    let (rows, dim) = input.dims2()?;
-                    let values = input.flatten_all()?.to_vec1::<f32>()?;
-                    let h = stats.entry(site).or_insert_with(|| HessianSum::new(dim));
-                    h.add_batch(&values, rows)
-                        .map_err(|e| hcx_forward::ForwardError::Weight {
-                            name: format!("block {layer}"),
-                            why: e.to_string(),
-                        })
-                };
+        let y = net
+            .run(layer, b, &mut capture)
+            .map_err(|e| forward_error(model, e))?;
+        outputs.push(y);
+    }
+    for (o, b) in original.iter_mut().zip(batches.iter()) {
+        let view = Batch {
+            x: o.clone(),
+            windows: b.windows,
+            len: b.len,
+        };
+        *o = net
+            .run(layer, &view, &mut |_, _| Ok(()))
+            .map_err(|e| forward_error(model, e))?;
+    }
+    *forward_seconds += t0.elapsed().as_secs_f64();
+    // This block's linear weights, and the width of each input site.
+    let members: Vec<usize> = model
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| net.site_of(&t.name).is_some_and(|(l, _)| l == layer))
+        .map(|(i, _)| i)
+        .collect();
+    if world > 1 {
+        let dims: HashMap<Site, usize> = members
+            .iter()
+            .filter_map(|&k| {
+                let t = &model.tensors[k];
+                let (_, s) = net.site_of(&t.name)?;
+                Some((s, *t.shape.last()?))
+            })
+            .collect();
+        reduce_stats(&mut stats, &dims, layer, ranks)?;
+    }
+    // Encode this block's linear weights with their inputs' statistics.
+    let hessians: HashMap<Site, Vec<f64>> = stats.iter().map(|(s, h)| (*s, h.to_f64())).collect();
+    let encoded: Vec<(usize, Encoded)> = members
+        .par_iter()
+        .map(|&k| {
+            let t = &model.tensors[k];
+            let h = net.site_of(&t.name).and_then(|(_, s)| hessians.get(&s));
+            (
+                k,
+                encode_raw_calibrated(
+                    &t.name,
+                    t.dtype,
+                    &t.shape,
+                    model.raw(t),
+                    &plans[k],
+                    spec.seed,
+                    h.map(Vec::as_slice),
+                ),
+            )
+        })
+        .collect();
+    let mut decoded = Vec::new();
+    for (k, r) in encoded {
+        let (entry, values) = r?;
+        if let Some(v) = values {
+            decoded.push((k, v));
+        }
+        if let (Some(w), Some(o)) = (entry.entry.sqnr_db, entry.entry.output_sqnr_db) {
+            figures.push(TensorFigure {
+                params: entry.entry.shape.iter().product::<usize>() as f64,
+                weight_db: w,
+                output_db: o,
+            });
+        }
+        done[k] = Some(entry);
+    }
+    let sequential = cal.order == CalibrationOrder::Sequential;
+    if sequential || spec.distill.is_some() {
+        for (k, v) in decoded {
+            net.set_weight(&model.tensors[k].name, v)
+                .map_err(|e| forward_error(model, e))?;
+        }
+    }
+    if let Some(d) = &spec.distill {
+        let data = MicroBatches {
+            local: batches,
+            global,
+            targets: if original.is_empty() {
+                &outputs
+            } else {
+                original
+            },
+            samples: all_samples,
+            elements: all_elements,
+        };
+        let report = distill_block(net, layer, d, spec.seed, &data, &round, ranks)?;
+        tracing::info!(
+            layer,
+            params = report.params,
+            before_db = report.before.sqnr_db(),
+            after_db = report.after.sqnr_db(),
+            "distilled block"
+        );
+        distilled.push(report);
+    }
+    if sequential {
+        let t1 = Instant::now();
+        outputs.clear();
+        for b in batches.iter() {
             let y = net
-                .run(layer, b, &mut capture)
+                .run(layer, b, &mut |_, _| Ok(()))
                 .map_err(|e| forward_error(model, e))?;
             outputs.push(y);
         }
-        for (o, b) in original.iter_mut().zip(&batches) {
-            let view = Batch {
-                x: o.clone(),
-                windows: b.windows,
-                len: b.len,
-            };
-            *o = net
-                .run(layer, &view, &mut |_, _| Ok(()))
-                .map_err(|e| forward_error(model, e))?;
-        }
-        forward_seconds += t0.elapsed().as_secs_f64();
-        // This block's linear weights, and the width of each input site.
-        let members: Vec<usize> = model
-            .tensors
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| net.site_of(&t.name).is_some_and(|(l, _)| l == layer))
-            .map(|(i, _)| i)
-            .collect();
-        if world > 1 {
-            let dims: HashMap<Site, usize> = members
-                .iter()
-                .filter_map(|&k| {
-                    let t = &model.tensors[k];
-                    let (_, s) = net.site_of(&t.name)?;
-                    Some((s, *t.shape.last()?))
-                })
-                .collect();
-            reduce_stats(&mut stats, &dims, layer, ranks)?;
-        }
-        // Encode this block's linear weights with their inputs' statistics.
-        let hessians: HashMap<Site, Vec<f64>> =
-            stats.iter().map(|(s, h)| (*s, h.to_f64())).collect();
-        let encoded: Vec<(usize, Encoded)> = members
-            .par_iter()
-            .map(|&k| {
-                let t = &model.tensors[k];
-                let h = net.site_of(&t.name).and_then(|(_, s)| hessians.get(&s));
-                (
-                    k,
-                    encode_raw_calibrated(
-                        &t.name,
-                        t.dtype,
-                        &t.shape,
-                        model.raw(t),
-                        &plans[k],
-                        spec.seed,
-                        h.map(Vec::as_slice),
-                    ),
-                )
-            })
-            .collect();
-        let mut decoded = Vec::new();
-        for (k, r) in encoded {
-            let (entry, values) = r?;
-            if let Some(v) = values {
-                decoded.push((k, v));
-            }
-            done[k] = Some(entry);
-        }
-        let sequential = cal.order == CalibrationOrder::Sequential;
-        if sequential || spec.distill.is_some() {
-            for (k, v) in decoded {
-                net.set_weight(&model.tensors[k].name, v)
-                    .map_err(|e| forward_error(model, e))?;
-            }
-        }
-        if let Some(d) = &spec.distill {
-            let data = MicroBatches {
-                local: &batches,
-                global: &global,
-                targets: if original.is_empty() {
-                    &outputs
-                } else {
-                    &original
-                },
-                samples: &all_samples,
-                elements: &all_elements,
-            };
-            let report = distill_block(&mut net, layer, d, spec.seed, &data, &round, ranks)?;
-            tracing::info!(
-                layer,
-                params = report.params,
-                before_db = report.before.sqnr_db(),
-                after_db = report.after.sqnr_db(),
-                "distilled block"
-            );
-            distilled.push(report);
-        }
-        if sequential {
-            let t1 = Instant::now();
-            outputs.clear();
-            for b in &batches {
-                let y = net
-                    .run(layer, b, &mut |_, _| Ok(()))
-                    .map_err(|e| forward_error(model, e))?;
-                outputs.push(y);
-            }
-            forward_seconds += t1.elapsed().as_secs_f64();
-        }
-        for (b, y) in batches.iter_mut().zip(outputs) {
-            b.x = y;
-        }
-        tracing::info!(
-            layer,
-            seconds = t0.elapsed().as_secs_f64(),
-            "calibrated block"
-        );
+        *forward_seconds += t1.elapsed().as_secs_f64();
     }
-    Ok(Calibrated {
-        cal,
-        plans,
-        done,
-        samples,
-        tokens,
-        forward_seconds,
-        seconds: t_cal.elapsed().as_secs_f64(),
-        distilled,
-    })
+    for (b, y) in batches.iter_mut().zip(outputs) {
+        b.x = y;
+    }
+    tracing::info!(
+        layer,
+        seconds = t0.elapsed().as_secs_f64(),
+        "calibrated block"
+    );
+    Ok(())
 }
 
 /// Runs a calibrated job on a decoder or encoder; the calibrated counterpart of the
@@ -907,7 +1077,8 @@ pub(crate) fn build_calibrated(
     ranks: &mut dyn Collective,
     rank_sites: &[String],
 ) -> Result<Attribution, PipelineError> {
-    let (done, sections) = encode_calibrated(spec, model, ranks, rank_sites, &|_| true)?;
+    let calibrated = calibrate_blocks(spec, model, ranks, rank_sites)?;
+    let (done, sections) = encode_calibrated(spec, model, calibrated, &|_| true)?;
     let mut writer = TensorFileWriter::create(&tmp.join(TENSOR_FILE))?;
     let mut entries = Vec::with_capacity(done.len());
     let mut seconds = Vec::with_capacity(done.len());
@@ -951,8 +1122,23 @@ pub fn encode_group_shard(
             format!("the shard names tensor `{name}`, which the model does not have"),
         ));
     }
-    let (done, sections) =
-        encode_calibrated(spec, &model, ranks, rank_sites, &|n| wanted.contains(n))?;
+    let layers = spec
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c.parallel == CalibrationParallel::Layers);
+    let keep = |n: &str| wanted.contains(n);
+    let (done, mut sections) = if layers {
+        let calibrated = crate::stages::calibrate_stage(spec, &model, ranks, &wanted)?;
+        encode_calibrated(spec, &model, calibrated, &keep)?
+    } else {
+        let calibrated = calibrate_blocks(spec, &model, ranks, rank_sites)?;
+        encode_calibrated(spec, &model, calibrated, &keep)?
+    };
+    // With the model split by layer only the last stage has seen every
+    // block: its shard carries the report's sections.
+    if layers && ranks.rank() + 1 != ranks.world() {
+        sections.clear();
+    }
     let mut writer = ShardWriter::create(path)?;
     for (t, e) in model.tensors.iter().zip(done) {
         if !wanted.contains(t.name.as_str()) {
@@ -970,23 +1156,25 @@ pub fn encode_group_shard(
 fn encode_calibrated(
     spec: &JobSpec,
     model: &Model,
-    ranks: &mut dyn Collective,
-    rank_sites: &[String],
+    calibrated: Calibrated<'_>,
     keep: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<(Vec<Option<EncodedEntry>>, Vec<ReportSection>), PipelineError> {
     let Calibrated {
         cal,
         plans,
         mut done,
+        figures,
         samples,
         tokens,
         forward_seconds,
         seconds: calibration_seconds,
         distilled,
-    } = calibrate_blocks(spec, model, ranks, rank_sites)?;
+    } = calibrated;
+    // Blocks another stage tuned carry their tensors' names only.
     let tuned: HashMap<&str, &Vec<f32>> = distilled
         .iter()
-        .flat_map(|d| d.tuned.iter().map(|(n, v)| (n.as_str(), v)))
+        .flat_map(|d| d.tuned.iter().filter(|(_, v)| !v.is_empty()))
+        .map(|(n, v)| (n.as_str(), v))
         .collect();
     // Everything outside the blocks, in bounded waves, without statistics.
     let rest: Vec<usize> = (0..model.tensors.len())
@@ -1021,13 +1209,10 @@ fn encode_calibrated(
     // Weight SQNR against output SQNR on the calibration inputs, over the
     // calibrated tensors (parameter-weighted means of per-tensor dB).
     let (mut wsum, mut osum, mut params) = (0f64, 0f64, 0f64);
-    for e in done.iter().flatten().map(|e| &e.entry) {
-        if let (Some(w), Some(o)) = (e.sqnr_db, e.output_sqnr_db) {
-            let n = e.shape.iter().product::<usize>() as f64;
-            wsum += w * n;
-            osum += o * n;
-            params += n;
-        }
+    for f in &figures {
+        wsum += f.weight_db * f.params;
+        osum += f.output_db * f.params;
+        params += f.params;
     }
     let (weight_db, output_db) = if params > 0.0 {
         (Some(wsum / params), Some(osum / params))

@@ -38,7 +38,7 @@ const BETA2: f64 = 0.999;
 const EPSILON: f64 = 1e-8;
 
 /// A block's output error on the calibration inputs, summed over all ranks.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct OutputError {
     /// Σ (y − t)², compressed model's activation y after the block, the
     /// original model's t.

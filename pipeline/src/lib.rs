@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod model;
 pub mod run;
 pub mod shard;
+mod stages;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -76,6 +77,13 @@ pub enum PipelineError {
     /// or a site's data is too small to share statistics of.
     #[error("federated calibration: {why}")]
     Federation {
+        /// What is wrong.
+        why: String,
+    },
+    /// The stages of a model split by layer (`calibration.parallel:
+    /// layers`) do not fit together, or a stage sent malformed activations.
+    #[error("layer-parallel calibration: {why}")]
+    Stage {
         /// What is wrong.
         why: String,
     },

@@ -81,6 +81,9 @@ pub struct Calibration {
     /// Whose activations each layer is calibrated on.
     #[serde(default)]
     pub order: CalibrationOrder,
+    /// How a group of nodes shares the work.
+    #[serde(default, skip_serializing_if = "CalibrationParallel::is_data")]
+    pub parallel: CalibrationParallel,
 }
 
 fn default_samples() -> usize {
@@ -140,6 +143,30 @@ pub enum CalibrationOrder {
     /// Every layer sees the original model's activations (one pass; layers
     /// are independent).
     Original,
+}
+
+/// How the nodes of a calibrated job's group share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationParallel {
+    /// Every node holds the whole model and runs every block over its share
+    /// of the calibration micro-batches; statistics and gradients are
+    /// summed across the nodes (the default).
+    #[default]
+    Data,
+    /// Each node holds only the blocks of its own shard (a contiguous run
+    /// of layers) and runs every micro-batch through them; the activations
+    /// flow from the node holding layers [a, b) to the one holding [b, c).
+    /// For models larger than one node's memory. Not with `sites` (the
+    /// activations would leave their site).
+    Layers,
+}
+
+impl CalibrationParallel {
+    /// Whether this is the default, data-parallel split.
+    pub fn is_data(&self) -> bool {
+        *self == CalibrationParallel::Data
+    }
 }
 
 /// Block-wise distillation: after a block's linear weights are encoded, its
@@ -520,6 +547,12 @@ impl JobSpec {
             }
             if c.files().any(|f| f.as_slice().is_empty()) {
                 return Err(("calibration".into(), "the file list is empty".into()));
+            }
+            if c.parallel == CalibrationParallel::Layers && c.is_federated() {
+                return Err((
+                    "calibration.parallel".into(),
+                    "`layers` passes activations from node to node, which a federated run must not let leave a site: use `data` with `sites`".into(),
+                ));
             }
             if c.allow_small_sites && !c.is_federated() {
                 return Err((
@@ -914,6 +947,32 @@ mod tests {
         let y = format!("{head}  text: t.txt\n  allow_small_sites: true\n");
         let e = parse(&y).unwrap_err().to_string();
         assert!(e.contains("calibration.allow_small_sites"), "{e}");
+    }
+
+    #[test]
+    fn calibration_splits_by_data_or_by_layer() {
+        let head = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n";
+        let c = parse(&format!("{head}  text: t.txt\n")).unwrap();
+        assert_eq!(c.calibration.unwrap().parallel, CalibrationParallel::Data);
+        let c = parse(&format!("{head}  text: t.txt\n  parallel: layers\n")).unwrap();
+        let c = c.calibration.unwrap();
+        assert_eq!(c.parallel, CalibrationParallel::Layers);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Calibration>(&json).unwrap(), c);
+        let e = parse(&format!("{head}  text: t.txt\n  parallel: pipes\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("7:13") && e.contains("`pipes`, expected one of data, layers"),
+            "{e}"
+        );
+        // Activations must not leave a federated site.
+        let e = parse(&format!(
+            "{head}  sites: {{a: a.txt}}\n  parallel: layers\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("calibration.parallel"), "{e}");
     }
 
     #[test]

@@ -9,8 +9,8 @@ pub mod manifest;
 pub mod stage;
 
 pub use job::{
-    Calibration, CalibrationOrder, Distill, DistillParam, Files, JobError, JobSpec, Keep, Place,
-    Placement, Rule,
+    Calibration, CalibrationOrder, CalibrationParallel, Distill, DistillParam, Files, JobError,
+    JobSpec, Keep, Place, Placement, Rule,
 };
 pub use manifest::{FileEntry, Manifest, PartEntry, StepRecord, TensorEntry};
 pub use stage::{StageCategory, StageSpec};

@@ -30,6 +30,9 @@ pub enum Op {
     Broadcast,
     /// All-gather (`part` is the ring step; chunk 0 of each part carries the length).
     AllGather,
+    /// A block passed from one rank to its right neighbour only (chunk 0
+    /// carries the length).
+    Pass,
 }
 
 impl Op {
@@ -40,6 +43,7 @@ impl Op {
             Op::Reduce => 2,
             Op::Broadcast => 3,
             Op::AllGather => 4,
+            Op::Pass => 5,
         }
     }
 
@@ -50,6 +54,7 @@ impl Op {
             2 => Op::Reduce,
             3 => Op::Broadcast,
             4 => Op::AllGather,
+            5 => Op::Pass,
             _ => return None,
         })
     }
@@ -63,6 +68,7 @@ impl fmt::Display for Op {
             Op::Reduce => "reduce",
             Op::Broadcast => "broadcast",
             Op::AllGather => "all-gather",
+            Op::Pass => "pass",
         })
     }
 }

@@ -125,6 +125,34 @@ pub trait Collective: Send {
     fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError>;
     /// Every rank's block, indexed by rank.
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
+    /// Hands rank `from`'s bytes to rank `from + 1` (mod n), which gets them
+    /// in `buf`; every other rank's `buf` is left as it is. This is how a
+    /// model split into stages by layer moves its activations on. The
+    /// receiver waits up to `wait` for the block to start (its sender may
+    /// still be computing), then as long as for any other frame.
+    ///
+    /// This default goes through [`Collective::broadcast`] (correct, but
+    /// the bytes visit every rank and the first frame is awaited as any
+    /// other); the ring sends them over the one link between the two.
+    fn pass_on(
+        &mut self,
+        buf: &mut Vec<u8>,
+        from: usize,
+        wait: Duration,
+    ) -> Result<(), CollectiveError> {
+        let _ = wait;
+        let to = (from + 1) % self.world().max(1);
+        let mut copy = if self.rank() == from {
+            buf.clone()
+        } else {
+            Vec::new()
+        };
+        self.broadcast(&mut copy, from)?;
+        if self.rank() == to && to != from {
+            *buf = copy;
+        }
+        Ok(())
+    }
 }
 
 /// A rank's path to its neighbours: frames go out to the right neighbour
@@ -493,13 +521,29 @@ impl<L: Link> Ring<L> {
     /// Receives a block sent by [`Ring::send_block`], forwarding each frame
     /// on to the right neighbour when `forward`.
     fn recv_block(&mut self, op: Op, part: u32, forward: bool) -> Result<Vec<u8>, CollectiveError> {
-        let head = self.recv(Expect {
+        let head = self.recv_head(op, part)?;
+        self.recv_chunks(op, part, head, forward)
+    }
+
+    /// The length frame of a block sent by [`Ring::send_block`].
+    fn recv_head(&mut self, op: Op, part: u32) -> Result<Vec<u8>, CollectiveError> {
+        self.recv(Expect {
             op,
             kind: 0,
             part,
             chunk: 0,
             len: Some(8),
-        })?;
+        })
+    }
+
+    /// The chunks of a block whose length frame `head` has arrived.
+    fn recv_chunks(
+        &mut self,
+        op: Op,
+        part: u32,
+        head: Vec<u8>,
+        forward: bool,
+    ) -> Result<Vec<u8>, CollectiveError> {
         let total = u64::from_le_bytes(head.as_slice().try_into().expect("8 bytes"));
         let total = usize::try_from(total).map_err(|_| CollectiveError::OutOfStep {
             rank: self.rank,
@@ -574,6 +618,34 @@ impl<L: Link> Collective for Ring<L> {
             } else {
                 let forward = r.right() != root;
                 *buf = r.recv_block(Op::Broadcast, 0, forward)?;
+                Ok(())
+            }
+        })
+    }
+
+    fn pass_on(
+        &mut self,
+        buf: &mut Vec<u8>,
+        from: usize,
+        wait: Duration,
+    ) -> Result<(), CollectiveError> {
+        self.check_owner(from)?;
+        self.guarded(|r| {
+            if r.world == 1 {
+                return Ok(());
+            }
+            if r.rank == from {
+                r.send_block(Op::Pass, 0, buf)
+            } else if r.left() == from {
+                // The sender may still be computing: wait longer for the
+                // first frame only.
+                let usual = r.timeout;
+                r.timeout = wait.max(usual);
+                let head = r.recv_head(Op::Pass, 0);
+                r.timeout = usual;
+                *buf = r.recv_chunks(Op::Pass, 0, head?, false)?;
+                Ok(())
+            } else {
                 Ok(())
             }
         })

@@ -185,6 +185,64 @@ fn broadcast_and_all_gather_move_bytes_of_any_length() {
 }
 
 #[test]
+fn pass_on_hands_bytes_down_a_chain_of_stages() {
+    for n in [1, 2, 3, 5] {
+        // Each stage appends its rank's bytes and hands the block on; the
+        // next waits for it longer than the frame timeout (its sender
+        // sleeps first, as a stage computing would).
+        let handles: Vec<_> = local::group(n, 4)
+            .unwrap()
+            .into_iter()
+            .map(|ring| {
+                let mut ring = ring
+                    .with_chunk_bytes(100)
+                    .with_timeout(Duration::from_millis(200));
+                thread::spawn(move || {
+                    let mut buf: Vec<u8> = Vec::new();
+                    for stage in 0..n - 1 {
+                        if ring.rank() == stage {
+                            thread::sleep(Duration::from_millis(400));
+                            buf.extend(std::iter::repeat_n(stage as u8, 300));
+                        }
+                        ring.pass_on(&mut buf, stage, Duration::from_secs(10))
+                            .unwrap();
+                    }
+                    (ring.rank(), buf)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (rank, buf) = h.join().unwrap();
+            // Rank r holds what stages 0..=r added (the last adds nothing).
+            let want: Vec<u8> = (0..=rank)
+                .filter(|s| s + 1 < n)
+                .flat_map(|s| std::iter::repeat_n(s as u8, 300))
+                .collect();
+            assert_eq!(buf, want, "n={n} rank {rank}");
+        }
+    }
+}
+
+#[test]
+fn pass_on_gives_up_after_its_wait() {
+    let mut rings = local::group(2, 3).unwrap();
+    let b = rings.pop().unwrap();
+    let sender = rings.pop().unwrap();
+    let started = Instant::now();
+    let mut b = b.with_timeout(Duration::from_millis(50));
+    let err = b
+        .pass_on(&mut Vec::new(), 0, Duration::from_millis(300))
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, CollectiveError::Timeout { waited, .. } if waited == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5));
+    drop(sender);
+}
+
+#[test]
 fn bad_owner_is_refused() {
     let mut rings = local::group(1, 1).unwrap();
     let err = rings[0].reduce_f64(&mut [1.0], 3).unwrap_err();
