@@ -859,13 +859,16 @@ fn decoder_eval(gguf: &Path, artifact: &Path) -> serde_json::Value {
     v["decoder"].clone()
 }
 
-/// Runs an example SmolLM2 job and returns its KL divergence from the
-/// source on the evaluation text, checking its bits per weight.
-fn smollm2_kl(name: &str) -> f64 {
+/// Runs an example SmolLM2 job, its text changed by `edit`, and returns its
+/// KL divergence from the source on the evaluation text, checking its bits
+/// per weight.
+fn smollm2_kl(name: &str, edit: &dyn Fn(String) -> String) -> f64 {
     let gguf = common::smollm2();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join(name);
     let job = common::example_job(dir.path(), name, &gguf, &out);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, edit(text)).unwrap();
     common::hcx_ok(&["run", "--local", job.to_str().unwrap()]);
     let bits = linear_bits(&out);
     let d = decoder_eval(&gguf, &out);
@@ -878,19 +881,24 @@ fn smollm2_kl(name: &str) -> f64 {
     d["mean_kl"].as_f64().unwrap()
 }
 
-// Measured: KL 0.368 without calibration, 0.0314 with (128 windows of 256
-// tokens, sequential GPTQ on the Hadamard-rotated uniform grid). Each job
-// is its own test, with its gate just above its figure, so the two can run
-// side by side.
+// Measured: KL 0.368 without calibration; with calibration (sequential
+// GPTQ on the Hadamard-rotated uniform grid) 0.0314 on the example's 128
+// windows of 256 tokens (its README row) and 0.0321 on the first 64 of them,
+// which the test runs to keep the suite's time in bounds. Each job is its
+// own test, with its gate just above its figure, so the two can run side by
+// side.
 
 #[test]
 fn smollm2_4bit_meets_its_kl_gate() {
-    let kl = smollm2_kl("smollm2-4bit");
+    let kl = smollm2_kl("smollm2-4bit", &|t| t);
     assert!(kl <= 0.38, "uncalibrated KL {kl}");
 }
 
 #[test]
 fn smollm2_4bit_gptq_meets_its_kl_gate() {
-    let kl = smollm2_kl("smollm2-4bit-gptq");
+    let kl = smollm2_kl("smollm2-4bit-gptq", &|t| {
+        assert!(t.contains("  samples: 128\n"));
+        t.replace("  samples: 128\n", "  samples: 64\n")
+    });
     assert!(kl <= 0.034, "calibrated KL {kl}");
 }
