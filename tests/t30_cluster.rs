@@ -430,6 +430,25 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
     // The same key again: the same job, not a second one.
     let again = submit(&c, &job, &out, "minilm-once");
     assert_eq!(again, id);
+    // The key is bound to the spec: the same key for another output is
+    // refused, naming the job it belongs to.
+    let other = dir.path().join("other");
+    let refused = c.run(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        other.to_str().unwrap(),
+        "--idempotency-key",
+        "minilm-once",
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "idempotency key `minilm-once` belongs to job {id}"
+        )) && err.contains("spec differs"),
+        "{err}"
+    );
     let all: serde_json::Value = serde_json::from_str(&c.run_ok(&["status", "--json"])).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
     // The embedded cluster writes the same bytes.

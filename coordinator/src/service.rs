@@ -23,7 +23,7 @@ use hcx_net::tls::Role;
 use crate::Shared;
 use crate::network::SnapshotHeader;
 use crate::scheduler::{self, NodeCapacity, PlanOptions, TensorCost};
-use crate::state::{Command, JobRecord, JobState, NodeRecord};
+use crate::state::{Command, JobRecord, JobState, NodeRecord, key_conflict, spec_digest};
 
 /// The cluster API.
 #[derive(Clone)]
@@ -124,14 +124,6 @@ impl ClusterService {
         let sh = &self.shared;
         sh.require_leader()?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
-        if let Some(k) = &key
-            && let Some(id) = sh.view.read(|s| s.keys.get(k).cloned())
-        {
-            return Ok(SubmitJobReply {
-                job_id: id,
-                existing: true,
-            });
-        }
         let file = if req.file_name.is_empty() {
             PathBuf::from("job.yaml")
         } else {
@@ -188,6 +180,35 @@ impl ClusterService {
         spec.model = model;
         spec.output = output;
         spec.calibration = calibration;
+        // A key seen before answers with its job when the resolved spec is
+        // the same (a retried submit; its output may exist by now), and is
+        // refused when it is not.
+        if let Some(k) = &key {
+            let output = spec.output.display().to_string();
+            let known = sh.view.read(|s| {
+                let id = s.keys.get(k)?;
+                let j = s.jobs.get(id)?;
+                Some((
+                    id.clone(),
+                    j.spec == spec && j.output == output,
+                    spec_digest(&j.spec, &j.output),
+                ))
+            });
+            if let Some((id, same, theirs)) = known {
+                if same {
+                    return Ok(SubmitJobReply {
+                        job_id: id,
+                        existing: true,
+                    });
+                }
+                return Err(Status::already_exists(key_conflict(
+                    k,
+                    &id,
+                    &theirs,
+                    &spec_digest(&spec, &output),
+                )));
+            }
+        }
         let out = spec.output.clone();
         tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
             .await
@@ -257,6 +278,9 @@ impl ClusterService {
                 now_ms: crate::now_ms(),
             })
             .await?;
+        if !r.ok {
+            return Err(Status::failed_precondition(r.message));
+        }
         Ok(SubmitJobReply {
             existing: !r.message.is_empty(),
             job_id: r.job.unwrap_or_default(),

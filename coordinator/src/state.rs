@@ -15,6 +15,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Placement, Shard, rank_shards};
 
+/// The SHA-256 (hex) of a job's resolved spec and output, which an
+/// idempotency key is bound to: the same key with another spec is refused
+/// rather than answered with the first job.
+pub fn spec_digest(spec: &JobSpec, output: &str) -> String {
+    use sha2::{Digest, Sha256};
+    // serde_json's maps are ordered by key, so the text is canonical.
+    let value = serde_json::json!({ "spec": spec, "output": output });
+    let digest = Sha256::digest(value.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The refusal for an idempotency key reused with another spec, naming
+/// both specs' digests.
+pub fn key_conflict(key: &str, job: &str, theirs: &str, ours: &str) -> String {
+    format!(
+        "idempotency key `{key}` belongs to job {job} (spec sha256 {}), and this submission's spec differs (sha256 {}): use another key for another job",
+        &theirs[..theirs.len().min(16)],
+        &ours[..ours.len().min(16)]
+    )
+}
+
 /// How many times a shard may fail with a retryable error before its job fails.
 pub const MAX_SHARD_FAILURES: u32 = 3;
 
@@ -428,10 +449,20 @@ impl ClusterState {
                 if let Some(key) = &idempotency_key
                     && let Some(id) = self.keys.get(key)
                 {
-                    return CommandResult {
-                        ok: true,
-                        job: Some(id.clone()),
-                        message: "a job with this idempotency key exists".into(),
+                    return match self.jobs.get(id) {
+                        Some(j) if j.spec != *spec || j.output != output => {
+                            CommandResult::refused(key_conflict(
+                                key,
+                                id,
+                                &spec_digest(&j.spec, &j.output),
+                                &spec_digest(&spec, &output),
+                            ))
+                        }
+                        _ => CommandResult {
+                            ok: true,
+                            job: Some(id.clone()),
+                            message: "a job with this idempotency key exists".into(),
+                        },
                     };
                 }
                 self.next_job += 1;
@@ -1097,6 +1128,32 @@ mod tests {
         assert_eq!(st.jobs.len(), 1);
         let c = submit(&mut st, None);
         assert_ne!(a, c);
+        assert_eq!(st.jobs.len(), 2);
+        // The key is bound to the spec: another spec or output under it is
+        // refused, naming both digests.
+        let mut other = spec();
+        other.seed += 1;
+        for (spec, output) in [(other, "/o"), (spec(), "/elsewhere")] {
+            let r = st.apply(Command::SubmitJob {
+                idempotency_key: Some("k".into()),
+                spec: Box::new(spec.clone()),
+                output: output.into(),
+                shards: vec![shard(0)],
+                placements: vec![],
+                now_ms: 6,
+            });
+            assert!(!r.ok && r.job.is_none(), "{r:?}");
+            let (first, second) = (
+                spec_digest(&st.jobs[&a].spec, "/o"),
+                spec_digest(&spec, output),
+            );
+            assert_ne!(first, second);
+            assert!(
+                r.message.contains(&first[..16]) && r.message.contains(&second[..16]),
+                "{}",
+                r.message
+            );
+        }
         assert_eq!(st.jobs.len(), 2);
     }
 
