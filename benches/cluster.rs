@@ -84,16 +84,13 @@ async fn raft_figures(dir: &Path) {
         );
     }
     let id = Identity::load(&certs, Role::Client).unwrap();
-    let client = CoordinatorClient::new(
-        addrs.clone(),
-        Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
-    )
-    .unwrap();
+    let client =
+        CoordinatorClient::new(addrs.clone(), Some(hcx_net::tls::tonic_client_tls(&id))).unwrap();
     // Node calls (RegisterNode) need a node certificate.
     let node_id = Identity::load(&certs, Role::Node).unwrap();
     let node_client = CoordinatorClient::new(
         addrs.clone(),
-        Some(hcx_net::tls::tonic_client_tls(&node_id, "localhost")),
+        Some(hcx_net::tls::tonic_client_tls(&node_id)),
     )
     .unwrap();
     // Warm up: the first call waits for the election.

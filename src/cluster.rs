@@ -104,7 +104,7 @@ pub fn client(coordinators: &str, sec: &Security, timeout: Duration) -> Result<C
         .map(String::from)
         .collect();
     let tls = match sec.identity(Role::Client)? {
-        Some(id) => Some(hcx_net::tls::tonic_client_tls(&id, "localhost")),
+        Some(id) => Some(hcx_net::tls::tonic_client_tls(&id)),
         None => {
             for a in &addrs {
                 hcx_net::tls::check_insecure_host(a)?;

@@ -772,6 +772,46 @@ fn peers_without_cluster_certificates_are_refused() {
         other.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
+    // A coordinator with a cluster certificate that does not name the
+    // address it serves on (the certificates name 127.0.0.1-3): its clients
+    // refuse it, since they check the host they dialled.
+    let addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
+    let mut stray = Proc::spawn(
+        vec![
+            "coordinator".into(),
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--peers".into(),
+            format!("1={addr}"),
+            "--data-dir".into(),
+            dir.path().join("stray").display().to_string(),
+            "--certs".into(),
+            c.certs.display().to_string(),
+            "--model-root".into(),
+            dir.path().display().to_string(),
+            "--output-root".into(),
+            dir.path().display().to_string(),
+        ],
+        dir.path().join("stray.log"),
+    );
+    let out = hcx(&[
+        "nodes",
+        "--coordinators",
+        &addr,
+        "--certs",
+        c.certs.to_str().unwrap(),
+        "--timeout",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("certificate not valid for name \"127.0.0.4\""),
+        "{err}"
+    );
+    stray.kill9();
     // The cluster is still serving its own clients.
     let v = c.nodes_json();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);

@@ -405,10 +405,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
     }
     .validate()
     .map_err(|e| CoordinatorError::Config(e.to_string()))?;
-    let client_tls = cfg
-        .tls
-        .as_ref()
-        .map(|id| hcx_net::tls::tonic_client_tls(id, "localhost"));
+    let client_tls = cfg.tls.as_ref().map(hcx_net::tls::tonic_client_tls);
     let transport = PeerTransport::new(client_tls);
     let raft = Raft::new(cfg.id, Arc::new(config), transport, log, sm)
         .await

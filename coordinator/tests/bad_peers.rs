@@ -147,7 +147,7 @@ fn model_of(path: &Path, names: &[&str]) {
 fn grpc_as(h: &CoordinatorHandle, id: &Identity) -> ClusterClient<tonic::transport::Channel> {
     let ch = hcx_net::client::channel(
         &h.addr.to_string(),
-        Some(&hcx_net::tls::tonic_client_tls(id, "localhost")),
+        Some(&hcx_net::tls::tonic_client_tls(id)),
     )
     .unwrap();
     ClusterClient::new(ch)
@@ -257,7 +257,7 @@ async fn bad_frames_close_only_their_stream() {
     let client = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
     let ch = hcx_net::client::channel(
         &h.addr.to_string(),
-        Some(&hcx_net::tls::tonic_client_tls(&client, "localhost")),
+        Some(&hcx_net::tls::tonic_client_tls(&client)),
     )
     .unwrap();
     ClusterClient::new(ch)
@@ -285,7 +285,7 @@ async fn peers_from_another_ca_are_refused() {
     // gRPC: a client certificate from another CA, and no certificate at all.
     let stranger_client = Identity::load(&other, Role::Client).unwrap();
     let own = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
-    let foreign_tls = hcx_net::tls::tonic_client_tls(&stranger_client, "localhost")
+    let foreign_tls = hcx_net::tls::tonic_client_tls(&stranger_client)
         .ca_certificate(tonic::transport::Certificate::from_pem(own.ca_pem()));
     let ch = hcx_net::client::channel(&h.addr.to_string(), Some(&foreign_tls)).unwrap();
     let r = ClusterClient::new(ch).list_nodes(ListNodesRequest {}).await;
@@ -299,7 +299,7 @@ async fn peers_from_another_ca_are_refused() {
     // Our own client still gets in.
     let ch = hcx_net::client::channel(
         &h.addr.to_string(),
-        Some(&hcx_net::tls::tonic_client_tls(&own, "localhost")),
+        Some(&hcx_net::tls::tonic_client_tls(&own)),
     )
     .unwrap();
     ClusterClient::new(ch)
@@ -318,7 +318,7 @@ async fn each_role_may_make_only_its_own_calls() {
         let id = Identity::load(&certs, role).unwrap();
         let ch = hcx_net::client::channel(
             &h.addr.to_string(),
-            Some(&hcx_net::tls::tonic_client_tls(&id, "localhost")),
+            Some(&hcx_net::tls::tonic_client_tls(&id)),
         )
         .unwrap();
         ClusterClient::new(ch)

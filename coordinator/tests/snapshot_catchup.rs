@@ -263,7 +263,7 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
             let id = leader_of(&cs).map_or(leader_id, |l| l.metrics().id);
             let ch = hcx_net::client::channel(
                 &peers[&id],
-                Some(&hcx_net::tls::tonic_client_tls(&node_id, "localhost")),
+                Some(&hcx_net::tls::tonic_client_tls(&node_id)),
             )
             .unwrap();
             let r = ClusterClient::new(ch)

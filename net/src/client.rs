@@ -188,6 +188,9 @@ impl CoordinatorClient {
         let mut next_notice = start + WAIT_NOTICE;
         let mut attempt = 0usize;
         let mut tries = 0u32;
+        // The last reason an attempt gave, for when the final one is cut
+        // short by the deadline.
+        let mut earlier: Option<String> = None;
         loop {
             let (addr, ch) = self.pick(attempt)?;
             tries += 1;
@@ -213,9 +216,13 @@ impl CoordinatorClient {
                 Err(_) => {
                     self.switch(None);
                     attempt += 1;
-                    "no answer".to_string()
+                    match &earlier {
+                        Some(e) => format!("no answer; before that: {e}"),
+                        None => "no answer".to_string(),
+                    }
                 }
             };
+            earlier = Some(reason.clone());
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(ClientError::Unavailable {
@@ -251,7 +258,12 @@ fn why(s: &Status) -> String {
     let mut found = None;
     while let Some(e) = src {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            found = Some(io.kind().to_string());
+            found = Some(match io.get_ref() {
+                // A failed TLS handshake: rustls' error says what is wrong
+                // with the certificate (such as the host it does not name).
+                Some(inner) if io.kind() == std::io::ErrorKind::InvalidData => inner.to_string(),
+                _ => io.kind().to_string(),
+            });
         }
         src = e.source();
     }

@@ -690,16 +690,30 @@ pub fn tonic_server_tls(id: &Identity) -> tonic::transport::ServerTlsConfig {
         .client_ca_root(tonic::transport::Certificate::from_pem(&id.ca_pem))
 }
 
-/// tonic client TLS: trusts the cluster CA, expects `domain` in the server
-/// certificate and presents `id`.
-pub fn tonic_client_tls(id: &Identity, domain: &str) -> tonic::transport::ClientTlsConfig {
+/// tonic client TLS: trusts the cluster CA, presents `id`, and checks the
+/// server certificate against the host each connection dials (an IP
+/// address or DNS name in its SANs), so a certificate issued for another
+/// machine is refused.
+pub fn tonic_client_tls(id: &Identity) -> tonic::transport::ClientTlsConfig {
     tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&id.ca_pem))
         .identity(tonic::transport::Identity::from_pem(
             &id.cert_pem,
             &id.key_pem,
         ))
-        .domain_name(domain)
+}
+
+/// The name a QUIC client checks the server certificate against when it
+/// dials `addr` (`host:port`): the host as written, an IP address or a DNS
+/// name, without IPv6 brackets.
+pub fn server_name(addr: &str) -> String {
+    let host = match addr.rsplit_once(':') {
+        Some((h, port)) if port.parse::<u16>().is_ok() => h,
+        _ => addr,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// The cluster role a peer certificate was issued for (its subject CN,
@@ -849,7 +863,7 @@ mod tests {
             server_config(&id, &[b"h2"]).unwrap();
             client_config(&id, &[b"h2"]).unwrap();
             let _ = tonic_server_tls(&id);
-            let _ = tonic_client_tls(&id, "localhost");
+            let _ = tonic_client_tls(&id);
         }
         let missing = tmp.path().join("nope");
         let err = Identity::load(&missing, Role::Node)
@@ -964,11 +978,13 @@ mod tests {
 
     /// Starts an echo server; returns its endpoint and address.
     fn echo_server(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
-        let ep = quinn::Endpoint::server(
-            quinn_server_config(id).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        echo_server_at(id, "127.0.0.1:0")
+    }
+
+    /// [`echo_server`] bound to `bind`.
+    fn echo_server_at(id: &Identity, bind: &str) -> (quinn::Endpoint, SocketAddr) {
+        let ep = quinn::Endpoint::server(quinn_server_config(id).unwrap(), bind.parse().unwrap())
+            .unwrap();
         let addr = ep.local_addr().unwrap();
         let accept = ep.clone();
         tokio::spawn(async move {
@@ -994,11 +1010,21 @@ mod tests {
         addr: SocketAddr,
         msg: &[u8],
     ) -> Result<Vec<u8>, String> {
+        echo_named(cfg, addr, "localhost", msg).await
+    }
+
+    /// [`echo`], checking the server certificate against `name`.
+    async fn echo_named(
+        cfg: quinn::ClientConfig,
+        addr: SocketAddr,
+        name: &str,
+        msg: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         ep.set_default_client_config(cfg);
         let fut = async {
             let conn = ep
-                .connect(addr, "localhost")
+                .connect(addr, name)
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1019,6 +1045,53 @@ mod tests {
             .map_err(|_| "timeout".to_string())?;
         ep.wait_idle().await;
         res
+    }
+
+    #[test]
+    fn the_server_name_is_the_dialled_host() {
+        assert_eq!(server_name("10.0.0.1:7101"), "10.0.0.1");
+        assert_eq!(server_name("[::1]:7101"), "::1");
+        assert_eq!(server_name("coord-1.example:7101"), "coord-1.example");
+        assert_eq!(server_name("coord-1.example"), "coord-1.example");
+    }
+
+    #[tokio::test]
+    async fn a_server_certificate_must_name_the_dialled_host() {
+        // `certs init` without --host: the coordinator certificate names
+        // only the loopback names, not 127.0.0.2.
+        let plain = tempfile::tempdir().unwrap();
+        init(plain.path());
+        let node = Identity::load(plain.path(), Role::Node).unwrap();
+        let coord = Identity::load(plain.path(), Role::Coordinator).unwrap();
+        let (_server, addr) = echo_server_at(&coord, "127.0.0.2:0");
+        let dialled = addr.to_string();
+        let err = echo_named(
+            quinn_client_config(&node).unwrap(),
+            addr,
+            &server_name(&dialled),
+            b"x",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("invalid peer certificate") && err.contains("127.0.0.2"),
+            "{err}"
+        );
+        // Issued for that address, it is accepted.
+        let named = tempfile::tempdir().unwrap();
+        init_certs(named.path(), &["127.0.0.2".into()], false).unwrap();
+        let node = Identity::load(named.path(), Role::Node).unwrap();
+        let coord = Identity::load(named.path(), Role::Coordinator).unwrap();
+        let (_server, addr) = echo_server_at(&coord, "127.0.0.2:0");
+        let out = echo_named(
+            quinn_client_config(&node).unwrap(),
+            addr,
+            &server_name(&addr.to_string()),
+            b"x",
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, b"x");
     }
 
     #[tokio::test]

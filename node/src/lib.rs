@@ -145,9 +145,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
     }
     let client = CoordinatorClient::new(
         cfg.coordinators.clone(),
-        cfg.tls
-            .as_ref()
-            .map(|id| hcx_net::tls::tonic_client_tls(id, "localhost")),
+        cfg.tls.as_ref().map(hcx_net::tls::tonic_client_tls),
     )?;
     // One endpoint for both directions: out to the coordinators' data plane,
     // and in from other nodes (collective rings), which only nodes may join.
@@ -377,7 +375,7 @@ async fn connect(ctx: &Ctx, addr: &str) -> Result<quinn::Connection, String> {
         .find(|a| a.is_ipv4() == ctx.cfg.listen.is_ipv4())
         .ok_or_else(|| format!("{addr}: no address of the node's family"))?;
     ctx.endpoint
-        .connect(sock, "localhost")
+        .connect(sock, &hcx_net::tls::server_name(addr))
         .map_err(|e| format!("{addr}: {e}"))?
         .await
         .map_err(|e| format!("{addr}: {e}"))
