@@ -23,7 +23,7 @@ use hcx_kernels::collective::frame::{FrameHeader, HEADER_BYTES};
 use hcx_kernels::collective::{CollectiveError, Frame, Link, LinkError, Op, Ring};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::tls::{Role, peer_role};
+use crate::tls::Role;
 
 /// QUIC application error code a rank closes its ring connections with
 /// when a collective fails.
@@ -68,6 +68,8 @@ pub struct PeerPlane {
     ring_client: quinn::ClientConfig,
     pending: Arc<Mutex<Pending>>,
     accept: tokio::task::JoinHandle<()>,
+    /// Whether peers must present node certificates (TLS mode).
+    require_node_certs: bool,
 }
 
 impl Drop for PeerPlane {
@@ -105,6 +107,7 @@ impl PeerPlane {
             ring_client,
             pending,
             accept,
+            require_node_certs,
         }
     }
 
@@ -156,6 +159,12 @@ impl PeerPlane {
                 .map_err(|e| backend(format!("cannot dial rank {right} at {addr}: {e}")))?
                 .await
                 .map_err(|e| backend(format!("cannot reach rank {right} at {addr}: {e}")))?;
+            // The certificate names the address (checked in the handshake);
+            // it must also be a node's.
+            if self.require_node_certs {
+                crate::tls::require_connection_role(&conn, Role::Node)
+                    .map_err(|e| backend(format!("rank {right} at {addr} {e}")))?;
+            }
             let mut send = conn
                 .open_uni()
                 .await
@@ -257,15 +266,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, pending: Arc<Mutex<Pending>>, re
 }
 
 fn is_node(conn: &quinn::Connection) -> bool {
-    let Some(identity) = conn.peer_identity() else {
-        return false;
-    };
-    let Ok(certs) = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>() else {
-        return false;
-    };
-    certs
-        .first()
-        .is_some_and(|c| peer_role(c.as_ref()) == Some(Role::Node))
+    crate::tls::connection_role(conn) == Some(Role::Node)
 }
 
 async fn write_frames(mut send: quinn::SendStream, mut out: mpsc::UnboundedReceiver<Frame>) {

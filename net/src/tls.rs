@@ -716,6 +716,35 @@ pub fn server_name(addr: &str) -> String {
         .to_string()
 }
 
+/// The cluster role of the certificate the other end of a QUIC connection
+/// presented (verified against the cluster CA in the handshake); `None`
+/// when it presented none or one of no cluster role.
+pub fn connection_role(conn: &quinn::Connection) -> Option<Role> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    peer_role(certs.first()?.as_ref())
+}
+
+/// Checks that the other end of a QUIC connection presented a certificate
+/// of role `want`; otherwise closes the connection and says what it
+/// presented. (The handshake has already checked the CA, and for a client
+/// the host it dialled; this checks that a node is not answering for a
+/// coordinator or the other way round.)
+pub fn require_connection_role(conn: &quinn::Connection, want: Role) -> Result<(), String> {
+    match connection_role(conn) {
+        Some(r) if r == want => Ok(()),
+        other => {
+            conn.close(1u32.into(), b"wrong certificate role");
+            Err(format!(
+                "presented a {} certificate, not a {want}'s",
+                other.map_or("non-cluster".to_string(), |r| r.to_string())
+            ))
+        }
+    }
+}
+
 /// The cluster role a peer certificate was issued for (its subject CN,
 /// `hcx-coordinator`, `hcx-node` or `hcx-client`); `None` for anything else.
 /// Only meaningful for certificates already verified against the cluster CA.

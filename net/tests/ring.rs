@@ -278,3 +278,44 @@ fn only_node_certificates_may_join() {
     });
     assert!(matches!(err, CollectiveError::Backend(_)), "{err}");
 }
+
+#[test]
+fn a_neighbour_serving_another_role_s_certificate_is_refused() {
+    let rt = runtime();
+    let dir = certs();
+    let node = Identity::load(dir.path(), Role::Node).unwrap();
+    let coordinator = Identity::load(dir.path(), Role::Coordinator).unwrap();
+    let good = plane(&rt, &node);
+    // Rank 1's address answers with a coordinator certificate (of the same
+    // CA, naming 127.0.0.1, so only the role can tell).
+    let impostor = rt.block_on(async {
+        let endpoint = quinn::Endpoint::server(
+            quinn_server_config(&coordinator).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                if let Ok(conn) = incoming.await {
+                    tokio::spawn(async move { conn.closed().await });
+                }
+            }
+        });
+        endpoint
+    });
+    let plan = RingPlan {
+        epoch: 11,
+        rank: 0,
+        members: vec![good.local_addr().unwrap(), impostor.local_addr().unwrap()],
+    };
+    let err = rt
+        .block_on(good.join_ring(&plan, Duration::from_secs(5)))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("presented a coordinator certificate, not a node's"),
+        "{err}"
+    );
+}

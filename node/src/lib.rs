@@ -24,6 +24,7 @@ use hcx_net::frames::{Reply, Request, read_frame, write_frame};
 use hcx_net::peer::{PeerPlane, RingPlan};
 use hcx_net::proto::{Assignment, Group, HeartbeatRequest, NodeInfo, ShardFailure};
 use hcx_net::tls::Identity;
+use hcx_net::tls::Role;
 use hcx_pipeline::PipelineError;
 use hcx_pipeline::shard::{SourceTensor, encode_shard};
 use hcx_protocol::JobSpec;
@@ -374,11 +375,19 @@ async fn connect(ctx: &Ctx, addr: &str) -> Result<quinn::Connection, String> {
         .map_err(|e| format!("{addr}: {e}"))?
         .find(|a| a.is_ipv4() == ctx.cfg.listen.is_ipv4())
         .ok_or_else(|| format!("{addr}: no address of the node's family"))?;
-    ctx.endpoint
+    let conn = ctx
+        .endpoint
         .connect(sock, &hcx_net::tls::server_name(addr))
         .map_err(|e| format!("{addr}: {e}"))?
         .await
-        .map_err(|e| format!("{addr}: {e}"))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    // The handshake checked that the certificate names the address; the
+    // data plane is served by coordinators only.
+    if ctx.cfg.tls.is_some() {
+        hcx_net::tls::require_connection_role(&conn, Role::Coordinator)
+            .map_err(|e| format!("{addr}: the server {e}"))?;
+    }
+    Ok(conn)
 }
 
 /// Most bytes of source tensors a node takes for one shard when it does not
