@@ -69,8 +69,9 @@ PY
       done ;;
     group)
       # The calibrated and distilled MiniLM job as a collective group of 1,
-      # 2 and 3 embedded nodes (one run each: it takes minutes), beside the
-      # local pipeline; then where each run's time went, from its report.
+      # 2 and 3 embedded nodes (one run each: it takes minutes), and split
+      # by layer over 3 nodes (`parallel: layers`), beside the local
+      # pipeline; then where each run's time went, from its report.
       if ! command -v hyperfine >/dev/null; then
         apt-get install -y hyperfine >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y hyperfine >/dev/null; }
       fi
@@ -79,13 +80,18 @@ PY
       job=configs/jobs/minilm-2bit-distill.yaml
       out="$(mktemp -d)"
       trap 'rm -rf "$out"' EXIT
+      # The same job split by layer (paths made absolute for the copy).
+      staged="$out/staged.yaml"
+      sed -e "s#\.\./\.\./#$root/#g" -e "s#\.\./#$root/configs/#g" -e 's/^  seq_len: 128$/  seq_len: 128\n  parallel: layers/' "$job" >"$staged"
+      grep -q 'parallel: layers' "$staged"
       hyperfine --runs 1 --export-markdown "$out/group.md" \
         -n 'run --local' "$bin run --local $job --output $out/local" \
         -n 'run --nodes 1' "$bin run $job --nodes 1 --output $out/g1" \
         -n 'run --nodes 2' "$bin run $job --nodes 2 --output $out/g2" \
-        -n 'run --nodes 3' "$bin run $job --nodes 3 --output $out/g3" >&2
+        -n 'run --nodes 3' "$bin run $job --nodes 3 --output $out/g3" \
+        -n 'run --nodes 3, parallel: layers' "$bin run $staged --nodes 3 --output $out/s3" >&2
       cat "$out/group.md"
-      for d in local g1 g2 g3; do
+      for d in local g1 g2 g3 s3; do
         python3 - "$out/$d/attribution.json" "$d" <<'PY'
 import json, sys
 a = json.load(open(sys.argv[1]))

@@ -380,6 +380,19 @@ fn submit(c: &Cluster, job: &Path, output: &Path, key: &str) -> String {
     .to_string()
 }
 
+/// Submits `job` with `--watch` to write `output` and checks that it
+/// succeeds (printing the cluster's logs when it does not).
+fn submit_and_watch(c: &Cluster, job: &Path, output: &Path) {
+    let submitted = c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--watch",
+    ]);
+    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+}
+
 /// Waits until some shard is held by a node and at least one is done, and
 /// returns the holder's name.
 fn wait_mid_job(c: &Cluster, job: &str) -> String {
@@ -483,14 +496,7 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
     hcx_ok(&["run", "--local", job.to_str().unwrap()]);
     let c = Cluster::start(dir.path(), 3, &[&minilm(), &sentences]);
     let out = dir.path().join("cluster");
-    let submitted = c.run_ok(&[
-        "submit",
-        job.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--watch",
-    ]);
-    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    submit_and_watch(&c, &job, &out);
     assert_same_artifact(&local, &out);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
@@ -541,14 +547,7 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
             .contains("parallel: layers")
     );
     let staged = dir.path().join("staged");
-    let submitted = c.run_ok(&[
-        "submit",
-        staged_job.to_str().unwrap(),
-        "--output",
-        staged.to_str().unwrap(),
-        "--watch",
-    ]);
-    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    submit_and_watch(&c, &staged_job, &staged);
     assert!(
         artifact_bytes(&staged).0 == artifact_bytes(&local).0,
         "the layer-parallel run gives other tensor bytes"
@@ -604,14 +603,7 @@ fn a_federated_job_calibrates_each_site_on_its_own_nodes_and_matches_the_local_r
     // n1 is at site a, n2 and n3 at site b; only the model is shared.
     let c = Cluster::start(dir.path(), 3, &[&minilm()]);
     let out = dir.path().join("cluster");
-    let submitted = c.run_ok(&[
-        "submit",
-        job.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--watch",
-    ]);
-    assert!(submitted.contains("succeeded"), "{submitted}\n{}", c.logs());
+    submit_and_watch(&c, &job, &out);
     assert_same_artifact(&local, &out);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
