@@ -380,6 +380,36 @@ fn submit(c: &Cluster, job: &Path, output: &Path, key: &str) -> String {
     .to_string()
 }
 
+/// Arguments of a one-coordinator cluster serving on `addr`, secured by
+/// `security` (`--certs DIR` or `--insecure`).
+fn lone_coordinator(
+    addr: &str,
+    data_dir: &Path,
+    security: &[String],
+    model_root: &Path,
+    output_root: &Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "coordinator".into(),
+        "--id".into(),
+        "1".into(),
+        "--listen".into(),
+        addr.into(),
+        "--peers".into(),
+        format!("1={addr}"),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ];
+    args.extend_from_slice(security);
+    args.extend([
+        "--model-root".into(),
+        model_root.display().to_string(),
+        "--output-root".into(),
+        output_root.display().to_string(),
+    ]);
+    args
+}
+
 /// Submits `job` with `--watch` to write `output` and checks that it
 /// succeeds (printing the cluster's logs when it does not).
 fn submit_and_watch(c: &Cluster, job: &Path, output: &Path) {
@@ -769,23 +799,13 @@ fn peers_without_cluster_certificates_are_refused() {
     // refuse it, since they check the host they dialled.
     let addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
     let mut stray = Proc::spawn(
-        vec![
-            "coordinator".into(),
-            "--id".into(),
-            "1".into(),
-            "--listen".into(),
-            addr.clone(),
-            "--peers".into(),
-            format!("1={addr}"),
-            "--data-dir".into(),
-            dir.path().join("stray").display().to_string(),
-            "--certs".into(),
-            c.certs.display().to_string(),
-            "--model-root".into(),
-            dir.path().display().to_string(),
-            "--output-root".into(),
-            dir.path().display().to_string(),
-        ],
+        lone_coordinator(
+            &addr,
+            &dir.path().join("stray"),
+            &["--certs".into(), c.certs.display().to_string()],
+            dir.path(),
+            dir.path(),
+        ),
         dir.path().join("stray.log"),
     );
     let out = hcx(&[
@@ -918,22 +938,13 @@ fn insecure_mode_works_on_loopback_only() {
     // Allowed on loopback: one coordinator, one node, a real job.
     let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
     let _c = Proc::spawn(
-        vec![
-            "coordinator".into(),
-            "--id".into(),
-            "1".into(),
-            "--listen".into(),
-            addr.clone(),
-            "--peers".into(),
-            format!("1={addr}"),
-            "--data-dir".into(),
-            dir.path().join("c1").display().to_string(),
-            "--insecure".into(),
-            "--output-root".into(),
-            dir.path().display().to_string(),
-            "--model-root".into(),
-            minilm().display().to_string(),
-        ],
+        lone_coordinator(
+            &addr,
+            &dir.path().join("c1"),
+            &["--insecure".into()],
+            &minilm(),
+            dir.path(),
+        ),
         dir.path().join("c1.log"),
     );
     let _n = Proc::spawn(

@@ -188,25 +188,27 @@ impl ClusterService {
             let known = sh.view.read(|s| {
                 let id = s.keys.get(k)?;
                 let j = s.jobs.get(id)?;
-                Some((
-                    id.clone(),
-                    j.spec == spec && j.output == output,
-                    spec_digest(&j.spec, &j.output),
-                ))
+                // The stored spec's digest only when it differs.
+                let theirs =
+                    (j.spec != spec || j.output != output).then(|| spec_digest(&j.spec, &j.output));
+                Some((id.clone(), theirs))
             });
-            if let Some((id, same, theirs)) = known {
-                if same {
+            match known {
+                Some((id, None)) => {
                     return Ok(SubmitJobReply {
                         job_id: id,
                         existing: true,
                     });
                 }
-                return Err(Status::already_exists(key_conflict(
-                    k,
-                    &id,
-                    &theirs,
-                    &spec_digest(&spec, &output),
-                )));
+                Some((id, Some(theirs))) => {
+                    return Err(Status::already_exists(key_conflict(
+                        k,
+                        &id,
+                        &theirs,
+                        &spec_digest(&spec, &output),
+                    )));
+                }
+                None => {}
             }
         }
         let out = spec.output.clone();
