@@ -28,6 +28,7 @@ use hcx_protocol::manifest::StepRecord;
 use hcx_protocol::stage::{StageCategory, StageSpec};
 use serde_json::json;
 
+use crate::correction::Correction;
 use crate::part::Coded;
 use crate::rng::seed_for;
 use crate::stats::{energy, sqnr_from, squared_error};
@@ -315,6 +316,81 @@ pub fn encode_tensor_calibrated(
     })
 }
 
+/// A tensor after [`add_correction`].
+#[derive(Debug, Clone)]
+pub struct CorrectedTensor {
+    /// The correction's parts, named `correction.<part>`.
+    pub parts: Vec<Part>,
+    /// The decoded tensor with the correction applied.
+    pub decoded: Vec<f32>,
+    /// SQNR of `decoded` against the original, dB.
+    pub sqnr_db: Option<f64>,
+    /// Output SQNR of `decoded` on the calibration inputs, dB (with a Hessian).
+    pub output_sqnr_db: Option<f64>,
+}
+
+/// Appends distillation's `correction` (rounded to what its f16 parts
+/// store) to an encoded tensor's `steps`: `original` is the tensor as the
+/// chain read it, `decoded` what the chain decodes to, `hessian` (as for
+/// [`encode_tensor_calibrated`]) gives the output SQNR. The step records
+/// the bytes the correction adds and the change in squared error it makes
+/// (negative when it lowers the weight error).
+pub fn add_correction(
+    steps: &mut Vec<StepRecord>,
+    original: &[f32],
+    decoded: &[f32],
+    shape: &[usize],
+    correction: &Correction,
+    hessian: Option<&[f64]>,
+) -> Result<CorrectedTensor, KernelError> {
+    let sig = Signal::from_shape(Vec::new(), shape);
+    let (rows, cols) = (original.len() / sig.cols.max(1), sig.cols);
+    if original.len() != decoded.len() || rows * cols != original.len() {
+        return Err(KernelError::shape(
+            rows,
+            cols,
+            format!(
+                "{} original and {} decoded values",
+                original.len(),
+                decoded.len()
+            ),
+        ));
+    }
+    let correction = correction.rounded();
+    let mut out = decoded.to_vec();
+    correction.apply(&mut out, rows, cols)?;
+    let parts: Vec<Part> = prefixed("correction", correction.to_parts(rows, cols)).collect();
+    let total = energy(original);
+    let before = squared_error(original, decoded);
+    let after = squared_error(original, &out);
+    let bytes_in = steps.last().map_or(0, |s| s.bytes_out);
+    steps.push(StepRecord {
+        spec: StageSpec::Correction(correction.spec()),
+        meta: json!({ "rows": rows, "cols": cols, "codec": {} }),
+        bytes_in,
+        bytes_out: bytes_in + bytes_of(&parts),
+        error_added: if total > 0.0 {
+            (after - before) / total
+        } else {
+            0.0
+        },
+        sqnr_db: sqnr_from(total, after),
+    });
+    let output_sqnr_db = hessian.and_then(|h| {
+        let reference = hessian::quadratic_trace(original, rows, cols, h);
+        sqnr_from(
+            reference,
+            hessian::error_trace(original, &out, rows, cols, h),
+        )
+    });
+    Ok(CorrectedTensor {
+        parts,
+        sqnr_db: sqnr_from(total, after),
+        output_sqnr_db,
+        decoded: out,
+    })
+}
+
 fn dims(step: &StepRecord) -> Result<(usize, usize, &serde_json::Value), KernelError> {
     let bad = || KernelError::Meta {
         stage: step.spec.kind().into(),
@@ -366,6 +442,13 @@ fn check_declared_sizes(steps: &[StepRecord], shape: &[usize]) -> Result<usize, 
                     ),
                 });
             }
+        } else if let StageSpec::Correction(_) = step.spec {
+            if rows.checked_mul(cols) != Some(numel) {
+                return Err(KernelError::Meta {
+                    stage: kind.into(),
+                    why: format!("{rows} × {cols} values, not the {numel} of shape {shape:?}"),
+                });
+            }
         } else if rows.checked_mul(cols).is_none_or(|n| n > numel) {
             // A stage sees the whole tensor or, after a split, part of it.
             return Err(KernelError::Meta {
@@ -377,6 +460,26 @@ fn check_declared_sizes(steps: &[StepRecord], shape: &[usize]) -> Result<usize, 
     Ok(numel)
 }
 
+/// Splits a tensor's steps into its chain and the corrections distillation
+/// added after it (which must all come last).
+fn split_corrections(steps: &[StepRecord]) -> Result<(&[StepRecord], &[StepRecord]), KernelError> {
+    let at = steps
+        .iter()
+        .position(|s| matches!(s.spec, StageSpec::Correction(_)))
+        .unwrap_or(steps.len());
+    let (chain, tail) = steps.split_at(at);
+    if let Some(s) = tail
+        .iter()
+        .find(|s| !matches!(s.spec, StageSpec::Correction(_)))
+    {
+        return Err(KernelError::Meta {
+            stage: s.spec.kind().into(),
+            why: "follows a `correction` step, which must come after the whole chain".into(),
+        });
+    }
+    Ok((chain, tail))
+}
+
 /// Decodes a tensor from its stage records and parts (named `<stage>.<part>`).
 pub fn decode_tensor(
     steps: &[StepRecord],
@@ -384,6 +487,7 @@ pub fn decode_tensor(
     shape: &[usize],
 ) -> Result<Vec<f32>, KernelError> {
     let expect = check_declared_sizes(steps, shape)?;
+    let (steps, corrections) = split_corrections(steps)?;
     for step in steps.iter().rev() {
         if let StageSpec::Zstd(_) = step.spec {
             let (_, _, codec) = dims(step)?;
@@ -425,6 +529,16 @@ pub fn decode_tensor(
             }
             q => cur = Some(dequantize(q, codec, &take(kind), rows, cols)?),
         }
+    }
+    for step in corrections {
+        let (rows, cols, _) = dims(step)?;
+        let (StageSpec::Correction(spec), Some(v)) = (&step.spec, cur.as_mut()) else {
+            return Err(KernelError::Meta {
+                stage: "correction".into(),
+                why: "nothing to correct".into(),
+            });
+        };
+        Correction::from_parts(spec, &take("correction"), rows, cols)?.apply(v, rows, cols)?;
     }
     match cur {
         Some(v) if v.len() == expect => Ok(v),
@@ -661,6 +775,64 @@ mod tests {
         let s = e.sqnr_db.unwrap();
         assert!((-10.0 * total.log10() - s).abs() < 1e-6, "{total} vs {s}");
         assert!(e.steps[0].error_added > 0.0);
+    }
+
+    #[test]
+    fn a_correction_decodes_after_the_chain_and_is_accounted() {
+        let (rows, cols) = (16, 128);
+        let x = gaussian_vec(21, rows * cols);
+        let h = calibration(22, cols, 512);
+        let stages = rotate_uniform4_zstd();
+        let shape = [rows, cols];
+        let e = encode_tensor_calibrated("w", x.clone(), &shape, &stages, 7, 4, Some(&h)).unwrap();
+        // The gains that best fit each row and column of the original
+        // (least squares on the decoded rows), and a rank-1 term.
+        let gains: Vec<f32> = (0..rows)
+            .map(|r| {
+                let (w, d) = (&x[r * cols..][..cols], &e.decoded[r * cols..][..cols]);
+                let num: f64 = w
+                    .iter()
+                    .zip(d)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum();
+                let den: f64 = d.iter().map(|b| (*b as f64).powi(2)).sum();
+                (num / den) as f32
+            })
+            .collect();
+        let c = Correction {
+            rows: Some(gains),
+            cols: Some(vec![1.0; cols]),
+            low_rank: Some(crate::correction::LowRank {
+                rank: 1,
+                a: vec![1e-3; rows],
+                b: gaussian_vec(23, cols).iter().map(|v| v * 1e-3).collect(),
+            }),
+        };
+        let mut steps = e.steps.clone();
+        let done = add_correction(&mut steps, &x, &e.decoded, &shape, &c, Some(&h)).unwrap();
+        let last = steps.last().unwrap();
+        assert_eq!(last.spec.kind(), "correction");
+        let added: u64 = done.parts.iter().map(|p| p.len() as u64).sum();
+        assert_eq!(added, 2 * (rows + cols + rows + cols) as u64);
+        assert_eq!(last.bytes_out - last.bytes_in, added);
+        // Least-squares gains lower the weight error: a negative share.
+        assert!(last.error_added < 0.0, "{}", last.error_added);
+        assert!(done.sqnr_db.unwrap() > e.sqnr_db.unwrap());
+        assert!(done.output_sqnr_db.is_some());
+        let mut parts = e.parts.clone();
+        parts.extend(done.parts.clone());
+        let y = decode_tensor(&steps, parts.clone(), &shape).unwrap();
+        assert_eq!(y, done.decoded);
+        assert_eq!(crate::stats::sqnr_db(&x, &y), done.sqnr_db);
+        // Without its parts, or with a step after it, decoding refuses.
+        assert!(decode_tensor(&steps, e.parts.clone(), &shape).is_err());
+        let mut late = steps.clone();
+        late.push(steps[2].clone());
+        let err = decode_tensor(&late, parts, &shape).unwrap_err();
+        assert!(
+            err.to_string().contains("must come after the whole chain"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! calibration inputs) and [`chain::decode_tensor`], which run a job's stage
 //! chain over one tensor; each codec module (`rtn`, `uniform`, `nonuniform`,
 //! `ternary`, `seedlm`, `vq`, `gptq`, `lowrank`, `sparse`, `hadamard`,
-//! `entropy`) holds one stage's encoder and decoder, and `hessian` the exact,
-//! additive calibration statistics.
+//! `entropy`) holds one stage's encoder and decoder, `correction` the gains
+//! and low-rank terms distillation adds after a chain, and `hessian` the
+//! exact, additive calibration statistics.
 //! Nothing here does I/O or knows about the network.
 #![warn(missing_docs, unreachable_pub)]
 
@@ -14,6 +15,7 @@ pub mod bits;
 pub mod cast;
 pub mod chain;
 pub mod collective;
+pub mod correction;
 pub mod entropy;
 pub mod error;
 pub mod gptq;

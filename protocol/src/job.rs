@@ -189,6 +189,14 @@ pub struct Distill {
     /// Which parameters are tuned.
     #[serde(default = "default_distill_params")]
     pub params: Vec<DistillParam>,
+    /// Rank of each linear weight's low-rank correction
+    /// (`lowrank_correction`).
+    #[serde(default = "default_distill_rank")]
+    pub rank: usize,
+}
+
+fn default_distill_rank() -> usize {
+    4
 }
 
 fn default_distill_steps() -> usize {
@@ -217,9 +225,11 @@ pub enum DistillParam {
     /// The linear layers' additive per-output terms (their biases), where
     /// the model has them.
     Offsets,
-    /// Per-output-row gains of the quantized weights.
+    /// A gain per output row and per input column of each quantized
+    /// linear weight, stored in f16 beside its codes.
     Scales,
-    /// A low-rank correction added to each quantized weight.
+    /// A low-rank term A·B (`distill.rank`) added to each quantized linear
+    /// weight, stored in f16 beside its codes.
     LowrankCorrection,
 }
 
@@ -497,19 +507,22 @@ impl JobSpec {
             if d.params.is_empty() {
                 return Err((
                     "distill.params".into(),
-                    "name at least one of norms, offsets".into(),
+                    "name at least one of norms, offsets, scales, lowrank_correction".into(),
+                ));
+            }
+            if d.params.contains(&DistillParam::LowrankCorrection)
+                && !(1..=crate::stage::MAX_CORRECTION_RANK).contains(&d.rank)
+            {
+                return Err((
+                    "distill.rank".into(),
+                    format!(
+                        "{} is not in 1..={}",
+                        d.rank,
+                        crate::stage::MAX_CORRECTION_RANK
+                    ),
                 ));
             }
             for (i, p) in d.params.iter().enumerate() {
-                if matches!(p, DistillParam::Scales | DistillParam::LowrankCorrection) {
-                    return Err((
-                        format!("distill.params[{i}]"),
-                        format!(
-                            "`{}` is not supported yet by this version of hcx-cluster (supported: norms, offsets)",
-                            p.name()
-                        ),
-                    ));
-                }
                 if d.params[..i].contains(p) {
                     return Err((
                         format!("distill.params[{i}]"),
@@ -659,6 +672,12 @@ pub fn validate_chain(chain: &[StageSpec], at: &str) -> Result<(), (String, Stri
     let mut ends_signal = false;
     for (i, stage) in chain.iter().enumerate() {
         let field = format!("{at}[{i}].{}", stage.kind());
+        if let StageSpec::Correction(_) = stage {
+            return Err((
+                field,
+                "`correction` steps are written by distillation, not named in a pipeline: ask for them with `distill: {params: [scales]}` (or `lowrank_correction`)".into(),
+            ));
+        }
         stage.validate().map_err(|(f, m)| {
             if f.is_empty() {
                 (field.clone(), m)
@@ -869,11 +888,24 @@ mod tests {
         assert!(e.contains("add a `calibration:` section"), "{e}");
         assert!(e.contains("job.yaml:5:"), "{e}");
         let y = format!(
-            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill:\n  params: [norms, scales]\n"
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill:\n  params: [norms, scales, lowrank_correction]\n  rank: 8\n"
+        );
+        let d = parse(&y).unwrap().distill.unwrap();
+        assert_eq!(d.rank, 8);
+        assert_eq!(d.params[1], DistillParam::Scales);
+        let y = format!(
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill:\n  params: [lowrank_correction]\n  rank: 0\n"
         );
         let e = parse(&y).unwrap_err().to_string();
         assert!(
-            e.contains("distill.params[1]") && e.contains("not supported yet"),
+            e.contains("distill.rank") && e.contains("0 is not in 1..=256"),
+            "{e}"
+        );
+        // Corrections are distillation's to write, not a pipeline's.
+        let y = "name: t\nmodel: m\noutput: o\npipeline:\n  - correction: {rows: true}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(
+            e.contains("pipeline[0].correction") && e.contains("written by distillation"),
             "{e}"
         );
         let y = format!(

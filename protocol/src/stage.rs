@@ -36,6 +36,10 @@ pub enum StageSpec {
     Gptq(GptqSpec),
     /// zstd over every part, floats split into byte planes first (lossless).
     Zstd(ZstdSpec),
+    /// Learned corrections of the decoded weight (per-row and per-column
+    /// gains, a low-rank term) that block-wise distillation adds after the
+    /// chain; never written in a job's pipeline.
+    Correction(CorrectionSpec),
 }
 
 /// The kinds of stage, in the order a chain must list them.
@@ -49,6 +53,8 @@ pub enum StageCategory {
     Quantizer,
     /// Lossless coding of the parts.
     Entropy,
+    /// Added after the chain by distillation.
+    Correction,
 }
 
 impl StageCategory {
@@ -59,6 +65,7 @@ impl StageCategory {
             StageCategory::Decomposition => "decomposition",
             StageCategory::Quantizer => "quantizer",
             StageCategory::Entropy => "entropy",
+            StageCategory::Correction => "correction",
         }
     }
 }
@@ -79,6 +86,7 @@ impl StageSpec {
             StageSpec::Vq(_) => "vq",
             StageSpec::Gptq(_) => "gptq",
             StageSpec::Zstd(_) => "zstd",
+            StageSpec::Correction(_) => "correction",
         }
     }
 
@@ -88,6 +96,7 @@ impl StageSpec {
             StageSpec::Hadamard(_) => StageCategory::Transform,
             StageSpec::Lowrank(_) | StageSpec::Sparse(_) => StageCategory::Decomposition,
             StageSpec::Zstd(_) => StageCategory::Entropy,
+            StageSpec::Correction(_) => StageCategory::Correction,
             _ => StageCategory::Quantizer,
         }
     }
@@ -216,6 +225,17 @@ impl StageSpec {
             StageSpec::Zstd(z) => {
                 if !(1..=22).contains(&z.level) {
                     return err("level", format!("{} is not in 1..=22", z.level));
+                }
+            }
+            StageSpec::Correction(c) => {
+                if !(c.rows || c.cols || c.rank > 0) {
+                    return err("", "corrects nothing (no rows, no columns, rank 0)");
+                }
+                if c.rank > MAX_CORRECTION_RANK {
+                    return err(
+                        "rank",
+                        format!("{} is more than {MAX_CORRECTION_RANK}", c.rank),
+                    );
                 }
             }
         }
@@ -486,6 +506,27 @@ impl Default for ZstdSpec {
 
 fn nineteen() -> i32 {
     19
+}
+
+/// The largest rank of a distilled low-rank correction.
+pub const MAX_CORRECTION_RANK: usize = 256;
+
+/// What a `correction` step stores. Distillation writes it after a
+/// tensor's chain: the decoded weight Ŵ (`[rows, cols]`) becomes
+/// diag(r)·Ŵ·diag(c) + A·B, with r (`rows` values), c (`cols` values),
+/// A (`[rows, rank]`) and B (`[rank, cols]`) stored in f16.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CorrectionSpec {
+    /// A gain per output row.
+    #[serde(default)]
+    pub rows: bool,
+    /// A gain per input column.
+    #[serde(default)]
+    pub cols: bool,
+    /// Rank of the additive low-rank term (0: none).
+    #[serde(default)]
+    pub rank: usize,
 }
 
 #[cfg(test)]
