@@ -11,7 +11,7 @@ use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::llama::{Site, WeightSource};
-use crate::{ForwardError, Tunable};
+use crate::{ForwardError, LinearCorrection, Tunable};
 
 /// A block's normalisation parameters, by name under `encoder.layer.N.`.
 const NORMS: [&str; 4] = [
@@ -147,13 +147,25 @@ pub fn site_of_weight(name: &str) -> Option<(usize, Site)> {
 struct Linear {
     w: Tensor,
     b: Tensor,
+    /// Distillation's correction of `w`, if any.
+    c: Option<LinearCorrection>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.w.t()?)?.broadcast_add(&self.b)
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        crate::corrected_matmul(x, &self.w, self.c.as_ref(), train)?.broadcast_add(&self.b)
     }
 }
+
+/// A block's linear weights, by name under `encoder.layer.N.`.
+const LINEARS: [&str; 6] = [
+    "attention.self.query.weight",
+    "attention.self.key.weight",
+    "attention.self.value.weight",
+    "attention.output.dense.weight",
+    "intermediate.dense.weight",
+    "output.dense.weight",
+];
 
 struct Norm {
     w: Tensor,
@@ -263,6 +275,7 @@ impl Bert {
                 Ok(Linear {
                     w: get(&format!("{p}.{n}.weight"), &[o, i])?,
                     b: get(&format!("{p}.{n}.bias"), &[o])?,
+                    c: None,
                 })
             };
             let q = lin("attention.self.query", h, h)?;
@@ -363,6 +376,49 @@ impl Bert {
             .collect()
     }
 
+    /// The HF names of block `layer`'s linear weights.
+    pub fn linear_weights(&self, layer: usize) -> Vec<String> {
+        LINEARS
+            .iter()
+            .map(|n| format!("{}encoder.layer.{layer}.{n}", self.prefix))
+            .collect()
+    }
+
+    /// Sets (or, with `None`, removes) the correction the forward pass
+    /// applies to a linear weight, named by its HF name.
+    pub fn set_correction(
+        &mut self,
+        name: &str,
+        c: Option<LinearCorrection>,
+    ) -> Result<(), ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        if let Some(c) = &c {
+            c.check(name, self.tensor(name)?.dims())?;
+        }
+        let prefix = &self.prefix;
+        let block = self
+            .blocks
+            .get_mut(layer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| crate::not_loaded(format!("{prefix}encoder.layer.{layer}")))?;
+        let lin = match suffix {
+            "attention.self.query.weight" => &mut block.q,
+            "attention.self.key.weight" => &mut block.k,
+            "attention.self.value.weight" => &mut block.v,
+            "attention.output.dense.weight" => &mut block.o,
+            "intermediate.dense.weight" => &mut block.up,
+            "output.dense.weight" => &mut block.down,
+            _ => {
+                return Err(ForwardError::Weight {
+                    name: name.into(),
+                    why: "not a linear weight of a block".into(),
+                });
+            }
+        };
+        lin.c = c;
+        Ok(())
+    }
+
     /// Embeds one sentence's tokens: `[len, hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, ForwardError> {
         let len = tokens.len();
@@ -427,9 +483,9 @@ impl Bert {
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((len, heads, hd))?.transpose(0, 1)?.contiguous()
         };
-        let q = split(b.q.forward(x)?)?;
-        let k = split(b.k.forward(x)?)?;
-        let v = split(b.v.forward(x)?)?;
+        let q = split(b.q.forward(x, train)?)?;
+        let k = split(b.k.forward(x, train)?)?;
+        let v = split(b.v.forward(x, train)?)?;
         let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let att = if train {
             candle_nn::ops::softmax(&att, D::Minus1)?
@@ -440,12 +496,12 @@ impl Bert {
         capture(Site::AttentionOutput, &y)?;
         let x = b
             .attn_norm
-            .forward(&(x + b.o.forward(&y)?)?, self.cfg.eps)?;
+            .forward(&(x + b.o.forward(&y, train)?)?, self.cfg.eps)?;
         capture(Site::Mlp, &x)?;
-        let m = b.up.forward(&x)?.gelu_erf()?;
+        let m = b.up.forward(&x, train)?.gelu_erf()?;
         capture(Site::MlpDown, &m)?;
         Ok(b.out_norm
-            .forward(&(x + b.down.forward(&m)?)?, self.cfg.eps)?)
+            .forward(&(x + b.down.forward(&m, train)?)?, self.cfg.eps)?)
     }
 
     /// Mean-pooled, L2-normalised sentence embedding of a block stack's output.

@@ -48,6 +48,128 @@ pub(crate) fn not_loaded(name: String) -> ForwardError {
     }
 }
 
+/// Trainable corrections of one linear layer's (quantized) weight Ŵ, which
+/// block-wise distillation tunes: the layer computes x·Wᵀ with
+/// W = diag(rows)·Ŵ·diag(cols) + a·b (each part optional).
+#[derive(Debug, Clone, Default)]
+pub struct LinearCorrection {
+    /// A gain per output row, `[out]`.
+    pub rows: Option<candle_core::Tensor>,
+    /// A gain per input column, `[in]`.
+    pub cols: Option<candle_core::Tensor>,
+    /// The low-rank term's left factor, `[out, rank]`.
+    pub a: Option<candle_core::Tensor>,
+    /// The low-rank term's right factor, `[rank, in]`.
+    pub b: Option<candle_core::Tensor>,
+}
+
+impl LinearCorrection {
+    /// Checks every part's shape against a weight of `dims` (`[out, in]`).
+    pub(crate) fn check(&self, name: &str, dims: &[usize]) -> Result<(), ForwardError> {
+        let bad = |why: String| ForwardError::Weight {
+            name: name.into(),
+            why,
+        };
+        let &[out, inp] = dims else {
+            return Err(bad(format!("a correction needs a matrix, not {dims:?}")));
+        };
+        let want = |what: &str, t: &Option<candle_core::Tensor>, shape: &[usize]| match t {
+            Some(t) if t.dims() != shape => Err(bad(format!(
+                "correction {what} has shape {:?}, the weight needs {shape:?}",
+                t.dims()
+            ))),
+            _ => Ok(()),
+        };
+        want("row gain", &self.rows, &[out])?;
+        want("column gain", &self.cols, &[inp])?;
+        match (&self.a, &self.b) {
+            (None, None) => Ok(()),
+            (Some(a), Some(_)) => {
+                let rank = a.dims().get(1).copied().unwrap_or(0);
+                want("A", &self.a, &[out, rank])?;
+                want("B", &self.b, &[rank, inp])
+            }
+            _ => Err(bad("a low-rank correction needs both A and B".into())),
+        }
+    }
+}
+
+/// x·Wᵀ for a weight that is not trained, whose backward pass gives the
+/// gradient of x only: candle's own matmul also computes the weight's,
+/// which in a distillation step is a third of the work, thrown away.
+struct FrozenMatmul {
+    /// The weight, `[out, in]`.
+    w: candle_core::Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            candle_core::bail!("frozen-matmul takes f32 inputs")
+        };
+        let dev = candle_core::Device::Cpu;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul takes contiguous inputs")
+        };
+        let x = candle_core::Tensor::from_slice(&v[a..b], l.shape(), &dev)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        _y: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// x·Wᵀ for a weight `w` (`[out, in]`) with its correction, if any. With
+/// `train`, the weight itself gets no gradient (only x and the correction).
+pub(crate) fn corrected_matmul(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    c: Option<&LinearCorrection>,
+    train: bool,
+) -> candle_core::Result<candle_core::Tensor> {
+    let product = |x: &candle_core::Tensor| {
+        if train && x.rank() == 2 {
+            x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+        } else {
+            x.matmul(&w.t()?)
+        }
+    };
+    let Some(c) = c else {
+        return product(x);
+    };
+    let scaled = match &c.cols {
+        Some(g) => x.broadcast_mul(g)?,
+        None => x.clone(),
+    };
+    let mut y = product(&scaled)?;
+    if let Some(g) = &c.rows {
+        y = y.broadcast_mul(g)?;
+    }
+    if let (Some(a), Some(b)) = (&c.a, &c.b) {
+        y = (y + x.matmul(&b.t()?)?.matmul(&a.t()?)?)?;
+    }
+    Ok(y)
+}
+
 /// A kind of continuous block parameter that block-wise distillation tunes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tunable {

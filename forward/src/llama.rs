@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::{ForwardError, Part, Tunable};
+use crate::{ForwardError, LinearCorrection, Part, Tunable};
 
 /// A block's tensor by its name under `model.layers.N.` (`mut` for a
 /// mutable borrow).
@@ -212,6 +212,26 @@ struct Block {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
+    /// Distillation's corrections of the linear weights, in [`LINEARS`] order.
+    corrections: [Option<LinearCorrection>; 7],
+}
+
+/// A block's linear weights, by name under `model.layers.N.`, in the order
+/// of [`Block::corrections`].
+const LINEARS: [&str; 7] = [
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+impl Block {
+    fn correction(&self, i: usize) -> Option<&LinearCorrection> {
+        self.corrections[i].as_ref()
+    }
 }
 
 /// A loaded Llama-family decoder (f32, CPU).
@@ -236,8 +256,14 @@ pub type Weight = Option<(Vec<f32>, Vec<usize>)>;
 /// Supplies a weight by HF name.
 pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Weight, ForwardError> + 'a;
 
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    c: Option<&LinearCorrection>,
+    b: Option<&Tensor>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let y = crate::corrected_matmul(x, w, c, train)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -331,6 +357,7 @@ impl Llama {
                 gate: get(weights, &format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
                 up: get(weights, &format!("{p}.mlp.up_proj.weight"), &[f, h])?,
                 down: get(weights, &format!("{p}.mlp.down_proj.weight"), &[h, f])?,
+                corrections: Default::default(),
             }));
         }
         let (norm, head) = if part.head {
@@ -476,6 +503,36 @@ impl Llama {
         }
     }
 
+    /// The HF names of block `layer`'s linear weights.
+    pub fn linear_weights(&self, layer: usize) -> Vec<String> {
+        LINEARS
+            .iter()
+            .map(|n| format!("model.layers.{layer}.{n}"))
+            .collect()
+    }
+
+    /// Sets (or, with `None`, removes) the correction the forward pass
+    /// applies to a linear weight, named by its HF name.
+    pub fn set_correction(
+        &mut self,
+        name: &str,
+        c: Option<LinearCorrection>,
+    ) -> Result<(), ForwardError> {
+        let (layer, suffix) = self.locate(name)?;
+        let i = LINEARS
+            .iter()
+            .position(|n| *n == suffix)
+            .ok_or_else(|| ForwardError::Weight {
+                name: name.into(),
+                why: "not a linear weight of a block".into(),
+            })?;
+        if let Some(c) = &c {
+            c.check(name, self.tensor(name)?.dims())?;
+        }
+        self.block_mut(layer)?.corrections[i] = c;
+        Ok(())
+    }
+
     /// Embeds `batch` windows of `len` tokens each: `[batch·len, hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, ForwardError> {
         if let Some(t) = tokens.iter().find(|t| **t as usize >= self.cfg.vocab) {
@@ -556,9 +613,18 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(linear(&xn, &b.q, b.q_bias.as_ref())?, c.heads)?;
-        let k = heads(linear(&xn, &b.k, b.k_bias.as_ref())?, c.kv_heads)?;
-        let v = heads(linear(&xn, &b.v, b.v_bias.as_ref())?, c.kv_heads)?;
+        let q = heads(
+            linear(&xn, &b.q, b.correction(0), b.q_bias.as_ref(), train)?,
+            c.heads,
+        )?;
+        let k = heads(
+            linear(&xn, &b.k, b.correction(1), b.k_bias.as_ref(), train)?,
+            c.kv_heads,
+        )?;
+        let v = heads(
+            linear(&xn, &b.v, b.correction(2), b.v_bias.as_ref(), train)?,
+            c.kv_heads,
+        )?;
         let cos = self.cos.narrow(0, 0, len)?;
         let sin = self.sin.narrow(0, 0, len)?;
         let q = rope(&q, &cos, &sin)?;
@@ -587,14 +653,14 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((batch * len, c.heads * hd))?;
         capture(Site::AttentionOutput, &y)?;
-        let x = (x + y.matmul(&b.o.t()?)?)?;
+        let x = (x + linear(&y, &b.o, b.correction(3), None, train)?)?;
         let xn = rms(&x, &b.post_norm)?;
         capture(Site::Mlp, &xn)?;
-        let g = candle_nn::ops::silu(&xn.matmul(&b.gate.t()?)?)?;
-        let u = xn.matmul(&b.up.t()?)?;
+        let g = candle_nn::ops::silu(&linear(&xn, &b.gate, b.correction(4), None, train)?)?;
+        let u = linear(&xn, &b.up, b.correction(5), None, train)?;
         let m = (g * u)?;
         capture(Site::MlpDown, &m)?;
-        Ok((x + m.matmul(&b.down.t()?)?)?)
+        Ok((x + linear(&m, &b.down, b.correction(6), None, train)?)?)
     }
 
     /// Final norm and head: logits `[rows, vocab]`.
@@ -707,6 +773,69 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn a_correction_acts_as_the_corrected_weight_and_gets_gradients() {
+        let mut m = tiny_model(9);
+        let x = m.embed(&[1, 2, 3, 4, 5, 6]).unwrap();
+        let name = "model.layers.0.mlp.down_proj.weight";
+        assert_eq!(m.linear_weights(0)[6], name);
+        let dev = Device::Cpu;
+        let w = m.tensor(name).unwrap().clone();
+        let (o, i, r) = (16, 24, 2);
+        let ramp = |n: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|k| 1.0 + s * ((k % 7) as f32 - 3.0)).collect()
+        };
+        let rows = candle_core::Var::from_vec(ramp(o, 0.01), o, &dev).unwrap();
+        let cols = candle_core::Var::from_vec(ramp(i, 0.02), i, &dev).unwrap();
+        let a = candle_core::Var::from_vec(ramp(o * r, 0.1), (o, r), &dev).unwrap();
+        let b = candle_core::Var::from_vec(ramp(r * i, -0.1), (r, i), &dev).unwrap();
+        // The dense weight diag(rows)·W·diag(cols) + A·B, run without a correction.
+        let dense = w
+            .broadcast_mul(&rows.as_tensor().unsqueeze(1).unwrap())
+            .unwrap()
+            .broadcast_mul(&cols.as_tensor().unsqueeze(0).unwrap())
+            .unwrap()
+            .add(&a.as_tensor().matmul(b.as_tensor()).unwrap())
+            .unwrap();
+        m.set_tensor(name, dense).unwrap();
+        let want = m.layer(0, &x, 1, 6, &mut |_, _| Ok(())).unwrap();
+        m.set_tensor(name, w).unwrap();
+        let c = LinearCorrection {
+            rows: Some(rows.as_tensor().clone()),
+            cols: Some(cols.as_tensor().clone()),
+            a: Some(a.as_tensor().clone()),
+            b: Some(b.as_tensor().clone()),
+        };
+        m.set_correction(name, Some(c.clone())).unwrap();
+        let got = m.layer_for_training(0, &x, 1, 6).unwrap();
+        let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        let grads = got.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&rows, &cols, &a, &b] {
+            assert!(grads.get(v.as_tensor()).is_some(), "no gradient");
+        }
+        // Shapes are checked, and a correction can be removed.
+        let mut wrong = c.clone();
+        wrong.rows = Some(Tensor::ones(5, DType::F32, &dev).unwrap());
+        let e = m.set_correction(name, Some(wrong)).unwrap_err().to_string();
+        assert!(e.contains("row gain has shape [5]"), "{e}");
+        let mut half = c;
+        half.b = None;
+        assert!(m.set_correction(name, Some(half)).is_err());
+        let e = m
+            .set_correction("model.layers.0.input_layernorm.weight", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a linear weight"), "{e}");
+        m.set_correction(name, None).unwrap();
+        let plain = m.layer(0, &x, 1, 6, &mut |_, _| Ok(())).unwrap();
+        let d = (&plain - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            d.to_scalar::<f32>().unwrap() > 1e-3,
+            "the correction is gone"
+        );
     }
 
     #[test]
