@@ -317,6 +317,9 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
+    // Forward passes (calibration, distillation, eval) free and reallocate
+    // large tensors all the time; keep that memory in the process.
+    hcx_pipeline::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HCX_LOG")

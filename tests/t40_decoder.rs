@@ -656,6 +656,116 @@ fn distilled_artifact_is_the_same_bits_on_1_2_and_3_ranks_and_lowers_block_error
 }
 
 #[test]
+fn distilled_corrections_are_stored_decoded_and_the_same_bits_on_1_2_and_3_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, &noise);
+    let text = dir.path().join("calib.txt");
+    tiny_text(&text, 600);
+    let job = tiny_job(
+        dir.path(),
+        "corrected",
+        &gguf,
+        &text,
+        "distill: {steps: 12, lr: 0.01, batch: 16, params: [scales, lowrank_correction], rank: 2}\n",
+    );
+    let yaml = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, yaml.replace("samples: 4\n", "samples: 40\n")).unwrap();
+    let out = dir.path().join("out-corrected");
+    let one = run_tensor_file(&job, &out, None);
+    for world in [1, 2, 3] {
+        let o = dir.path().join(format!("corrected-{world}"));
+        assert!(
+            run_ranked(&job, &o, world) == one,
+            "{world} ranks give another corrected artifact than the local run"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("attribution.json")).unwrap()).unwrap();
+    let b = &report["distill"]["blocks"][0];
+    // Gains for the 56 rows and 60 columns of the 7 linear weights, and
+    // rank-2 factors of 2 × (56 + 60) values.
+    assert_eq!(b["tuned_scalars"], 116 + 2 * 116, "{b}");
+    assert_eq!(b["corrected_weights"].as_array().unwrap().len(), 7, "{b}");
+    let (before, after) = (
+        b["output_sqnr_db_before"].as_f64().unwrap(),
+        b["output_sqnr_db_after"].as_f64().unwrap(),
+    );
+    assert!(
+        after > before + 0.05,
+        "block output error did not fall: {b}"
+    );
+    // Every linear weight decodes as diag(r)·Ŵ·diag(c) + A·B, with Ŵ its
+    // chain's decoding and the four factors its stored f16 parts.
+    let m = hcx_pipeline::artifact::read_manifest(&out).unwrap();
+    let file = std::fs::read(out.join("model.hcx.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let f16s = |name: &str| -> Vec<f32> {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F16, "{name}");
+        t.data()
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    };
+    let mut corrected = 0;
+    for t in m
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with("_proj.weight"))
+    {
+        let last = t.steps.last().unwrap();
+        assert_eq!(last.spec.kind(), "correction", "{}", t.name);
+        let bytes: u64 = t
+            .parts
+            .iter()
+            .filter(|p| p.name.contains(".correction."))
+            .map(|p| p.bytes)
+            .sum();
+        assert_eq!(last.bytes_out - last.bytes_in, bytes, "{}", t.name);
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let w = hcx_pipeline::artifact::decode_values(&out, &m, &t.name).unwrap();
+        let mut chain_only = m.clone();
+        let e = chain_only
+            .tensors
+            .iter_mut()
+            .find(|e| e.name == t.name)
+            .unwrap();
+        e.steps.pop();
+        let w_hat = hcx_pipeline::artifact::decode_values(&out, &chain_only, &t.name).unwrap();
+        let p = |s: &str| f16s(&format!("{}.correction.{s}", t.name));
+        let (r, c, a, bb) = (p("rows"), p("cols"), p("a"), p("b"));
+        assert_eq!(
+            (r.len(), c.len(), a.len(), bb.len()),
+            (rows, cols, 2 * rows, 2 * cols)
+        );
+        for i in 0..rows {
+            for j in 0..cols {
+                let ab = a[2 * i] * bb[j] + a[2 * i + 1] * bb[cols + j];
+                let want = r[i] * w_hat[i * cols + j] * c[j] + ab;
+                assert!(
+                    (w[i * cols + j] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{} [{i}, {j}]",
+                    t.name
+                );
+            }
+        }
+        corrected += 1;
+    }
+    assert_eq!(corrected, 7);
+    let md = std::fs::read_to_string(out.join("attribution.md")).unwrap();
+    assert!(md.contains("| correction | 7 |"), "{md}");
+    // The decompressed model holds the corrected weights.
+    let dense = dir.path().join("dense");
+    common::hcx_ok(&[
+        "decompress",
+        out.to_str().unwrap(),
+        "--output",
+        dense.to_str().unwrap(),
+    ]);
+}
+
+#[test]
 fn bad_calibration_inputs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");

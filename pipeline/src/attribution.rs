@@ -363,6 +363,13 @@ pub fn stage_table(a: &Attribution) -> String {
         "| stage | tensors | bytes in | bytes out | ratio | share of log-ratio | share of error | SQNR alone, pooled (dB) | time (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &a.stages {
+        // A stage that lowered the error (a distilled correction) has no
+        // SQNR of its own.
+        let alone = if r.sqnr_db.is_none() && r.error_share < 0.0 {
+            "lowers the error".to_string()
+        } else {
+            db(r.sqnr_db)
+        };
         s.push_str(&format!(
             "| {} | {} | {} | {} | {:.3}× | {:.1}% | {:.1}% | {} | {:.2} |\n",
             r.stage,
@@ -372,7 +379,7 @@ pub fn stage_table(a: &Attribution) -> String {
             (r.log_ratio).exp(),
             100.0 * r.share,
             100.0 * r.error_share,
-            db(r.sqnr_db),
+            alone,
             r.seconds
         ));
     }
@@ -382,7 +389,7 @@ pub fn stage_table(a: &Attribution) -> String {
 /// The whole report as Markdown.
 pub fn markdown(a: &Attribution) -> String {
     let mut s = format!(
-        "# Attribution: {}\n\nSource {} bytes → artifact {} bytes on disk: **{:.3}×**.\n\nCompressed tensors: {} ({} parameters) at **{:.3} bits per weight** (every part, safetensors header entry and manifest entry counted). SQNR: parameter-weighted mean of per-tensor dB **{}** dB; pooled, 10·log10(Σ signal / Σ noise), **{}** dB.\n\n## Per stage\n\nRatios multiply down the table; the log-ratio shares add up to 100%. \"SQNR alone\" is pooled over the tensors the stage ran on. The container row holds the bytes no stage records: the safetensors header and the manifest.\n\n",
+        "# Attribution: {}\n\nSource {} bytes → artifact {} bytes on disk: **{:.3}×**.\n\nCompressed tensors: {} ({} parameters) at **{:.3} bits per weight** (every part, safetensors header entry and manifest entry counted). SQNR: parameter-weighted mean of per-tensor dB **{}** dB; pooled, 10·log10(Σ signal / Σ noise), **{}** dB.\n\n## Per stage\n\nRatios multiply down the table; the log-ratio shares add up to 100%. \"SQNR alone\" is pooled over the tensors the stage ran on. The container row holds the bytes no stage records: the safetensors header and the manifest. A `correction` row is distillation's: the gains and low-rank terms it stores beside the codes (bytes added, a ratio below 1) and the change they made to the weight error (negative when they lowered it; distillation aims at the block's outputs, not its weights).\n\n",
         a.job,
         a.source_bytes,
         a.artifact_bytes,

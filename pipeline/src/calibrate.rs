@@ -42,9 +42,13 @@ use hcx_forward::Part;
 use hcx_forward::bert::{Bert, BertConfig};
 use hcx_forward::llama::{Llama, LlamaConfig, Site};
 use hcx_forward::text::{TextTokenizer, read_texts, token_windows};
+use hcx_kernels::chain::add_correction;
 use hcx_kernels::collective::Collective;
+use hcx_kernels::correction::Correction;
 use hcx_kernels::hessian::HessianSum;
-use hcx_protocol::{Calibration, CalibrationOrder, CalibrationParallel, JobSpec, StageSpec};
+use hcx_protocol::{
+    Calibration, CalibrationOrder, CalibrationParallel, DistillParam, JobSpec, PartEntry, StageSpec,
+};
 use rayon::prelude::*;
 
 use crate::PipelineError;
@@ -136,7 +140,7 @@ impl Net {
         }
     }
 
-    fn set_weight(
+    pub(crate) fn set_weight(
         &mut self,
         name: &str,
         values: Vec<f32>,
@@ -164,6 +168,27 @@ impl Net {
         match self {
             Net::Decoder(m) => m.tunable(layer, kind),
             Net::Encoder(m) => m.tunable(layer, kind),
+        }
+    }
+
+    /// The HF names of block `layer`'s linear weights.
+    pub(crate) fn linear_weights(&self, layer: usize) -> Vec<String> {
+        match self {
+            Net::Decoder(m) => m.linear_weights(layer),
+            Net::Encoder(m) => m.linear_weights(layer),
+        }
+    }
+
+    /// Sets or removes the correction the forward pass applies to a
+    /// linear weight.
+    pub(crate) fn set_correction(
+        &mut self,
+        name: &str,
+        c: Option<hcx_forward::LinearCorrection>,
+    ) -> Result<(), hcx_forward::ForwardError> {
+        match self {
+            Net::Decoder(m) => m.set_correction(name, c),
+            Net::Encoder(m) => m.set_correction(name, c),
         }
     }
 
@@ -213,6 +238,7 @@ pub(crate) fn load_net(
     let Some(cal) = &spec.calibration else {
         return Err(bad(model, "the job has no `calibration:` section".into()));
     };
+    crate::keep_freed_memory();
     let (cfg_bytes, cfg_path) = model_file(model, "config.json")?;
     let cfg_text = String::from_utf8_lossy(&cfg_bytes).to_string();
     let by_name: HashMap<&str, &crate::model::TensorInfo> =
@@ -1017,13 +1043,67 @@ pub(crate) fn calibrate_block(
         done[k] = Some(entry);
     }
     let sequential = cal.order == CalibrationOrder::Sequential;
+    let corrects = spec.distill.as_ref().is_some_and(|d| {
+        d.params
+            .iter()
+            .any(|p| matches!(p, DistillParam::Scales | DistillParam::LowrankCorrection))
+    });
+    // The decoded weights before any correction, which a correction's
+    // record is measured against: by name, the tensor's index, its values
+    // and its Hessian.
+    type Uncorrected<'h> = (usize, Vec<f32>, Option<&'h Vec<f64>>);
+    let mut uncorrected: HashMap<&str, Uncorrected<'_>> = HashMap::new();
     if sequential || spec.distill.is_some() {
         for (k, v) in decoded {
-            net.set_weight(&model.tensors[k].name, v)
+            let name = model.tensors[k].name.as_str();
+            if corrects {
+                let h = net.site_of(name).and_then(|(_, s)| hessians.get(&s));
+                uncorrected.insert(name, (k, v.clone(), h));
+            }
+            net.set_weight(name, v)
                 .map_err(|e| forward_error(model, e))?;
         }
     }
     if let Some(d) = &spec.distill {
+        let mut store = |name: &str, c: &Correction| -> Result<Vec<f32>, PipelineError> {
+            let (k, before, h) = uncorrected.get(name).ok_or_else(|| {
+                bad(
+                    model,
+                    format!("`{name}` has no calibrated encoding to correct; give it a calibrated pipeline or leave `scales` and `lowrank_correction` out of `distill.params`"),
+                )
+            })?;
+            let t = &model.tensors[*k];
+            let e = done[*k]
+                .as_mut()
+                .ok_or_else(|| bad(model, format!("`{name}` was not encoded")))?;
+            let original = raw_to_f32(model.raw(t), t.dtype);
+            let out = add_correction(
+                &mut e.entry.steps,
+                &original,
+                before,
+                &t.shape,
+                c,
+                h.map(Vec::as_slice),
+            )
+            .map_err(|source| PipelineError::Tensor {
+                tensor: name.to_string(),
+                source,
+            })?;
+            for p in out.parts {
+                e.entry.parts.push(PartEntry {
+                    name: format!("{name}.{}", p.name),
+                    dtype: p.dtype.name().into(),
+                    shape: p.shape.clone(),
+                    bytes: p.len() as u64,
+                    header_bytes: 0,
+                });
+                e.data.push(p.data);
+            }
+            e.entry.sqnr_db = out.sqnr_db;
+            e.entry.output_sqnr_db = out.output_sqnr_db;
+            e.seconds.push(0.0);
+            Ok(out.decoded)
+        };
         let data = MicroBatches {
             local: batches,
             global,
@@ -1035,7 +1115,20 @@ pub(crate) fn calibrate_block(
             samples: all_samples,
             elements: all_elements,
         };
-        let report = distill_block(net, layer, d, spec.seed, &data, &round, ranks)?;
+        let report = distill_block(net, layer, d, spec.seed, &data, &round, &mut store, ranks)?;
+        // The block's tuning time, shared among its corrections by size.
+        let sizes: Vec<(usize, f64)> = report
+            .corrected
+            .iter()
+            .filter_map(|n| uncorrected.get(n.as_str()))
+            .map(|(k, v, _)| (*k, v.len() as f64))
+            .collect();
+        let all: f64 = sizes.iter().map(|(_, n)| n).sum();
+        for (k, n) in sizes {
+            if let Some(last) = done[k].as_mut().and_then(|e| e.seconds.last_mut()) {
+                *last = report.seconds * n / all.max(1.0);
+            }
+        }
         tracing::info!(
             layer,
             params = report.params,
@@ -1279,6 +1372,7 @@ fn distill_section(spec: &hcx_protocol::Distill, blocks: &[BlockDistillation]) -
             "block": b.layer,
             "tuned_scalars": b.params,
             "tuned_tensors": b.tuned.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "corrected_weights": b.corrected,
             "output_sqnr_db_before": b.before.sqnr_db(),
             "output_sqnr_db_after": b.after.sqnr_db(),
             "squared_error_before": b.before.squared_error,

@@ -9,6 +9,14 @@
 //! so tuning a block also corrects the error the blocks before it left. The
 //! gradients of the loss go through candle's autograd.
 //!
+//! With `scales` or `lowrank_correction`, each linear weight Ŵ of the
+//! block also gets a trainable correction, W = diag(r)·Ŵ·diag(c) + A·B
+//! (a gain per output row and per input column, a low-rank term), which is
+//! stored in f16 beside the weight's codes as a `correction` step after its
+//! chain (`hcx_kernels::correction`). Its bytes count in the artifact like
+//! any other part; once tuned, the weight as the artifact decodes it
+//! replaces the encoded one in the walk.
+//!
 //! Data-parallel and the same bits on any number of ranks: each step takes
 //! a fixed set of micro-batches (a seeded permutation of all of them, cut
 //! into runs of `batch` samples), each rank computes the gradient of the
@@ -19,10 +27,11 @@
 
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
-use hcx_forward::Tunable;
+use candle_core::{DType, Tensor, Var};
+use hcx_forward::{LinearCorrection, Tunable};
 use hcx_kernels::collective::Collective;
-use hcx_kernels::rng::{SplitMix64, seed_for};
+use hcx_kernels::correction::{Correction, LowRank};
+use hcx_kernels::rng::{SplitMix64, gaussian_vec, seed_for};
 use hcx_protocol::{Distill, DistillParam};
 use rayon::prelude::*;
 
@@ -69,6 +78,24 @@ pub(crate) struct BlockDistillation {
     pub(crate) seconds: f64,
     /// The tuned tensors' final values (as stored), by HF name.
     pub(crate) tuned: Vec<(String, Vec<f32>)>,
+    /// The linear weights given a correction, by HF name.
+    pub(crate) corrected: Vec<String>,
+}
+
+/// Stores a linear weight's learned correction with its encoding (named by
+/// its HF name, values as distillation left them) and returns the weight
+/// the artifact then decodes to.
+pub(crate) type StoreCorrection<'a> =
+    dyn FnMut(&str, &Correction) -> Result<Vec<f32>, PipelineError> + 'a;
+
+/// Where a correction's part lives among the trainable variables.
+struct CorrectionVars {
+    /// The linear weight's HF name.
+    weight: String,
+    rows: Option<usize>,
+    cols: Option<usize>,
+    /// A and B, and the rank.
+    low_rank: Option<(usize, usize, usize)>,
 }
 
 /// The micro-batches of the data-parallel run, as every rank sees them.
@@ -95,7 +122,11 @@ fn fail(layer: usize, why: impl std::fmt::Display) -> PipelineError {
 
 /// Tunes block `layer` of `net` (whose linear weights are already the
 /// encoded ones); `round` maps a tuned tensor's values to what the artifact
-/// will store (its dtype), and those values are left in `net`.
+/// will store (its dtype), and those values are left in `net`. With
+/// `scales` or `lowrank_correction`, each linear weight's learned
+/// correction goes to `store`, and the weight it returns replaces the
+/// weight in `net`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn distill_block(
     net: &mut Net,
     layer: usize,
@@ -103,6 +134,7 @@ pub(crate) fn distill_block(
     job_seed: u64,
     data: &MicroBatches<'_>,
     round: &dyn Fn(&str, Vec<f32>) -> Vec<f32>,
+    store: &mut StoreCorrection<'_>,
     ranks: &mut dyn Collective,
 ) -> Result<BlockDistillation, PipelineError> {
     let t0 = Instant::now();
@@ -124,17 +156,11 @@ pub(crate) fn distill_block(
     }
     let mut names: Vec<String> = Vec::new();
     for p in &spec.params {
-        let kind = match p {
-            DistillParam::Norms => Tunable::Norms,
-            DistillParam::Offsets => Tunable::Biases,
-            other => {
-                return Err(fail(
-                    layer,
-                    format!("`{}` cannot be tuned by this version", other.name()),
-                ));
-            }
-        };
-        names.extend(net.tunable(layer, kind));
+        match p {
+            DistillParam::Norms => names.extend(net.tunable(layer, Tunable::Norms)),
+            DistillParam::Offsets => names.extend(net.tunable(layer, Tunable::Biases)),
+            DistillParam::Scales | DistillParam::LowrankCorrection => {}
+        }
     }
     let mut vars = Vec::with_capacity(names.len());
     for name in &names {
@@ -144,6 +170,7 @@ pub(crate) fn distill_block(
             .map_err(|e| fail(layer, e))?;
         vars.push(v);
     }
+    let corrections = correction_vars(net, layer, spec, job_seed, &mut vars)?;
     let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
     let params: usize = sizes.iter().sum();
     let mut values: Vec<f32> = Vec::with_capacity(params);
@@ -244,14 +271,38 @@ pub(crate) fn distill_block(
     // The tuned values as the artifact stores them, back into the model as
     // plain tensors.
     let mut tuned = Vec::with_capacity(names.len());
+    let mut offsets = Vec::with_capacity(sizes.len());
     let mut at = 0;
-    for ((name, var), &size) in names.iter().zip(&vars).zip(&sizes) {
-        let stored = round(name, values[at..at + size].to_vec());
+    for &size in &sizes {
+        offsets.push(at);
+        at += size;
+    }
+    let value = |i: usize| values[offsets[i]..offsets[i] + sizes[i]].to_vec();
+    for (i, (name, var)) in names.iter().zip(&vars).enumerate() {
+        let stored = round(name, value(i));
         let t = Tensor::from_vec(stored.clone(), var.shape(), var.device())
             .map_err(|e| fail(layer, e))?;
         net.set_tensor(name, t).map_err(|e| fail(layer, e))?;
         tuned.push((name.clone(), stored));
-        at += size;
+    }
+    // Each correction is stored with its weight's encoding, and the weight
+    // the artifact decodes to replaces the encoded one.
+    let mut corrected = Vec::with_capacity(corrections.len());
+    for c in &corrections {
+        let correction = Correction {
+            rows: c.rows.map(value),
+            cols: c.cols.map(value),
+            low_rank: c.low_rank.map(|(a, b, rank)| LowRank {
+                rank,
+                a: value(a),
+                b: value(b),
+            }),
+        };
+        let w = store(&c.weight, &correction)?;
+        net.set_correction(&c.weight, None)
+            .map_err(|e| fail(layer, e))?;
+        net.set_weight(&c.weight, w).map_err(|e| fail(layer, e))?;
+        corrected.push(c.weight.clone());
     }
     let after = output_error(net, layer, data, ranks)?;
     Ok(BlockDistillation {
@@ -261,7 +312,70 @@ pub(crate) fn distill_block(
         after,
         seconds: t0.elapsed().as_secs_f64(),
         tuned,
+        corrected,
     })
+}
+
+/// Makes the trainable corrections `spec` asks for, one per linear weight
+/// of block `layer`, appending their variables to `vars` and installing
+/// them in `net`. Gains start at 1; a low-rank term A·B starts at A = 0 and
+/// B seeded from the job seed and the weight's name (scaled by 1/√in), so
+/// the block starts as encoded.
+fn correction_vars(
+    net: &mut Net,
+    layer: usize,
+    spec: &Distill,
+    job_seed: u64,
+    vars: &mut Vec<Var>,
+) -> Result<Vec<CorrectionVars>, PipelineError> {
+    let scales = spec.params.contains(&DistillParam::Scales);
+    let low_rank = spec.params.contains(&DistillParam::LowrankCorrection);
+    if !(scales || low_rank) {
+        return Ok(Vec::new());
+    }
+    let f = |e: candle_core::Error| fail(layer, e);
+    let mut out = Vec::new();
+    for weight in net.linear_weights(layer) {
+        let w = net.tensor(&weight).map_err(|e| fail(layer, e))?;
+        let (o, i) = w.dims2().map_err(f)?;
+        let dev = w.device().clone();
+        let mut add = |t: Tensor| -> Result<(usize, Tensor), PipelineError> {
+            let v = Var::from_tensor(&t).map_err(f)?;
+            let t = v.as_tensor().clone();
+            vars.push(v);
+            Ok((vars.len() - 1, t))
+        };
+        let mut c = LinearCorrection::default();
+        let mut slots = CorrectionVars {
+            weight: weight.clone(),
+            rows: None,
+            cols: None,
+            low_rank: None,
+        };
+        if scales {
+            let (at, t) = add(Tensor::ones(o, DType::F32, &dev).map_err(f)?)?;
+            (slots.rows, c.rows) = (Some(at), Some(t));
+            let (at, t) = add(Tensor::ones(i, DType::F32, &dev).map_err(f)?)?;
+            (slots.cols, c.cols) = (Some(at), Some(t));
+        }
+        if low_rank {
+            let r = spec.rank;
+            let (a, ta) = add(Tensor::zeros((o, r), DType::F32, &dev).map_err(f)?)?;
+            let seed = seed_for(job_seed, &weight, "lowrank_correction");
+            let scale = 1.0 / (i as f32).sqrt();
+            let b: Vec<f32> = gaussian_vec(seed, r * i)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            let (b, tb) = add(Tensor::from_vec(b, (r, i), &dev).map_err(f)?)?;
+            slots.low_rank = Some((a, b, r));
+            (c.a, c.b) = (Some(ta), Some(tb));
+        }
+        net.set_correction(&weight, Some(c))
+            .map_err(|e| fail(layer, e))?;
+        out.push(slots);
+    }
+    Ok(out)
 }
 
 fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {

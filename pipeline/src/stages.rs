@@ -129,6 +129,7 @@ struct BlockReport {
     after: OutputError,
     seconds: f64,
     tuned: Vec<String>,
+    corrected: Vec<String>,
 }
 
 /// The handoff's header (JSON); the activations follow it as f32.
@@ -339,6 +340,7 @@ pub(crate) fn calibrate_stage<'a>(
                 after: d.after,
                 seconds: d.seconds,
                 tuned: d.tuned.iter().map(|(n, _)| n.clone()).collect(),
+                corrected: d.corrected.clone(),
             }));
             h.original = !w.original.is_empty();
             if stage + 1 < world {
@@ -369,6 +371,7 @@ pub(crate) fn calibrate_stage<'a>(
             after: b.after,
             seconds: b.seconds,
             tuned: b.tuned.into_iter().map(|n| (n, Vec::new())).collect(),
+            corrected: b.corrected,
         })
         .collect();
     distilled.extend(w.distilled);
