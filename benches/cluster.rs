@@ -16,9 +16,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hcx_coordinator::CoordinatorConfig;
+use hcx_net::certs::DevCerts;
 use hcx_net::client::CoordinatorClient;
 use hcx_net::proto::{JobRef, NodeInfo, SubmitJobRequest};
-use hcx_net::tls::{Identity, Role, init_certs};
+use hcx_net::tls::Identity;
 
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 1 << 20;
@@ -46,8 +47,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn raft_figures(dir: &Path) {
-    let certs = dir.join("certs");
-    init_certs(&certs, &["127.0.0.2".into(), "127.0.0.3".into()], false).unwrap();
+    let certs = DevCerts::create(
+        &dir.join("certs"),
+        &["127.0.0.2".into(), "127.0.0.3".into()],
+    )
+    .unwrap();
+    for i in 0..3 {
+        certs.add_node(&format!("bench-{i}"), &[], &[]).unwrap();
+    }
     let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
     let addrs: Vec<String> = ips
         .iter()
@@ -74,7 +81,8 @@ async fn raft_figures(dir: &Path) {
                 listen: a.parse().unwrap(),
                 peers: peers.clone(),
                 data_dir: dir.join(format!("c{i}")),
-                tls: Some(Identity::load(&certs, Role::Coordinator).unwrap()),
+                tls: Some(Identity::load(&certs.coordinator()).unwrap()),
+                join: false,
                 lease: Duration::from_secs(30),
                 model_roots: vec![model_root.clone()],
                 output_roots: vec![dir.to_path_buf()],
@@ -83,16 +91,20 @@ async fn raft_figures(dir: &Path) {
             .unwrap(),
         );
     }
-    let id = Identity::load(&certs, Role::Client).unwrap();
+    let id = Identity::load(&certs.client()).unwrap();
     let client =
         CoordinatorClient::new(addrs.clone(), Some(hcx_net::tls::tonic_client_tls(&id))).unwrap();
-    // Node calls (RegisterNode) need a node certificate.
-    let node_id = Identity::load(&certs, Role::Node).unwrap();
-    let node_client = CoordinatorClient::new(
-        addrs.clone(),
-        Some(hcx_net::tls::tonic_client_tls(&node_id)),
-    )
-    .unwrap();
+    // Node calls (RegisterNode) need the certificate of the node named.
+    let node_clients: Vec<CoordinatorClient> = (0..3)
+        .map(|i| {
+            let node_id = Identity::load(&certs.node(&format!("bench-{i}"))).unwrap();
+            CoordinatorClient::new(
+                addrs.clone(),
+                Some(hcx_net::tls::tonic_client_tls(&node_id)),
+            )
+            .unwrap()
+        })
+        .collect();
     // Warm up: the first call waits for the election.
     let info = |i: u32| NodeInfo {
         name: format!("bench-{}", i % 3),
@@ -105,7 +117,7 @@ async fn raft_figures(dir: &Path) {
     };
     for i in 0..20 {
         let n = info(i);
-        node_client
+        node_clients[i as usize % 3]
             .call(|mut c| {
                 let n = n.clone();
                 async move { c.register_node(n).await }
@@ -117,7 +129,7 @@ async fn raft_figures(dir: &Path) {
     for i in 0..1000 {
         let n = info(i);
         let t = Instant::now();
-        node_client
+        node_clients[i as usize % 3]
             .call(|mut c| {
                 let n = n.clone();
                 async move { c.register_node(n).await }
@@ -197,7 +209,7 @@ async fn raft_figures(dir: &Path) {
 
 /// Child process: receives 1 GiB on one QUIC stream, then answers one byte.
 async fn quic_sink(certs: &Path, port_file: &Path) {
-    let id = Identity::load(certs, Role::Coordinator).unwrap();
+    let id = Identity::load(&certs.join("coordinator")).unwrap();
     let ep = quinn::Endpoint::server(
         hcx_net::tls::quinn_server_config(&id).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
@@ -276,7 +288,7 @@ async fn transfer_figures(dir: &Path) {
     child.wait().unwrap();
 
     let (mut child, port) = spawn_sink("quic", dir);
-    let id = Identity::load(&certs, Role::Node).unwrap();
+    let id = Identity::load(&certs.join("node-bench-0")).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(hcx_net::tls::quinn_client_config(&id).unwrap());
     let t = Instant::now();

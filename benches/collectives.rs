@@ -15,8 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hcx_kernels::collective::{Collective, Ring};
+use hcx_net::certs::DevCerts;
 use hcx_net::peer::{PeerPlane, QuicLink, RingPlan};
-use hcx_net::tls::{Identity, Role, init_certs, quinn_client_config, quinn_server_config};
+use hcx_net::tls::{Identity, quinn_client_config, quinn_server_config};
 
 const SIZES: [usize; 6] = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20];
 
@@ -135,8 +136,9 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    init_certs(dir.path(), &[], false).unwrap();
-    let id = Identity::load(dir.path(), Role::Node).unwrap();
+    let certs = DevCerts::create(dir.path(), &[]).unwrap();
+    certs.add_node("bench", &[], &[]).unwrap();
+    let id = Identity::load(&certs.node("bench")).unwrap();
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     println!("collectives on loopback, {cores} cores, QUIC + TLS 1.3 (ring), f32 sum");
     println!();

@@ -1,4 +1,4 @@
-//! The cluster subcommands: `certs init`, `coordinator`, `node`, `submit`,
+//! The cluster subcommands: `certs revoke`, `coordinator`, `node`, `submit`,
 //! `status`, `cancel`, `nodes`, `drain`, and the embedded cluster behind
 //! `run`.
 
@@ -12,34 +12,34 @@ use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use hcx_net::client::CoordinatorClient;
 use hcx_net::proto::{
     ClusterInfoRequest, DrainNodeRequest, JobRef, JobStatus, ListJobsRequest, ListNodesRequest,
-    SubmitJobRequest,
+    MembershipChange, RevokeRequest, SubmitJobRequest,
 };
 use hcx_net::tls::{Identity, Role};
 use hcx_node::NodeConfig;
 use hcx_protocol::JobSpec;
 use tokio::sync::watch;
 
-/// Parses `1=host:port,2=host:port,…`.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
+/// Parses `1=host:port,2=host:port,…` as given to `what` (`--peers`, say).
+pub fn parse_peers(s: &str, what: &str) -> Result<BTreeMap<u64, String>> {
     let mut out = BTreeMap::new();
     for (i, item) in s.split(',').filter(|p| !p.trim().is_empty()).enumerate() {
         let Some((id, addr)) = item.split_once('=') else {
-            bail!("--peers entry {} ({item:?}) is not ID=HOST:PORT", i + 1);
+            bail!("{what} entry {} ({item:?}) is not ID=HOST:PORT", i + 1);
         };
         let id: u64 = id
             .trim()
             .parse()
-            .with_context(|| format!("--peers entry {} ({item:?}): bad id", i + 1))?;
+            .with_context(|| format!("{what} entry {} ({item:?}): bad id", i + 1))?;
         let addr = addr.trim();
         if !addr.contains(':') {
-            bail!("--peers entry {} ({item:?}): address has no port", i + 1);
+            bail!("{what} entry {} ({item:?}): address has no port", i + 1);
         }
         if out.insert(id, addr.to_string()).is_some() {
-            bail!("--peers lists id {id} twice");
+            bail!("{what} lists id {id} twice");
         }
     }
     if out.is_empty() {
-        bail!("--peers is empty");
+        bail!("{what} is empty");
     }
     Ok(out)
 }
@@ -60,7 +60,7 @@ pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>> {
 }
 
 fn identity(certs: &Path, role: Role) -> Result<Identity> {
-    Ok(Identity::load(certs, role)?)
+    Ok(Identity::load_as(certs, role)?)
 }
 
 /// How a command secures its links: `--certs DIR`, or `--insecure`.
@@ -80,7 +80,7 @@ impl Security {
             (Some(c), false) => Ok(Security::Certs(c)),
             (None, true) => Ok(Security::Insecure),
             (None, false) => bail!(
-                "no TLS material: give --certs DIR (or set HCX_CERTS; make one with `hcx-cluster certs init --dir DIR`), or --insecure on loopback addresses"
+                "no TLS material: give --certs DIR (or set HCX_CERTS), the folder `hcx-cluster certs issue --dir DIR` made for this machine, or --insecure on loopback addresses"
             ),
         }
     }
@@ -90,6 +90,13 @@ impl Security {
             Security::Certs(dir) => identity(dir, role).map(Some),
             Security::Insecure => Ok(None),
         }
+    }
+}
+
+fn sec_dir(sec: &Security) -> &Path {
+    match sec {
+        Security::Certs(d) => d,
+        Security::Insecure => Path::new("-"),
     }
 }
 
@@ -141,6 +148,8 @@ pub struct CoordinatorArgs {
     pub model_roots: Vec<PathBuf>,
     /// `--output-root` folders.
     pub output_roots: Vec<PathBuf>,
+    /// `--join`: wait to be added to a running group.
+    pub join: bool,
 }
 
 /// `hcx-cluster coordinator`: serves until interrupted.
@@ -149,9 +158,10 @@ pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
     let cfg = CoordinatorConfig {
         id,
         listen: a.listen,
-        peers: parse_peers(&a.peers)?,
+        peers: parse_peers(&a.peers, "--peers")?,
         data_dir: a.data_dir,
         tls: sec.identity(Role::Coordinator)?,
+        join: a.join,
         lease: Duration::from_millis(a.lease_ms),
         model_roots: a.model_roots,
         output_roots: a.output_roots,
@@ -168,15 +178,50 @@ pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
 pub async fn node(
     coordinators: &str,
     listen: SocketAddr,
-    name: String,
+    name: Option<String>,
     labels: &[String],
     work_dir: PathBuf,
     sec: &Security,
     cores: Option<u32>,
     heartbeat_ms: u64,
 ) -> Result<()> {
+    let claimed = parse_labels(labels)?;
+    let tls = match sec {
+        Security::Certs(dir) => Some(identity(dir, Role::Node)?),
+        Security::Insecure => None,
+    };
+    let (name, labels) = match &tls {
+        Some(id) => {
+            if let Some(n) = name.as_deref()
+                && n != id.name()
+            {
+                bail!(
+                    "--name {n} disagrees with the node certificate in {}, which is issued to {}",
+                    sec_dir(sec).display(),
+                    id.name()
+                );
+            }
+            for (k, v) in &claimed {
+                match id.labels().get(k) {
+                    Some(c) if c == v => {}
+                    other => bail!(
+                        "--label {k}={v} disagrees with the node certificate in {}, which says {}; a node's labels come from its certificate (`certs issue --label`)",
+                        sec_dir(sec).display(),
+                        other.map_or(format!("no {k}"), |c| format!("{k}={c}"))
+                    ),
+                }
+            }
+            (id.name().to_string(), id.labels().clone())
+        }
+        None => match name {
+            Some(n) => (n, claimed),
+            None => bail!(
+                "--name is needed with --insecure (with --certs it comes from the certificate)"
+            ),
+        },
+    };
     let cfg = NodeConfig {
-        name: name.clone(),
+        name,
         coordinators: coordinators
             .split(',')
             .map(str::trim)
@@ -184,12 +229,9 @@ pub async fn node(
             .map(String::from)
             .collect(),
         listen,
-        labels: parse_labels(labels)?,
+        labels,
         work_dir,
-        tls: match sec {
-            Security::Certs(dir) => Some(Identity::load_node(dir, &name)?),
-            Security::Insecure => None,
-        },
+        tls,
         cores: cores.unwrap_or_else(hcx_node::machine_cores),
         memory_bytes: hcx_node::machine_memory(),
         heartbeat: Duration::from_millis(heartbeat_ms),
@@ -198,10 +240,16 @@ pub async fn node(
         bail!("no coordinator addresses given (use --coordinators or HCX_COORDINATORS)");
     }
     let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(hcx_node::run(cfg, stop));
-    shutdown_signal().await;
-    let _ = stop_tx.send(true);
-    task.await.context("node task")??;
+    let mut task = tokio::spawn(hcx_node::run(cfg, stop));
+    // The node stops on a signal, or on its own when the coordinators
+    // refuse it for good.
+    tokio::select! {
+        _ = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            task.await.context("node task")??;
+        }
+        ended = &mut task => ended.context("node task")??,
+    }
     Ok(())
 }
 
@@ -476,6 +524,39 @@ pub async fn drain(client: &CoordinatorClient, name: String) -> Result<()> {
     Ok(())
 }
 
+/// `hcx-cluster coordinators add ID=ADDR… / remove ID…`: one membership
+/// change through the leader; prints the voters after it.
+pub async fn change_membership(
+    client: &CoordinatorClient,
+    add: BTreeMap<u64, String>,
+    remove: Vec<u64>,
+) -> Result<()> {
+    let r = client
+        .call(|mut c| {
+            let req = MembershipChange {
+                add: add.clone().into_iter().collect(),
+                remove: remove.clone(),
+            };
+            async move { c.change_membership(req).await }
+        })
+        .await?;
+    println!("{}", r.message);
+    Ok(())
+}
+
+/// `hcx-cluster certs revoke`: commits the revocation of `serial` (as
+/// [`hcx_net::certs::parse_serial`] reads it) through the leader.
+pub async fn revoke(client: &CoordinatorClient, serial: &str) -> Result<()> {
+    let r = client
+        .call(|mut c| {
+            let serial = serial.to_string();
+            async move { c.revoke_certificate(RevokeRequest { serial }).await }
+        })
+        .await?;
+    println!("{}", r.message);
+    Ok(())
+}
+
 /// An in-process cluster: one coordinator (a single raft voter) and `n`
 /// nodes on loopback, with TLS from a throwaway CA — the same code as a
 /// real cluster.
@@ -503,18 +584,19 @@ impl Embedded {
             .prefix("hcx-embedded-")
             .tempdir()
             .context("cannot create a temporary folder")?;
-        let certs = dir.path().join("certs");
-        hcx_net::tls::init_certs(&certs, &[], false)?;
+        let certs = hcx_net::certs::DevCerts::create(&dir.path().join("certs"), &[])?;
         for i in 1..=n {
             let site = (!sites.is_empty()).then(|| sites[(i - 1) % sites.len()].as_str());
-            hcx_net::tls::issue_node_cert(&certs, &format!("node-{i}"), site, &[], false)?;
+            let labels: Vec<(&str, &str)> = site.map(|s| ("site", s)).into_iter().collect();
+            certs.add_node(&format!("node-{i}"), &[], &labels)?;
         }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
             id: 1,
             listen: "127.0.0.1:0".parse()?,
             peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),
             data_dir: dir.path().join("raft"),
-            tls: Some(identity(&certs, Role::Coordinator)?),
+            tls: Some(identity(&certs.coordinator(), Role::Coordinator)?),
+            join: false,
             lease: Duration::from_secs(10),
             model_roots,
             output_roots,
@@ -531,7 +613,7 @@ impl Embedded {
                 listen: "127.0.0.1:0".parse()?,
                 labels: BTreeMap::new(),
                 work_dir: dir.path().join(format!("node-{i}")),
-                tls: Some(Identity::load_node(&certs, &format!("node-{i}"))?),
+                tls: Some(identity(&certs.node(&format!("node-{i}")), Role::Node)?),
                 cores,
                 memory_bytes: hcx_node::machine_memory(),
                 heartbeat: Duration::from_millis(100),
@@ -540,7 +622,7 @@ impl Embedded {
         }
         let client = client(
             &addr,
-            &Security::Certs(certs.clone()),
+            &Security::Certs(certs.client()),
             hcx_net::client::DEFAULT_PATIENCE,
         )?;
         // Wait until every node has registered, so the first plan uses them all.

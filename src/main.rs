@@ -2,6 +2,7 @@
 //! parses its arguments and calls into the library crates (`hcx-protocol`,
 //! `hcx-pipeline`, `hcx-eval`); nothing here does tensor math.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -48,15 +49,16 @@ enum Command {
         #[arg(long, conflicts_with = "nodes")]
         local: bool,
     },
-    /// Make TLS material for a cluster.
+    /// Make, inspect and revoke the cluster's certificates.
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
     },
     /// Run a coordinator (a raft voter serving the cluster API and data plane).
     Coordinator {
-        /// This coordinator's id in --peers.
-        #[arg(long)]
+        /// This coordinator's id in --peers (or $HCX_ID: a Kubernetes
+        /// StatefulSet passes its pod index).
+        #[arg(long, env = "HCX_ID")]
         id: u64,
         /// Address to serve gRPC (TCP) and the data plane (UDP) on.
         #[arg(long)]
@@ -80,18 +82,24 @@ enum Command {
         /// (repeatable); a job whose `model` resolves elsewhere is refused.
         #[arg(long = "model-root", value_name = "DIR", required = true)]
         model_roots: Vec<PathBuf>,
+        /// Join a running group (after `coordinators add ID=ADDR`) instead
+        /// of founding one with --peers; --peers then needs only this
+        /// coordinator's own entry.
+        #[arg(long)]
+        join: bool,
     },
     /// Run a worker node.
     Node {
         /// Local address of the node's QUIC endpoint.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
-        /// Unique node name.
+        /// Unique node name. With --certs it comes from the certificate
+        /// and, if given, must agree with it.
         #[arg(long)]
-        name: String,
-        /// KEY=VALUE label (repeatable), e.g. gpu=h100. With TLS, the `site`
-        /// label comes from the node's certificate (`certs issue --site`):
-        /// a `site=` label must agree with it.
+        name: Option<String>,
+        /// KEY=VALUE label (repeatable), e.g. gpu=h100. With --certs the
+        /// labels come from the certificate (`certs issue --label`), and one
+        /// given here must agree with it.
         #[arg(long = "label")]
         labels: Vec<String>,
         /// Where shard files are built.
@@ -146,6 +154,11 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Add or remove raft voters (coordinators).
+    Coordinators {
+        #[command(subcommand)]
+        command: CoordinatorsCommand,
     },
     /// Stop giving a node new shards (it finishes those it holds).
     Drain {
@@ -230,7 +243,7 @@ enum Command {
 /// How a command secures its links: `--certs DIR`, or `--insecure`.
 #[derive(clap::Args)]
 struct TlsArgs {
-    /// Folder made by `certs init`.
+    /// This machine's folder made by `certs issue` (ca.pem, cert.pem, key.pem).
     #[arg(long, env = "HCX_CERTS")]
     certs: Option<PathBuf>,
     /// No TLS (plaintext gRPC, unauthenticated QUIC); loopback addresses only.
@@ -278,41 +291,104 @@ impl ClientArgs {
 }
 
 #[derive(Subcommand)]
+enum CoordinatorsCommand {
+    /// Add voters: each must already run with `coordinator --join` (and a
+    /// coordinator certificate valid for its address); it catches up as a
+    /// learner, then becomes a voter.
+    Add {
+        /// ID=HOST:PORT, repeatable or comma-separated.
+        #[arg(required = true, value_delimiter = ',')]
+        members: Vec<String>,
+        #[command(flatten)]
+        connect: ClientArgs,
+    },
+    /// Remove voters by raft id (a dead coordinator, or one being moved).
+    Remove {
+        /// Raft ids, repeatable or comma-separated.
+        #[arg(required = true, value_delimiter = ',')]
+        ids: Vec<u64>,
+        #[command(flatten)]
+        connect: ClientArgs,
+    },
+}
+
+/// A role as `certs issue --role` takes it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// A raft coordinator.
+    Coordinator,
+    /// A worker node.
+    Node,
+    /// An operator's command line or program.
+    Client,
+}
+
+impl From<RoleArg> for hcx_net::tls::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Coordinator => Self::Coordinator,
+            RoleArg::Node => Self::Node,
+            RoleArg::Client => Self::Client,
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum CertsCommand {
-    /// Create a development cluster CA and certificates for coordinators,
-    /// nodes and clients.
+    /// Create the cluster CA (ca.pem, ca.key). It issues every machine's
+    /// certificate and stays on the operator's machine.
     Init {
         /// Folder to write them to.
         #[arg(long)]
         dir: PathBuf,
-        /// Extra host name or IP the coordinator and node certificates are valid for (repeatable).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,
     },
-    /// Issue a certificate naming one node, with the CA made by `certs
-    /// init` (needs its ca.key): node-NAME.pem and node-NAME.key. A node
-    /// started with `--name NAME` uses it instead of the shared node.pem, and
-    /// the coordinators then let that connection act only as NAME.
+    /// Issue one machine's certificate with the CA: writes its key, its
+    /// certificate and the CA certificate (key.pem, cert.pem, ca.pem) into
+    /// --dir, which is what that machine's --certs then names.
     Issue {
-        /// The folder made by `certs init`; the files are written there.
+        /// The CA folder made by `certs init` (holds ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The machine's folder; never the CA's.
         #[arg(long)]
         dir: PathBuf,
-        /// The node's name (its `--name`).
+        /// What the machine is.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Its name (a node's name in the cluster).
         #[arg(long)]
-        node: String,
-        /// Extra host name or IP the certificate is valid for (repeatable).
+        name: String,
+        /// A DNS name or IP address the machine serves on, which its
+        /// clients dial (repeatable; loopback names are always in).
         #[arg(long = "host")]
         hosts: Vec<String>,
-        /// The node's site: coordinators take the node's `site` label from
-        /// the certificate, not from its `--label`.
-        #[arg(long)]
-        site: Option<String>,
+        /// KEY=VALUE label (repeatable), e.g. site=a or gpu=h100: the
+        /// coordinators take a node's labels from its certificate.
+        #[arg(long = "label")]
+        labels: Vec<String>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+    },
+    /// Print what a machine's certificate says: role, name, labels,
+    /// serial, hosts.
+    Show {
+        /// The machine's folder (made by `certs issue`).
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a certificate: the revocation is committed through raft and
+    /// every coordinator refuses the certificate from then on.
+    Revoke {
+        /// Its serial number (as `certs issue` and `certs show` print it).
+        serial: String,
+        #[command(flatten)]
+        connect: ClientArgs,
     },
 }
 
@@ -467,30 +543,88 @@ fn run_embedded(
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Certs {
-            command: CertsCommand::Init { dir, hosts, force },
+            command: CertsCommand::Init { dir, force },
         } => {
-            let set = hcx_net::tls::init_certs(&dir, &hosts, force)?;
+            let ca = hcx_net::certs::init_ca(&dir, force)?;
             println!(
-                "cluster CA and certificates written to {} (CA SHA-256 {}); valid for {}",
-                set.dir.display(),
-                set.ca_sha256,
-                set.server_names.join(", ")
+                "cluster CA written to {} (CA SHA-256 {}); keep ca.key on this machine and give each machine what `certs issue` writes",
+                ca.dir.display(),
+                ca.sha256
             );
             Ok(())
         }
         Command::Certs {
             command:
                 CertsCommand::Issue {
+                    ca,
                     dir,
-                    node,
+                    role,
+                    name,
                     hosts,
-                    site,
+                    labels,
                     force,
                 },
         } => {
-            let pem = hcx_net::tls::issue_node_cert(&dir, &node, site.as_deref(), &hosts, force)?;
-            println!("certificate of node {node} written to {}", pem.display());
+            let labels = labels
+                .iter()
+                .map(|l| hcx_net::certs::parse_label(l))
+                .collect::<Result<_, _>>()?;
+            let req = hcx_net::certs::IssueRequest {
+                role: role.into(),
+                name,
+                hosts,
+                labels,
+            };
+            let got = hcx_net::certs::issue(&ca, &dir, &req, force)?;
+            let f = &got.facts;
+            println!(
+                "{} certificate of {} (serial {}) written to {}; valid for {}",
+                f.role,
+                f.name,
+                f.serial,
+                got.dir.display(),
+                if f.hosts.is_empty() {
+                    "client use only".to_string()
+                } else {
+                    f.hosts.join(", ")
+                }
+            );
             Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Show { dir, json },
+        } => {
+            let id = hcx_net::tls::Identity::load(&dir)?;
+            let f = id.facts();
+            if json {
+                let v = serde_json::json!({
+                    "role": f.role.as_str(),
+                    "name": f.name,
+                    "labels": f.labels,
+                    "serial": f.serial,
+                    "hosts": f.hosts,
+                    "not_after": f.not_after,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("role     {}", f.role);
+                println!("name     {}", f.name);
+                let labels: Vec<String> =
+                    f.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("labels   {}", labels.join(" "));
+                println!("serial   {}", f.serial);
+                println!("hosts    {}", f.hosts.join(" "));
+            }
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Revoke { serial, connect },
+        } => {
+            let serial = hcx_net::certs::parse_serial(&serial)?;
+            runtime()?.block_on(async {
+                let c = connect.client()?;
+                cluster::revoke(&c, &serial).await
+            })
         }
         Command::Coordinator {
             id,
@@ -501,6 +635,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             lease_ms,
             output_roots,
             model_roots,
+            join,
         } => {
             let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
@@ -512,6 +647,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     lease_ms,
                     model_roots,
                     output_roots,
+                    join,
                 },
                 &sec,
             ))
@@ -572,6 +708,21 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Nodes { connect, json } => runtime()?.block_on(async {
             let c = connect.client()?;
             cluster::nodes(&c, json).await
+        }),
+        Command::Coordinators {
+            command: CoordinatorsCommand::Add { members, connect },
+        } => {
+            let add = cluster::parse_peers(&members.join(","), "coordinators add")?;
+            runtime()?.block_on(async {
+                let c = connect.client()?;
+                cluster::change_membership(&c, add, Vec::new()).await
+            })
+        }
+        Command::Coordinators {
+            command: CoordinatorsCommand::Remove { ids, connect },
+        } => runtime()?.block_on(async {
+            let c = connect.client()?;
+            cluster::change_membership(&c, BTreeMap::new(), ids).await
         }),
         Command::Drain { node, connect } => runtime()?.block_on(async {
             let c = connect.client()?;

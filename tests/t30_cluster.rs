@@ -1,5 +1,6 @@
 //! Whole-system cluster tests with real processes: three coordinators and
-//! three nodes on 127.0.0.x ports, TLS from `certs init`. Every job's
+//! three nodes on 127.0.0.x ports, each with its own certificate from
+//! `certs issue`. Every job's
 //! artifact must be byte-identical to the local pipeline's, with or
 //! without faults (a node killed, the leader killed, the whole cluster
 //! restarted mid-job).
@@ -59,6 +60,21 @@ impl Proc {
         self.child = Some(child);
     }
 
+    /// Waits up to `limit` for the process to exit on its own; its status.
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL, no chance to clean up.
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -87,33 +103,44 @@ impl Cluster {
     /// models only from `models` (or `dir`), and `nodes` nodes, each with a
     /// certificate naming it.
     fn start(dir: &Path, nodes: usize, models: &[&Path]) -> Cluster {
+        // The CA stays in `ca/`; each machine gets its own folder under
+        // `certs/` with only what `certs issue` writes.
+        let ca = dir.join("ca");
+        hcx_ok(&["certs", "init", "--dir", ca.to_str().unwrap()]);
         let certs = dir.join("certs");
-        hcx_ok(&[
-            "certs",
-            "init",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--host",
-            "127.0.0.2",
-            "--host",
-            "127.0.0.3",
-        ]);
+        let issue = |role: &str, name: &str, extra: &[&str]| {
+            let out = certs.join(name);
+            let mut args = vec![
+                "certs",
+                "issue",
+                "--ca",
+                ca.to_str().unwrap(),
+                "--dir",
+                out.to_str().unwrap(),
+                "--role",
+                role,
+                "--name",
+                name,
+            ];
+            args.extend_from_slice(extra);
+            hcx_ok(&args);
+        };
+        issue(
+            "coordinator",
+            "coordinator",
+            &["--host", "127.0.0.2", "--host", "127.0.0.3"],
+        );
+        issue("client", "operator", &[]);
         let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
         for i in 0..nodes {
             // Valid for the address the node serves the node-to-node plane
             // on, which the other ranks of a collective group dial.
-            hcx_ok(&[
-                "certs",
-                "issue",
-                "--dir",
-                certs.to_str().unwrap(),
-                "--node",
+            let site = if i == 0 { "site=a" } else { "site=b" };
+            issue(
+                "node",
                 &format!("n{}", i + 1),
-                "--host",
-                ips[i % 3],
-                "--site",
-                if i == 0 { "a" } else { "b" },
-            ]);
+                &["--host", ips[i % 3], "--label", site],
+            );
         }
         let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
         let own = [dir];
@@ -143,7 +170,7 @@ impl Cluster {
                     "--data-dir".into(),
                     dir.join(format!("c{}", i + 1)).display().to_string(),
                     "--certs".into(),
-                    certs.display().to_string(),
+                    certs.join("coordinator").display().to_string(),
                     "--lease-ms".into(),
                     "3000".into(),
                 ]
@@ -173,7 +200,7 @@ impl Cluster {
                 "--work-dir".into(),
                 dir.join(format!("n{}", i + 1)).display().to_string(),
                 "--certs".into(),
-                c.certs.display().to_string(),
+                c.certs.join(format!("n{}", i + 1)).display().to_string(),
                 "--cores".into(),
                 "1".into(),
                 "--heartbeat-ms".into(),
@@ -192,7 +219,7 @@ impl Cluster {
             "--coordinators".into(),
             self.addrs.join(","),
             "--certs".into(),
-            self.certs.display().to_string(),
+            self.certs.join("operator").display().to_string(),
         ]);
         v
     }
@@ -780,20 +807,68 @@ fn a_whole_cluster_restart_resumes_the_job() {
 }
 
 #[test]
-fn peers_without_cluster_certificates_are_refused() {
+fn foreign_misnamed_and_revoked_certificates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Cluster::start(dir.path(), 1, &[]);
+    let mut c = Cluster::start(dir.path(), 1, &[]);
+    let ca = dir.path().join("ca");
     // A client whose certificate comes from another CA.
-    let other = dir.path().join("other-certs");
-    hcx_ok(&["certs", "init", "--dir", other.to_str().unwrap()]);
+    let other_ca = dir.path().join("other-ca");
+    let other = dir.path().join("other-client");
+    hcx_ok(&["certs", "init", "--dir", other_ca.to_str().unwrap()]);
+    hcx_ok(&[
+        "certs",
+        "issue",
+        "--ca",
+        other_ca.to_str().unwrap(),
+        "--dir",
+        other.to_str().unwrap(),
+        "--role",
+        "client",
+        "--name",
+        "mallory",
+    ]);
     let out = hcx(&[
         "nodes",
         "--coordinators",
         &c.addrs[0],
         "--certs",
         other.to_str().unwrap(),
+        "--timeout",
+        "4",
     ]);
     assert!(!out.status.success());
+    // No machine's folder holds the CA key, and a machine refuses to start
+    // from the CA's folder.
+    for e in std::fs::read_dir(&c.certs).unwrap() {
+        let d = e.unwrap().path();
+        assert!(!d.join("ca.key").exists(), "{}", d.display());
+    }
+    let out = hcx(&[
+        "nodes",
+        "--coordinators",
+        &c.addrs[0],
+        "--certs",
+        ca.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the CA key must stay"),
+        "{err}"
+    );
+    // A node's folder cannot serve as a client's.
+    let n1 = c.certs.join("n1");
+    let out = hcx(&[
+        "nodes",
+        "--coordinators",
+        &c.addrs[0],
+        "--certs",
+        n1.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs a client certificate"),
+        "{err}"
+    );
     // A coordinator with a cluster certificate that does not name the
     // address it serves on (the certificates name 127.0.0.1-3): its clients
     // refuse it, since they check the host they dialled.
@@ -802,18 +877,22 @@ fn peers_without_cluster_certificates_are_refused() {
         lone_coordinator(
             &addr,
             &dir.path().join("stray"),
-            &["--certs".into(), c.certs.display().to_string()],
+            &[
+                "--certs".into(),
+                c.certs.join("coordinator").display().to_string(),
+            ],
             dir.path(),
             dir.path(),
         ),
         dir.path().join("stray.log"),
     );
+    let operator = c.certs.join("operator");
     let out = hcx(&[
         "nodes",
         "--coordinators",
         &addr,
         "--certs",
-        c.certs.to_str().unwrap(),
+        operator.to_str().unwrap(),
         "--timeout",
         "4",
     ]);
@@ -827,45 +906,101 @@ fn peers_without_cluster_certificates_are_refused() {
     // The cluster is still serving its own clients.
     let v = c.nodes_json();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
+
+    // Revocation: a second operator certificate works until it is revoked,
+    // then every coordinator refuses it; n1's certificate too, and the node
+    // stops, saying why.
+    let auditor = c.certs.join("auditor");
+    hcx_ok(&[
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--dir",
+        auditor.to_str().unwrap(),
+        "--role",
+        "client",
+        "--name",
+        "auditor",
+    ]);
+    let as_auditor = |addr: &str| {
+        hcx(&[
+            "nodes",
+            "--coordinators",
+            addr,
+            "--certs",
+            auditor.to_str().unwrap(),
+            "--timeout",
+            "4",
+        ])
+    };
+    assert!(as_auditor(&c.addrs[1]).status.success());
+    let serial_of = |d: &Path| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&hcx_ok(&["certs", "show", d.to_str().unwrap(), "--json"]))
+                .unwrap();
+        v["serial"].as_str().unwrap().to_string()
+    };
+    // Nodes cannot revoke; operators can.
+    let out = hcx(&[
+        "certs",
+        "revoke",
+        &serial_of(&auditor),
+        "--coordinators",
+        &c.addrs.join(","),
+        "--certs",
+        n1.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    for d in [&auditor, &n1] {
+        let said = c.run_ok(&["certs", "revoke", &serial_of(d)]);
+        assert!(said.contains("revoked certificate"), "{said}");
+    }
+    let said = c.run_ok(&["certs", "revoke", &serial_of(&auditor)]);
+    assert!(said.contains("already revoked"), "{said}");
+    for a in &c.addrs {
+        let out = as_auditor(a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("was revoked"),
+            "{a}: {err}"
+        );
+    }
+    let st = c.nodes[0].wait_exit(Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap_or_default();
+    assert!(
+        st.is_some_and(|s| !s.success()) && log.contains("was revoked"),
+        "n1 did not stop on its revoked certificate ({st:?}):\n{log}"
+    );
+    // The operator's own certificate still works.
+    c.nodes_json();
 }
 
 #[test]
 fn labels_and_drain_steer_placement() {
     let dir = tempfile::tempdir().unwrap();
     // n1's certificate places it at site a, n2's at site b.
-    let mut c = Cluster::start(dir.path(), 2, &[&minilm()]);
+    let c = Cluster::start(dir.path(), 2, &[&minilm()]);
     // A node cannot claim another site than its certificate names.
-    let liar = Proc::spawn(
-        vec![
-            "node".into(),
-            "--coordinators".into(),
-            c.addrs.join(","),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--name".into(),
-            "n2".into(),
-            "--label".into(),
-            "site=a".into(),
-            "--work-dir".into(),
-            dir.path().join("liar").display().to_string(),
-            "--certs".into(),
-            c.certs.display().to_string(),
-        ],
-        dir.path().join("liar.log"),
+    let n2 = c.certs.join("n2");
+    let out = hcx(&[
+        "node",
+        "--coordinators",
+        &c.addrs.join(","),
+        "--listen",
+        "127.0.0.1:0",
+        "--label",
+        "site=a",
+        "--work-dir",
+        dir.path().join("liar").to_str().unwrap(),
+        "--certs",
+        n2.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--label site=a disagrees") && err.contains("site=b"),
+        "{err}"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(dir.path().join("liar.log"))
-        .unwrap_or_default()
-        .contains("but its certificate places it at site")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the claim was not refused:\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    c.nodes.push(liar);
     let nodes_of = |job: &str| -> std::collections::BTreeSet<String> {
         c.status(job)["shards"]
             .as_array()

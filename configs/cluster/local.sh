@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A local cluster on one machine: three coordinators (raft voters) on
-# 127.0.0.1-3:7101-7103 and three worker nodes, with TLS from `certs init`.
+# 127.0.0.1-3:7101-7103 and three worker nodes, each with its own certificate (`certs issue`).
 #
 #   configs/cluster/local.sh start [STATE_DIR]   # default STATE_DIR: .cluster
 #   configs/cluster/local.sh stop  [STATE_DIR]
@@ -25,31 +25,40 @@ start)
   [ -x "$bin" ] || { echo "no hcx-cluster binary at $bin (build with cargo build --release, or set HCX_BIN)" >&2; exit 1; }
   mkdir -p "$state"
   mkdir -p "$output_root"
-  if [ ! -f "$state/certs/ca.pem" ]; then
-    "$bin" certs init --dir "$state/certs" --host 127.0.0.2 --host 127.0.0.3
+  # The CA stays in $state/ca; each machine gets its own folder with only
+  # what `certs issue` writes (its key, its certificate, the CA certificate).
+  if [ ! -f "$state/ca/ca.pem" ]; then
+    "$bin" certs init --dir "$state/ca"
   fi
-  for i in 1 2 3; do
-    # Each node gets a certificate naming it: the coordinators then serve a
-    # node only the tensors of the shards it holds.
-    if [ ! -f "$state/certs/node-node-$i.pem" ]; then
-      "$bin" certs issue --dir "$state/certs" --node "node-$i" --host "127.0.0.$i" --site local
+  issue() { # DIR ROLE NAME [FLAGS...]
+    local dir="$1" role="$2" name="$3"
+    shift 3
+    if [ ! -f "$state/certs/$dir/cert.pem" ]; then
+      "$bin" certs issue --ca "$state/ca" --dir "$state/certs/$dir" --role "$role" --name "$name" "$@"
     fi
+  }
+  issue operator client operator
+  for i in 1 2 3; do
+    issue "c$i" coordinator "c$i" --host "127.0.0.$i"
+    # A node's certificate names it and its site: the coordinators then
+    # serve a node only the tensors of the shards it holds.
+    issue "node-$i" node "node-$i" --host "127.0.0.$i" --label site=local
   done
   for i in 1 2 3; do
     addr="$(echo "$coords" | cut -d, -f"$i")"
     nohup "$bin" coordinator --id "$i" --listen "$addr" --peers "$peers" \
-      --data-dir "$state/c$i" --certs "$state/certs" \
+      --data-dir "$state/c$i" --certs "$state/certs/c$i" \
       --model-root "$model_root" --model-root "$PWD/configs/calibration" \
       --output-root "$output_root" >>"$state/c$i.log" 2>&1 &
     echo $! >"$state/c$i.pid"
   done
   for i in 1 2 3; do
-    nohup "$bin" node --coordinators "$coords" --listen "127.0.0.$i:0" --name "node-$i" \
-      --work-dir "$state/n$i" --certs "$state/certs" >>"$state/n$i.log" 2>&1 &
+    nohup "$bin" node --coordinators "$coords" --listen "127.0.0.$i:0" \
+      --work-dir "$state/n$i" --certs "$state/certs/node-$i" >>"$state/n$i.log" 2>&1 &
     echo $! >"$state/n$i.pid"
   done
   echo "started; now run:"
-  echo "  export HCX_COORDINATORS=$coords HCX_CERTS=$state/certs"
+  echo "  export HCX_COORDINATORS=$coords HCX_CERTS=$state/certs/operator"
   ;;
 stop)
   for f in "$state"/*.pid; do

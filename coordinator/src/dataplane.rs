@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use hcx_net::certs::CertFacts;
 use hcx_net::frames::{FrameError, Reply, Request, read_frame, write_frame};
 use hcx_net::tls::{Identity, Role};
 use sha2::{Digest, Sha256};
@@ -45,26 +46,36 @@ pub(crate) fn start(
                         return;
                     }
                 };
-                let mut certified = None;
-                if shared.secure {
-                    let certs = conn.peer_identity().and_then(|i| {
-                        i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                            .ok()
-                    });
-                    let certs = certs.as_deref().map(|v| v.as_slice());
-                    if let Err(s) = shared.require_role(certs, &[Role::Node], "the data plane") {
-                        tracing::info!("data plane: {}", s.message());
-                        conn.close(1u32.into(), b"node certificate required");
-                        return;
-                    }
-                    certified = shared.certified_node(certs);
-                }
-                let certified: Arc<Option<String>> = Arc::new(certified);
+                let certs = conn.peer_identity().and_then(|i| {
+                    i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                        .ok()
+                });
+                let certs: Arc<Option<Vec<_>>> = Arc::new(certs.map(|c| *c));
+                let certified =
+                    match shared.require_role(certs.as_deref(), &[Role::Node], "the data plane") {
+                        Ok(f) => f,
+                        Err(s) => {
+                            tracing::info!("data plane: {}", s.message());
+                            conn.close(1u32.into(), b"node certificate required");
+                            return;
+                        }
+                    };
+                let certified: Arc<Option<CertFacts>> = Arc::new(certified);
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let shared = shared.clone();
                     let certified = certified.clone();
+                    let certs = certs.clone();
                     tokio::spawn(async move {
-                        let certified = certified.as_deref();
+                        // A certificate revoked while the connection
+                        // lasts is refused from its next stream on.
+                        let certs = certs.as_deref();
+                        if let Err(s) = shared.caller(certs, "the data plane") {
+                            let mut send = send;
+                            let _ = recv_stop(recv);
+                            reply_error(&mut send, s.message().to_string(), None).await;
+                            return;
+                        }
+                        let certified = (*certified).as_ref();
                         if let Err(e) = serve_stream(&shared, certified, send, recv).await {
                             tracing::info!("data plane stream: {e}");
                         }
@@ -80,11 +91,15 @@ async fn reply_error(send: &mut quinn::SendStream, message: String, leader: Opti
     let _ = send.finish();
 }
 
-/// Serves one stream of a connection whose certificate names node
-/// `certified` (`None`: a certificate shared by nodes, or `--insecure`).
+fn recv_stop(mut recv: quinn::RecvStream) -> Result<(), quinn::ClosedStream> {
+    recv.stop(1u32.into())
+}
+
+/// Serves one stream of a connection whose certificate says `certified`
+/// (`None` under `--insecure`).
 async fn serve_stream(
     shared: &Shared,
-    certified: Option<&str>,
+    certified: Option<&CertFacts>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), FrameError> {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hcx_net::certs::CertFacts;
 use hcx_net::client::LEADER_HEADER;
 use hcx_net::proto::cluster_server::ClusterServer;
 use hcx_net::proto::raft_server::RaftServer;
@@ -30,6 +31,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 use tokio::sync::watch;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::network::PeerTransport;
 use crate::scheduler::NodeCapacity;
@@ -77,6 +79,11 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// TLS identity; `None` runs plaintext (loopback only).
     pub tls: Option<Identity>,
+    /// Join a running group instead of founding one: start with an empty
+    /// log and wait for the leader to add this coordinator
+    /// (`hcx-cluster coordinators add`). Ignored once the log holds a
+    /// membership.
+    pub join: bool,
     /// A node silent for this long loses its shards.
     pub lease: Duration,
     /// Folders (or model files) jobs may read models from (`--model-root`).
@@ -97,6 +104,8 @@ pub struct Shared {
     pub(crate) peers: BTreeMap<NodeId, String>,
     /// Whether peers present certificates (false under `--insecure`).
     pub(crate) secure: bool,
+    /// This coordinator's own certificate serial, which it will not revoke.
+    pub(crate) own_serial: Option<String>,
     /// Where jobs may read models and write artifacts.
     pub(crate) roots: roots::Roots,
 }
@@ -114,12 +123,12 @@ impl Shared {
     pub(crate) fn leader_addr(&self) -> Option<String> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        self.peers.get(&id).cloned().or_else(|| {
-            m.membership_config
-                .nodes()
-                .find(|(n, _)| **n == id)
-                .map(|(_, node)| node.addr.clone())
-        })
+        // The membership knows coordinators added since --peers was written.
+        m.membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, node)| node.addr.clone())
+            .or_else(|| self.peers.get(&id).cloned())
     }
 
     pub(crate) fn is_leader(&self) -> bool {
@@ -153,76 +162,74 @@ impl Shared {
         }
     }
 
+    /// What the caller's certificate says (`None` under `--insecure`,
+    /// where certificates prove nothing). Refuses a certificate that names
+    /// no cluster role and name, and one whose serial has been revoked.
+    pub(crate) fn caller(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+        call: &str,
+    ) -> Result<Option<CertFacts>, Status> {
+        if !self.secure {
+            return Ok(None);
+        }
+        let facts = certs
+            .and_then(|c| c.first())
+            .and_then(|c| hcx_net::certs::read_facts(c.as_ref()))
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "{call}: the peer presented no cluster certificate (one made by `certs issue`)"
+                ))
+            })?;
+        if let Some(at) = self.view.read(|s| s.revoked.get(&facts.serial).copied()) {
+            return Err(Status::permission_denied(format!(
+                "{call}: certificate {} ({} {}) was revoked at {at} ms; issue a new one with `certs issue`",
+                facts.serial, facts.role, facts.name
+            )));
+        }
+        Ok(Some(facts))
+    }
+
     /// Refuses a peer whose certificate was not issued for one of `allowed`
-    /// (a node cannot cancel jobs, a client cannot pose as a node).
+    /// (a node cannot cancel jobs, a client cannot pose as a node), or was
+    /// revoked; returns what the certificate says.
     pub(crate) fn require_role(
         &self,
         certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
         allowed: &[Role],
         call: &str,
-    ) -> Result<(), Status> {
-        if !self.secure {
-            return Ok(());
-        }
-        let role = certs
-            .and_then(|c| c.first())
-            .and_then(|c| hcx_net::tls::peer_role(c.as_ref()));
-        match role {
-            Some(r) if allowed.contains(&r) => Ok(()),
-            other => Err(Status::permission_denied(format!(
-                "{call} needs a {} certificate; the peer presented {}",
+    ) -> Result<Option<CertFacts>, Status> {
+        let Some(facts) = self.caller(certs, call)? else {
+            return Ok(None);
+        };
+        if allowed.contains(&facts.role) {
+            Ok(Some(facts))
+        } else {
+            Err(Status::permission_denied(format!(
+                "{call} needs a {} certificate; the peer presented {} {}'s",
                 allowed
                     .iter()
-                    .map(|r| r.common_name())
+                    .map(|r| r.as_str())
                     .collect::<Vec<_>>()
                     .join(" or "),
-                other.map_or("no cluster role", |r| r.common_name())
-            ))),
+                facts.role,
+                facts.name
+            )))
         }
-    }
-
-    /// The node a peer's certificate names (see
-    /// [`hcx_net::tls::peer_node_name`]); `None` under `--insecure` or for a
-    /// node certificate shared by several nodes.
-    pub(crate) fn certified_node(
-        &self,
-        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-    ) -> Option<String> {
-        self.read_leaf(certs, hcx_net::tls::peer_node_name)
-    }
-
-    /// The site the caller's certificate places it at (TLS mode only).
-    pub(crate) fn certified_site(
-        &self,
-        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-    ) -> Option<String> {
-        self.read_leaf(certs, hcx_net::tls::peer_site)
-    }
-
-    /// What `read` finds in the caller's leaf certificate; `None` under
-    /// `--insecure`, where certificates prove nothing.
-    fn read_leaf(
-        &self,
-        certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
-        read: fn(&[u8]) -> Option<String>,
-    ) -> Option<String> {
-        if !self.secure {
-            return None;
-        }
-        certs.and_then(|c| c.first()).and_then(|c| read(c.as_ref()))
     }
 
     /// Refuses a node call that names another node than the one the
     /// caller's certificate was issued for.
     pub(crate) fn require_node_name(
         &self,
-        certified: Option<&str>,
+        certified: Option<&CertFacts>,
         claimed: &str,
         call: &str,
     ) -> Result<(), Status> {
         match certified {
-            Some(n) if n != claimed => Err(Status::permission_denied(format!(
-                "{call}: the certificate is issued to node {n:?}; it cannot act as node {claimed:?}"
+            Some(f) if f.name != claimed => Err(Status::permission_denied(format!(
+                "{call}: the certificate is issued to node {:?}; it cannot act as node {claimed:?}",
+                f.name
             ))),
             _ => Ok(()),
         }
@@ -415,9 +422,13 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         .iter()
         .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
         .collect();
-    // Every member initializes with the same voters; openraft refuses it
-    // once the log holds a membership (a restart), which is what we want.
-    if let Err(e) = raft.initialize(members).await {
+    // Every founding member initializes with the same voters; openraft
+    // refuses it once the log holds a membership (a restart), which is
+    // what we want. A joining coordinator must not: its own membership
+    // would compete with the running group's.
+    if !cfg.join
+        && let Err(e) = raft.initialize(members).await
+    {
         tracing::debug!("initialize: {e}");
     }
     let advertise = cfg.peers[&cfg.id].clone();
@@ -431,6 +442,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         models: tokio::sync::Mutex::new(HashMap::new()),
         peers: cfg.peers.clone(),
         secure: cfg.tls.is_some(),
+        own_serial: cfg.tls.as_ref().map(|id| id.facts().serial.clone()),
         roots,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -440,17 +452,29 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
             .tls_config(hcx_net::tls::tonic_server_tls(id))
             .map_err(|e| CoordinatorError::Config(format!("gRPC TLS: {e}")))?;
     }
+    // Every call, whatever the service, is refused to a certificate that
+    // names no cluster machine or has been revoked.
+    let gate = {
+        let shared = shared.clone();
+        move |req: tonic::Request<()>| {
+            let certs = req.peer_certs();
+            shared.caller(certs.as_deref().map(|v| v.as_slice()), "the cluster API")?;
+            Ok(req)
+        }
+    };
+    let cluster = ClusterServer::new(service::ClusterService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(hcx_net::client::API_MESSAGE_LIMIT)
+    .max_encoding_message_size(hcx_net::client::API_MESSAGE_LIMIT);
+    let raft_rpc = RaftServer::new(service::RaftService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(network::RAFT_MESSAGE_LIMIT)
+    .max_encoding_message_size(network::RAFT_MESSAGE_LIMIT);
     let router = builder
-        .add_service(ClusterServer::new(service::ClusterService {
-            shared: shared.clone(),
-        }))
-        .add_service(
-            RaftServer::new(service::RaftService {
-                shared: shared.clone(),
-            })
-            .max_decoding_message_size(network::RAFT_MESSAGE_LIMIT)
-            .max_encoding_message_size(network::RAFT_MESSAGE_LIMIT),
-        );
+        .add_service(InterceptedService::new(cluster, gate.clone()))
+        .add_service(InterceptedService::new(raft_rpc, gate));
     let mut rx = shutdown_rx.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grpc = tokio::spawn(async move {

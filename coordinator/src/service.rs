@@ -1,7 +1,7 @@
 //! The coordinator's gRPC services: the cluster API for clients and nodes,
 //! and the raft RPCs between coordinators.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,12 +12,14 @@ use hcx_net::proto::raft_server::Raft as RaftRpc;
 use hcx_net::proto::{
     Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, Group, GroupToken,
     GroupTokenRef, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
-    ListJobsRequest, ListNodesReply, ListNodesRequest, NodeInfo, NodeStatus, RaftMessage,
-    ShardFailure, ShardStatus, SnapshotChunk, SubmitJobReply, SubmitJobRequest,
+    ListJobsRequest, ListNodesReply, ListNodesRequest, MembershipChange, NodeInfo, NodeStatus,
+    RaftMessage, RevokeRequest, ShardFailure, ShardStatus, SnapshotChunk, SubmitJobReply,
+    SubmitJobRequest,
 };
 use hcx_protocol::JobSpec;
 use tonic::{Request, Response, Status};
 
+use hcx_net::certs::CertFacts;
 use hcx_net::tls::Role;
 
 use crate::Shared;
@@ -290,46 +292,47 @@ impl ClusterService {
     }
 }
 
-/// A registering node's labels with its `site` taken from its certificate:
-/// with TLS (`secure`), the certificate's site becomes the `site` label,
-/// a claimed `site` must agree with it, and a node whose certificate names
-/// no site may not claim one, so that a site's data is never handed to a
-/// node merely saying it belongs there. Without TLS (loopback only) the
-/// claim is all there is.
-pub fn site_labels(
+/// A registering node's labels under TLS (`certified` is what its
+/// certificate says): the certificate's labels, `site` included, are the
+/// node's labels. A claimed label must be one of them with the same value,
+/// so that a site's data is never handed to a node merely saying it
+/// belongs there. Without TLS (loopback only) the claim is all there is.
+pub fn certified_labels(
     node: &str,
-    mut claimed: BTreeMap<String, String>,
-    secure: bool,
-    certified: Option<&str>,
+    claimed: BTreeMap<String, String>,
+    certified: Option<&BTreeMap<String, String>>,
 ) -> Result<BTreeMap<String, String>, String> {
-    if !secure {
+    let Some(certified) = certified else {
         return Ok(claimed);
-    }
-    match (certified, claimed.get("site")) {
-        (Some(c), Some(s)) if s != c => Err(format!(
-            "RegisterNode: node {node:?} claims site {s:?}, but its certificate places it at site {c:?}"
-        )),
-        (None, Some(s)) => Err(format!(
-            "RegisterNode: node {node:?} claims site {s:?}, but its certificate names no site; a node's site comes from its certificate (`certs issue --node {node} --site {s}`)"
-        )),
-        (Some(c), _) => {
-            claimed.insert("site".into(), c.to_string());
-            Ok(claimed)
+    };
+    for (k, v) in &claimed {
+        match certified.get(k) {
+            Some(c) if c == v => {}
+            Some(c) => {
+                return Err(format!(
+                    "RegisterNode: node {node:?} claims {k}={v}, but its certificate says {k}={c}"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "RegisterNode: node {node:?} claims {k}={v}, but its certificate carries no {k} label; a node's labels come from its certificate (`certs issue --role node --name {node} --label {k}={v}`)"
+                ));
+            }
         }
-        (None, None) => Ok(claimed),
     }
+    Ok(certified.clone())
 }
 
-/// Checks the caller's certificate role.
-fn role<T>(sh: &Shared, req: &Request<T>, allowed: &[Role], call: &str) -> Result<(), Status> {
+/// Checks the caller's certificate role (and that it is not revoked);
+/// returns what the certificate says (`None` under `--insecure`).
+fn role<T>(
+    sh: &Shared,
+    req: &Request<T>,
+    allowed: &[Role],
+    call: &str,
+) -> Result<Option<CertFacts>, Status> {
     let certs = req.peer_certs();
     sh.require_role(certs.as_deref().map(|v| v.as_slice()), allowed, call)
-}
-
-/// The node the caller's certificate names, if it names one.
-fn certified<T>(sh: &Shared, req: &Request<T>) -> Option<String> {
-    let certs = req.peer_certs();
-    sh.certified_node(certs.as_deref().map(|v| v.as_slice()))
 }
 
 const OPERATORS: &[Role] = &[Role::Client, Role::Coordinator];
@@ -461,25 +464,19 @@ impl Cluster for ClusterService {
 
     async fn register_node(&self, req: Request<NodeInfo>) -> Result<Response<Ack>, Status> {
         let sh = &self.shared;
-        role(sh, &req, NODES, "RegisterNode")?;
+        let cert = role(sh, &req, NODES, "RegisterNode")?;
         sh.require_leader()?;
-        let cert = certified(sh, &req);
-        let site = {
-            let certs = req.peer_certs();
-            sh.certified_site(certs.as_deref().map(|v| v.as_slice()))
-        };
         let n = req.into_inner();
-        sh.require_node_name(cert.as_deref(), &n.name, "RegisterNode")?;
+        sh.require_node_name(cert.as_ref(), &n.name, "RegisterNode")?;
         if n.name.is_empty() || n.name.len() > 128 {
             return Err(Status::invalid_argument(
                 "node name must be 1 to 128 characters",
             ));
         }
-        let labels = site_labels(
+        let labels = certified_labels(
             &n.name,
             n.labels.into_iter().collect(),
-            sh.secure,
-            site.as_deref(),
+            cert.as_ref().map(|c| &c.labels),
         )
         .map_err(Status::permission_denied)?;
         let node = NodeRecord {
@@ -505,11 +502,10 @@ impl Cluster for ClusterService {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let sh = &self.shared;
-        role(sh, &req, NODES, "Heartbeat")?;
+        let cert = role(sh, &req, NODES, "Heartbeat")?;
         sh.require_leader()?;
-        let cert = certified(sh, &req);
         let name = req.into_inner().name;
-        sh.require_node_name(cert.as_deref(), &name, "Heartbeat")?;
+        sh.require_node_name(cert.as_ref(), &name, "Heartbeat")?;
         if sh.view.read(|s| !s.nodes.contains_key(&name)) {
             return Err(Status::not_found(format!(
                 "node {name:?} is not registered"
@@ -569,6 +565,118 @@ impl Cluster for ClusterService {
         }))
     }
 
+    async fn change_membership(
+        &self,
+        req: Request<MembershipChange>,
+    ) -> Result<Response<Ack>, Status> {
+        let sh = &self.shared;
+        role(sh, &req, &[Role::Client], "ChangeMembership")?;
+        sh.require_leader()?;
+        let change = req.into_inner();
+        let voters: BTreeSet<u64> = sh
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        for (id, addr) in &change.add {
+            if voters.contains(id) {
+                return Err(Status::already_exists(format!(
+                    "coordinator {id} is already a voter; remove it first to move it"
+                )));
+            }
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "coordinator {id}: {addr:?} is not HOST:PORT"
+                )));
+            }
+        }
+        let remove: BTreeSet<u64> = change.remove.iter().copied().collect();
+        if let Some(id) = remove.iter().find(|id| !voters.contains(id)) {
+            return Err(Status::not_found(format!(
+                "coordinator {id} is not a voter (voters: {voters:?})"
+            )));
+        }
+        let after = voters.len() + change.add.len() - remove.len();
+        if after == 0 {
+            return Err(Status::failed_precondition(
+                "the change would leave no voter",
+            ));
+        }
+        let raft_err = |what: String| {
+            move |e: openraft::error::RaftError<u64, _>| Status::unavailable(format!("{what}: {e}"))
+        };
+        // New voters first catch up as learners (blocking until they have
+        // the log), then join the voters in one joint-consensus change.
+        for (id, addr) in &change.add {
+            sh.raft
+                .add_learner(*id, openraft::BasicNode { addr: addr.clone() }, true)
+                .await
+                .map_err(raft_err(format!(
+                    "adding coordinator {id} at {addr} as a learner"
+                )))?;
+        }
+        if !change.add.is_empty() {
+            let ids: BTreeSet<u64> = change.add.keys().copied().collect();
+            sh.raft
+                .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+                .await
+                .map_err(raft_err("making the new coordinators voters".into()))?;
+        }
+        if !remove.is_empty() {
+            sh.raft
+                .change_membership(openraft::ChangeMembers::RemoveVoters(remove.clone()), false)
+                .await
+                .map_err(raft_err("removing voters".into()))?;
+        }
+        let now: Vec<String> = sh
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|id| id.to_string())
+            .collect();
+        Ok(Response::new(Ack {
+            message: format!("voters now {}", now.join(",")),
+        }))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<Ack>, Status> {
+        let sh = &self.shared;
+        role(sh, &req, &[Role::Client], "RevokeCertificate")?;
+        sh.require_leader()?;
+        let serial = hcx_net::certs::parse_serial(&req.into_inner().serial)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if sh.own_serial.as_deref() == Some(serial.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "certificate {serial} is the leader's own; replace the coordinator (with a new certificate) before revoking its old one"
+            )));
+        }
+        let r = sh
+            .propose(Command::RevokeCertificate {
+                serial: serial.clone(),
+                now_ms: crate::now_ms(),
+            })
+            .await?;
+        Ok(Response::new(Ack {
+            message: if r.message.is_empty() {
+                format!("revoked certificate {serial}")
+            } else {
+                r.message
+            },
+        }))
+    }
+
     async fn cluster_info(
         &self,
         _req: Request<ClusterInfoRequest>,
@@ -578,11 +686,10 @@ impl Cluster for ClusterService {
 
     async fn report_failure(&self, req: Request<ShardFailure>) -> Result<Response<Ack>, Status> {
         let sh = &self.shared;
-        role(sh, &req, NODES, "ReportFailure")?;
+        let cert = role(sh, &req, NODES, "ReportFailure")?;
         sh.require_leader()?;
-        let cert = certified(sh, &req);
         let f = req.into_inner();
-        sh.require_node_name(cert.as_deref(), &f.node, "ReportFailure")?;
+        sh.require_node_name(cert.as_ref(), &f.node, "ReportFailure")?;
         sh.saw(&f.node);
         let holder = sh.view.read(|s| {
             s.jobs
@@ -677,10 +784,9 @@ impl ClusterService {
         rank: Option<usize>,
     ) -> Result<(), Status> {
         let sh = &self.shared;
-        role(sh, req, NODES, call)?;
+        let cert = role(sh, req, NODES, call)?;
         sh.require_leader()?;
-        let cert = certified(sh, req);
-        sh.require_node_name(cert.as_deref(), node, call)?;
+        sh.require_node_name(cert.as_ref(), node, call)?;
         let at = sh.view.read(|s| {
             let g = s.jobs.get(job)?.group.as_ref()?;
             Some((g.epoch, g.members.iter().position(|m| m == node)))
@@ -819,26 +925,22 @@ mod tests {
     }
 
     #[test]
-    fn a_nodes_site_comes_from_its_certificate() {
-        // The certificate's site becomes the label, beside the others.
-        let got = site_labels("n1", labels(&[("gpu", "h100")]), true, Some("a")).unwrap();
-        assert_eq!(got, labels(&[("gpu", "h100"), ("site", "a")]));
-        let got = site_labels("n1", labels(&[("site", "a")]), true, Some("a")).unwrap();
-        assert_eq!(got, labels(&[("site", "a")]));
-        // A claim against the certificate, or without one, is refused.
-        let e = site_labels("n1", labels(&[("site", "b")]), true, Some("a")).unwrap_err();
-        assert!(
-            e.contains("claims site \"b\"") && e.contains("site \"a\""),
-            "{e}"
-        );
-        let e = site_labels("n1", labels(&[("site", "b")]), true, None).unwrap_err();
-        assert!(e.contains("--site b"), "{e}");
-        // No site at all is fine; without TLS the claim stands.
-        assert_eq!(
-            site_labels("n1", labels(&[]), true, None).unwrap(),
-            labels(&[])
-        );
-        let got = site_labels("n1", labels(&[("site", "b")]), false, None).unwrap();
+    fn a_nodes_labels_come_from_its_certificate() {
+        let cert = labels(&[("gpu", "h100"), ("site", "a")]);
+        // Claiming nothing, or what the certificate says, gives its labels.
+        for claim in [&[][..], &[("site", "a")], &[("gpu", "h100"), ("site", "a")]] {
+            let got = certified_labels("n1", labels(claim), Some(&cert)).unwrap();
+            assert_eq!(got, cert);
+        }
+        // A claim against the certificate, or beyond it, is refused.
+        let e = certified_labels("n1", labels(&[("site", "b")]), Some(&cert)).unwrap_err();
+        assert!(e.contains("claims site=b") && e.contains("site=a"), "{e}");
+        let e = certified_labels("n1", labels(&[("zone", "x")]), Some(&cert)).unwrap_err();
+        assert!(e.contains("--label zone=x"), "{e}");
+        let e = certified_labels("n1", labels(&[("site", "b")]), Some(&labels(&[]))).unwrap_err();
+        assert!(e.contains("carries no site label"), "{e}");
+        // Without TLS the claim stands.
+        let got = certified_labels("n1", labels(&[("site", "b")]), None).unwrap();
         assert_eq!(got, labels(&[("site", "b")]));
     }
 }

@@ -374,6 +374,14 @@ pub enum Command {
         /// Leader's clock.
         now_ms: u64,
     },
+    /// An operator revokes a certificate: from then on every coordinator
+    /// refuses it.
+    RevokeCertificate {
+        /// Its serial (see `hcx_net::certs::serial_hex`).
+        serial: String,
+        /// Leader's clock.
+        now_ms: u64,
+    },
 }
 
 /// What applying a command answers.
@@ -417,6 +425,10 @@ pub struct ClusterState {
     /// The last collective-group epoch handed out.
     #[serde(default)]
     pub last_epoch: u64,
+    /// Revoked certificate serials → when they were revoked (leader's
+    /// clock, ms).
+    #[serde(default)]
+    pub revoked: BTreeMap<String, u64>,
 }
 
 impl ClusterState {
@@ -659,6 +671,17 @@ impl ClusterState {
                     CommandResult::refused(format!("{job} has already ended ({})", j.state.name()))
                 }
                 None => CommandResult::refused(format!("no job {job}")),
+            },
+            Command::RevokeCertificate { serial, now_ms } => match self.revoked.entry(serial) {
+                std::collections::btree_map::Entry::Occupied(e) => CommandResult {
+                    ok: true,
+                    message: format!("certificate {} was already revoked", e.key()),
+                    job: None,
+                },
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(now_ms);
+                    CommandResult::ok()
+                }
             },
         }
     }
@@ -1366,5 +1389,26 @@ mod tests {
             })
             .ok
         );
+    }
+
+    #[test]
+    fn revocations_stick_and_travel_in_snapshots() {
+        let mut st = ClusterState::default();
+        let revoke = |serial: &str| Command::RevokeCertificate {
+            serial: serial.into(),
+            now_ms: 7,
+        };
+        let r = st.apply(revoke("4a0b"));
+        assert!(r.ok && r.message.is_empty(), "{r:?}");
+        let r = st.apply(revoke("4a0b"));
+        assert!(r.ok && r.message.contains("already revoked"), "{r:?}");
+        assert_eq!(st.revoked.get("4a0b"), Some(&7));
+        let copy: ClusterState = serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(copy.revoked, st.revoked);
+        // A state written before revocations existed still reads.
+        let mut old = serde_json::to_value(ClusterState::default()).unwrap();
+        old.as_object_mut().unwrap().remove("revoked");
+        let back: ClusterState = serde_json::from_value(old).unwrap();
+        assert!(back.revoked.is_empty());
     }
 }

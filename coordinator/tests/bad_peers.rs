@@ -10,18 +10,19 @@ use std::path::Path;
 use std::time::Duration;
 
 use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use hcx_net::certs::DevCerts;
 use hcx_net::frames::{MAX_HEADER, Reply, Request, read_frame, write_frame};
 use hcx_net::proto::cluster_client::ClusterClient;
 use hcx_net::proto::{ListNodesRequest, SubmitJobRequest};
-use hcx_net::tls::{Identity, Role, init_certs};
+use hcx_net::tls::Identity;
 
 /// A single-voter coordinator reading models under `dir/models` and writing
 /// artifacts inside `dir/out`, with certificates (and ones naming nodes `a`
 /// and `b`) in `dir/certs`.
 async fn coordinator(dir: &Path) -> CoordinatorHandle {
-    init_certs(&dir.join("certs"), &[], false).unwrap();
+    let certs = DevCerts::create(&dir.join("certs"), &[]).unwrap();
     for n in ["a", "b"] {
-        hcx_net::tls::issue_node_cert(&dir.join("certs"), n, None, &[], false).unwrap();
+        certs.add_node(n, &[], &[]).unwrap();
     }
     for d in ["models", "out"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -31,7 +32,8 @@ async fn coordinator(dir: &Path) -> CoordinatorHandle {
         listen: "127.0.0.1:0".parse().unwrap(),
         peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),
         data_dir: dir.join("raft"),
-        tls: Some(Identity::load(&dir.join("certs"), Role::Coordinator).unwrap()),
+        tls: Some(Identity::load(&certs.coordinator()).unwrap()),
+        join: false,
         lease: Duration::from_secs(5),
         model_roots: vec![dir.join("models")],
         output_roots: vec![dir.join("out")],
@@ -164,7 +166,7 @@ async fn submit(
         "name": "t", "seed": 1, "model": model, "output": output,
         "pipeline": [{"rtn": {"bits": 8}}]
     });
-    let client = Identity::load(certs, Role::Client).unwrap();
+    let client = Identity::load(&certs.join("client")).unwrap();
     grpc_as(h, &client)
         .submit_job(SubmitJobRequest {
             spec_json: spec.to_string(),
@@ -194,7 +196,7 @@ fn error_text(r: Reply) -> String {
 async fn bad_frames_close_only_their_stream() {
     let dir = tempfile::tempdir().unwrap();
     let h = coordinator(dir.path()).await;
-    let node = Identity::load(&dir.path().join("certs"), Role::Node).unwrap();
+    let node = Identity::load(&dir.path().join("certs/node-a")).unwrap();
     let conn = quic(h.addr, &node).await.unwrap();
 
     // Oversized header.
@@ -222,7 +224,7 @@ async fn bad_frames_close_only_their_stream() {
         &Request::Fetch {
             job: "j999999".into(),
             tensor: "x".into(),
-            node: "n".into(),
+            node: "a".into(),
         },
     )
     .await
@@ -239,7 +241,7 @@ async fn bad_frames_close_only_their_stream() {
             job: "j000001".into(),
             shard: 0,
             attempt: 1,
-            node: "mallory".into(),
+            node: "a".into(),
             sha256: "00".repeat(32),
             len: 1 << 40,
             bytes_in: 0,
@@ -251,10 +253,10 @@ async fn bad_frames_close_only_their_stream() {
     .unwrap();
     let _ = send.write_all(&[0u8; 1024]).await;
     let msg = error_text(read_frame(&mut recv).await.unwrap());
-    assert!(msg.contains("is not held by mallory"), "{msg}");
+    assert!(msg.contains("is not held by a"), "{msg}");
 
     // And the gRPC API still serves its clients.
-    let client = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
+    let client = Identity::load(&dir.path().join("certs/client")).unwrap();
     let ch = hcx_net::client::channel(
         &h.addr.to_string(),
         Some(&hcx_net::tls::tonic_client_tls(&client)),
@@ -272,8 +274,9 @@ async fn peers_from_another_ca_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let h = coordinator(dir.path()).await;
     let other = dir.path().join("other");
-    init_certs(&other, &[], false).unwrap();
-    let stranger = Identity::load(&other, Role::Node).unwrap();
+    let other = DevCerts::create(&other, &[]).unwrap();
+    other.add_node("a", &[], &[]).unwrap();
+    let stranger = Identity::load(&other.node("a")).unwrap();
     // QUIC: the handshake, or the first stream, fails.
     match quic(h.addr, &stranger).await {
         Err(_) => {}
@@ -283,8 +286,8 @@ async fn peers_from_another_ca_are_refused() {
         }
     }
     // gRPC: a client certificate from another CA, and no certificate at all.
-    let stranger_client = Identity::load(&other, Role::Client).unwrap();
-    let own = Identity::load(&dir.path().join("certs"), Role::Client).unwrap();
+    let stranger_client = Identity::load(&other.client()).unwrap();
+    let own = Identity::load(&dir.path().join("certs/client")).unwrap();
     let foreign_tls = hcx_net::tls::tonic_client_tls(&stranger_client)
         .ca_certificate(tonic::transport::Certificate::from_pem(own.ca_pem()));
     let ch = hcx_net::client::channel(&h.addr.to_string(), Some(&foreign_tls)).unwrap();
@@ -314,8 +317,8 @@ async fn each_role_may_make_only_its_own_calls() {
     let dir = tempfile::tempdir().unwrap();
     let h = coordinator(dir.path()).await;
     let certs = dir.path().join("certs");
-    let grpc = |role| {
-        let id = Identity::load(&certs, role).unwrap();
+    let grpc = |who: &str| {
+        let id = Identity::load(&certs.join(who)).unwrap();
         let ch = hcx_net::client::channel(
             &h.addr.to_string(),
             Some(&hcx_net::tls::tonic_client_tls(&id)),
@@ -324,38 +327,38 @@ async fn each_role_may_make_only_its_own_calls() {
         ClusterClient::new(ch)
     };
     let node_info = hcx_net::proto::NodeInfo {
-        name: "n1".into(),
+        name: "a".into(),
         cores: 1,
         ..Default::default()
     };
     // A client certificate cannot pose as a node.
-    let err = grpc(Role::Client)
+    let err = grpc("client")
         .register_node(node_info.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    assert!(err.message().contains("hcx-node"), "{err}");
+    assert!(err.message().contains("needs a node certificate"), "{err}");
     // A node certificate cannot cancel jobs or drain nodes.
-    let err = grpc(Role::Node)
+    let err = grpc("node-a")
         .cancel_job(hcx_net::proto::JobRef {
             job_id: "j000001".into(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    let err = grpc(Role::Node)
-        .drain_node(hcx_net::proto::DrainNodeRequest { name: "n1".into() })
+    let err = grpc("node-a")
+        .drain_node(hcx_net::proto::DrainNodeRequest { name: "a".into() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // Each role can make its own calls.
-    grpc(Role::Node).register_node(node_info).await.unwrap();
-    grpc(Role::Client)
-        .drain_node(hcx_net::proto::DrainNodeRequest { name: "n1".into() })
+    grpc("node-a").register_node(node_info).await.unwrap();
+    grpc("client")
+        .drain_node(hcx_net::proto::DrainNodeRequest { name: "a".into() })
         .await
         .unwrap();
     // Only nodes use the data plane.
-    let client_id = Identity::load(&certs, Role::Client).unwrap();
+    let client_id = Identity::load(&certs.join("client")).unwrap();
     if let Ok(conn) = quic(h.addr, &client_id).await {
         let r = try_fetch(&conn).await;
         assert!(r.is_err(), "a client certificate was served data: {r:?}");
@@ -368,8 +371,8 @@ async fn only_the_holder_of_a_shard_may_fetch_its_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let h = coordinator(dir.path()).await;
     let certs = dir.path().join("certs");
-    let a = Identity::load_node(&certs, "a").unwrap();
-    let b = Identity::load_node(&certs, "b").unwrap();
+    let a = Identity::load(&certs.join("node-a")).unwrap();
+    let b = Identity::load(&certs.join("node-b")).unwrap();
     // Each node registers under its own certificate; one cannot pose as the other.
     grpc_as(&h, &a).register_node(node_info("a")).await.unwrap();
     grpc_as(&h, &b).register_node(node_info("b")).await.unwrap();
@@ -475,8 +478,8 @@ async fn only_rank_0_publishes_an_nccl_id_and_only_members_read_it() {
     let dir = tempfile::tempdir().unwrap();
     let h = coordinator(dir.path()).await;
     let certs = dir.path().join("certs");
-    let a = Identity::load_node(&certs, "a").unwrap();
-    let b = Identity::load_node(&certs, "b").unwrap();
+    let a = Identity::load(&certs.join("node-a")).unwrap();
+    let b = Identity::load(&certs.join("node-b")).unwrap();
     for (id, name) in [(&a, "a"), (&b, "b")] {
         let info = hcx_net::proto::NodeInfo {
             nccl: true,
@@ -494,7 +497,7 @@ async fn only_rank_0_publishes_an_nccl_id_and_only_members_read_it() {
         "pipeline": [{"rtn": {"bits": 8}}],
         "calibration": {"sentences": text},
     });
-    let client = Identity::load(&certs, Role::Client).unwrap();
+    let client = Identity::load(&certs.join("client")).unwrap();
     let job = grpc_as(&h, &client)
         .submit_job(SubmitJobRequest {
             spec_json: spec.to_string(),

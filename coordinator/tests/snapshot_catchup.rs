@@ -15,9 +15,10 @@ use hcx_coordinator::service::plan_options;
 use hcx_coordinator::state::{ClusterState, Command, CommandResult, JobState, ShardResult};
 use hcx_coordinator::store::NodeId;
 use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use hcx_net::certs::DevCerts;
 use hcx_net::proto::NodeInfo;
 use hcx_net::proto::cluster_client::ClusterClient;
-use hcx_net::tls::{Identity, Role, init_certs};
+use hcx_net::tls::Identity;
 use hcx_protocol::JobSpec;
 
 /// tonic's default decode limit, which the old JSON-only raft messages hit.
@@ -91,8 +92,9 @@ fn config(dir: &Path, id: NodeId, peers: &BTreeMap<NodeId, String>) -> Coordinat
         listen: peers[&id].parse::<SocketAddr>().unwrap(),
         peers: peers.clone(),
         data_dir: dir.join(format!("c{id}")),
-        tls: Some(Identity::load(&dir.join("certs"), Role::Coordinator).unwrap()),
+        tls: Some(Identity::load(&dir.join("certs/coordinator")).unwrap()),
         // The test's nodes never heartbeat: keep their shards theirs.
+        join: false,
         lease: Duration::from_secs(600),
         // Commands are proposed directly; no job goes through submit.
         model_roots: vec![dir.to_path_buf()],
@@ -232,7 +234,10 @@ fn state_of(h: &CoordinatorHandle) -> ClusterState {
 async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    init_certs(&dir.path().join("certs"), &[], false).unwrap();
+    let certs = DevCerts::create(&dir.path().join("certs"), &[]).unwrap();
+    for name in NODES {
+        certs.add_node(name, &[], &[]).unwrap();
+    }
     let peers: BTreeMap<NodeId, String> = (1..=3)
         .map(|id| (id, format!("127.0.0.1:{}", free_port())))
         .collect();
@@ -254,8 +259,8 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     let (behind, other) = (followers[0], followers[1]);
 
     // Live nodes to hold the shards, registered the way nodes do.
-    let node_id = Identity::load(&dir.path().join("certs"), Role::Node).unwrap();
     for name in NODES {
+        let node_id = Identity::load(&certs.node(name)).unwrap();
         // Through whichever coordinator leads now (a loaded host can still
         // move the leadership).
         let mut attempt = 0;

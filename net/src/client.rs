@@ -14,6 +14,12 @@ use crate::proto::cluster_client::ClusterClient;
 /// Metadata key a follower sets to the leader's address.
 pub const LEADER_HEADER: &str = "hcx-leader";
 
+/// Largest message of the cluster API, each way, on both ends (32 MiB): a
+/// job file and a status listing of many jobs with their shards fit; a
+/// larger one is refused before it is buffered. The raft service has its
+/// own limit (coordinator/src/network.rs).
+pub const API_MESSAGE_LIMIT: usize = 32 * 1024 * 1024;
+
 /// How long a call keeps retrying by default.
 pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -194,7 +200,14 @@ impl CoordinatorClient {
         loop {
             let (addr, ch) = self.pick(attempt)?;
             tries += 1;
-            let reason = match tokio::time::timeout_at(deadline, f(ClusterClient::new(ch))).await {
+            let reason = match tokio::time::timeout_at(
+                deadline,
+                f(ClusterClient::new(ch)
+                    .max_decoding_message_size(API_MESSAGE_LIMIT)
+                    .max_encoding_message_size(API_MESSAGE_LIMIT)),
+            )
+            .await
+            {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => match s.code() {
                     Code::FailedPrecondition if leader_hint(&s).is_some() => {

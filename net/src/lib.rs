@@ -1,5 +1,6 @@
-//! Cluster wire layer: TLS material, gRPC service definitions, QUIC tensor streams.
+//! Cluster wire layer: certificates, TLS, gRPC service definitions, QUIC tensor streams.
 
+pub mod certs;
 pub mod client;
 pub mod frames;
 pub mod insecure;

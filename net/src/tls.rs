@@ -1,27 +1,25 @@
-//! TLS material for the cluster: a development CA and role certificates
-//! (`hcx-cluster certs init`), loading them back as an [`Identity`], and
-//! mutually authenticated rustls / quinn / tonic configurations built from it.
+//! TLS for the cluster: a machine's [`Identity`] (the folder `hcx-cluster
+//! certs issue` wrote, see [`crate::certs`]), and mutually authenticated
+//! rustls / quinn / tonic configurations built from it.
 //!
 //! Every rustls config uses the ring provider explicitly and TLS 1.3 only;
 //! nothing relies on a process-wide default provider.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use sha2::{Digest, Sha256};
+
+use crate::certs::{CA_CERT_FILE, CA_KEY_FILE, CERT_FILE, CertFacts, KEY_FILE};
 
 /// ALPN protocol spoken on cluster QUIC connections.
 pub const QUIC_ALPN: &[u8] = b"hcx/1";
@@ -39,7 +37,7 @@ pub enum TlsError {
         /// Underlying error.
         source: io::Error,
     },
-    /// `init_certs` would overwrite an existing file.
+    /// Making certificates would overwrite an existing file.
     #[error(
         "{path} already exists; refusing to overwrite it (use --force to regenerate all certificates)"
     )]
@@ -71,8 +69,8 @@ pub enum TlsError {
         /// Why.
         reason: String,
     },
-    /// A file of the certs directory is missing or unusable.
-    #[error("certs dir {dir}: {file}: {problem} — run `hcx-cluster certs init --dir {dir}`", dir = .dir.display())]
+    /// A file of a certificate folder is missing or unusable.
+    #[error("certs dir {dir}: {file}: {problem}", dir = .dir.display())]
     Load {
         /// The certs directory.
         dir: PathBuf,
@@ -97,48 +95,59 @@ pub enum TlsError {
         /// The refused address.
         addr: SocketAddr,
     },
-    /// A node name cannot go in a certificate.
+    /// A machine, site or label name that cannot go in a certificate.
     #[error(
-        "node name {name:?} cannot be certified: use 1 to 128 ASCII letters, digits, `.`, `_` or `-`"
+        "name {name:?} cannot be certified: use 1 to 128 ASCII letters, digits, `.`, `_` or `-`"
     )]
-    InvalidNodeName {
+    InvalidName {
         /// The refused name.
         name: String,
     },
-    /// A site name that cannot go into a certificate.
+    /// A `--label` that is not `KEY=VALUE` with certifiable parts.
+    #[error("label {label:?}: {reason}")]
+    InvalidLabel {
+        /// The refused label.
+        label: String,
+        /// Why.
+        reason: String,
+    },
+    /// A serial number that is not hex.
     #[error(
-        "site name {name:?} cannot be certified: use 1 to 128 ASCII letters, digits, `.`, `_` or `-`"
+        "serial {serial:?} is not a certificate serial number (hex, as `certs issue` and `certs show` print it)"
     )]
-    InvalidSiteName {
-        /// The refused name.
+    InvalidSerial {
+        /// What was given.
+        serial: String,
+    },
+    /// A machine's certificate folder holds the CA key.
+    #[error("{}: the CA key must stay on the operator's machine; a machine's folder holds only what `certs issue` writes (ca.pem, cert.pem, key.pem)", .dir.join(CA_KEY_FILE).display())]
+    CaKeyBeside {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// A certificate that does not name a cluster role and name.
+    #[error("{}: not an hcx-cluster machine certificate (it names no role and name); make one with `hcx-cluster certs issue`", .path.display())]
+    NotClusterCert {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// A folder's certificate is for another role than the command needs.
+    #[error("certs dir {}: its certificate is {found} {name:?}'s; this command needs a {want} certificate (`certs issue --role {want}`)", .dir.display())]
+    WrongRole {
+        /// The folder.
+        dir: PathBuf,
+        /// The certificate's role.
+        found: Role,
+        /// The certificate's name.
         name: String,
+        /// The role needed.
+        want: Role,
     },
 }
 
-/// A node certificate names its node in a URI subject alternative name
-/// with this prefix (`urn:hcx-cluster:node:gpu-9`).
-pub const NODE_NAME_URI_PREFIX: &str = "urn:hcx-cluster:node:";
-
-/// A node certificate may name the node's site (a federated run's
-/// calibration data stays at its site) in a URI subject alternative name
-/// with this prefix (`urn:hcx-cluster:site:a`). Coordinators take a node's
-/// `site` label from here, not from what the node claims.
-pub const SITE_URI_PREFIX: &str = "urn:hcx-cluster:site:";
-
-/// Whether `name` can be a certified node (or site) name: 1 to 128 ASCII
-/// letters, digits, `.`, `_` or `-`.
-pub fn check_node_name(name: &str) -> Result<(), TlsError> {
-    if hcx_protocol::job::valid_certified_name(name) {
-        Ok(())
-    } else {
-        Err(TlsError::InvalidNodeName {
-            name: name.to_string(),
-        })
-    }
-}
-
-/// Role a certificate is issued for; carried in the subject CN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Role a certificate is issued for; carried with the machine's name in a
+/// URI subject alternative name (see [`crate::certs::URI_PREFIX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     /// Raft coordinator (server and client auth).
     Coordinator,
@@ -149,20 +158,16 @@ pub enum Role {
 }
 
 impl Role {
-    /// All roles, in file-generation order.
+    /// All roles.
     pub const ALL: [Role; 3] = [Role::Coordinator, Role::Node, Role::Client];
 
-    /// Subject common name of this role's certificate (`hcx-node`, ...).
-    pub fn common_name(self) -> &'static str {
-        match self {
-            Role::Coordinator => "hcx-coordinator",
-            Role::Node => "hcx-node",
-            Role::Client => "hcx-client",
-        }
+    /// The role named `text` (`coordinator`, `node`, `client`).
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == text)
     }
 
-    /// File stem of this role's files (`node` for `node.pem` / `node.key`).
-    pub fn file_stem(self) -> &'static str {
+    /// Its name in certificates and on the command line.
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Coordinator => "coordinator",
             Role::Node => "node",
@@ -173,298 +178,14 @@ impl Role {
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.file_stem())
+        f.write_str(self.as_str())
     }
 }
 
-/// Summary of what [`init_certs`] wrote.
-#[derive(Debug, Clone)]
-pub struct CertSet {
-    /// The certs directory.
-    pub dir: PathBuf,
-    /// Every file written, CA first.
-    pub files: Vec<PathBuf>,
-    /// Hex SHA-256 of the CA certificate (DER), to compare across machines.
-    pub ca_sha256: String,
-    /// Subject alternative names of the coordinator and node certificates.
-    pub server_names: Vec<String>,
-}
-
-fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> TlsError + 'a {
-    move |source| TlsError::Io {
-        path: path.to_path_buf(),
-        op,
-        source,
-    }
-}
-
-fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
-    move |source| TlsError::Generate {
-        what: what.to_string(),
-        source,
-    }
-}
-
-/// SANs for server-capable leaves: loopback names plus each of `hosts`.
-fn server_sans(hosts: &[String]) -> Result<(Vec<String>, Vec<SanType>), TlsError> {
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    for raw in hosts {
-        let h = raw.trim().trim_start_matches('[').trim_end_matches(']');
-        let bad = |reason: &str| TlsError::InvalidHost {
-            host: raw.clone(),
-            reason: reason.into(),
-        };
-        if h.is_empty() {
-            return Err(bad("empty"));
-        }
-        if h.parse::<IpAddr>().is_err() {
-            let ok_chars = h
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !ok_chars || h.starts_with(['-', '.']) || h.ends_with('-') || h.len() > 253 {
-                return Err(bad("not an IP address or DNS name"));
-            }
-        }
-        if !names.iter().any(|n| n.eq_ignore_ascii_case(h)) {
-            names.push(h.to_string());
-        }
-    }
-    let sans = names
-        .iter()
-        .map(|n| match n.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => {
-                n.clone()
-                    .try_into()
-                    .map(SanType::DnsName)
-                    .map_err(|e| TlsError::InvalidHost {
-                        host: n.clone(),
-                        reason: format!("{e}"),
-                    })
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((names, sans))
-}
-
-/// Validity window: from the start of last year to ten years ahead.
-fn validity(params: &mut CertificateParams) {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let year = 1970 + (secs / 31_556_952) as i32;
-    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
-}
-
-/// Writes `bytes` to a new file (mode 0600 when `private`), removing an old one if `force`.
-fn write_file(path: &Path, bytes: &[u8], private: bool, force: bool) -> Result<(), TlsError> {
-    if force && fs::symlink_metadata(path).is_ok() {
-        fs::remove_file(path).map_err(io_err(path, "remove old file"))?;
-    }
-    let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if private { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut f = opts.open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists => TlsError::Exists {
-            path: path.to_path_buf(),
-        },
-        _ => TlsError::Io {
-            path: path.to_path_buf(),
-            op: "create",
-            source: e,
-        },
-    })?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err(path, "write"))
-}
-
-/// Creates a development cluster CA (`ca.pem`, `ca.key`) and role
-/// certificates signed by it (`coordinator`, `node`, `client` `.pem`/`.key`)
-/// in `dir`. Coordinator and node certificates have server+client auth and
-/// SANs `localhost`, `127.0.0.1`, `::1` plus `hosts`; the client certificate
-/// has client auth only. Keys are written 0600. Existing files are an error
-/// unless `force`.
-pub fn init_certs(dir: &Path, hosts: &[String], force: bool) -> Result<CertSet, TlsError> {
-    let (server_names, sans) = server_sans(hosts)?;
-    let mut outputs: Vec<(PathBuf, String, bool)> = Vec::new();
-    let file = |name: String| dir.join(name);
-    if !force {
-        let mut names = vec!["ca.pem".to_string(), "ca.key".to_string()];
-        for role in Role::ALL {
-            names.push(format!("{}.pem", role.file_stem()));
-            names.push(format!("{}.key", role.file_stem()));
-        }
-        if let Some(p) = names
-            .into_iter()
-            .map(file)
-            .find(|p| fs::symlink_metadata(p).is_ok())
-        {
-            return Err(TlsError::Exists { path: p });
-        }
-    }
-
-    let ca_key = KeyPair::generate().map_err(gen_err("CA key"))?;
-    let ca_params = ca_params();
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .map_err(gen_err("CA certificate"))?;
-    let ca_sha256 = hex::encode(Sha256::digest(ca_cert.der()));
-    outputs.push((file("ca.pem".into()), ca_cert.pem(), false));
-    outputs.push((file("ca.key".into()), ca_key.serialize_pem(), true));
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    for role in Role::ALL {
-        let what = format!("{role} certificate");
-        let key = KeyPair::generate().map_err(gen_err(&what))?;
-        let params = leaf_params(role, &sans);
-        let cert = params.signed_by(&key, &issuer).map_err(gen_err(&what))?;
-        outputs.push((file(format!("{}.pem", role.file_stem())), cert.pem(), false));
-        outputs.push((
-            file(format!("{}.key", role.file_stem())),
-            key.serialize_pem(),
-            true,
-        ));
-    }
-
-    fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
-    for (path, body, private) in &outputs {
-        write_file(path, body.as_bytes(), *private, force)?;
-    }
-    let files = outputs.into_iter().map(|(p, _, _)| p).collect();
-    Ok(CertSet {
-        dir: dir.to_path_buf(),
-        files,
-        ca_sha256,
-        server_names,
-    })
-}
-
-/// The development CA's parameters; the same every time, so a CA key
-/// loaded back from `ca.key` issues certificates that chain to `ca.pem`.
-fn ca_params() -> CertificateParams {
-    let mut ca_params = CertificateParams::default();
-    validity(&mut ca_params);
-    ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hcx-cluster development CA");
-    ca_params
-        .distinguished_name
-        .push(DnType::OrganizationName, "hcx-cluster");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params
-}
-
-/// A role certificate's parameters: CN is the role, coordinators and nodes
-/// also serve (server auth, `sans`).
-fn leaf_params(role: Role, sans: &[SanType]) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    validity(&mut params);
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, role.common_name());
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "hcx-cluster");
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if role != Role::Client {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-        params.subject_alt_names = sans.to_vec();
-    }
-    params
-}
-
-/// Issues a certificate for the node `name` with the CA in `dir` (made by
-/// [`init_certs`]; needs `ca.key`): `node-NAME.pem` and `node-NAME.key`,
-/// valid for the same host names as `node.pem` plus `hosts`, naming the
-/// node (see [`NODE_NAME_URI_PREFIX`]) so coordinators can tell it from
-/// other nodes, and its `site` when given (see [`SITE_URI_PREFIX`]).
-/// Returns the certificate's path. Existing files are an error unless
-/// `force`.
-pub fn issue_node_cert(
-    dir: &Path,
-    name: &str,
-    site: Option<&str>,
-    hosts: &[String],
-    force: bool,
-) -> Result<PathBuf, TlsError> {
-    check_node_name(name)?;
-    if let Some(site) = site
-        && check_node_name(site).is_err()
-    {
-        return Err(TlsError::InvalidSiteName {
-            name: site.to_string(),
-        });
-    }
-    let (_, mut sans) = server_sans(hosts)?;
-    if let Some(site) = site {
-        let uri = format!("{SITE_URI_PREFIX}{site}");
-        sans.push(SanType::URI(uri.clone().try_into().map_err(|e| {
-            TlsError::InvalidHost {
-                host: uri,
-                reason: format!("{e}"),
-            }
-        })?));
-    }
-    let uri = format!("{NODE_NAME_URI_PREFIX}{name}");
-    sans.push(SanType::URI(uri.clone().try_into().map_err(|e| {
-        TlsError::InvalidHost {
-            host: uri,
-            reason: format!("{e}"),
-        }
-    })?));
-    let key_file = dir.join("ca.key");
-    let ca_pem = fs::read_to_string(&key_file).map_err(|e| TlsError::Load {
-        dir: dir.to_path_buf(),
-        file: "ca.key".into(),
-        problem: format!("cannot read: {e}"),
-    })?;
-    let ca_key = KeyPair::from_pem(&ca_pem).map_err(|e| TlsError::Load {
-        dir: dir.to_path_buf(),
-        file: "ca.key".into(),
-        problem: format!("not a private key: {e}"),
-    })?;
-    let issuer = Issuer::new(ca_params(), ca_key);
-    let what = format!("certificate of node {name}");
-    let key = KeyPair::generate().map_err(gen_err(&what))?;
-    let cert = leaf_params(Role::Node, &sans)
-        .signed_by(&key, &issuer)
-        .map_err(gen_err(&what))?;
-    let pem = dir.join(format!("node-{name}.pem"));
-    let key_path = dir.join(format!("node-{name}.key"));
-    if !force
-        && let Some(p) = [&pem, &key_path]
-            .into_iter()
-            .find(|p| fs::symlink_metadata(p).is_ok())
-    {
-        return Err(TlsError::Exists { path: p.clone() });
-    }
-    write_file(&pem, cert.pem().as_bytes(), false, force)?;
-    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
-    Ok(pem)
-}
-
-/// A role's certificate chain and key plus the cluster CA, parsed and as PEM.
+/// One machine's certificate chain and key plus the cluster CA, parsed and
+/// as PEM, with what its certificate says (role, name, labels, serial).
 pub struct Identity {
-    role: Role,
+    facts: CertFacts,
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -476,7 +197,7 @@ pub struct Identity {
 impl Clone for Identity {
     fn clone(&self) -> Self {
         Identity {
-            role: self.role,
+            facts: self.facts.clone(),
             ca: self.ca.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
@@ -490,44 +211,35 @@ impl Clone for Identity {
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
-            .field("role", &self.role)
-            .field("ca_certs", &self.ca.len())
-            .field("chain_certs", &self.chain.len())
+            .field("role", &self.facts.role)
+            .field("name", &self.facts.name)
+            .field("serial", &self.facts.serial)
             .finish_non_exhaustive()
     }
 }
 
 impl Identity {
-    /// Loads `ca.pem` and the role's `.pem`/`.key` from `dir`.
-    pub fn load(dir: &Path, role: Role) -> Result<Identity, TlsError> {
-        Identity::load_stem(dir, role, role.file_stem())
-    }
-
-    /// Loads the certificate of node `name`: `node-NAME.pem`/`.key` when
-    /// `dir` has them (see [`issue_node_cert`]), else the shared `node.pem`.
-    pub fn load_node(dir: &Path, name: &str) -> Result<Identity, TlsError> {
-        let stem = format!("node-{name}");
-        if check_node_name(name).is_ok() && dir.join(format!("{stem}.pem")).is_file() {
-            Identity::load_stem(dir, Role::Node, &stem)
-        } else {
-            Identity::load(dir, Role::Node)
-        }
-    }
-
-    /// The node name its certificate carries, if any (see [`peer_node_name`]).
-    pub fn node_name(&self) -> Option<String> {
-        self.chain.first().and_then(|c| peer_node_name(c.as_ref()))
-    }
-
-    fn load_stem(dir: &Path, role: Role, stem: &str) -> Result<Identity, TlsError> {
+    /// Loads a machine's folder made by `certs issue`: `ca.pem`,
+    /// `cert.pem`, `key.pem`. A folder that also holds the CA key is
+    /// refused: the CA key belongs on the operator's machine only.
+    pub fn load(dir: &Path) -> Result<Identity, TlsError> {
         let fail = |file: &str, problem: String| TlsError::Load {
             dir: dir.to_path_buf(),
             file: file.to_string(),
             problem,
         };
+        if fs::symlink_metadata(dir.join(CA_KEY_FILE)).is_ok() {
+            return Err(TlsError::CaKeyBeside {
+                dir: dir.to_path_buf(),
+            });
+        }
         let read = |file: &str| {
             fs::read(dir.join(file)).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => fail(file, "file not found".into()),
+                io::ErrorKind::NotFound => fail(
+                    file,
+                    "file not found; a machine's folder is made by `hcx-cluster certs issue --dir`"
+                        .into(),
+                ),
                 _ => fail(file, format!("cannot read: {e}")),
             })
         };
@@ -540,18 +252,21 @@ impl Identity {
             }
             Ok(list)
         };
-        let ca_pem = read("ca.pem")?;
-        let ca = certs("ca.pem", &ca_pem)?;
-        let cert_file = format!("{stem}.pem");
-        let cert_pem = read(&cert_file)?;
-        let chain = certs(&cert_file, &cert_pem)?;
-        let key_file = format!("{stem}.key");
-        let key_pem = read(&key_file)?;
+        let ca_pem = read(CA_CERT_FILE)?;
+        let ca = certs(CA_CERT_FILE, &ca_pem)?;
+        let cert_pem = read(CERT_FILE)?;
+        let chain = certs(CERT_FILE, &cert_pem)?;
+        let key_pem = read(KEY_FILE)?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(|e| fail(&key_file, format!("unparsable PEM: {e}")))?
-            .ok_or_else(|| fail(&key_file, "no private key found".into()))?;
+            .map_err(|e| fail(KEY_FILE, format!("unparsable PEM: {e}")))?
+            .ok_or_else(|| fail(KEY_FILE, "no private key found".into()))?;
+        let facts = crate::certs::read_facts(chain[0].as_ref()).ok_or_else(|| {
+            TlsError::NotClusterCert {
+                path: dir.join(CERT_FILE),
+            }
+        })?;
         Ok(Identity {
-            role,
+            facts,
             ca,
             chain,
             key,
@@ -561,9 +276,39 @@ impl Identity {
         })
     }
 
-    /// Role this identity was loaded for.
+    /// [`Identity::load`], refusing a certificate of another role than `want`.
+    pub fn load_as(dir: &Path, want: Role) -> Result<Identity, TlsError> {
+        let id = Identity::load(dir)?;
+        if id.role() == want {
+            Ok(id)
+        } else {
+            Err(TlsError::WrongRole {
+                dir: dir.to_path_buf(),
+                found: id.role(),
+                name: id.facts.name.clone(),
+                want,
+            })
+        }
+    }
+
+    /// Role its certificate was issued for.
     pub fn role(&self) -> Role {
-        self.role
+        self.facts.role
+    }
+
+    /// The machine's name its certificate carries.
+    pub fn name(&self) -> &str {
+        &self.facts.name
+    }
+
+    /// The labels its certificate carries.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.facts.labels
+    }
+
+    /// Everything its certificate says.
+    pub fn facts(&self) -> &CertFacts {
+        &self.facts
     }
 
     /// Cluster CA certificates (trust anchors).
@@ -571,7 +316,7 @@ impl Identity {
         &self.ca
     }
 
-    /// This role's certificate chain, leaf first.
+    /// This machine's certificate chain, leaf first.
     pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
@@ -581,18 +326,18 @@ impl Identity {
         &self.ca_pem
     }
 
-    /// Raw certificate PEM bytes of this role.
+    /// Raw certificate PEM bytes.
     pub fn cert_pem(&self) -> &[u8] {
         &self.cert_pem
     }
 
-    /// Raw private key PEM bytes of this role.
+    /// Raw private key PEM bytes.
     pub fn key_pem(&self) -> &[u8] {
         &self.key_pem
     }
 
     fn config_err(&self, what: &'static str) -> impl FnOnce(String) -> TlsError {
-        let role = self.role;
+        let role = self.facts.role;
         move |reason| TlsError::Config { role, what, reason }
     }
 
@@ -745,45 +490,12 @@ pub fn require_connection_role(conn: &quinn::Connection, want: Role) -> Result<(
     }
 }
 
-/// The cluster role a peer certificate was issued for (its subject CN,
-/// `hcx-coordinator`, `hcx-node` or `hcx-client`); `None` for anything else.
-/// Only meaningful for certificates already verified against the cluster CA.
+/// The cluster role a peer certificate was issued for; `None` for one
+/// that is not a machine certificate of the cluster (see
+/// [`crate::certs::read_facts`]). Only meaningful for certificates already
+/// verified against the cluster CA.
 pub fn peer_role(cert_der: &[u8]) -> Option<Role> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Role::ALL.into_iter().find(|r| r.common_name() == cn)
-}
-
-/// The node name a peer certificate was issued for (a URI subject
-/// alternative name `urn:hcx-cluster:node:NAME`, see [`issue_node_cert`]);
-/// `None` for a certificate without one, such as the shared `node.pem`.
-/// Only meaningful for certificates already verified against the cluster CA.
-pub fn peer_node_name(cert_der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|g| match g {
-        x509_parser::extensions::GeneralName::URI(u) => u
-            .strip_prefix(NODE_NAME_URI_PREFIX)
-            .filter(|n| check_node_name(n).is_ok())
-            .map(str::to_string),
-        _ => None,
-    })
-}
-
-/// The site a peer certificate places its node at (a URI subject
-/// alternative name `urn:hcx-cluster:site:NAME`); `None` when it names
-/// none. Only meaningful for certificates already verified against the
-/// cluster CA.
-pub fn peer_site(cert_der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|g| match g {
-        x509_parser::extensions::GeneralName::URI(u) => u
-            .strip_prefix(SITE_URI_PREFIX)
-            .filter(|n| check_node_name(n).is_ok())
-            .map(str::to_string),
-        _ => None,
-    })
+    crate::certs::read_facts(cert_der).map(|f| f.role)
 }
 
 /// Whether a certificate is valid for the IP address `ip` (an IP subject
@@ -834,138 +546,76 @@ pub fn check_insecure_addr(addr: &SocketAddr) -> Result<(), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::certs::DevCerts;
 
-    fn init(dir: &Path) -> CertSet {
-        init_certs(
-            dir,
-            &["hcx-node-1.example".to_string(), "10.1.2.3".to_string()],
-            false,
-        )
-        .unwrap()
+    /// A development cluster whose servers are also valid for `hosts`,
+    /// with nodes n1 (site a, 10.1.2.3) and n2.
+    fn dev(dir: &Path, hosts: &[&str]) -> DevCerts {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        let d = DevCerts::create(dir, &hosts).unwrap();
+        d.add_node("n1", &["10.1.2.3".into()], &[("site", "a")])
+            .unwrap();
+        d.add_node("n2", &hosts, &[]).unwrap();
+        d
     }
 
     #[test]
-    fn init_writes_files_with_private_keys() {
+    fn identities_load_with_their_role_name_and_labels() {
         let tmp = tempfile::tempdir().unwrap();
-        let set = init(tmp.path());
-        assert_eq!(set.files.len(), 8);
-        assert_eq!(set.ca_sha256.len(), 64);
-        assert!(set.server_names.iter().any(|n| n == "10.1.2.3"));
-        for name in ["ca", "coordinator", "node", "client"] {
-            for ext in ["pem", "key"] {
-                let p = tmp.path().join(format!("{name}.{ext}"));
-                assert!(p.is_file(), "{} missing", p.display());
-                #[cfg(unix)]
-                if ext == "key" {
-                    use std::os::unix::fs::PermissionsExt;
-                    let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-                    assert_eq!(mode, 0o600, "{}", p.display());
-                }
-            }
-        }
-        let err = init_certs(tmp.path(), &[], false).unwrap_err();
-        assert!(matches!(err, TlsError::Exists { .. }));
-        assert!(err.to_string().contains("ca.pem"), "{err}");
-        let before = fs::read(tmp.path().join("ca.pem")).unwrap();
-        let again = init_certs(tmp.path(), &[], true).unwrap();
-        assert_ne!(again.ca_sha256, set.ca_sha256);
-        assert_ne!(before, fs::read(tmp.path().join("ca.pem")).unwrap());
-    }
-
-    #[test]
-    fn invalid_host_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let err = init_certs(tmp.path(), &["bad host!".into()], false).unwrap_err();
-        assert!(matches!(err, TlsError::InvalidHost { .. }), "{err}");
-        assert!(!tmp.path().join("ca.pem").exists());
-    }
-
-    #[test]
-    fn load_roles_and_missing_dir() {
-        let tmp = tempfile::tempdir().unwrap();
-        init(tmp.path());
-        for role in Role::ALL {
-            let id = Identity::load(tmp.path(), role).unwrap();
-            assert_eq!(id.role(), role);
+        let d = dev(tmp.path(), &[]);
+        for (dir, role, name) in [
+            (d.coordinator(), Role::Coordinator, "coordinator"),
+            (d.client(), Role::Client, "operator"),
+            (d.node("n1"), Role::Node, "n1"),
+        ] {
+            let id = Identity::load_as(&dir, role).unwrap();
+            assert_eq!((id.role(), id.name()), (role, name));
             assert_eq!(id.ca_certs().len(), 1);
             assert_eq!(id.cert_chain().len(), 1);
+            assert_eq!(peer_role(id.cert_chain()[0].as_ref()), Some(role));
             server_config(&id, &[b"h2"]).unwrap();
             client_config(&id, &[b"h2"]).unwrap();
             let _ = tonic_server_tls(&id);
             let _ = tonic_client_tls(&id);
         }
+        let n1 = Identity::load(&d.node("n1")).unwrap();
+        assert_eq!(n1.labels().get("site").map(String::as_str), Some("a"));
+        assert_eq!(peer_role(b"not a certificate"), None);
+        // A node's folder cannot serve as a coordinator's.
+        let err = Identity::load_as(&d.node("n1"), Role::Coordinator).unwrap_err();
+        assert!(matches!(err, TlsError::WrongRole { .. }), "{err}");
+        assert!(err.to_string().contains("--role coordinator"), "{err}");
+    }
+
+    #[test]
+    fn unusable_folders_say_what_is_wrong() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dev(tmp.path(), &[]);
         let missing = tmp.path().join("nope");
-        let err = Identity::load(&missing, Role::Node)
-            .unwrap_err()
-            .to_string();
+        let err = Identity::load(&missing).unwrap_err().to_string();
         assert!(
-            err.contains("ca.pem") && err.contains("file not found"),
+            err.contains("ca.pem") && err.contains("file not found") && err.contains("certs issue"),
             "{err}"
         );
-        assert!(err.contains(&format!(
-            "run `hcx-cluster certs init --dir {}`",
-            missing.display()
-        )));
-        fs::write(tmp.path().join("node.pem"), b"garbage").unwrap();
-        let err = Identity::load(tmp.path(), Role::Node)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("node.pem: no certificate found"), "{err}");
-    }
-
-    #[test]
-    fn peer_roles_come_from_the_certificates() {
-        let dir = tempfile::tempdir().unwrap();
-        init_certs(dir.path(), &[], false).unwrap();
-        for role in Role::ALL {
-            let id = Identity::load(dir.path(), role).unwrap();
-            assert_eq!(peer_role(id.cert_chain()[0].as_ref()), Some(role));
-        }
-        assert_eq!(peer_role(b"not a certificate"), None);
-    }
-
-    #[test]
-    fn node_certificates_can_name_their_node() {
-        let dir = tempfile::tempdir().unwrap();
-        init_certs(dir.path(), &[], false).unwrap();
-        let shared = Identity::load(dir.path(), Role::Node).unwrap();
-        assert_eq!(shared.node_name(), None);
-        let pem = issue_node_cert(dir.path(), "gpu-9", None, &["10.0.0.9".into()], false).unwrap();
-        assert_eq!(pem, dir.path().join("node-gpu-9.pem"));
-        let named = Identity::load_node(dir.path(), "gpu-9").unwrap();
-        assert_eq!(named.node_name().as_deref(), Some("gpu-9"));
-        assert_eq!(peer_role(named.cert_chain()[0].as_ref()), Some(Role::Node));
-        assert_eq!(peer_site(named.cert_chain()[0].as_ref()), None);
-        // A site, when given, is in the certificate; a bad one is refused.
-        issue_node_cert(dir.path(), "gpu-8", Some("site-a"), &[], false).unwrap();
-        let placed = Identity::load_node(dir.path(), "gpu-8").unwrap();
-        let leaf = placed.cert_chain()[0].as_ref();
-        assert_eq!(peer_site(leaf).as_deref(), Some("site-a"));
-        assert_eq!(peer_node_name(leaf).as_deref(), Some("gpu-8"));
-        let err = issue_node_cert(dir.path(), "gpu-7", Some("a b"), &[], false).unwrap_err();
-        assert!(matches!(err, TlsError::InvalidSiteName { .. }), "{err}");
-        // A node without its own certificate uses the shared one.
-        let other = Identity::load_node(dir.path(), "gpu-10").unwrap();
-        assert_eq!(other.node_name(), None);
-        // Again only with force; bad names never reach a certificate.
-        let err = issue_node_cert(dir.path(), "gpu-9", None, &[], false).unwrap_err();
-        assert!(matches!(err, TlsError::Exists { .. }), "{err}");
-        issue_node_cert(dir.path(), "gpu-9", None, &[], true).unwrap();
-        for bad in ["", "a b", "../x", &"n".repeat(129)] {
-            let err = issue_node_cert(dir.path(), bad, None, &[], false).unwrap_err();
-            assert!(matches!(err, TlsError::InvalidNodeName { .. }), "{err}");
-        }
-        let err = issue_node_cert(&dir.path().join("none"), "n1", None, &[], false).unwrap_err();
-        assert!(err.to_string().contains("ca.key"), "{err}");
+        // The CA's own folder is not a machine's.
+        let err = Identity::load(&d.ca()).unwrap_err();
+        assert!(matches!(err, TlsError::CaKeyBeside { .. }), "{err}");
+        let n2 = d.node("n2");
+        fs::write(n2.join("cert.pem"), b"garbage").unwrap();
+        let err = Identity::load(&n2).unwrap_err().to_string();
+        assert!(err.contains("cert.pem: no certificate found"), "{err}");
+        // A certificate of the right CA but no cluster role: the CA's own.
+        fs::copy(n2.join("ca.pem"), n2.join("cert.pem")).unwrap();
+        let err = Identity::load(&n2).unwrap_err();
+        assert!(matches!(err, TlsError::NotClusterCert { .. }), "{err}");
     }
 
     #[tokio::test]
-    async fn issued_node_certificates_chain_to_the_cluster_ca() {
+    async fn issued_certificates_chain_to_the_cluster_ca() {
         let dir = tempfile::tempdir().unwrap();
-        init_certs(dir.path(), &[], false).unwrap();
-        issue_node_cert(dir.path(), "n1", None, &[], false).unwrap();
-        let coord = Identity::load(dir.path(), Role::Coordinator).unwrap();
-        let n1 = Identity::load_node(dir.path(), "n1").unwrap();
+        let d = dev(dir.path(), &[]);
+        let coord = Identity::load(&d.coordinator()).unwrap();
+        let n1 = Identity::load(&d.node("n1")).unwrap();
         let (server, addr) = echo_server(&coord);
         let out = echo(quinn_client_config(&n1).unwrap(), addr, b"hi")
             .await
@@ -977,9 +627,8 @@ mod tests {
     #[test]
     fn a_node_certificate_covers_the_addresses_it_was_issued_for() {
         let dir = tempfile::tempdir().unwrap();
-        init_certs(dir.path(), &[], false).unwrap();
-        issue_node_cert(dir.path(), "n1", None, &["10.1.2.3".into()], false).unwrap();
-        let n1 = Identity::load_node(dir.path(), "n1").unwrap();
+        let d = dev(dir.path(), &[]);
+        let n1 = Identity::load(&d.node("n1")).unwrap();
         let leaf = &n1.cert_chain()[0];
         for ip in ["10.1.2.3", "127.0.0.1", "::1"] {
             assert!(cert_covers_ip(leaf, ip.parse().unwrap()), "{ip}");
@@ -1086,12 +735,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_certificate_must_name_the_dialled_host() {
-        // `certs init` without --host: the coordinator certificate names
-        // only the loopback names, not 127.0.0.2.
+        // Issued without --host: the coordinator certificate names only
+        // the loopback names, not 127.0.0.2.
         let plain = tempfile::tempdir().unwrap();
-        init(plain.path());
-        let node = Identity::load(plain.path(), Role::Node).unwrap();
-        let coord = Identity::load(plain.path(), Role::Coordinator).unwrap();
+        let d = dev(plain.path(), &[]);
+        let node = Identity::load(&d.node("n1")).unwrap();
+        let coord = Identity::load(&d.coordinator()).unwrap();
         let (_server, addr) = echo_server_at(&coord, "127.0.0.2:0");
         let dialled = addr.to_string();
         let err = echo_named(
@@ -1108,9 +757,9 @@ mod tests {
         );
         // Issued for that address, it is accepted.
         let named = tempfile::tempdir().unwrap();
-        init_certs(named.path(), &["127.0.0.2".into()], false).unwrap();
-        let node = Identity::load(named.path(), Role::Node).unwrap();
-        let coord = Identity::load(named.path(), Role::Coordinator).unwrap();
+        let d = dev(named.path(), &["127.0.0.2"]);
+        let node = Identity::load(&d.node("n1")).unwrap();
+        let coord = Identity::load(&d.coordinator()).unwrap();
         let (_server, addr) = echo_server_at(&coord, "127.0.0.2:0");
         let out = echo_named(
             quinn_client_config(&node).unwrap(),
@@ -1127,10 +776,10 @@ mod tests {
     async fn quinn_mutual_tls_echo_and_refusals() {
         let good = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
-        init(good.path());
-        init(other.path());
-        let coord = Identity::load(good.path(), Role::Coordinator).unwrap();
-        let node = Identity::load(good.path(), Role::Node).unwrap();
+        let good = dev(good.path(), &[]);
+        let other = dev(other.path(), &[]);
+        let coord = Identity::load(&good.coordinator()).unwrap();
+        let node = Identity::load(&good.node("n1")).unwrap();
         let (server, addr) = echo_server(&coord);
 
         let msg = b"tensor bytes \x00\x01\x02".repeat(1000);
@@ -1141,7 +790,7 @@ mod tests {
 
         // Client certificate from a different CA (it trusts our CA, so only
         // the server-side check can refuse it).
-        let mut stranger = Identity::load(other.path(), Role::Node).unwrap();
+        let mut stranger = Identity::load(&other.node("n1")).unwrap();
         stranger.ca = node.ca.clone();
         let err = echo(quinn_client_config(&stranger).unwrap(), addr, &msg)
             .await

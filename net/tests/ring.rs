@@ -7,8 +7,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hcx_kernels::collective::{Collective, CollectiveError, Ring, serial_sum};
+use hcx_net::certs::DevCerts;
 use hcx_net::peer::{PeerPlane, QuicLink, RingPlan};
-use hcx_net::tls::{Identity, Role, init_certs, quinn_client_config, quinn_server_config};
+use hcx_net::tls::{Identity, quinn_client_config, quinn_server_config};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -20,7 +21,8 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn certs() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    init_certs(dir.path(), &[], false).unwrap();
+    let certs = DevCerts::create(dir.path(), &[]).unwrap();
+    certs.add_node("ring", &[], &[]).unwrap();
     dir
 }
 
@@ -90,7 +92,7 @@ fn same_bits32(a: &[f32], b: &[f32]) -> bool {
 fn quic_all_reduce_equals_the_serial_sum_on_every_rank() {
     let rt = runtime();
     let dir = certs();
-    let id = Identity::load(dir.path(), Role::Node).unwrap();
+    let id = Identity::load(&dir.path().join("node-ring")).unwrap();
     let planes: Vec<PeerPlane> = (0..5).map(|_| plane(&rt, &id)).collect();
     let mut epoch = 0;
     for n in [1usize, 2, 3, 5] {
@@ -156,7 +158,7 @@ fn quic_all_reduce_equals_the_serial_sum_on_every_rank() {
 fn a_vanished_rank_fails_every_survivor_within_5_s_and_the_rest_re_plan() {
     let rt = runtime();
     let dir = certs();
-    let id = Identity::load(dir.path(), Role::Node).unwrap();
+    let id = Identity::load(&dir.path().join("node-ring")).unwrap();
     let survivors: Vec<PeerPlane> = (0..2).map(|_| plane(&rt, &id)).collect();
     // The victim runs on its own runtime, so it can vanish without a word.
     let victim_rt = runtime();
@@ -229,8 +231,8 @@ fn a_vanished_rank_fails_every_survivor_within_5_s_and_the_rest_re_plan() {
 fn only_node_certificates_may_join() {
     let rt = runtime();
     let dir = certs();
-    let node = Identity::load(dir.path(), Role::Node).unwrap();
-    let client = Identity::load(dir.path(), Role::Client).unwrap();
+    let node = Identity::load(&dir.path().join("node-ring")).unwrap();
+    let client = Identity::load(&dir.path().join("client")).unwrap();
     let good = plane(&rt, &node);
     // An impostor with the client certificate dials the node as its right neighbour.
     let impostor = rt.block_on(async {
@@ -283,8 +285,8 @@ fn only_node_certificates_may_join() {
 fn a_neighbour_serving_another_role_s_certificate_is_refused() {
     let rt = runtime();
     let dir = certs();
-    let node = Identity::load(dir.path(), Role::Node).unwrap();
-    let coordinator = Identity::load(dir.path(), Role::Coordinator).unwrap();
+    let node = Identity::load(&dir.path().join("node-ring")).unwrap();
+    let coordinator = Identity::load(&dir.path().join("coordinator")).unwrap();
     let good = plane(&rt, &node);
     // Rank 1's address answers with a coordinator certificate (of the same
     // CA, naming 127.0.0.1, so only the role can tell).

@@ -47,9 +47,9 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Where shard files are built before upload.
     pub work_dir: PathBuf,
-    /// TLS identity (node certificate; one naming this node, see
-    /// `Identity::load_node`, lets the coordinators hold it to that name);
-    /// `None` is `--insecure` (loopback only).
+    /// TLS identity: a node certificate from `certs issue --role node`,
+    /// which names this node (`name` must be that name) and carries its
+    /// labels; `None` is `--insecure` (loopback only).
     pub tls: Option<Identity>,
     /// Cores offered (defaults to the machine's).
     pub cores: u32,
@@ -71,6 +71,10 @@ pub enum NodeError {
     /// TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] hcx_net::tls::TlsError),
+    /// The coordinators refused this node for good (its certificate was
+    /// revoked, names another node, or does not carry a claimed label).
+    #[error("the coordinators refused this node: {0}")]
+    Refused(String),
 }
 
 /// Cores of this machine.
@@ -120,6 +124,8 @@ struct Ctx {
     endpoint: quinn::Endpoint,
     peers: PeerPlane,
     one_at_a_time: Semaphore,
+    /// Why the coordinators refused this node for good, once they have.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 /// How long a rank waits for its ring neighbours to link up.
@@ -138,7 +144,22 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
             cfg.work_dir.display()
         ))
     })?;
-    if cfg.tls.is_none() {
+    if let Some(id) = &cfg.tls {
+        if id.role() != Role::Node {
+            return Err(NodeError::Config(format!(
+                "a node needs a node certificate; this one is {} {}'s",
+                id.role(),
+                id.name()
+            )));
+        }
+        if id.name() != cfg.name {
+            return Err(NodeError::Config(format!(
+                "the node certificate is issued to {:?}, not {:?}",
+                id.name(),
+                cfg.name
+            )));
+        }
+    } else {
         hcx_net::tls::check_insecure_addr(&cfg.listen)?;
         for c in &cfg.coordinators {
             hcx_net::tls::check_insecure_host(c)?;
@@ -175,7 +196,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         && !hcx_net::tls::cert_covers_ip(leaf, cfg.listen.ip())
     {
         tracing::warn!(
-            "{}: the node certificate is not valid for {}, where the other ranks of a collective group dial this node: calibrated jobs will fail here until it is issued with `certs issue --node {} --host {}`",
+            "{}: the node certificate is not valid for {}, where the other ranks of a collective group dial this node: calibrated jobs will fail here until it is issued with `certs issue --role node --name {} --host {}`",
             cfg.name,
             cfg.listen.ip(),
             cfg.name,
@@ -190,6 +211,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         endpoint,
         peers,
         one_at_a_time: Semaphore::new(1),
+        refused: std::sync::Mutex::new(None),
     });
     let info = NodeInfo {
         name: cfg.name.clone(),
@@ -225,7 +247,12 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
                 }
             }
         }
-        if stopping {
+        let refused = ctx
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if stopping || refused {
             break;
         }
         next = tokio::select! {
@@ -241,7 +268,19 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         h.abort();
     }
     ctx.endpoint.close(0u32.into(), b"node stopping");
-    Ok(())
+    let refused = ctx.refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match refused {
+        Some(why) => Err(NodeError::Refused(why)),
+        None => Ok(()),
+    }
+}
+
+/// Records that the coordinators refused this node for good; the node stops.
+fn refuse(ctx: &Ctx, status: &tonic::Status) -> Event {
+    let why = status.message().to_string();
+    tracing::error!("{}: refused: {why}", ctx.cfg.name);
+    *ctx.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    Event::Stop
 }
 
 /// Carries out one of the agent's actions; returns the event it led to.
@@ -267,6 +306,9 @@ async fn carry_out(
                     tracing::info!("{name} registered");
                     Event::Registered
                 }
+                Err(ClientError::Refused(s)) if s.code() == tonic::Code::PermissionDenied => {
+                    refuse(ctx, &s)
+                }
                 Err(e) => {
                     tracing::warn!("{name}: cannot register yet: {e}");
                     Event::RegisterFailed
@@ -284,6 +326,9 @@ async fn carry_out(
             {
                 Ok(reply) => Event::Assignments(reply.assignments),
                 Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => Event::Unknown,
+                Err(ClientError::Refused(s)) if s.code() == tonic::Code::PermissionDenied => {
+                    refuse(ctx, &s)
+                }
                 Err(e) => {
                     tracing::warn!("{name}: heartbeat failed: {e}");
                     Event::HeartbeatFailed
