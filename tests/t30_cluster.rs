@@ -356,39 +356,9 @@ fn slow_job() -> &'static (PathBuf, PathBuf) {
     JOB.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
         let model = dir.join("model.safetensors");
-        let mut rng = 0x1234_5678_u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for l in 0..12 {
-            let v: Vec<u8> = (0..768 * 1024)
-                .flat_map(|_| half::bf16::from_f32(next()).to_le_bytes())
-                .collect();
-            data.push((format!("blocks.{l}.mlp.weight"), vec![768, 1024], v));
-        }
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data
-            .iter()
-            .map(|(n, s, d)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), d)
-                        .unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize_to_file(views, None, &model).unwrap();
+        common::write_slow_model(&model);
         let reference = dir.join("reference");
-        let job = write_job(
-            &dir,
-            "slow",
-            &model,
-            &reference,
-            "pipeline:\n  - hadamard: {}\n  - uniform: {bits: 4.4}\n  - zstd: {level: 19}\n",
-        );
+        let job = write_job(&dir, "slow", &model, &reference, common::SLOW_PIPELINE);
         hcx_ok(&["run", "--local", job.to_str().unwrap()]);
         (job, reference)
     })

@@ -1,7 +1,11 @@
-//! The deploy/ files: every flag they pass to `hcx-cluster` exists, and
-//! (where a Docker engine is present) the compose cluster of
-//! deploy/compose.yaml, built FROM scratch around this binary, runs a job
-//! submitted from the host to the same bytes as `run --local`.
+//! The deploy/ files: every flag they pass to `hcx-cluster` exists, and,
+//! where a Docker engine is present (skipped with a message where not),
+//! the compose cluster of deploy/compose.yaml, built FROM scratch around
+//! this binary, with containers of their own addresses: a job submitted
+//! from the host gives the bytes of `run --local`, and so do jobs through
+//! faults (kill -9 of a node and then the leader, the leader cut off into
+//! a minority, a node paused past its lease, every container restarted),
+//! with no job lost or made twice.
 
 mod common;
 
@@ -141,31 +145,262 @@ fn docker_ready() -> Result<(), String> {
     Ok(())
 }
 
-/// Stops the compose project (and its volumes) however the test ends.
-struct ComposeDown {
+/// A compose cluster of deploy/compose.yaml under its own project and
+/// subnet, stopped (volumes and all) when dropped.
+struct Compose {
     env: Vec<(String, String)>,
+    project: String,
+    subnet: String,
+    state: PathBuf,
 }
 
-impl Drop for ComposeDown {
-    fn drop(&mut self) {
+impl Compose {
+    /// Builds the image from this test binary's `hcx-cluster` and starts
+    /// the cluster with the models of `models` at /models; waits for the
+    /// three nodes.
+    fn up(dir: &Path, models: &Path, project: &str, subnet: &str) -> Compose {
+        let state = dir.join("state");
+        let env: Vec<(String, String)> = [
+            ("HCX_STATE", state.display().to_string()),
+            ("HCX_MODELS", models.display().to_string()),
+            ("HCX_BIN", env!("CARGO_BIN_EXE_hcx-cluster").to_string()),
+            ("HCX_IMAGE", "hcx-cluster:test".to_string()),
+            ("HCX_SUBNET", subnet.to_string()),
+            ("HCX_PROJECT", project.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let c = Compose {
+            env,
+            project: project.into(),
+            subnet: subnet.into(),
+            state,
+        };
+        // A project left over by an earlier run that was killed.
+        c.down();
+        let up = Command::new("bash")
+            .arg(root().join("deploy/compose-up.sh"))
+            .envs(c.env())
+            .output()
+            .unwrap();
+        assert!(
+            up.status.success(),
+            "compose-up.sh failed:\n{}\n{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        c.wait_nodes(3);
+        c
+    }
+
+    fn env(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    fn down(&self) {
         let _ = Command::new("bash")
             .arg(root().join("deploy/compose-up.sh"))
             .arg("down")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.env())
             .output();
+    }
+
+    fn coordinators(&self) -> String {
+        (1..=3)
+            .map(|i| format!("{}.1{i}:7101", self.subnet))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `hcx-cluster ARGS --coordinators … --certs operator` from the host.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let operator = self.state.join("certs/operator");
+        let coordinators = self.coordinators();
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend([
+            "--coordinators",
+            &coordinators,
+            "--certs",
+            operator.to_str().unwrap(),
+        ]);
+        hcx(&v)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "hcx-cluster {args:?} failed:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn compose(&self) -> Command {
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(["--project-name", &self.project, "--file"])
+            .arg(root().join("deploy/compose.yaml"))
+            .envs(self.env());
+        cmd
+    }
+
+    fn logs(&self) -> String {
+        let out = self
+            .compose()
+            .args(["logs", "--no-color", "--tail", "15"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The container of a service (`c1`, `n2`, …).
+    fn container(&self, service: &str) -> String {
+        let out = self.compose().args(["ps", "-q", service]).output().unwrap();
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(!id.is_empty(), "no container for {service}");
+        id
+    }
+
+    /// `docker ARGS… CONTAINER(service)`, insisting on success.
+    fn docker(&self, args: &[&str], service: &str) {
+        let out = Command::new("docker")
+            .args(args)
+            .arg(self.container(service))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?} {service}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn network(&self) -> String {
+        format!("{}_hcx", self.project)
+    }
+
+    fn nodes_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["nodes", "--json"])).unwrap()
+    }
+
+    fn wait_nodes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = self.cli(&["nodes", "--json", "--timeout", "5"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v["nodes"].as_array().map_or(0, |a| a.len()) >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the compose nodes did not register:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The service of the raft leader (`c1`…`c3`).
+    fn leader(&self) -> String {
+        let v = self.nodes_json();
+        format!("c{}", v["leader"]["id"].as_u64().expect("a leader"))
+    }
+
+    fn status(&self, job: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["status", job, "--json"])).unwrap();
+        v[0].clone()
+    }
+
+    fn wait_job(&self, job: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let out = self.cli(&["status", job, "--json", "--timeout", "10"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if pred(&v[0]) {
+                    return;
+                }
+                assert!(
+                    !matches!(v[0]["state"].as_str(), Some("failed" | "cancelled")),
+                    "{job} ended while waiting for {what}: {v}\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what} of {job}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Waits until a shard is done and another is held; the holder's service.
+    fn wait_mid_job(&self, job: &str) -> String {
+        self.wait_job(job, "a shard in flight after one is done", |v| {
+            let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            shards.iter().any(|s| s["done"] == true)
+                && shards
+                    .iter()
+                    .any(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+        });
+        let v = self.status(job);
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+            .map(|s| s["node"].as_str().unwrap().to_string())
+            .unwrap()
+    }
+
+    fn submit(&self, job: &Path, output: &str, key: &str) -> String {
+        self.cli_ok(&[
+            "submit",
+            job.to_str().unwrap(),
+            "--output",
+            output,
+            "--idempotency-key",
+            key,
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// The artifact a job wrote under /artifacts.
+    fn artifact(&self, name: &str) -> PathBuf {
+        self.state.join("artifacts").join(name)
     }
 }
 
-fn compose_logs(env: &[(String, String)]) -> String {
-    let project = &env.iter().find(|(k, _)| k == "HCX_PROJECT").unwrap().1;
-    let out = Command::new("docker-compose")
-        .args(["--project-name", project, "--file"])
-        .arg(root().join("deploy/compose.yaml"))
-        .args(["logs", "--no-color", "--tail", "20"])
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
+impl Drop for Compose {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Rewrites a job file for the containers: its model at `/models/NAME`,
+/// its output under /artifacts.
+fn container_job(text: &str, model: &str, output: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("model:") {
+                format!("model: /models/{model}")
+            } else if l.starts_with("output:") {
+                format!("output: /artifacts/{output}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
 
 #[test]
@@ -175,128 +410,182 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     let models = minilm().parent().unwrap().to_path_buf();
-    let env: Vec<(String, String)> = [
-        ("HCX_STATE", state.display().to_string()),
-        ("HCX_MODELS", models.display().to_string()),
-        ("HCX_BIN", env!("CARGO_BIN_EXE_hcx-cluster").to_string()),
-        ("HCX_IMAGE", "hcx-cluster:test".to_string()),
-        ("HCX_SUBNET", "172.29.7".to_string()),
-        ("HCX_PROJECT", "hcxtest".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    // A project left over by an earlier run that was killed.
-    drop(ComposeDown { env: env.clone() });
-    let up = Command::new("bash")
-        .arg(root().join("deploy/compose-up.sh"))
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
-    let _down = ComposeDown { env: env.clone() };
-    assert!(
-        up.status.success(),
-        "compose-up.sh failed:\n{}\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let c = Compose::up(dir.path(), &models, "hcxtest", "172.29.7");
     // No container's certificate folder holds the CA key.
-    for d in std::fs::read_dir(state.join("certs")).unwrap() {
+    for d in std::fs::read_dir(c.state.join("certs")).unwrap() {
         let d = d.unwrap().path();
         assert!(!d.join("ca.key").exists(), "{}", d.display());
     }
-    let coordinators = "172.29.7.11:7101,172.29.7.12:7101,172.29.7.13:7101";
-    let operator = state.join("certs/operator");
-    let cli = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend([
-            "--coordinators",
-            coordinators,
-            "--certs",
-            operator.to_str().unwrap(),
-        ]);
-        hcx(&v)
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = cli(&["nodes", "--json", "--timeout", "5"]);
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v["nodes"].as_array().map_or(0, |a| a.len()) == 3 {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the compose nodes did not register:\n{}",
-            compose_logs(&env)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    // The job as the containers see it: the model under /models, the
-    // artifact under /artifacts (the host's state/artifacts).
     let name = minilm().file_name().unwrap().to_string_lossy().to_string();
-    let job = dir.path().join("job.yaml");
     let text = std::fs::read_to_string(root().join("configs/jobs/minilm-int8.yaml")).unwrap();
-    let mut lines: Vec<String> = Vec::new();
-    for l in text.lines() {
-        if l.starts_with("model:") {
-            lines.push(format!("model: /models/{name}"));
-        } else if l.starts_with("output:") {
-            lines.push("output: /artifacts/minilm-int8".into());
-        } else {
-            lines.push(l.to_string());
-        }
-    }
-    std::fs::write(&job, lines.join("\n") + "\n").unwrap();
-    let out = cli(&[
+    let job = dir.path().join("job.yaml");
+    std::fs::write(&job, container_job(&text, &name, "minilm-int8")).unwrap();
+    let out = c.cli_ok(&[
         "submit",
         job.to_str().unwrap(),
         "--watch",
         "--timeout",
         "60",
     ]);
-    assert!(
-        out.status.success(),
-        "the job failed on the compose cluster:\n{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        compose_logs(&env)
-    );
+    assert!(out.contains("succeeded"), "{out}");
     // The same job on this machine, straight through the pipeline.
-    let local_job = dir.path().join("local.yaml");
-    let local_text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(&format!("/models/{name}"), &minilm().display().to_string());
-    std::fs::write(&local_job, local_text).unwrap();
-    let reference = dir.path().join("reference");
-    hcx_ok(&[
-        "run",
-        local_job.to_str().unwrap(),
-        "--local",
-        "--output",
-        reference.to_str().unwrap(),
-    ]);
-    assert_same_tensor_files(&reference, &state.join("artifacts/minilm-int8"));
+    let local = common::example_job(
+        dir.path(),
+        "minilm-int8",
+        &minilm(),
+        &dir.path().join("reference"),
+    );
+    hcx_ok(&["run", local.to_str().unwrap(), "--local"]);
+    assert_same_artifact(&dir.path().join("reference"), &c.artifact("minilm-int8"));
 }
 
-/// Every `.safetensors` file of `a` is in `b` with the same bytes.
-fn assert_same_tensor_files(a: &Path, b: &Path) {
-    let mut n = 0;
-    for e in std::fs::read_dir(a).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            let other = b.join(p.file_name().unwrap());
-            assert!(
-                std::fs::read(&p).unwrap() == std::fs::read(&other).unwrap_or_default(),
-                "{} differs from {}",
-                other.display(),
-                p.display()
-            );
-            n += 1;
-        }
+#[test]
+fn container_faults_leave_the_artifact_unchanged() {
+    if let Err(why) = docker_ready() {
+        eprintln!("skipped: {why}; the container fault tests need a Docker engine");
+        return;
     }
-    assert!(n > 0, "no tensor files in {}", a.display());
+    let dir = tempfile::tempdir().unwrap();
+    // The containers run as uid 10001: the models must be readable to it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("slow")).unwrap();
+    common::write_slow_model(&models.join("slow/model.safetensors"));
+    for (p, mode) in [
+        (models.clone(), 0o755),
+        (models.join("slow"), 0o755),
+        (models.join("slow/model.safetensors"), 0o644),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let reference = dir.path().join("reference");
+    let local = common::write_job(
+        dir.path(),
+        "slow",
+        &models.join("slow/model.safetensors"),
+        &reference,
+        common::SLOW_PIPELINE,
+    );
+    hcx_ok(&["run", "--local", local.to_str().unwrap()]);
+    let c = Compose::up(dir.path(), &models, "hcxfault", "172.29.8");
+    let job = dir.path().join("slow-container.yaml");
+    std::fs::write(
+        &job,
+        container_job(
+            &std::fs::read_to_string(&local).unwrap(),
+            "slow/model.safetensors",
+            "unused",
+        ),
+    )
+    .unwrap();
+    let reassigned = |id: &str| {
+        let v = c.status(id);
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["attempt"].as_u64().unwrap_or(0) >= 2)
+    };
+    let mut submitted = 0;
+
+    // 1. kill -9 a node holding a shard, then the leader.
+    let id = c.submit(&job, "/artifacts/kill", "kill");
+    submitted += 1;
+    let victim = c.wait_mid_job(&id);
+    c.docker(&["kill", "--signal", "KILL"], &victim);
+    let leader = c.leader();
+    c.docker(&["kill", "--signal", "KILL"], &leader);
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact("kill"));
+    assert!(reassigned(&id), "no shard of {id} was re-assigned");
+    assert_ne!(c.leader(), leader);
+    c.docker(&["start"], &victim);
+    c.docker(&["start"], &leader);
+    c.wait_nodes(3);
+
+    // 2. Cut the leader off into a minority, then heal.
+    let id = c.submit(&job, "/artifacts/partition", "partition");
+    submitted += 1;
+    c.wait_mid_job(&id);
+    let leader = c.leader();
+    let ip = format!("{}.1{}", c.subnet, &leader[1..]);
+    c.docker(&["network", "disconnect", "--force", &c.network()], &leader);
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact("partition"));
+    c.docker(&["network", "connect", "--ip", &ip, &c.network()], &leader);
+
+    // 3. Pause a node past its lease, then resume it: its shard went to
+    //    another node, and the job's bytes are the same.
+    let id = c.submit(&job, "/artifacts/pause", "pause");
+    submitted += 1;
+    let victim = c.wait_mid_job(&id);
+    c.docker(&["pause"], &victim);
+    std::thread::sleep(Duration::from_secs(8));
+    c.docker(&["unpause"], &victim);
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact("pause"));
+    assert!(reassigned(&id), "no shard of {id} was re-assigned");
+
+    // 4. Restart every container mid-job.
+    let id = c.submit(&job, "/artifacts/restart", "restart");
+    submitted += 1;
+    c.wait_mid_job(&id);
+    let out = c
+        .compose()
+        .args(["restart", "--timeout", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact("restart"));
+
+    // No job was lost or made twice.
+    let all: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), submitted, "{all}");
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "succeeded"),
+        "{all}"
+    );
+}
+
+/// The tensor files of two artifacts are the same bytes, and so are their
+/// manifests but for the model path they record (`/models/...` inside the
+/// containers, the host's path for `run --local`).
+fn assert_same_artifact(a: &Path, b: &Path) {
+    let read = |d: &Path, f: &str| {
+        std::fs::read(d.join(f)).unwrap_or_else(|e| panic!("{}: {e}", d.join(f).display()))
+    };
+    assert!(
+        read(a, "model.hcx.safetensors") == read(b, "model.hcx.safetensors"),
+        "the tensor files differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
+    let manifest = |d: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&read(d, "hcx-manifest.json")).unwrap();
+        let model = v["job"]["model"].take();
+        assert!(
+            model.is_string(),
+            "{}: no job.model in the manifest",
+            d.display()
+        );
+        v
+    };
+    let (ma, mb) = (manifest(a), manifest(b));
+    assert!(
+        ma == mb,
+        "the manifests differ beyond the model path: {} vs {}",
+        a.display(),
+        b.display()
+    );
 }

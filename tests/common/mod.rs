@@ -100,6 +100,41 @@ pub fn example_job(dir: &Path, example: &str, model: &Path, output: &Path) -> Pa
     p
 }
 
+/// Writes a synthetic bf16 model (12 tensors of 768 x 1024, seeded) to
+/// `file`: slow enough under [`SLOW_PIPELINE`] that faults land mid-job.
+pub fn write_slow_model(file: &Path) {
+    let mut rng = 0x1234_5678_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for l in 0..12 {
+        let v: Vec<u8> = (0..768 * 1024)
+            .flat_map(|_| half::bf16::from_f32(next()).to_le_bytes())
+            .collect();
+        data.push((format!("blocks.{l}.mlp.weight"), vec![768, 1024], v));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), d)
+                    .expect("tensor view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, file).expect("write slow model");
+}
+
+/// The pipeline that makes [`write_slow_model`]'s model slow: a uniform
+/// bit search and zstd at level 19 on every tensor.
+pub const SLOW_PIPELINE: &str =
+    "pipeline:\n  - hadamard: {}\n  - uniform: {bits: 4.4}\n  - zstd: {level: 19}\n";
+
 /// Copies the named tensors of a safetensors model into a new folder
 /// (with the source's config and tokenizer), for tests of slow codecs.
 pub fn subset_model(src: &Path, dst: &Path, names: &[&str]) {
