@@ -21,7 +21,7 @@ project="${HCX_PROJECT:-hcx}"
 compose=(docker-compose --project-name "$project" --file "$root/deploy/compose.yaml")
 
 if [ "$cmd" = down ]; then
-  "${compose[@]}" down --volumes --timeout 5
+  COMPOSE_PROFILES=spare "${compose[@]}" down --volumes --timeout 5
   exit 0
 fi
 [ "$cmd" = up ] || { echo "usage: $0 [up|down]" >&2; exit 2; }
@@ -43,7 +43,7 @@ issue() { # FOLDER ROLE [FLAGS...]: one machine's certificate, named after its f
     "$HCX_BIN" certs issue --ca "$state/ca" --dir "$state/certs/$name" --role "$role" --name "$name" "$@" >/dev/null
   fi
 }
-for i in 1 2 3; do
+for i in 1 2 3 4; do # c4 is the spare (compose profile `spare`)
   issue "c$i" coordinator --host "c$i" --host "$HCX_SUBNET.1$i"
 done
 sites=(a b b)
@@ -53,7 +53,7 @@ done
 issue operator client
 mkdir -p "$state/artifacts"
 # The containers run as uid 10001; their keys and the artifacts folder are theirs.
-for d in c1 c2 c3 n1 n2 n3; do
+for d in c1 c2 c3 c4 n1 n2 n3; do
   chown -R 10001:10001 "$state/certs/$d" 2>/dev/null || chmod -R a+rX "$state/certs/$d"
 done
 chown 10001:10001 "$state/artifacts" 2>/dev/null || chmod 0777 "$state/artifacts"

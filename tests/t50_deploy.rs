@@ -4,7 +4,8 @@
 //! this binary, with containers of their own addresses: a job submitted
 //! from the host gives the bytes of `run --local`, and so do jobs through
 //! faults (kill -9 of a node and then the leader, the leader cut off into
-//! a minority, a node paused past its lease, every container restarted),
+//! a minority, a node paused past its lease, every container restarted,
+//! a dead coordinator replaced by a new one on another address),
 //! with no job lost or made twice.
 
 mod common;
@@ -544,6 +545,50 @@ fn container_faults_leave_the_artifact_unchanged() {
     );
     c.wait_job(&id, "success", |v| v["state"] == "succeeded");
     assert_same_artifact(&reference, &c.artifact("restart"));
+
+    // 5. A coordinator dies for good; a new one on another address
+    //    replaces it, and then carries the majority when a second
+    //    founder dies mid-job.
+    let leader = c.leader();
+    let dead = ["c1", "c2", "c3"]
+        .into_iter()
+        .find(|s| *s != leader)
+        .unwrap();
+    c.docker(&["kill", "--signal", "KILL"], dead);
+    let out = c
+        .compose()
+        .env("COMPOSE_PROFILES", "spare")
+        .args(["up", "--detach", "c4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added = c.cli_ok(&["coordinators", "add", &format!("4={}.14:7101", c.subnet)]);
+    assert!(added.contains("voters now"), "{added}");
+    let removed = c.cli_ok(&["coordinators", "remove", &dead[1..]]);
+    assert!(
+        removed.contains("voters now") && removed.contains('4'),
+        "{removed}"
+    );
+    let id = c.submit(&job, "/artifacts/replaced", "replaced");
+    submitted += 1;
+    c.wait_mid_job(&id);
+    let second = ["c1", "c2", "c3"]
+        .into_iter()
+        .find(|s| *s != dead && *s != c.leader())
+        .or_else(|| ["c1", "c2", "c3"].into_iter().find(|s| *s != dead))
+        .unwrap();
+    c.docker(&["kill", "--signal", "KILL"], second);
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact("replaced"));
+    let voters = c.nodes_json()["leader"]["voters"].to_string();
+    assert!(
+        voters.contains(&format!("4={}.14:7101", c.subnet)),
+        "{voters}"
+    );
 
     // No job was lost or made twice.
     let all: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
