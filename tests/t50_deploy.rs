@@ -441,6 +441,100 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     assert_same_artifact(&dir.path().join("reference"), &c.artifact("minilm-int8"));
 }
 
+/// A client that calls the job API until `stop` (submits of tiny jobs
+/// under new and repeated idempotency keys, status, cancel), recording
+/// every call and answer; a call without a known answer retires its
+/// thread id. Returns how many calls it answered.
+fn history_client(
+    c: &Compose,
+    rec: &history::Recorder,
+    client: u64,
+    job: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> usize {
+    use history::{Op, Ret};
+    let mut thread = client * 1000;
+    let mut answered = 0;
+    let mut keys: Vec<String> = Vec::new();
+    let mut last_job: Option<String> = None;
+    let mut n = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let (op, args): (Op, Vec<String>) = match (n % 4, &last_job) {
+            (0, _) | (_, None) => {
+                let key = format!("client{client}-{n}");
+                keys.push(key.clone());
+                (Op::Submit(key), Vec::new())
+            }
+            (1, Some(j)) => (Op::Status(j.clone()), Vec::new()),
+            (2, _) => (Op::Submit(keys[0].clone()), Vec::new()),
+            (_, Some(j)) => (Op::Cancel(j.clone()), Vec::new()),
+        };
+        let _ = args;
+        n += 1;
+        rec.invoke(thread, op.clone());
+        let ret = match &op {
+            Op::Submit(key) => {
+                let out = c.cli(&[
+                    "submit",
+                    job.to_str().unwrap(),
+                    "--output",
+                    &format!("/artifacts/tiny/{key}"),
+                    "--idempotency-key",
+                    key,
+                    "--timeout",
+                    "15",
+                ]);
+                out.status.success().then(|| {
+                    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    last_job = Some(id.clone());
+                    Ret::Job(id)
+                })
+            }
+            Op::Status(j) => {
+                let out = c.cli(&["status", j, "--json", "--timeout", "15"]);
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+                    .flatten()
+                    .and_then(|v| v[0]["state"].as_str().map(|s| Ret::State(s.to_string())))
+            }
+            Op::Cancel(j) => {
+                let out = c.cli(&["cancel", j, "--timeout", "15"]);
+                if out.status.success() {
+                    Some(Ret::Cancelled)
+                } else if String::from_utf8_lossy(&out.stderr).contains("has already ended") {
+                    Some(Ret::Ended)
+                } else {
+                    None
+                }
+            }
+        };
+        match ret {
+            Some(r) => {
+                rec.answer(thread, r);
+                answered += 1;
+            }
+            None => thread += 1,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    answered
+}
+
+/// `Compose::submit`, recorded as client 0's call.
+fn recorded_submit(
+    c: &Compose,
+    rec: &history::Recorder,
+    job: &Path,
+    output: &str,
+    key: &str,
+) -> String {
+    rec.invoke(0, history::Op::Submit(key.into()));
+    let id = c.submit(job, output, key);
+    rec.answer(0, history::Ret::Job(id.clone()));
+    id
+}
+
 #[test]
 fn container_faults_leave_the_artifact_unchanged() {
     if let Err(why) = docker_ready() {
@@ -470,6 +564,32 @@ fn container_faults_leave_the_artifact_unchanged() {
         common::SLOW_PIPELINE,
     );
     hcx_ok(&["run", "--local", local.to_str().unwrap()]);
+    // A tiny model for the jobs of the history clients.
+    std::fs::create_dir_all(models.join("tiny")).unwrap();
+    let tiny: Vec<u8> = (0..64 * 64)
+        .flat_map(|i| (i as f32 / 4096.0).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 64], &tiny).unwrap();
+    safetensors::serialize_to_file(
+        [("w.weight".to_string(), view)],
+        None,
+        &models.join("tiny/model.safetensors"),
+    )
+    .unwrap();
+    for (p, mode) in [
+        (models.join("tiny"), 0o755),
+        (models.join("tiny/model.safetensors"), 0o644),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let tiny_job = dir.path().join("tiny.yaml");
+    std::fs::write(
+        &tiny_job,
+        "name: tiny\nseed: 1\nmodel: /models/tiny/model.safetensors\noutput: /artifacts/tiny/x\npipeline:\n  - rtn: {bits: 8}\n",
+    )
+    .unwrap();
+    let rec = history::Recorder::default();
     let c = Compose::up(dir.path(), &models, "hcxfault", "172.29.8");
     let job = dir.path().join("slow-container.yaml");
     std::fs::write(
@@ -491,35 +611,55 @@ fn container_faults_leave_the_artifact_unchanged() {
     };
     let mut submitted = 0;
 
-    // 1. kill -9 a node holding a shard, then the leader.
-    let id = c.submit(&job, "/artifacts/kill", "kill");
-    submitted += 1;
-    let victim = c.wait_mid_job(&id);
-    c.docker(&["kill", "--signal", "KILL"], &victim);
-    let leader = c.leader();
-    c.docker(&["kill", "--signal", "KILL"], &leader);
-    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact("kill"));
-    assert!(reassigned(&id), "no shard of {id} was re-assigned");
-    assert_ne!(c.leader(), leader);
-    c.docker(&["start"], &victim);
-    c.docker(&["start"], &leader);
-    c.wait_nodes(3);
+    // Two clients call the job API throughout the first two faults.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let answered = std::thread::scope(|scope| {
+        let clients: Vec<_> = (1..=2)
+            .map(|k| {
+                let (c, rec, tiny_job, stop) = (&c, &rec, &tiny_job, &stop);
+                scope.spawn(move || history_client(c, rec, k, tiny_job, stop))
+            })
+            .collect();
 
-    // 2. Cut the leader off into a minority, then heal.
-    let id = c.submit(&job, "/artifacts/partition", "partition");
-    submitted += 1;
-    c.wait_mid_job(&id);
-    let leader = c.leader();
-    let ip = format!("{}.1{}", c.subnet, &leader[1..]);
-    c.docker(&["network", "disconnect", "--force", &c.network()], &leader);
-    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact("partition"));
-    c.docker(&["network", "connect", "--ip", &ip, &c.network()], &leader);
+        // 1. kill -9 a node holding a shard, then the leader.
+        let id = recorded_submit(&c, &rec, &job, "/artifacts/kill", "kill");
+        submitted += 1;
+        let victim = c.wait_mid_job(&id);
+        c.docker(&["kill", "--signal", "KILL"], &victim);
+        let leader = c.leader();
+        c.docker(&["kill", "--signal", "KILL"], &leader);
+        c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+        assert_same_artifact(&reference, &c.artifact("kill"));
+        assert!(reassigned(&id), "no shard of {id} was re-assigned");
+        assert_ne!(c.leader(), leader);
+        c.docker(&["start"], &victim);
+        c.docker(&["start"], &leader);
+        c.wait_nodes(3);
+
+        // 2. Cut the leader off into a minority, then heal.
+        let id = recorded_submit(&c, &rec, &job, "/artifacts/partition", "partition");
+        submitted += 1;
+        c.wait_mid_job(&id);
+        let leader = c.leader();
+        let ip = format!("{}.1{}", c.subnet, &leader[1..]);
+        c.docker(&["network", "disconnect", "--force", &c.network()], &leader);
+        c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+        assert_same_artifact(&reference, &c.artifact("partition"));
+        c.docker(&["network", "connect", "--ip", &ip, &c.network()], &leader);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        clients
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum::<usize>()
+    });
+    assert!(
+        answered >= 20,
+        "the history clients got only {answered} answers"
+    );
 
     // 3. Pause a node past its lease, then resume it: its shard went to
     //    another node, and the job's bytes are the same.
-    let id = c.submit(&job, "/artifacts/pause", "pause");
+    let id = recorded_submit(&c, &rec, &job, "/artifacts/pause", "pause");
     submitted += 1;
     let victim = c.wait_mid_job(&id);
     c.docker(&["pause"], &victim);
@@ -530,7 +670,7 @@ fn container_faults_leave_the_artifact_unchanged() {
     assert!(reassigned(&id), "no shard of {id} was re-assigned");
 
     // 4. Restart every container mid-job.
-    let id = c.submit(&job, "/artifacts/restart", "restart");
+    let id = recorded_submit(&c, &rec, &job, "/artifacts/restart", "restart");
     submitted += 1;
     c.wait_mid_job(&id);
     let out = c
@@ -573,7 +713,7 @@ fn container_faults_leave_the_artifact_unchanged() {
         removed.contains("voters now") && removed.contains('4'),
         "{removed}"
     );
-    let id = c.submit(&job, "/artifacts/replaced", "replaced");
+    let id = recorded_submit(&c, &rec, &job, "/artifacts/replaced", "replaced");
     submitted += 1;
     c.wait_mid_job(&id);
     let second = ["c1", "c2", "c3"]
@@ -590,16 +730,26 @@ fn container_faults_leave_the_artifact_unchanged() {
         "{voters}"
     );
 
-    // No job was lost or made twice.
+    // No job was lost or made twice: every job the fault scenarios
+    // submitted succeeded, the clients' jobs ended or were cancelled, and
+    // the whole history of calls is linearizable.
     let all: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
-    assert_eq!(all.as_array().unwrap().len(), submitted, "{all}");
+    let all = all.as_array().unwrap();
+    let main: Vec<_> = all.iter().filter(|j| j["name"] == "slow").collect();
+    assert_eq!(main.len(), submitted, "{all:?}");
+    assert!(main.iter().all(|j| j["state"] == "succeeded"), "{main:?}");
     assert!(
-        all.as_array()
-            .unwrap()
-            .iter()
-            .all(|j| j["state"] == "succeeded"),
-        "{all}"
+        all.iter().all(|j| matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "cancelled" | "running" | "merging")
+        )),
+        "{all:?}"
     );
+    let events = rec.events();
+    match history::check(&events) {
+        Ok(n) => println!("{n} recorded client events, linearizable"),
+        Err(why) => panic!("{why}"),
+    }
 }
 
 /// The tensor files of two artifacts are the same bytes, and so are their
@@ -633,4 +783,237 @@ fn assert_same_artifact(a: &Path, b: &Path) {
         a.display(),
         b.display()
     );
+}
+
+/// Client histories and their linearizability check: what operators see
+/// of the job API (submit with idempotency keys, cancel, status) must be
+/// explained by some order of the operations, each taking effect at one
+/// instant between its call and its answer, on a sequential model of jobs.
+mod history {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use stateright::semantics::{ConsistencyTester, LinearizabilityTester, SequentialSpec};
+
+    /// A client call.
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum Op {
+        /// `submit` with an idempotency key (one job spec per key).
+        Submit(String),
+        /// `cancel JOB`.
+        Cancel(String),
+        /// `status JOB`.
+        Status(String),
+    }
+
+    /// Its answer.
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum Ret {
+        /// The job id `submit` printed.
+        Job(String),
+        /// `cancel` succeeded.
+        Cancelled,
+        /// `cancel` was refused: the job had ended.
+        Ended,
+        /// The state `status` printed.
+        State(String),
+    }
+
+    #[derive(Clone, Debug, PartialEq)]
+    enum Phase {
+        Active,
+        Cancelled,
+        /// Ended on its own (succeeded or failed); `None` until seen.
+        Done(Option<String>),
+    }
+
+    /// The sequential model: ids handed out in order, one per new key;
+    /// a job is active until cancelled or until it ends on its own (which
+    /// no client call causes, so a step may assume it happened).
+    #[derive(Clone, Debug, Default)]
+    pub struct Jobs {
+        keys: BTreeMap<String, String>,
+        next: u64,
+        phase: BTreeMap<String, Phase>,
+    }
+
+    impl SequentialSpec for Jobs {
+        type Op = Op;
+        type Ret = Ret;
+
+        fn invoke(&mut self, op: &Op) -> Ret {
+            match op {
+                Op::Submit(key) => {
+                    if let Some(id) = self.keys.get(key) {
+                        return Ret::Job(id.clone());
+                    }
+                    self.next += 1;
+                    let id = format!("j{:06}", self.next);
+                    self.keys.insert(key.clone(), id.clone());
+                    self.phase.insert(id.clone(), Phase::Active);
+                    Ret::Job(id)
+                }
+                Op::Cancel(job) => match self.phase.get_mut(job) {
+                    Some(p @ Phase::Active) => {
+                        *p = Phase::Cancelled;
+                        Ret::Cancelled
+                    }
+                    _ => Ret::Ended,
+                },
+                Op::Status(job) => match self.phase.get(job) {
+                    Some(Phase::Cancelled) => Ret::State("cancelled".into()),
+                    Some(Phase::Done(Some(s))) => Ret::State(s.clone()),
+                    _ => Ret::State("running".into()),
+                },
+            }
+        }
+
+        fn is_valid_step(&mut self, op: &Op, ret: &Ret) -> bool {
+            match (op, ret) {
+                (Op::Submit(_), _) => self.invoke(op) == *ret,
+                (Op::Cancel(job), Ret::Cancelled) => {
+                    self.phase.get(job) == Some(&Phase::Active) && {
+                        self.phase.insert(job.clone(), Phase::Cancelled);
+                        true
+                    }
+                }
+                (Op::Cancel(job), Ret::Ended) => match self.phase.get_mut(job) {
+                    Some(p @ Phase::Active) => {
+                        *p = Phase::Done(None);
+                        true
+                    }
+                    Some(_) => true,
+                    None => false,
+                },
+                (Op::Status(job), Ret::State(s)) => {
+                    let active = matches!(s.as_str(), "running" | "merging");
+                    match self.phase.get_mut(job) {
+                        Some(Phase::Cancelled) => s == "cancelled",
+                        Some(Phase::Done(Some(d))) => d == s,
+                        Some(p @ Phase::Done(None)) if !active && s != "cancelled" => {
+                            *p = Phase::Done(Some(s.clone()));
+                            true
+                        }
+                        Some(Phase::Done(None)) => false,
+                        Some(p @ Phase::Active) => {
+                            if active {
+                                true
+                            } else if s == "cancelled" {
+                                false
+                            } else {
+                                *p = Phase::Done(Some(s.clone()));
+                                true
+                            }
+                        }
+                        None => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// One event of a history, in the order they happened.
+    #[derive(Clone, Debug)]
+    pub enum Event {
+        /// Client `thread` called.
+        Invoke(u64, Op),
+        /// Client `thread`'s call answered.
+        Return(u64, Ret),
+    }
+
+    /// Every call and answer of every client, in real-time order. A call
+    /// whose answer is unknown (a timeout, a lost connection) never
+    /// returns: it may or may not have taken effect, and its client
+    /// continues under a new thread id.
+    #[derive(Clone, Default)]
+    pub struct Recorder(Arc<Mutex<Vec<Event>>>);
+
+    impl Recorder {
+        /// Records a call by `thread`.
+        pub fn invoke(&self, thread: u64, op: Op) {
+            self.0.lock().unwrap().push(Event::Invoke(thread, op));
+        }
+
+        /// Records `thread`'s answer.
+        pub fn answer(&self, thread: u64, ret: Ret) {
+            self.0.lock().unwrap().push(Event::Return(thread, ret));
+        }
+
+        /// The history so far.
+        pub fn events(&self) -> Vec<Event> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    /// Checks a history; on a violation, the error holds the history.
+    pub fn check(events: &[Event]) -> Result<usize, String> {
+        let mut t = LinearizabilityTester::new(Jobs::default());
+        for e in events {
+            let r = match e.clone() {
+                Event::Invoke(th, op) => t.on_invoke(th, op).map(|_| ()),
+                Event::Return(th, ret) => t.on_return(th, ret).map(|_| ()),
+            };
+            r.map_err(|why| format!("malformed history ({why}): {events:#?}"))?;
+        }
+        if t.is_consistent() {
+            Ok(events.len())
+        } else {
+            Err(format!("not linearizable: {events:#?}"))
+        }
+    }
+
+    #[test]
+    fn the_checker_accepts_linearizable_histories_and_catches_others() {
+        use Event::*;
+        let key = |k: &str| Op::Submit(k.into());
+        let job = |j: &str| Ret::Job(j.into());
+        // Two clients submit concurrently; a retry with a key gets its job;
+        // a cancel races a status.
+        let good = vec![
+            Invoke(1, key("a")),
+            Invoke(2, key("b")),
+            Return(2, job("j000001")),
+            Return(1, job("j000002")),
+            Invoke(1, key("a")),
+            Return(1, job("j000002")),
+            Invoke(1, Op::Cancel("j000002".into())),
+            Invoke(2, Op::Status("j000002".into())),
+            Return(2, Ret::State("cancelled".into())),
+            Return(1, Ret::Cancelled),
+            // A call that never answered may have taken effect.
+            Invoke(3, key("c")),
+            Invoke(2, key("d")),
+            Return(2, job("j000004")),
+        ];
+        assert_eq!(check(&good), Ok(good.len()));
+        // A key answered with two jobs (a duplicated submit).
+        let dup = vec![
+            Invoke(1, key("a")),
+            Return(1, job("j000001")),
+            Invoke(2, key("a")),
+            Return(2, job("j000002")),
+        ];
+        assert!(check(&dup).is_err());
+        // A job seen cancelled before any cancel was called.
+        let early = vec![
+            Invoke(1, key("a")),
+            Return(1, job("j000001")),
+            Invoke(2, Op::Status("j000001".into())),
+            Return(2, Ret::State("cancelled".into())),
+            Invoke(1, Op::Cancel("j000001".into())),
+            Return(1, Ret::Cancelled),
+        ];
+        assert!(check(&early).is_err());
+        // A job that succeeded and then ran again.
+        let back = vec![
+            Invoke(1, key("a")),
+            Return(1, job("j000001")),
+            Invoke(1, Op::Status("j000001".into())),
+            Return(1, Ret::State("succeeded".into())),
+            Invoke(2, Op::Status("j000001".into())),
+            Return(2, Ret::State("running".into())),
+        ];
+        assert!(check(&back).is_err());
+    }
 }
