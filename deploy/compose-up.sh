@@ -21,7 +21,7 @@ project="${HCX_PROJECT:-hcx}"
 compose=(docker-compose --project-name "$project" --file "$root/deploy/compose.yaml")
 
 if [ "$cmd" = down ]; then
-  COMPOSE_PROFILES=spare "${compose[@]}" down --volumes --timeout 5
+  COMPOSE_PROFILES=spare "${compose[@]}" down --volumes --remove-orphans --timeout 5
   exit 0
 fi
 [ "$cmd" = up ] || { echo "usage: $0 [up|down]" >&2; exit 2; }

@@ -5,7 +5,8 @@
 //! from the host gives the bytes of `run --local`, and so do jobs through
 //! faults (kill -9 of a node and then the leader, the leader cut off into
 //! a minority, a node paused past its lease, every container restarted,
-//! a dead coordinator replaced by a new one on another address),
+//! a dead coordinator replaced by a new one on another address, a node's
+//! disk filled mid-shard),
 //! with no job lost or made twice.
 
 mod common;
@@ -422,6 +423,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     let text = std::fs::read_to_string(root().join("configs/jobs/minilm-int8.yaml")).unwrap();
     let job = dir.path().join("job.yaml");
     std::fs::write(&job, container_job(&text, &name, "minilm-int8")).unwrap();
+
     let out = c.cli_ok(&[
         "submit",
         job.to_str().unwrap(),
@@ -439,6 +441,78 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     );
     hcx_ok(&["run", local.to_str().unwrap(), "--local"]);
     assert_same_artifact(&dir.path().join("reference"), &c.artifact("minilm-int8"));
+
+    // A node whose disk fills mid-shard: n4, with a 512 KiB work folder,
+    // and only n3 beside it taking work. n4's shards fail, go to n3, and
+    // the artifact is the same.
+    let ca = c.state.join("ca");
+    let n4 = c.state.join("certs/n4");
+    hcx_ok(&[
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--dir",
+        n4.to_str().unwrap(),
+        "--role",
+        "node",
+        "--name",
+        "n4",
+        "--host",
+        &format!("{}.24", c.subnet),
+    ]);
+    let chown = Command::new("chown")
+        .args(["-R", "10001:10001"])
+        .arg(&n4)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    c.cli_ok(&["drain", "n1"]);
+    c.cli_ok(&["drain", "n2"]);
+    let out = c
+        .compose()
+        .arg("--file")
+        .arg(root().join("tests/fixtures/compose-small-disk.yaml"))
+        .args(["up", "--detach", "n4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_nodes(4);
+    std::fs::write(&job, container_job(&text, &name, "minilm-int8-full-disk")).unwrap();
+    let out = c.cli_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--watch",
+        "--timeout",
+        "60",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_same_artifact(
+        &dir.path().join("reference"),
+        &c.artifact("minilm-int8-full-disk"),
+    );
+    let v: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
+    let shards = v[0]["shards"].as_array().unwrap().clone();
+    assert!(
+        shards.iter().all(|s| s["node"] == "n3")
+            && shards
+                .iter()
+                .any(|s| s["attempt"].as_u64().unwrap_or(0) >= 2),
+        "n4's shards did not move to n3: {shards:?}"
+    );
+    let logs = c
+        .compose()
+        .arg("--file")
+        .arg(root().join("tests/fixtures/compose-small-disk.yaml"))
+        .args(["logs", "--no-color", "n4"])
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("No space left on device"), "{logs}");
 }
 
 /// A client that calls the job API until `stop` (submits of tiny jobs

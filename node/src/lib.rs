@@ -706,27 +706,36 @@ async fn group_steps(
         Vec::new()
     };
     let t0 = Instant::now();
-    let summary = tokio::task::spawn_blocking(move || {
+    let encoded = tokio::task::spawn_blocking(move || {
         hcx_pipeline::calibrate::encode_group_shard(&spec, &mut *ranks, &sites, &tensors, &p)
     })
     .await
-    .map_err(|e| retry("calibrate", e.to_string()))?
-    .map_err(|e| match e {
-        PipelineError::Collective { .. } => retry("collective", e.to_string()),
-        PipelineError::Io { .. } | PipelineError::Output { .. } => {
-            retry("calibrate", e.to_string())
+    .map_err(|e| retry("calibrate", e.to_string()))
+    .and_then(|r| {
+        r.map_err(|e| match e {
+            PipelineError::Collective { .. } => retry("collective", e.to_string()),
+            PipelineError::Io { .. } | PipelineError::Output { .. } => {
+                retry("calibrate", e.to_string())
+            }
+            PipelineError::Tensor { ref tensor, .. } => ShardError {
+                stage: format!("encode {tensor}"),
+                reason: e.to_string(),
+                retryable: false,
+            },
+            other => ShardError {
+                stage: "calibrate".into(),
+                reason: other.to_string(),
+                retryable: false,
+            },
+        })
+    });
+    let summary = match encoded {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
         }
-        PipelineError::Tensor { ref tensor, .. } => ShardError {
-            stage: format!("encode {tensor}"),
-            reason: e.to_string(),
-            retryable: false,
-        },
-        other => ShardError {
-            stage: "calibrate".into(),
-            reason: other.to_string(),
-            retryable: false,
-        },
-    })?;
+    };
     let kernel_seconds = t0.elapsed().as_secs_f64();
     let conn = connect(ctx, &a.data_addr)
         .await
@@ -863,17 +872,28 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
     ));
     let p = path.clone();
     let t0 = Instant::now();
-    let summary = tokio::task::spawn_blocking(move || encode_shard(&spec, &tensors, &p))
+    let encoded = tokio::task::spawn_blocking(move || encode_shard(&spec, &tensors, &p))
         .await
-        .map_err(|e| io("encode", e.to_string()))?
-        .map_err(|e| match e {
-            PipelineError::Tensor { ref tensor, .. } => ShardError {
-                stage: format!("encode {tensor}"),
-                reason: e.to_string(),
-                retryable: false,
-            },
-            other => io("encode", other.to_string()),
-        })?;
+        .map_err(|e| io("encode", e.to_string()))
+        .and_then(|r| {
+            r.map_err(|e| match e {
+                PipelineError::Tensor { ref tensor, .. } => ShardError {
+                    stage: format!("encode {tensor}"),
+                    reason: e.to_string(),
+                    retryable: false,
+                },
+                other => io("encode", other.to_string()),
+            })
+        });
+    // A shard that could not be written (a full disk) leaves no partial
+    // file to fill the disk for the next one.
+    let summary = match encoded {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
+    };
     let kernel_seconds = t0.elapsed().as_secs_f64();
     let result = upload(
         ctx,
