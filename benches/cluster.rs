@@ -83,6 +83,7 @@ async fn raft_figures(dir: &Path) {
                 data_dir: dir.join(format!("c{i}")),
                 tls: Some(Identity::load(&certs.coordinator()).unwrap()),
                 join: false,
+                retention: Default::default(),
                 lease: Duration::from_secs(30),
                 model_roots: vec![model_root.clone()],
                 output_roots: vec![dir.to_path_buf()],

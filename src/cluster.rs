@@ -150,6 +150,8 @@ pub struct CoordinatorArgs {
     pub output_roots: Vec<PathBuf>,
     /// `--join`: wait to be added to a running group.
     pub join: bool,
+    /// `--retain-jobs` and `--retain-age`.
+    pub retention: hcx_coordinator::Retention,
 }
 
 /// `hcx-cluster coordinator`: serves until interrupted.
@@ -162,6 +164,7 @@ pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
         data_dir: a.data_dir,
         tls: sec.identity(Role::Coordinator)?,
         join: a.join,
+        retention: a.retention,
         lease: Duration::from_millis(a.lease_ms),
         model_roots: a.model_roots,
         output_roots: a.output_roots,
@@ -544,6 +547,39 @@ pub async fn change_membership(
     Ok(())
 }
 
+/// `hcx-cluster delete JOB`.
+pub async fn delete(client: &CoordinatorClient, job: String) -> Result<()> {
+    let r = client
+        .call(|mut c| {
+            let job_id = job.clone();
+            async move { c.delete_job(JobRef { job_id }).await }
+        })
+        .await?;
+    println!("{}", r.message);
+    Ok(())
+}
+
+/// Reads a duration as `--retain-age` takes it: a number with `s`, `m`,
+/// `h` or `d` (`90s`, `30m`, `12h`, `7d`).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 12h or 7d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is one of s, m, h, d (e.g. 7d)")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
 /// `hcx-cluster certs revoke`: commits the revocation of `serial` (as
 /// [`hcx_net::certs::parse_serial`] reads it) through the leader.
 pub async fn revoke(client: &CoordinatorClient, serial: &str) -> Result<()> {
@@ -597,6 +633,7 @@ impl Embedded {
             data_dir: dir.path().join("raft"),
             tls: Some(identity(&certs.coordinator(), Role::Coordinator)?),
             join: false,
+            retention: Default::default(),
             lease: Duration::from_secs(10),
             model_roots,
             output_roots,

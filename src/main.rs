@@ -87,6 +87,13 @@ enum Command {
         /// coordinator's own entry.
         #[arg(long)]
         join: bool,
+        /// Keep at most this many finished jobs; the leader deletes the
+        /// oldest beyond it.
+        #[arg(long, default_value_t = 10_000)]
+        retain_jobs: usize,
+        /// Delete finished jobs this long after they ended (90s, 30m, 12h, 7d).
+        #[arg(long, value_parser = cluster::parse_age)]
+        retain_age: Option<std::time::Duration>,
     },
     /// Run a worker node.
     Node {
@@ -154,6 +161,14 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Forget a finished job: its record and idempotency key, and what it
+    /// left in its output folder's staging area (its artifact stays).
+    Delete {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        connect: ClientArgs,
     },
     /// Add or remove raft voters (coordinators).
     Coordinators {
@@ -636,6 +651,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             output_roots,
             model_roots,
             join,
+            retain_jobs,
+            retain_age,
         } => {
             let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
@@ -648,6 +665,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                     model_roots,
                     output_roots,
                     join,
+                    retention: hcx_coordinator::Retention {
+                        max_jobs: retain_jobs,
+                        max_age: retain_age,
+                    },
                 },
                 &sec,
             ))
@@ -708,6 +729,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Nodes { connect, json } => runtime()?.block_on(async {
             let c = connect.client()?;
             cluster::nodes(&c, json).await
+        }),
+        Command::Delete { job, connect } => runtime()?.block_on(async {
+            let c = connect.client()?;
+            cluster::delete(&c, job).await
         }),
         Command::Coordinators {
             command: CoordinatorsCommand::Add { members, connect },

@@ -1092,13 +1092,21 @@ fn insecure_mode_works_on_loopback_only() {
 }
 
 #[test]
-fn a_cancelled_job_stops_and_leaves_no_artifact() {
+fn a_cancelled_job_stops_leaves_no_artifact_and_can_be_deleted() {
     let (job, _) = slow_job();
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path(), 2, &[job.parent().unwrap()]);
     let out = dir.path().join("out");
     let id = submit(&c, job, &out, "c1");
     wait_mid_job(&c, &id);
+    // A running job cannot be deleted.
+    let early = c.run(&["delete", &id]);
+    assert!(
+        !early.status.success()
+            && String::from_utf8_lossy(&early.stderr).contains("cancel it first"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
     let said = c.run_ok(&["cancel", &id]);
     assert!(said.contains("cancelled"), "{said}");
     let v = c.status(&id);
@@ -1114,6 +1122,15 @@ fn a_cancelled_job_stops_and_leaves_no_artifact() {
     let again = c.run(&["cancel", &id]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
+    // Deleted, it is gone from every listing, its staging folder with it,
+    // and its idempotency key is free again.
+    let said = c.run_ok(&["delete", &id]);
+    assert!(said.contains(&format!("deleted {id}")), "{said}");
+    let gone = c.run(&["status", &id]);
+    assert!(!gone.status.success());
+    let all: serde_json::Value = serde_json::from_str(&c.run_ok(&["status", "--json"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 0, "{all}");
+    assert!(!dir.path().join(".out.hcx-shards").join(&id).exists());
 }
 
 #[test]

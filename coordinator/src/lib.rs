@@ -66,6 +66,25 @@ pub enum CoordinatorError {
     Roots(#[from] roots::RootError),
 }
 
+/// Which finished (succeeded, failed or cancelled) jobs a cluster keeps in
+/// its state; the leader deletes the others, oldest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at most this many finished jobs.
+    pub max_jobs: usize,
+    /// Delete a finished job this long after it ended.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_jobs: 10_000,
+            max_age: None,
+        }
+    }
+}
+
 /// How to run one coordinator.
 #[derive(Clone)]
 pub struct CoordinatorConfig {
@@ -84,6 +103,8 @@ pub struct CoordinatorConfig {
     /// (`hcx-cluster coordinators add`). Ignored once the log holds a
     /// membership.
     pub join: bool,
+    /// Which finished jobs the leader keeps (the rest it deletes).
+    pub retention: Retention,
     /// A node silent for this long loses its shards.
     pub lease: Duration,
     /// Folders (or model files) jobs may read models from (`--model-root`).
@@ -108,6 +129,8 @@ pub struct Shared {
     pub(crate) own_serial: Option<String>,
     /// Where jobs may read models and write artifacts.
     pub(crate) roots: roots::Roots,
+    /// Which finished jobs to keep.
+    pub(crate) retention: Retention,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -444,6 +467,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         secure: cfg.tls.is_some(),
         own_serial: cfg.tls.as_ref().map(|id| id.facts().serial.clone()),
         roots,
+        retention: cfg.retention,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder();

@@ -648,6 +648,22 @@ impl Cluster for ClusterService {
         }))
     }
 
+    async fn delete_job(&self, req: Request<JobRef>) -> Result<Response<Ack>, Status> {
+        role(&self.shared, &req, OPERATORS, "DeleteJob")?;
+        self.shared.require_leader()?;
+        let job = req.into_inner().job_id;
+        let r = crate::supervisor::delete_job(&self.shared, &job).await?;
+        if r.ok {
+            Ok(Response::new(Ack {
+                message: format!("deleted {job}"),
+            }))
+        } else if r.message.starts_with("no job") {
+            Err(Status::not_found(r.message))
+        } else {
+            Err(Status::failed_precondition(r.message))
+        }
+    }
+
     async fn revoke_certificate(
         &self,
         req: Request<RevokeRequest>,

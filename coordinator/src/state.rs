@@ -374,6 +374,12 @@ pub enum Command {
         /// Leader's clock.
         now_ms: u64,
     },
+    /// Forget a finished job (an operator's `delete`, or the retention
+    /// policy): its record and its idempotency key go.
+    DeleteJob {
+        /// Job id.
+        job: String,
+    },
     /// An operator revokes a certificate: from then on every coordinator
     /// refuses it.
     RevokeCertificate {
@@ -669,6 +675,18 @@ impl ClusterState {
                 }
                 Some(j) => {
                     CommandResult::refused(format!("{job} has already ended ({})", j.state.name()))
+                }
+                None => CommandResult::refused(format!("no job {job}")),
+            },
+            Command::DeleteJob { job } => match self.jobs.get(&job) {
+                Some(j) if j.state.is_active() => CommandResult::refused(format!(
+                    "{job} is still {}; cancel it first",
+                    j.state.name()
+                )),
+                Some(_) => {
+                    self.jobs.remove(&job);
+                    self.keys.retain(|_, id| *id != job);
+                    CommandResult::ok()
                 }
                 None => CommandResult::refused(format!("no job {job}")),
             },
@@ -1410,5 +1428,26 @@ mod tests {
         old.as_object_mut().unwrap().remove("revoked");
         let back: ClusterState = serde_json::from_value(old).unwrap();
         assert!(back.revoked.is_empty());
+    }
+
+    #[test]
+    fn only_finished_jobs_are_deleted_and_their_keys_go_with_them() {
+        let mut st = ClusterState::default();
+        let j = submit(&mut st, Some("k"));
+        let r = st.apply(Command::DeleteJob { job: j.clone() });
+        assert!(!r.ok && r.message.contains("cancel it first"), "{r:?}");
+        assert!(
+            st.apply(Command::CancelJob {
+                job: j.clone(),
+                now_ms: 5
+            })
+            .ok
+        );
+        assert!(st.keys.values().any(|id| *id == j));
+        assert!(st.apply(Command::DeleteJob { job: j.clone() }).ok);
+        assert!(!st.jobs.contains_key(&j));
+        assert!(!st.keys.values().any(|id| *id == j));
+        let r = st.apply(Command::DeleteJob { job: j.clone() });
+        assert!(!r.ok && r.message.contains("no job"), "{r:?}");
     }
 }

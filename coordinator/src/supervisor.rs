@@ -91,7 +91,75 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             was_leader = true;
         }
         tick(&shared, &merging).await;
+        retain(&shared).await;
     }
+}
+
+/// Most jobs the retention policy deletes per tick (keeps each tick short).
+const DELETES_PER_TICK: usize = 256;
+
+/// Finished jobs the retention policy lets go now, oldest first: those
+/// beyond `max_jobs` and those ended more than `max_age` ago.
+pub fn expired(
+    jobs: &BTreeMap<String, JobRecord>,
+    policy: crate::Retention,
+    now_ms: u64,
+) -> Vec<String> {
+    let mut finished: Vec<(u64, &String)> = jobs
+        .values()
+        .filter_map(|j| j.finished_ms.map(|t| (t, &j.id)))
+        .collect();
+    finished.sort();
+    let over = finished.len().saturating_sub(policy.max_jobs);
+    finished
+        .iter()
+        .enumerate()
+        .filter(|(i, (t, _))| {
+            *i < over
+                || policy
+                    .max_age
+                    .is_some_and(|age| now_ms.saturating_sub(*t) > age.as_millis() as u64)
+        })
+        .map(|(_, (_, id))| (*id).clone())
+        .take(DELETES_PER_TICK)
+        .collect()
+}
+
+/// Deletes what the retention policy lets go.
+async fn retain(shared: &Arc<Shared>) {
+    let doomed = shared
+        .view
+        .read(|s| expired(&s.jobs, shared.retention, now_ms()));
+    for job in doomed {
+        let _ = delete_job(shared, &job).await;
+    }
+}
+
+/// Deletes a finished job from the state, then what it left in its output
+/// folder's staging area (a failed or cancelled job's shard files; the
+/// artifact itself is the operator's and stays).
+pub(crate) async fn delete_job(
+    shared: &Shared,
+    job: &str,
+) -> Result<crate::state::CommandResult, tonic::Status> {
+    let output = shared
+        .view
+        .read(|s| s.jobs.get(job).map(|j| j.output.clone()));
+    let r = shared
+        .propose(Command::DeleteJob {
+            job: job.to_string(),
+        })
+        .await?;
+    if r.ok
+        && let Some(output) = output
+    {
+        let store = shard_store(Path::new(&output), job);
+        let _ = std::fs::remove_dir_all(&store);
+        if let Some(parent) = store.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    Ok(r)
 }
 
 async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
@@ -489,5 +557,52 @@ mod tests {
         // With a alone, a gets it back.
         let pick = next_node(&s, &[node("a")], &opts, &load);
         assert_eq!(pick.as_deref(), Some("a"));
+    }
+
+    /// A finished-or-not job record named `id`.
+    fn job_record(id: &str) -> JobRecord {
+        let mut st = crate::state::ClusterState::default();
+        let spec = serde_json::from_value(serde_json::json!({
+            "name": "t", "model": "/m", "output": "/o",
+            "pipeline": [{"rtn": {"bits": 8}}]
+        }))
+        .unwrap();
+        let r = st.apply(Command::SubmitJob {
+            idempotency_key: None,
+            spec: Box::new(spec),
+            output: "/o".into(),
+            shards: vec![],
+            placements: vec![],
+            now_ms: 1,
+        });
+        let mut j = st.jobs.remove(&r.job.unwrap()).unwrap();
+        j.id = id.into();
+        j
+    }
+
+    #[test]
+    fn retention_lets_go_of_the_oldest_and_the_expired() {
+        let mut jobs = BTreeMap::new();
+        for (i, finished) in [Some(10u64), None, Some(30), Some(20), Some(40)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut j = job_record(&format!("j{i}"));
+            j.finished_ms = finished;
+            jobs.insert(j.id.clone(), j);
+        }
+        let keep = |max_jobs, age: Option<u64>, now| {
+            let p = crate::Retention {
+                max_jobs,
+                max_age: age.map(Duration::from_millis),
+            };
+            expired(&jobs, p, now)
+        };
+        // Keep 2 of the 4 finished: the two oldest go, the running one stays.
+        assert_eq!(keep(2, None, 50), ["j0", "j3"]);
+        assert_eq!(keep(10, None, 50), Vec::<String>::new());
+        // Older than 15 ms at 50: ended at 10, 20 and 30.
+        assert_eq!(keep(10, Some(15), 50), ["j0", "j3", "j2"]);
+        assert_eq!(keep(0, None, 50).len(), 4);
     }
 }

@@ -34,6 +34,7 @@ async fn coordinator(dir: &Path) -> CoordinatorHandle {
         data_dir: dir.join("raft"),
         tls: Some(Identity::load(&certs.coordinator()).unwrap()),
         join: false,
+        retention: Default::default(),
         lease: Duration::from_secs(5),
         model_roots: vec![dir.join("models")],
         output_roots: vec![dir.join("out")],

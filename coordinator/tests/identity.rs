@@ -42,6 +42,7 @@ async fn group(dir: &Path) -> (Vec<CoordinatorHandle>, BTreeMap<NodeId, String>)
                 data_dir: dir.join(format!("c{id}")),
                 tls: Some(Identity::load(&dir.join("certs/coordinator")).unwrap()),
                 join: false,
+                retention: Default::default(),
                 lease: Duration::from_secs(60),
                 model_roots: vec![dir.to_path_buf()],
                 output_roots: vec![dir.to_path_buf()],

@@ -36,6 +36,7 @@ async fn coordinator(
         data_dir: dir.join(format!("c{id}")),
         tls: Some(Identity::load(&dir.join("certs/coordinator")).unwrap()),
         join,
+        retention: Default::default(),
         lease: Duration::from_secs(60),
         model_roots: vec![dir.to_path_buf()],
         output_roots: vec![dir.to_path_buf()],

@@ -95,6 +95,7 @@ fn config(dir: &Path, id: NodeId, peers: &BTreeMap<NodeId, String>) -> Coordinat
         tls: Some(Identity::load(&dir.join("certs/coordinator")).unwrap()),
         // The test's nodes never heartbeat: keep their shards theirs.
         join: false,
+        retention: Default::default(),
         lease: Duration::from_secs(600),
         // Commands are proposed directly; no job goes through submit.
         model_roots: vec![dir.to_path_buf()],
