@@ -394,3 +394,117 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     }
     eprintln!("done in {:?}", started.elapsed());
 }
+
+/// Submits and cancels job `n` of a small (MiniLM-sized) model: one
+/// finished job in two commits.
+async fn small_job(cs: &Coordinators, base: &JobSpec, n: usize) {
+    let mut spec = base.clone();
+    spec.name = format!("small-{n:05}");
+    spec.output = format!("/out/small-{n:05}").into();
+    let tensors: Vec<TensorCost> = (0..36)
+        .map(|i| TensorCost {
+            name: format!("encoder.layer.{}.w{}.weight", i / 6, i % 6),
+            numel: 384 * 384,
+            bytes: 384 * 384 * 4,
+            cost_per_value: 1.0,
+        })
+        .collect();
+    let shards = scheduler::make_shards(&tensors, &plan_options(&spec));
+    let r = commit(
+        cs,
+        Command::SubmitJob {
+            idempotency_key: Some(format!("small-{n:05}")),
+            output: spec.output.display().to_string(),
+            spec: Box::new(spec),
+            shards,
+            placements: vec![],
+            now_ms: 1_700_000_000_000 + n as u64,
+        },
+    )
+    .await;
+    assert!(r.ok, "submit refused: {}", r.message);
+    let r = commit(
+        cs,
+        Command::CancelJob {
+            job: r.job.expect("a job id"),
+            now_ms: 1_700_000_000_000 + n as u64,
+        },
+    )
+    .await;
+    assert!(r.ok, "cancel refused: {}", r.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_down_through_2000_finished_jobs_catches_up_by_snapshot_within_30_s() {
+    let dir = tempfile::tempdir().unwrap();
+    DevCerts::create(&dir.path().join("certs"), &[]).unwrap();
+    let peers: BTreeMap<NodeId, String> = (1..=3)
+        .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let mut cs = Coordinators::new();
+    for id in 1..=3 {
+        cs.insert(id, start(config(dir.path(), id, &peers)).await);
+    }
+    wait_for("a leader all three follow", Duration::from_secs(10), || {
+        leader_of(&cs).is_some_and(|l| {
+            let id = l.metrics().id;
+            cs.values().all(|h| h.metrics().current_leader == Some(id))
+        })
+    })
+    .await;
+    let leader_id = leader_of(&cs).unwrap().metrics().id;
+    let behind = (1..=3).find(|id| *id != leader_id).unwrap();
+    let stopped_at = cs[&behind].metrics().last_log_index.unwrap_or(0);
+    cs.remove(&behind).unwrap().shutdown().await;
+
+    let base = JobSpec::parse(
+        "name: small\nseed: 1\nmodel: /models/small\noutput: /out/small\npipeline:\n  - rtn: {bits: 8}\n",
+        Path::new("job.yaml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let t = Instant::now();
+    futures::stream::iter(0..2000)
+        .for_each_concurrent(16, |n| small_job(&cs, &base, n))
+        .await;
+    let leader = leader_of(&cs).expect("a leader");
+    let m = leader.metrics();
+    assert_eq!(state_of(leader).jobs.len(), 2000);
+    assert!(
+        m.purged.is_some_and(|p| p.index > stopped_at),
+        "the log was not compacted past the follower: {m:?}"
+    );
+    eprintln!(
+        "2000 jobs finished in {:?}; log at {:?}, snapshot {:?}, purged {:?}",
+        t.elapsed(),
+        m.last_log_index,
+        m.snapshot.map(|s| s.index),
+        m.purged.map(|p| p.index)
+    );
+
+    let rejoin = Instant::now();
+    cs.insert(behind, start(config(dir.path(), behind, &peers)).await);
+    wait_for(
+        "the follower down throughout catches up",
+        Duration::from_secs(30),
+        || {
+            let (Some(l), f) = (leader_of(&cs), &cs[&behind]) else {
+                return false;
+            };
+            f.metrics().last_applied == l.metrics().last_applied && state_of(f) == state_of(l)
+        },
+    )
+    .await;
+    let fm = cs[&behind].metrics();
+    assert!(
+        fm.snapshot.is_some_and(|s| s.index > stopped_at),
+        "the follower caught up without a snapshot: {fm:?}"
+    );
+    println!(
+        "a follower down through 2000 finished jobs caught up by snapshot in {:?}",
+        rejoin.elapsed()
+    );
+    for (_, h) in cs {
+        h.shutdown().await;
+    }
+}
