@@ -249,6 +249,27 @@ impl Compose {
         cmd
     }
 
+    /// [`Compose::compose`] with the overlay that adds n4, a node with a
+    /// 512 KiB disk.
+    fn compose_with_small_disk(&self) -> Command {
+        let mut cmd = self.compose();
+        cmd.arg("--file")
+            .arg(root().join("tests/fixtures/compose-small-disk.yaml"));
+        cmd
+    }
+
+    /// Submits `job` with `--watch` and insists that it succeeds.
+    fn submit_watch(&self, job: &Path) {
+        let out = self.cli_ok(&[
+            "submit",
+            job.to_str().unwrap(),
+            "--watch",
+            "--timeout",
+            "60",
+        ]);
+        assert!(out.contains("succeeded"), "{out}");
+    }
+
     fn logs(&self) -> String {
         let out = self
             .compose()
@@ -424,14 +445,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     let job = dir.path().join("job.yaml");
     std::fs::write(&job, container_job(&text, &name, "minilm-int8")).unwrap();
 
-    let out = c.cli_ok(&[
-        "submit",
-        job.to_str().unwrap(),
-        "--watch",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
+    c.submit_watch(&job);
     // The same job on this machine, straight through the pipeline.
     let local = common::example_job(
         dir.path(),
@@ -470,9 +484,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     c.cli_ok(&["drain", "n1"]);
     c.cli_ok(&["drain", "n2"]);
     let out = c
-        .compose()
-        .arg("--file")
-        .arg(root().join("tests/fixtures/compose-small-disk.yaml"))
+        .compose_with_small_disk()
         .args(["up", "--detach", "n4"])
         .output()
         .unwrap();
@@ -483,14 +495,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     );
     c.wait_nodes(4);
     std::fs::write(&job, container_job(&text, &name, "minilm-int8-full-disk")).unwrap();
-    let out = c.cli_ok(&[
-        "submit",
-        job.to_str().unwrap(),
-        "--watch",
-        "--timeout",
-        "60",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
+    c.submit_watch(&job);
     assert_same_artifact(
         &dir.path().join("reference"),
         &c.artifact("minilm-int8-full-disk"),
@@ -505,9 +510,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
         "n4's shards did not move to n3: {shards:?}"
     );
     let logs = c
-        .compose()
-        .arg("--file")
-        .arg(root().join("tests/fixtures/compose-small-disk.yaml"))
+        .compose_with_small_disk()
         .args(["logs", "--no-color", "n4"])
         .output()
         .unwrap();

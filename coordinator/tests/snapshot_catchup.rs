@@ -132,6 +132,57 @@ fn leader_of(cs: &Coordinators) -> Option<&CoordinatorHandle> {
     cs.values().find(|h| h.is_leader())
 }
 
+/// Starts three coordinators under `dir` and waits for a leader every one
+/// of them follows: tests name followers by the leader they see, so an
+/// election still settling must be over.
+async fn group(dir: &Path) -> (Coordinators, BTreeMap<NodeId, String>) {
+    let peers: BTreeMap<NodeId, String> = (1..=3)
+        .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let mut cs = Coordinators::new();
+    for id in 1..=3 {
+        cs.insert(id, start(config(dir, id, &peers)).await);
+    }
+    wait_for("a leader all three follow", Duration::from_secs(10), || {
+        leader_of(&cs).is_some_and(|l| {
+            let id = l.metrics().id;
+            cs.values().all(|h| h.metrics().current_leader == Some(id))
+        })
+    })
+    .await;
+    (cs, peers)
+}
+
+/// Restarts coordinator `behind`, stopped at log index `stopped_at`, waits
+/// (30 s at most) until it has the leader's state, and checks that it got
+/// there by a snapshot; returns its metrics.
+async fn rejoin_by_snapshot(
+    cs: &mut Coordinators,
+    dir: &Path,
+    peers: &BTreeMap<NodeId, String>,
+    behind: NodeId,
+    stopped_at: u64,
+) -> openraft::RaftMetrics<NodeId, openraft::BasicNode> {
+    cs.insert(behind, start(config(dir, behind, peers)).await);
+    wait_for(
+        "the restarted follower catches up with the leader",
+        Duration::from_secs(30),
+        || {
+            let (Some(l), f) = (leader_of(cs), &cs[&behind]) else {
+                return false;
+            };
+            f.metrics().last_applied == l.metrics().last_applied && state_of(f) == state_of(l)
+        },
+    )
+    .await;
+    let fm = cs[&behind].metrics();
+    assert!(
+        fm.snapshot.is_some_and(|s| s.index > stopped_at),
+        "the follower caught up without a snapshot: {fm:?}"
+    );
+    fm
+}
+
 /// Commits `cmd` through whichever coordinator leads, retrying across a
 /// leader change (elections happen when a loaded host delays heartbeats).
 async fn commit(cs: &Coordinators, cmd: Command) -> CommandResult {
@@ -239,22 +290,7 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     for name in NODES {
         certs.add_node(name, &[], &[]).unwrap();
     }
-    let peers: BTreeMap<NodeId, String> = (1..=3)
-        .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-        .collect();
-    let mut cs = Coordinators::new();
-    for id in 1..=3 {
-        cs.insert(id, start(config(dir.path(), id, &peers)).await);
-    }
-    // A leader every coordinator follows: the test names followers by the
-    // leader it sees now, so an election still settling must be over.
-    wait_for("a leader all three follow", Duration::from_secs(10), || {
-        leader_of(&cs).is_some_and(|l| {
-            let id = l.metrics().id;
-            cs.values().all(|h| h.metrics().current_leader == Some(id))
-        })
-    })
-    .await;
+    let (mut cs, peers) = group(dir.path()).await;
     let leader_id = leader_of(&cs).unwrap().metrics().id;
     let followers: Vec<NodeId> = (1..=3).filter(|id| *id != leader_id).collect();
     let (behind, other) = (followers[0], followers[1]);
@@ -349,23 +385,7 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
     // The follower comes back: its log ends before the leader's first kept
     // entry, so only a snapshot can bring it up to date.
     let rejoin = Instant::now();
-    cs.insert(behind, start(config(dir.path(), behind, &peers)).await);
-    wait_for(
-        "the restarted follower catches up with the leader",
-        Duration::from_secs(30),
-        || {
-            let (Some(l), f) = (leader_of(&cs), &cs[&behind]) else {
-                return false;
-            };
-            f.metrics().last_applied == l.metrics().last_applied && state_of(f) == state_of(l)
-        },
-    )
-    .await;
-    let fm = cs[&behind].metrics();
-    assert!(
-        fm.snapshot.is_some_and(|s| s.index > stopped_at),
-        "the follower caught up without a snapshot: {fm:?}"
-    );
+    let fm = rejoin_by_snapshot(&mut cs, dir.path(), &peers, behind, stopped_at).await;
     eprintln!(
         "follower {behind} caught up in {:?} (snapshot at {:?})",
         rejoin.elapsed(),
@@ -438,20 +458,7 @@ async fn small_job(cs: &Coordinators, base: &JobSpec, n: usize) {
 async fn a_follower_down_through_2000_finished_jobs_catches_up_by_snapshot_within_30_s() {
     let dir = tempfile::tempdir().unwrap();
     DevCerts::create(&dir.path().join("certs"), &[]).unwrap();
-    let peers: BTreeMap<NodeId, String> = (1..=3)
-        .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-        .collect();
-    let mut cs = Coordinators::new();
-    for id in 1..=3 {
-        cs.insert(id, start(config(dir.path(), id, &peers)).await);
-    }
-    wait_for("a leader all three follow", Duration::from_secs(10), || {
-        leader_of(&cs).is_some_and(|l| {
-            let id = l.metrics().id;
-            cs.values().all(|h| h.metrics().current_leader == Some(id))
-        })
-    })
-    .await;
+    let (mut cs, peers) = group(dir.path()).await;
     let leader_id = leader_of(&cs).unwrap().metrics().id;
     let behind = (1..=3).find(|id| *id != leader_id).unwrap();
     let stopped_at = cs[&behind].metrics().last_log_index.unwrap_or(0);
@@ -483,23 +490,7 @@ async fn a_follower_down_through_2000_finished_jobs_catches_up_by_snapshot_withi
     );
 
     let rejoin = Instant::now();
-    cs.insert(behind, start(config(dir.path(), behind, &peers)).await);
-    wait_for(
-        "the follower down throughout catches up",
-        Duration::from_secs(30),
-        || {
-            let (Some(l), f) = (leader_of(&cs), &cs[&behind]) else {
-                return false;
-            };
-            f.metrics().last_applied == l.metrics().last_applied && state_of(f) == state_of(l)
-        },
-    )
-    .await;
-    let fm = cs[&behind].metrics();
-    assert!(
-        fm.snapshot.is_some_and(|s| s.index > stopped_at),
-        "the follower caught up without a snapshot: {fm:?}"
-    );
+    rejoin_by_snapshot(&mut cs, dir.path(), &peers, behind, stopped_at).await;
     println!(
         "a follower down through 2000 finished jobs caught up by snapshot in {:?}",
         rejoin.elapsed()
