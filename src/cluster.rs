@@ -11,13 +11,15 @@ use anyhow::{Context, Result, bail};
 use hcx_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use hcx_net::client::CoordinatorClient;
 use hcx_net::proto::{
-    ClusterInfoRequest, DrainNodeRequest, JobRef, JobStatus, ListJobsRequest, ListNodesRequest,
-    MembershipChange, RevokeRequest, SubmitJobRequest,
+    BlobRef, ClusterInfoRequest, DrainNodeRequest, JobRef, JobStatus, ListJobsRequest,
+    ListNodesRequest, MembershipChange, RevokeRequest, SubmitJobRequest,
 };
 use hcx_net::tls::{Identity, Role};
 use hcx_node::NodeConfig;
 use hcx_protocol::JobSpec;
+use hcx_protocol::job::{BlobFile, SentModel};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 /// Parses `1=host:port,2=host:port,…` as given to `what` (`--peers`, say).
 pub fn parse_peers(s: &str, what: &str) -> Result<BTreeMap<u64, String>> {
@@ -266,7 +268,7 @@ pub fn submit_request(
     if let Some(o) = output {
         spec.output = std::path::absolute(o).with_context(|| format!("{}", o.display()))?;
     }
-    spec.model = std::path::absolute(&spec.model).unwrap_or(spec.model);
+    spec.model.path = std::path::absolute(&spec.model.path).unwrap_or(spec.model.path);
     spec.output = std::path::absolute(&spec.output).unwrap_or(spec.output);
     if let Some(c) = &mut spec.calibration {
         for f in c.files_mut() {
@@ -342,9 +344,14 @@ pub async fn watch(client: &CoordinatorClient, job: &str, quiet: bool) -> Result
 
 /// One line per job state.
 pub fn describe(st: &JobStatus) -> String {
+    let to = if st.in_cluster {
+        "kept in the cluster"
+    } else {
+        st.output.as_str()
+    };
     let mut s = format!(
-        "{} `{}` {} ({}/{} shards) → {}",
-        st.job_id, st.name, st.state, st.shards_done, st.shards_total, st.output
+        "{} `{}` {} ({}/{} shards) → {to}",
+        st.job_id, st.name, st.state, st.shards_done, st.shards_total
     );
     if st.state == "failed" {
         s.push_str(&format!("\n  failed at {}: {}", st.failed_stage, st.reason));
@@ -360,28 +367,279 @@ pub fn describe(st: &JobStatus) -> String {
     s
 }
 
-/// `submit`: prints the job id; with `watch`, follows it to the end.
-pub async fn submit(
-    client: &CoordinatorClient,
-    spec: &JobSpec,
-    output: Option<&Path>,
-    key: Option<&str>,
-    follow: bool,
-) -> Result<bool> {
-    let req = submit_request(spec, output, key)?;
-    let reply = client
-        .call(|mut c| {
-            let r = req.clone();
-            async move { c.submit_job(r).await }
-        })
-        .await?;
+/// How `submit` hands a job over and what it waits for.
+#[derive(Debug, Default, Clone)]
+pub struct SubmitOptions {
+    /// Download the artifact here once the job succeeds (keeps it in the
+    /// cluster; implies `follow`).
+    pub download: Option<PathBuf>,
+    /// Keep the artifact in the cluster (fetched later with `fetch`).
+    pub in_cluster: bool,
+    /// Have the coordinators write the artifact here instead of the job's
+    /// `output` (inside their `--output-root`).
+    pub cluster_output: Option<PathBuf>,
+    /// The idempotency key.
+    pub key: Option<String>,
+    /// Follow the job to its end.
+    pub follow: bool,
+}
+
+/// `submit`: prints the job id; with `follow`, follows it to the end, and
+/// with `download`, fetches the artifact. A model the coordinators cannot
+/// read where the job says is sent to the cluster first.
+pub async fn submit(client: &CoordinatorClient, spec: &JobSpec, o: &SubmitOptions) -> Result<bool> {
+    if let Some(d) = &o.download {
+        check_fetch_target(d)?;
+    }
+    let in_cluster = o.in_cluster || o.download.is_some();
+    let mut req = submit_request(spec, o.cluster_output.as_deref(), o.key.as_deref())?;
+    req.in_cluster = in_cluster;
+    let send = |req: SubmitJobRequest| async move {
+        client
+            .call(|mut c| {
+                let r = req.clone();
+                async move { c.submit_job(r).await }
+            })
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let mut reply = send(req).await?;
+    if reply.model_wanted {
+        eprintln!(
+            "the coordinators do not read the model in place ({}); sending it",
+            reply.why
+        );
+        let mut spec = spec.clone();
+        spec.model.sent = Some(send_model(client, &spec.model.path).await?);
+        let mut req = submit_request(&spec, o.cluster_output.as_deref(), o.key.as_deref())?;
+        req.in_cluster = in_cluster;
+        reply = send(req).await?;
+        if reply.model_wanted {
+            bail!("the cluster asked for the model again: {}", reply.why);
+        }
+    }
     println!("{}", reply.job_id);
-    if !follow {
+    if !(o.follow || o.download.is_some()) {
         return Ok(true);
     }
     let st = watch(client, &reply.job_id, false).await?;
     println!("{}", describe(&st));
-    Ok(st.state == "succeeded")
+    if st.state != "succeeded" {
+        return Ok(false);
+    }
+    if let Some(d) = &o.download {
+        fetch(client, &reply.job_id, d).await?;
+    }
+    Ok(true)
+}
+
+/// Sends the model at `path` to the cluster, file by file, each resumed
+/// where the cluster's copy stops and skipped when the cluster holds it;
+/// returns what the job then names.
+pub async fn send_model(client: &CoordinatorClient, path: &Path) -> Result<SentModel> {
+    let p = path.to_path_buf();
+    let (dir, names, file) =
+        tokio::task::spawn_blocking(move || hcx_pipeline::run::model_files(&p)).await??;
+    let mut files = Vec::with_capacity(names.len());
+    let started = Instant::now();
+    let mut sent_bytes = 0u64;
+    for name in names {
+        let f = dir.join(&name);
+        let ff = f.clone();
+        let (sha256, bytes) =
+            tokio::task::spawn_blocking(move || hcx_coordinator::blobs::hash_file(&ff)).await??;
+        sent_bytes += put_blob(client, &f, &sha256, bytes)
+            .await
+            .with_context(|| format!("sending {}", f.display()))?;
+        files.push(BlobFile {
+            name,
+            sha256,
+            bytes,
+        });
+    }
+    eprintln!(
+        "sent {} file(s) of {}: {sent_bytes} new bytes in {:.1} s",
+        files.len(),
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let sent = SentModel { files, file };
+    sent.validate().map_err(anyhow::Error::msg)?;
+    Ok(sent)
+}
+
+/// Sends one file as blob `sha` until the leader holds it and a majority
+/// of the voters do; returns the bytes that travelled.
+async fn put_blob(client: &CoordinatorClient, path: &Path, sha: &str, total: u64) -> Result<u64> {
+    let mut moved = 0u64;
+    for _ in 0..8 {
+        let have = client
+            .call(|mut c| {
+                let sha = sha.to_string();
+                async move {
+                    c.blob_status(BlobRef {
+                        sha256: sha,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+            .await?;
+        let from = if have.complete { total } else { have.held };
+        let got = client
+            .call(|mut c| {
+                let rx =
+                    hcx_coordinator::transfer::file_chunks(path.to_path_buf(), sha, from, false);
+                let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+                    .take_while(|r| r.is_ok())
+                    .filter_map(|r| r.ok());
+                async move { c.put_blob(stream).await }
+            })
+            .await?;
+        moved += got.held.saturating_sub(from);
+        if got.complete {
+            return Ok(moved);
+        }
+    }
+    bail!("the cluster holds only part of it after 8 tries")
+}
+
+fn check_fetch_target(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                bail!(
+                    "{}: exists and is not empty; fetch writes a new folder",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("{}", dir.display())),
+    }
+}
+
+/// `fetch JOB --output DIR`: downloads a succeeded job's artifact kept in the
+/// cluster into DIR, checking every file's SHA-256 against the committed
+/// one; an interrupted fetch resumes.
+pub async fn fetch(client: &CoordinatorClient, job: &str, dir: &Path) -> Result<()> {
+    check_fetch_target(dir)?;
+    let st = client
+        .call(|mut c| {
+            let job_id = job.to_string();
+            async move { c.get_job(JobRef { job_id }).await }
+        })
+        .await?;
+    if !st.in_cluster {
+        bail!(
+            "{job} wrote its artifact to {} on the coordinators; nothing is kept in the cluster",
+            st.output
+        );
+    }
+    if st.state != "succeeded" {
+        bail!(
+            "{job} is {}; only a succeeded job has an artifact",
+            st.state
+        );
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "artifact".into());
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(".{name}.fetch-{job}"));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let started = Instant::now();
+    let mut total = 0u64;
+    for f in &st.artifact {
+        if f.name.contains('/') || f.name.starts_with('.') {
+            bail!(
+                "{job}: the cluster lists an artifact file named {:?}",
+                f.name
+            );
+        }
+        let to = tmp.join(&f.name);
+        get_blob(client, &to, &f.sha256, f.bytes)
+            .await
+            .with_context(|| format!("fetching {} of {job}", f.name))?;
+        total += f.bytes;
+    }
+    if dir.exists() {
+        std::fs::remove_dir(dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    eprintln!(
+        "fetched {job}: {} file(s), {total} bytes into {} in {:.1} s; every SHA-256 matches",
+        st.artifact.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Downloads blob `sha` into `to`, resuming a partial file, and checks it.
+async fn get_blob(client: &CoordinatorClient, to: &Path, sha: &str, bytes: u64) -> Result<()> {
+    use std::io::Write;
+    for _ in 0..8 {
+        let held = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
+        if held == bytes {
+            let t = to.to_path_buf();
+            let (got, _) =
+                tokio::task::spawn_blocking(move || hcx_coordinator::blobs::hash_file(&t))
+                    .await??;
+            if got == sha {
+                return Ok(());
+            }
+            std::fs::remove_file(to).with_context(|| format!("{}", to.display()))?;
+            eprintln!(
+                "{}: SHA-256 {got} is not the committed {sha}; fetching again",
+                to.display()
+            );
+            continue;
+        }
+        if held > bytes {
+            std::fs::remove_file(to).with_context(|| format!("{}", to.display()))?;
+            continue;
+        }
+        let mut stream = client
+            .call(|mut c| {
+                let r = BlobRef {
+                    sha256: sha.to_string(),
+                    offset: held,
+                    ..Default::default()
+                };
+                async move { c.get_blob(r).await }
+            })
+            .await?;
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(to)
+            .with_context(|| format!("{}: cannot open", to.display()))?;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => out
+                    .write_all(&chunk.data)
+                    .with_context(|| format!("{}: cannot write", to.display()))?,
+                Ok(None) => break,
+                Err(s) => {
+                    eprintln!(
+                        "{}: download broke ({}); resuming",
+                        to.display(),
+                        s.message()
+                    );
+                    break;
+                }
+            }
+        }
+        out.sync_all()
+            .with_context(|| format!("{}: cannot sync", to.display()))?;
+    }
+    bail!("{}: no whole, matching copy after 8 tries", to.display())
 }
 
 /// `status [JOB]`.
@@ -433,7 +691,10 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
         "failed_stage": j.failed_stage, "output": j.output, "shards_done": j.shards_done,
         "shards_total": j.shards_total, "source_bytes": j.source_bytes,
         "artifact_bytes": j.artifact_bytes, "submitted_ms": j.submitted_ms,
-        "finished_ms": j.finished_ms,
+        "finished_ms": j.finished_ms, "in_cluster": j.in_cluster,
+        "artifact": j.artifact.iter().map(|f| serde_json::json!({
+            "name": f.name, "sha256": f.sha256, "bytes": f.bytes,
+        })).collect::<Vec<_>>(),
         "shards": j.shards.iter().map(|s| serde_json::json!({
             "id": s.id, "label": s.label, "tensors": s.tensors, "node": s.node,
             "attempt": s.attempt, "done": s.done, "last_error": s.last_error,
@@ -692,7 +953,11 @@ impl Embedded {
         output: Option<&Path>,
         quiet: bool,
     ) -> Result<JobStatus> {
-        let req = submit_request(spec, output, None)?;
+        // The embedded coordinator shares this machine's files: the model
+        // is read in place, never sent.
+        let mut spec = spec.clone();
+        spec.model.shared = true;
+        let req = submit_request(&spec, output, None)?;
         let reply = self
             .client
             .call(|mut c| {

@@ -75,12 +75,14 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         lease_ms: u64,
         /// Folder submitted jobs may write their artifacts inside (repeatable);
-        /// a job whose `output` resolves elsewhere is refused.
-        #[arg(long = "output-root", value_name = "DIR", required = true)]
+        /// a job whose `output` resolves elsewhere is refused. With none,
+        /// every artifact stays in the cluster until fetched.
+        #[arg(long = "output-root", value_name = "DIR")]
         output_roots: Vec<PathBuf>,
         /// Folder (or model file) submitted jobs may read their model from
-        /// (repeatable); a job whose `model` resolves elsewhere is refused.
-        #[arg(long = "model-root", value_name = "DIR", required = true)]
+        /// in place (repeatable). A model elsewhere is sent by `submit`,
+        /// unless the job marks it `shared`, which is then refused.
+        #[arg(long = "model-root", value_name = "DIR")]
         model_roots: Vec<PathBuf>,
         /// Join a running group (after `coordinators add ID=ADDR`) instead
         /// of founding one with --peers; --peers then needs only this
@@ -94,6 +96,11 @@ enum Command {
         /// Delete finished jobs this long after they ended (90s, 30m, 12h, 7d).
         #[arg(long, value_parser = cluster::parse_age)]
         retain_age: Option<std::time::Duration>,
+        /// Delete the oldest finished jobs while the bytes the cluster keeps
+        /// for jobs (sent models, artifacts kept in the cluster) pass this
+        /// (500MB, 20GB).
+        #[arg(long, value_parser = parse_size)]
+        retain_bytes: Option<u64>,
     },
     /// Run a worker node.
     Node {
@@ -127,9 +134,18 @@ enum Command {
         job: PathBuf,
         #[command(flatten)]
         connect: ClientArgs,
-        /// Write the artifact here instead of the job's `output`.
-        #[arg(long)]
+        /// Keep the artifact in the cluster, follow the job, and download the
+        /// artifact into this folder on this machine (checking every file's
+        /// SHA-256) once it succeeds.
+        #[arg(long, conflicts_with_all = ["cluster_output", "in_cluster"])]
         output: Option<PathBuf>,
+        /// Keep the artifact in the cluster, to download later with `fetch`.
+        #[arg(long, conflicts_with = "cluster_output")]
+        in_cluster: bool,
+        /// Have the coordinators write the artifact here instead of the
+        /// job's `output` (a folder inside their --output-root).
+        #[arg(long, value_name = "PATH")]
+        cluster_output: Option<PathBuf>,
         /// Follow the job until it ends; exit non-zero unless it succeeds.
         #[arg(long)]
         watch: bool,
@@ -167,6 +183,17 @@ enum Command {
     Delete {
         /// The job id.
         job: String,
+        #[command(flatten)]
+        connect: ClientArgs,
+    },
+    /// Download a succeeded job's artifact kept in the cluster, checking
+    /// every file's SHA-256 (an interrupted fetch resumes).
+    Fetch {
+        /// The job id.
+        job: String,
+        /// The folder to create (it must not exist, or be empty).
+        #[arg(long)]
+        output: PathBuf,
         #[command(flatten)]
         connect: ClientArgs,
     },
@@ -452,7 +479,7 @@ fn load_job(path: Option<&Path>) -> Result<JobSpec> {
             let cwd = std::env::current_dir().context("cannot read the current folder")?;
             let mut spec =
                 JobSpec::parse(DEFAULT_JOB, Path::new("<embedded minilm-4bit.yaml>"), &cwd)?;
-            spec.model = std::env::var_os("HCX_MODEL_DIR")
+            spec.model.path = std::env::var_os("HCX_MODEL_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| cwd.join("models/all-MiniLM-L6-v2"));
             spec.output = cwd.join("out/minilm-4bit");
@@ -502,8 +529,8 @@ fn run_embedded(
     }
     // The embedded coordinator may read this job's model and write its
     // output, and nothing else.
-    let model =
-        std::path::absolute(&spec.model).with_context(|| format!("{}", spec.model.display()))?;
+    let model = std::path::absolute(&spec.model.path)
+        .with_context(|| format!("{}", spec.model.path.display()))?;
     let out = output.unwrap_or(&spec.output);
     let out = std::path::absolute(out).with_context(|| format!("{}", out.display()))?;
     // The nearest existing folder above each: the run itself creates
@@ -653,6 +680,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             join,
             retain_jobs,
             retain_age,
+            retain_bytes,
         } => {
             let sec = tls.security()?;
             runtime()?.block_on(cluster::coordinator(
@@ -668,6 +696,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     retention: hcx_coordinator::Retention {
                         max_jobs: retain_jobs,
                         max_age: retain_age,
+                        max_bytes: retain_bytes,
                     },
                 },
                 &sec,
@@ -698,20 +727,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             job,
             connect,
             output,
+            in_cluster,
+            cluster_output,
             watch,
             idempotency_key,
         } => {
             let spec = JobSpec::load(&job)?;
+            let opts = cluster::SubmitOptions {
+                download: output,
+                in_cluster,
+                cluster_output,
+                key: idempotency_key,
+                follow: watch,
+            };
             let ok = runtime()?.block_on(async {
                 let c = connect.client()?;
-                cluster::submit(
-                    &c,
-                    &spec,
-                    output.as_deref(),
-                    idempotency_key.as_deref(),
-                    watch,
-                )
-                .await
+                cluster::submit(&c, &spec, &opts).await
             })?;
             if !ok {
                 bail!("the job did not succeed");
@@ -733,6 +764,14 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Delete { job, connect } => runtime()?.block_on(async {
             let c = connect.client()?;
             cluster::delete(&c, job).await
+        }),
+        Command::Fetch {
+            job,
+            output,
+            connect,
+        } => runtime()?.block_on(async {
+            let c = connect.client()?;
+            cluster::fetch(&c, &job, &output).await
         }),
         Command::Coordinators {
             command: CoordinatorsCommand::Add { members, connect },

@@ -103,6 +103,17 @@ impl Cluster {
     /// models only from `models` (or `dir`), and `nodes` nodes, each with a
     /// certificate naming it.
     fn start(dir: &Path, nodes: usize, models: &[&Path]) -> Cluster {
+        Cluster::start_with(dir, nodes, Some(models))
+    }
+
+    /// Three coordinators that share no folder with anyone (no
+    /// `--model-root`, no `--output-root`: models are sent by `submit` and
+    /// artifacts stay in the cluster), and `nodes` nodes.
+    fn start_bare(dir: &Path, nodes: usize) -> Cluster {
+        Cluster::start_with(dir, nodes, None)
+    }
+
+    fn start_with(dir: &Path, nodes: usize, models: Option<&[&Path]>) -> Cluster {
         // The CA stays in `ca/`; each machine gets its own folder under
         // `certs/` with only what `certs issue` writes.
         let ca = dir.join("ca");
@@ -142,10 +153,13 @@ impl Cluster {
                 &["--host", ips[i % 3], "--label", site],
             );
         }
-        let mut roots: Vec<String> = vec!["--output-root".into(), dir.display().to_string()];
-        let own = [dir];
-        for m in if models.is_empty() { &own[..] } else { models } {
-            roots.extend(["--model-root".into(), m.display().to_string()]);
+        let mut roots: Vec<String> = Vec::new();
+        if let Some(models) = models {
+            roots.extend(["--output-root".into(), dir.display().to_string()]);
+            let own = [dir];
+            for m in if models.is_empty() { &own[..] } else { models } {
+                roots.extend(["--model-root".into(), m.display().to_string()]);
+            }
         }
         let addrs: Vec<String> = ips
             .iter()
@@ -368,7 +382,7 @@ fn submit(c: &Cluster, job: &Path, output: &Path, key: &str) -> String {
     c.run_ok(&[
         "submit",
         job.to_str().unwrap(),
-        "--output",
+        "--cluster-output",
         output.to_str().unwrap(),
         "--idempotency-key",
         key,
@@ -413,7 +427,7 @@ fn submit_and_watch(c: &Cluster, job: &Path, output: &Path) {
     let submitted = c.run_ok(&[
         "submit",
         job.to_str().unwrap(),
-        "--output",
+        "--cluster-output",
         output.to_str().unwrap(),
         "--watch",
     ]);
@@ -452,7 +466,7 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
     let submitted = c.run_ok(&[
         "submit",
         job.to_str().unwrap(),
-        "--output",
+        "--cluster-output",
         out_s,
         "--watch",
         "--idempotency-key",
@@ -476,7 +490,7 @@ fn minilm_on_three_coordinators_and_three_nodes_matches_the_local_run() {
     let refused = c.run(&[
         "submit",
         job.to_str().unwrap(),
-        "--output",
+        "--cluster-output",
         other.to_str().unwrap(),
         "--idempotency-key",
         "minilm-once",
@@ -1131,6 +1145,147 @@ fn a_cancelled_job_stops_leaves_no_artifact_and_can_be_deleted() {
     let all: serde_json::Value = serde_json::from_str(&c.run_ok(&["status", "--json"])).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 0, "{all}");
     assert!(!dir.path().join(".out.hcx-shards").join(&id).exists());
+}
+
+/// The blobs (file names) in each coordinator's blob store.
+fn blobs_held(c: &Cluster) -> Vec<std::collections::BTreeSet<String>> {
+    (1..=3)
+        .map(|i| {
+            std::fs::read_dir(c.dir.join(format!("c{i}/blobs")))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .filter(|n| n.len() == 64)
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn a_model_sent_by_submit_and_an_artifact_fetched_match_the_local_run() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start_bare(dir.path(), 2);
+    // A model marked shared is read in place or not at all.
+    let shared_job = dir.path().join("shared.yaml");
+    let text = std::fs::read_to_string(job).unwrap();
+    let model = job.parent().unwrap().join("model.safetensors");
+    std::fs::write(
+        &shared_job,
+        text.replace(
+            &format!("model: {}", model.display()),
+            &format!("model: {{path: {}, shared: true}}", model.display()),
+        ),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&shared_job)
+            .unwrap()
+            .contains("shared: true")
+    );
+    let refused = c.run(&["submit", shared_job.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("has no --model-root"),
+        "{err}"
+    );
+
+    // No coordinator can read the model: submit sends it, and the
+    // artifact comes back byte-identical to the local run.
+    let fetched = dir.path().join("fetched");
+    let out = c.run(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        fetched.to_str().unwrap(),
+        "--idempotency-key",
+        "sent-1",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", c.logs());
+    assert!(
+        stderr.contains("sending it") && stderr.contains("every SHA-256 matches"),
+        "{stderr}"
+    );
+    let first = stdout.lines().next().unwrap().trim().to_string();
+    assert_same_artifact(reference, &fetched);
+    let model_sha = hcx_coordinator::blobs::hash_file(&model).unwrap().0;
+    let st = c.status(&first);
+    let artifact: Vec<String> = st["artifact"]
+        .as_array()
+        .expect("artifact files")
+        .iter()
+        .map(|f| f["sha256"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!artifact.is_empty(), "{st}");
+    // The model and every artifact file are held by a majority.
+    let held = blobs_held(&c);
+    for sha in artifact.iter().chain([&model_sha]) {
+        let n = held.iter().filter(|h| h.contains(sha)).count();
+        assert!(n >= 2, "blob {sha} is on {n} of 3 coordinators: {held:?}");
+    }
+
+    // The same model again: nothing new travels.
+    let out = c.run(&["submit", job.to_str().unwrap(), "--in-cluster"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(": 0 new bytes"), "{stderr}");
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    c.wait_succeeded(&second);
+
+    // With the leader gone, the artifacts are still there to fetch.
+    let leader = c.leader();
+    c.coordinators[leader].kill9();
+    for (id, name) in [(&first, "again-1"), (&second, "again-2")] {
+        let to = dir.path().join(name);
+        c.run_ok(&["fetch", id, "--output", to.to_str().unwrap()]);
+        assert_same_artifact(reference, &to);
+    }
+    // Fetch does not write into a folder that holds something.
+    let busy = c.run(&["fetch", &first, "--output", fetched.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("is not empty"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+
+    // Deleted, the jobs take their bytes with them on every live
+    // coordinator.
+    c.run_ok(&["delete", &first]);
+    c.run_ok(&["delete", &second]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = blobs_held(&c);
+        let live: Vec<_> = (0..3).filter(|i| *i != leader).map(|i| &held[i]).collect();
+        if live.iter().all(|h| h.is_empty()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let mut what = String::new();
+            for (i, h) in held.iter().enumerate() {
+                for sha in h {
+                    let b = std::fs::read(c.dir.join(format!("c{}/blobs/{sha}", i + 1)))
+                        .unwrap_or_default();
+                    what.push_str(&format!(
+                        "c{} {sha}: {} bytes: {:?}\n",
+                        i + 1,
+                        b.len(),
+                        String::from_utf8_lossy(&b[..b.len().min(120)])
+                    ));
+                }
+            }
+            panic!(
+                "blobs left after deleting every job (leader was c{}):\n{what}",
+                leader + 1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]

@@ -387,7 +387,7 @@ impl Compose {
         self.cli_ok(&[
             "submit",
             job.to_str().unwrap(),
-            "--output",
+            "--cluster-output",
             output,
             "--idempotency-key",
             key,
@@ -554,7 +554,7 @@ fn history_client(
                 let out = c.cli(&[
                     "submit",
                     job.to_str().unwrap(),
-                    "--output",
+                    "--cluster-output",
                     &format!("/artifacts/tiny/{key}"),
                     "--idempotency-key",
                     key,

@@ -6,7 +6,6 @@
 //! nothing else.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use hcx_net::certs::CertFacts;
@@ -15,7 +14,6 @@ use hcx_net::tls::{Identity, Role};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::service::shard_store;
 use crate::state::{Command, JobState, ShardResult};
 use crate::{CoordinatorError, Shared};
 
@@ -98,7 +96,7 @@ fn recv_stop(mut recv: quinn::RecvStream) -> Result<(), quinn::ClosedStream> {
 /// Serves one stream of a connection whose certificate says `certified`
 /// (`None` under `--insecure`).
 async fn serve_stream(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     certified: Option<&CertFacts>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -168,7 +166,7 @@ async fn fetch(
     job: &str,
     tensor: &str,
 ) -> Result<(), FrameError> {
-    let Some((model_path, holds)) = shared.view.read(|s| {
+    let Some((spec, holds)) = shared.view.read(|s| {
         let j = s.jobs.get(job)?;
         let holds = j.state == JobState::Running
             && j.shards.iter().any(|r| {
@@ -176,7 +174,7 @@ async fn fetch(
                     && r.node.as_deref() == Some(node)
                     && r.shard.tensors.iter().any(|t| t == tensor)
             });
-        Some((j.spec.model.clone(), holds))
+        Some((j.spec.clone(), holds))
     }) else {
         reply_error(send, format!("no job {job:?}"), None).await;
         return Ok(());
@@ -193,6 +191,13 @@ async fn fetch(
         .await;
         return Ok(());
     }
+    let model_path = match shared.model_path(&spec).await {
+        Ok(p) => p,
+        Err(e) => {
+            reply_error(send, e, None).await;
+            return Ok(());
+        }
+    };
     let model = match shared.model(&model_path).await {
         Ok(m) => m,
         Err(e) => {
@@ -227,7 +232,7 @@ async fn fetch(
 type UploadError = (String, Option<String>);
 
 async fn upload(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     recv: &mut quinn::RecvStream,
     job: &str,
     shard: u32,
@@ -239,7 +244,7 @@ async fn upload(
             shared.leader_addr(),
         ));
     }
-    let (output, limit) = shared
+    let limit = shared
         .view
         .read(|s| {
             let j = s.jobs.get(job)?;
@@ -247,12 +252,7 @@ async fn upload(
             let current = r.result.is_none()
                 && r.attempt == result.attempt
                 && r.node.as_deref() == Some(result.node.as_str());
-            current.then(|| {
-                (
-                    j.output.clone(),
-                    r.shard.memory_bytes.saturating_mul(MAX_GROWTH) + (16 << 20),
-                )
-            })
+            current.then(|| r.shard.memory_bytes.saturating_mul(MAX_GROWTH) + (16 << 20))
         })
         .ok_or_else(|| {
             (
@@ -272,13 +272,15 @@ async fn upload(
             None,
         ));
     }
-    let dir = shard_store(Path::new(&output), job);
+    let dir = shared.data_dir.join("staging");
     let io = |what: &str, e: std::io::Error| (format!("{}: {what}: {e}", dir.display()), None);
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| io("cannot create", e))?;
-    let partial = dir.join(format!("shard-{shard:05}.a{}.partial", result.attempt));
-    let fin = dir.join(format!("shard-{shard:05}.a{}.bin", result.attempt));
+    let partial = dir.join(format!(
+        "{job}-shard-{shard:05}.a{}.partial",
+        result.attempt
+    ));
     let mut file = tokio::fs::File::create(&partial)
         .await
         .map_err(|e| io("cannot create", e))?;
@@ -319,9 +321,19 @@ async fn upload(
             None,
         ));
     }
-    tokio::fs::rename(&partial, &fin)
+    // Kept by content, and done only once a majority of the voters hold
+    // it: a leader lost after this point leaves the shard to the next.
+    let store = shared.blobs.clone();
+    let p = partial.clone();
+    let adopted = tokio::task::spawn_blocking(move || store.adopt(&p))
         .await
-        .map_err(|e| io("cannot rename", e))?;
+        .map_err(|e| (e.to_string(), None))?;
+    let _ = tokio::fs::remove_file(&partial).await;
+    adopted.map_err(|e| (e.to_string(), None))?;
+    shared
+        .replicate(&result.sha256, result.bytes)
+        .await
+        .map_err(|s| (format!("{job} shard {shard}: {}", s.message()), None))?;
     shared.saw(&result.node);
     let r = shared
         .propose(Command::ShardDone {

@@ -6,6 +6,7 @@
 //! plane on the same port (UDP), and the leader's supervisor loop that
 //! hands out shards, expires leases and merges finished jobs.
 
+pub mod blobs;
 pub mod dataplane;
 pub mod network;
 pub mod roots;
@@ -14,6 +15,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod supervisor;
+pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -74,6 +76,9 @@ pub struct Retention {
     pub max_jobs: usize,
     /// Delete a finished job this long after it ended.
     pub max_age: Option<Duration>,
+    /// Delete the oldest finished jobs while the blobs the jobs need (sent
+    /// models, in-cluster artifacts) pass this many bytes.
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for Retention {
@@ -81,6 +86,7 @@ impl Default for Retention {
         Retention {
             max_jobs: 10_000,
             max_age: None,
+            max_bytes: None,
         }
     }
 }
@@ -131,6 +137,12 @@ pub struct Shared {
     pub(crate) roots: roots::Roots,
     /// Which finished jobs to keep.
     pub(crate) retention: Retention,
+    /// The data dir (raft store, blobs, laid-out models, staging).
+    pub(crate) data_dir: PathBuf,
+    /// Sent models, shard files and in-cluster artifacts, by SHA-256.
+    pub(crate) blobs: blobs::BlobStore,
+    /// How to dial the other coordinators.
+    pub(crate) transport: PeerTransport,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -437,7 +449,9 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
     .map_err(|e| CoordinatorError::Config(e.to_string()))?;
     let client_tls = cfg.tls.as_ref().map(hcx_net::tls::tonic_client_tls);
     let transport = PeerTransport::new(client_tls);
-    let raft = Raft::new(cfg.id, Arc::new(config), transport, log, sm)
+    let blob_store = blobs::BlobStore::open(&cfg.data_dir.join("blobs"))
+        .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+    let raft = Raft::new(cfg.id, Arc::new(config), transport.clone(), log, sm)
         .await
         .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
     let members: BTreeMap<NodeId, BasicNode> = cfg
@@ -468,6 +482,9 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         own_serial: cfg.tls.as_ref().map(|id| id.facts().serial.clone()),
         roots,
         retention: cfg.retention,
+        data_dir: cfg.data_dir.clone(),
+        blobs: blob_store,
+        transport,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder();
@@ -510,11 +527,12 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         }
     });
     let quic = dataplane::start(shared.clone(), addr, cfg.tls.as_ref())?;
+    let sweep = tokio::spawn(supervisor::sweep(shared.clone(), shutdown_rx.clone()));
     let sup = tokio::spawn(supervisor::run(shared.clone(), shutdown_rx));
     Ok(CoordinatorHandle {
         shared,
         shutdown,
-        tasks: vec![grpc, quic, sup],
+        tasks: vec![grpc, quic, sup, sweep],
         addr,
     })
 }

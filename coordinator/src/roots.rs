@@ -24,11 +24,18 @@ pub enum RootError {
         /// Why.
         why: String,
     },
-    /// No root of a kind was given.
-    #[error("no --{flag} given: a coordinator needs at least one")]
+    /// No root of a kind was given, so nothing of that kind is read or
+    /// written in place.
+    #[error("{what} {}: this coordinator has no --{flag}, so it {does}", path.display())]
     NoRoot {
+        /// `model`, `calibration file` or `output`.
+        what: &'static str,
+        /// The path as submitted.
+        path: PathBuf,
         /// The flag.
         flag: &'static str,
+        /// What it therefore does not do.
+        does: &'static str,
     },
     /// A job's path cannot be resolved.
     #[error("{what} {}: {why}", path.display())]
@@ -74,12 +81,11 @@ pub struct Roots {
 
 impl Roots {
     /// Resolves the roots; each must be an existing folder (a model root may
-    /// also be a single model file).
+    /// also be a single model file). Either list may be empty: with no model
+    /// root every model is sent by `submit`, with no output root every
+    /// artifact stays in the cluster.
     pub fn new(models: &[PathBuf], outputs: &[PathBuf]) -> Result<Roots, RootError> {
         let canon = |flag: &'static str, list: &[PathBuf], folder: bool| {
-            if list.is_empty() {
-                return Err(RootError::NoRoot { flag });
-            }
             list.iter()
                 .map(|p| {
                     let bad = |why: String| RootError::BadRoot {
@@ -112,7 +118,20 @@ impl Roots {
         self.input("calibration file", path)
     }
 
+    /// Whether artifacts may be written to output folders at all.
+    pub fn writes_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
     fn input(&self, what: &'static str, path: &Path) -> Result<PathBuf, RootError> {
+        if self.models.is_empty() {
+            return Err(RootError::NoRoot {
+                what,
+                path: path.to_path_buf(),
+                flag: "model-root",
+                does: "reads no file in place (send the model with `submit`)",
+            });
+        }
         let resolved = resolve(what, path)?;
         if self.models.iter().any(|r| resolved.starts_with(r)) {
             return Ok(resolved);
@@ -129,6 +148,14 @@ impl Roots {
     /// The artifact folder at `path`, resolved, if it lies strictly inside
     /// an output root (its shard files wait beside it, in its parent).
     pub fn output(&self, path: &Path) -> Result<PathBuf, RootError> {
+        if self.outputs.is_empty() {
+            return Err(RootError::NoRoot {
+                what: "output",
+                path: path.to_path_buf(),
+                flag: "output-root",
+                does: "keeps artifacts in the cluster (fetch them with `hcx-cluster fetch`)",
+            });
+        }
         let resolved = resolve("output", path)?;
         if self
             .outputs
@@ -321,8 +348,16 @@ mod tests {
         let b = &f.base;
         let e = Roots::new(&[b.join("models")], &[b.join("missing")]).unwrap_err();
         assert!(e.to_string().starts_with("--output-root"), "{e}");
-        let e = Roots::new(&[], &[b.join("out")]).unwrap_err();
-        assert!(e.to_string().contains("no --model-root"), "{e}");
+        // No root of a kind: nothing of that kind in place, and a clear why.
+        let none = Roots::new(&[], &[]).unwrap();
+        assert!(!none.writes_outputs());
+        let e = none.model(&b.join("models/m")).unwrap_err();
+        assert!(e.to_string().contains("has no --model-root"), "{e}");
+        let e = none.output(&b.join("out/x")).unwrap_err();
+        assert!(
+            e.to_string().contains("keeps artifacts in the cluster"),
+            "{e}"
+        );
         let e =
             Roots::new(&[b.join("models")], &[b.join("models/m/model.safetensors")]).unwrap_err();
         assert!(e.to_string().contains("not a folder"), "{e}");

@@ -10,11 +10,11 @@ use futures::Stream;
 use hcx_net::proto::cluster_server::Cluster;
 use hcx_net::proto::raft_server::Raft as RaftRpc;
 use hcx_net::proto::{
-    Ack, Assignment, ClusterInfoReply, ClusterInfoRequest, DrainNodeRequest, Group, GroupToken,
-    GroupTokenRef, HeartbeatReply, HeartbeatRequest, JobRef, JobStatus, ListJobsReply,
-    ListJobsRequest, ListNodesReply, ListNodesRequest, MembershipChange, NodeInfo, NodeStatus,
-    RaftMessage, RevokeRequest, ShardFailure, ShardStatus, SnapshotChunk, SubmitJobReply,
-    SubmitJobRequest,
+    Ack, ArtifactFile, Assignment, BlobChunk, BlobHave, BlobRef, ClusterInfoReply,
+    ClusterInfoRequest, DrainNodeRequest, Group, GroupToken, GroupTokenRef, HeartbeatReply,
+    HeartbeatRequest, JobRef, JobStatus, ListJobsReply, ListJobsRequest, ListNodesReply,
+    ListNodesRequest, MembershipChange, NodeInfo, NodeStatus, RaftMessage, RevokeRequest,
+    ShardFailure, ShardStatus, SnapshotChunk, SubmitJobReply, SubmitJobRequest,
 };
 use hcx_protocol::JobSpec;
 use tonic::{Request, Response, Status};
@@ -81,6 +81,16 @@ pub fn job_status(j: &JobRecord) -> JobStatus {
             .collect(),
         source_bytes,
         artifact_bytes,
+        in_cluster: j.in_cluster(),
+        artifact: j
+            .artifact
+            .iter()
+            .map(|f| ArtifactFile {
+                name: f.name.clone(),
+                sha256: f.sha256.clone(),
+                bytes: f.bytes,
+            })
+            .collect(),
         submitted_ms: j.submitted_ms,
         finished_ms: j.finished_ms.unwrap_or(0),
     }
@@ -147,13 +157,18 @@ impl ClusterService {
             })?;
             spec
         };
-        if spec.model.is_relative() || spec.output.is_relative() {
-            spec.model = base.join(&spec.model);
+        if spec.model.path.is_relative() {
+            spec.model.path = base.join(&spec.model.path);
+        }
+        if spec.output.is_relative() {
             spec.output = base.join(&spec.output);
         }
         if !req.output.is_empty() {
             spec.output = base.join(&req.output);
         }
+        // A coordinator with no --output-root keeps every artifact in the
+        // cluster.
+        let in_cluster = req.in_cluster || !sh.roots.writes_outputs();
         // Only inside this coordinator's roots, checked before anything is
         // created; the job keeps the resolved paths.
         // Calibration files are read by the group's nodes: model roots too.
@@ -174,19 +189,54 @@ impl ClusterService {
                     f.try_map(|p| roots.calibration(p))?;
                 }
             }
-            Ok((roots.model(&model)?, roots.output(&output)?, calibration))
+            let output = if in_cluster {
+                None
+            } else {
+                Some(roots.output(&output)?)
+            };
+            // A sent model is read from the blobs; one read in place must
+            // lie inside the model roots (a model that is not `shared`
+            // and cannot be read here is asked for below).
+            let model = if model.sent.is_some() {
+                Ok(None)
+            } else {
+                roots.model(&model.path).map(Some)
+            };
+            Ok((model, output, calibration))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
-        spec.model = model;
-        spec.output = output;
+        let wanted = |why: String| SubmitJobReply {
+            model_wanted: true,
+            why,
+            ..Default::default()
+        };
+        let local = match model {
+            Ok(Some(p)) => {
+                spec.model.path = p.clone();
+                p
+            }
+            Ok(None) => sh
+                .model_path(&spec)
+                .await
+                .map_err(|e| Status::failed_precondition(format!("the sent model: {e}")))?,
+            Err(e) if !spec.model.shared => return Ok(wanted(e.to_string())),
+            Err(e) => return Err(Status::permission_denied(e.to_string())),
+        };
+        if let Some(o) = output {
+            spec.output = o;
+        }
         spec.calibration = calibration;
+        let output = if in_cluster {
+            String::new()
+        } else {
+            spec.output.display().to_string()
+        };
         // A key seen before answers with its job when the resolved spec is
         // the same (a retried submit; its output may exist by now), and is
         // refused when it is not.
         if let Some(k) = &key {
-            let output = spec.output.display().to_string();
             let known = sh.view.read(|s| {
                 let id = s.keys.get(k)?;
                 let j = s.jobs.get(id)?;
@@ -200,6 +250,7 @@ impl ClusterService {
                     return Ok(SubmitJobReply {
                         job_id: id,
                         existing: true,
+                        ..Default::default()
                     });
                 }
                 Some((id, Some(theirs))) => {
@@ -213,15 +264,20 @@ impl ClusterService {
                 None => {}
             }
         }
-        let out = spec.output.clone();
-        tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let model = sh
-            .model(&spec.model)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !in_cluster {
+            let out = spec.output.clone();
+            tokio::task::spawn_blocking(move || hcx_pipeline::run::check_output(&out))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let model = match sh.model(&local).await {
+            Ok(m) => m,
+            Err(e) if !spec.model.shared && spec.model.sent.is_none() => {
+                return Ok(wanted(e.to_string()));
+            }
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
         let tensors: Vec<TensorCost> = model
             .tensors
             .iter()
@@ -271,7 +327,6 @@ impl ClusterService {
         } else {
             scheduler::place(&shards, &nodes, &opts, &BTreeMap::new()).unwrap_or_default()
         };
-        let output = spec.output.display().to_string();
         let r = sh
             .propose(Command::SubmitJob {
                 idempotency_key: key,
@@ -288,6 +343,7 @@ impl ClusterService {
         Ok(SubmitJobReply {
             existing: !r.message.is_empty(),
             job_id: r.job.unwrap_or_default(),
+            ..Default::default()
         })
     }
 }
@@ -339,9 +395,188 @@ const OPERATORS: &[Role] = &[Role::Client, Role::Coordinator];
 const NODES: &[Role] = &[Role::Node];
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+fn blob_status(e: crate::blobs::BlobError) -> Status {
+    match e {
+        crate::blobs::BlobError::Io { .. } => Status::internal(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+impl ClusterService {
+    /// Takes a blob's chunks; see `PutBlob` in the proto.
+    async fn put_blob(
+        &self,
+        peer_ok: bool,
+        mut stream: tonic::Streaming<BlobChunk>,
+    ) -> Result<BlobHave, Status> {
+        let sh = &self.shared;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("PutBlob: the stream held no chunk"))?;
+        let (sha, total, peer) = (first.sha256.clone(), first.total, first.peer);
+        if peer && !peer_ok {
+            return Err(Status::permission_denied(
+                "PutBlob: a peer copy needs a coordinator certificate",
+            ));
+        }
+        if !peer {
+            sh.require_leader()?;
+        }
+        let store = sh.blobs.clone();
+        let s = sha.clone();
+        let (mut held, complete) = tokio::task::spawn_blocking(move || store.held(&s))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(blob_status)?;
+        if complete {
+            sh.blobs.touch(&sha);
+        }
+        let mut next = Some(first);
+        while let Some(c) = next.take() {
+            if c.sha256 != sha || c.total != total {
+                return Err(Status::invalid_argument(format!(
+                    "PutBlob: a chunk of {} ({} bytes) in the stream of {sha} ({total} bytes)",
+                    c.sha256, c.total
+                )));
+            }
+            if !complete {
+                let store = sh.blobs.clone();
+                let s = sha.clone();
+                held = tokio::task::spawn_blocking(move || {
+                    store.write(&s, c.total, c.offset, &c.data)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(blob_status)?;
+            }
+            next = match stream.message().await {
+                Ok(c) => c,
+                // The sender went away: what arrived stays for it to resume.
+                Err(e) => {
+                    tracing::info!("PutBlob {sha}: the stream broke at {held} bytes: {e}");
+                    None
+                }
+            };
+        }
+        if !complete {
+            if held < total {
+                return Ok(BlobHave {
+                    sha256: sha,
+                    held,
+                    complete: false,
+                    replicas: 0,
+                    voters: 0,
+                });
+            }
+            let store = sh.blobs.clone();
+            let s = sha.clone();
+            tokio::task::spawn_blocking(move || store.finish(&s, total))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+        }
+        let (replicas, voters) = if peer {
+            (1, 1)
+        } else {
+            sh.replicate(&sha, total).await?
+        };
+        Ok(BlobHave {
+            sha256: sha,
+            held: total,
+            complete: true,
+            replicas,
+            voters,
+        })
+    }
+
+    /// Streams a blob; see `GetBlob` in the proto. `node` is the calling
+    /// node's certified name.
+    async fn get_blob(&self, r: BlobRef, node: Option<String>) -> Result<ChunkStream, Status> {
+        let sh = &self.shared;
+        if let Some(node) = &node {
+            let allowed = sh.view.read(|s| {
+                s.jobs.get(&r.job_id).is_some_and(|j| {
+                    j.state.is_active()
+                        && j.shards
+                            .iter()
+                            .any(|x| x.result.is_none() && x.node.as_deref() == Some(node))
+                        && j.spec
+                            .model
+                            .sent
+                            .as_ref()
+                            .is_some_and(|m| m.files.iter().any(|f| f.sha256 == r.sha256))
+                })
+            });
+            if !allowed {
+                return Err(Status::permission_denied(format!(
+                    "GetBlob: node {node:?} holds no running shard of {:?} whose model has blob {}",
+                    r.job_id, r.sha256
+                )));
+            }
+        }
+        if !r.peer {
+            sh.ensure_blob(&r.sha256).await.map_err(Status::not_found)?;
+        } else if sh.blobs.has(&r.sha256).map_err(blob_status)?.is_none() {
+            return Err(Status::not_found(format!(
+                "blob {} is not on this coordinator",
+                r.sha256
+            )));
+        }
+        let rx = crate::transfer::chunks(&sh.blobs, &r.sha256, r.offset, false)?;
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn blob_status(&self, req: Request<BlobRef>) -> Result<Response<BlobHave>, Status> {
+        role(&self.shared, &req, OPERATORS, "BlobStatus")?;
+        let sha = req.into_inner().sha256;
+        let (held, complete) = self.shared.blobs.held(&sha).map_err(blob_status)?;
+        Ok(Response::new(BlobHave {
+            sha256: sha,
+            held,
+            complete,
+            replicas: 0,
+            voters: 0,
+        }))
+    }
+
+    async fn put_blob(
+        &self,
+        req: Request<tonic::Streaming<BlobChunk>>,
+    ) -> Result<Response<BlobHave>, Status> {
+        let facts = role(&self.shared, &req, OPERATORS, "PutBlob")?;
+        let peer_ok = facts.is_none_or(|f| f.role == Role::Coordinator);
+        ClusterService::put_blob(self, peer_ok, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type GetBlobStream = ChunkStream;
+
+    async fn get_blob(&self, req: Request<BlobRef>) -> Result<Response<ChunkStream>, Status> {
+        let facts = role(
+            &self.shared,
+            &req,
+            &[Role::Client, Role::Coordinator, Role::Node],
+            "GetBlob",
+        )?;
+        let r = req.into_inner();
+        if r.peer && facts.as_ref().is_some_and(|f| f.role != Role::Coordinator) {
+            return Err(Status::permission_denied(
+                "GetBlob: a peer copy needs a coordinator certificate",
+            ));
+        }
+        let node = facts.filter(|f| f.role == Role::Node).map(|f| f.name);
+        ClusterService::get_blob(self, r, node)
+            .await
+            .map(Response::new)
+    }
+
     async fn submit_job(
         &self,
         req: Request<SubmitJobRequest>,

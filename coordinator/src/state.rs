@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use hcx_protocol::JobSpec;
+use hcx_protocol::job::BlobFile;
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Placement, Shard, rank_shards};
@@ -226,7 +227,8 @@ pub struct JobRecord {
     pub idempotency_key: Option<String>,
     /// The job, with paths resolved.
     pub spec: JobSpec,
-    /// Artifact folder.
+    /// Artifact folder; empty when the artifact stays in the cluster
+    /// (see `artifact`).
     pub output: String,
     /// Where it stands.
     pub state: JobState,
@@ -244,6 +246,37 @@ pub struct JobRecord {
     /// The current collective group, once one is formed.
     #[serde(default)]
     pub group: Option<GroupRecord>,
+    /// The artifact's files, for a succeeded job whose artifact stays in
+    /// the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifact: Vec<BlobFile>,
+}
+
+impl JobRecord {
+    /// Whether its artifact stays in the cluster rather than in an output
+    /// folder.
+    pub fn in_cluster(&self) -> bool {
+        self.output.is_empty()
+    }
+
+    /// The blobs it needs kept: its sent model's files, its shards' files
+    /// while it is active, its artifact's files.
+    pub fn blobs(&self) -> Vec<(&str, u64)> {
+        let mut out: Vec<(&str, u64)> = Vec::new();
+        if let Some(sent) = &self.spec.model.sent {
+            out.extend(sent.files.iter().map(|f| (f.sha256.as_str(), f.bytes)));
+        }
+        if self.state.is_active() {
+            out.extend(
+                self.shards
+                    .iter()
+                    .filter_map(|s| s.result.as_ref())
+                    .map(|r| (r.sha256.as_str(), r.bytes)),
+            );
+        }
+        out.extend(self.artifact.iter().map(|f| (f.sha256.as_str(), f.bytes)));
+        out
+    }
 }
 
 impl JobRecord {
@@ -366,6 +399,10 @@ pub enum Command {
         state: JobState,
         /// Leader's clock.
         now_ms: u64,
+        /// A job whose artifact stays in the cluster: the artifact's files,
+        /// each held by a majority of the voters.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        artifact: Vec<BlobFile>,
     },
     /// An operator cancels a job.
     CancelJob {
@@ -528,6 +565,7 @@ impl ClusterState {
                         finished_ms: None,
                         units,
                         group: None,
+                        artifact: Vec::new(),
                     },
                 );
                 CommandResult {
@@ -659,10 +697,16 @@ impl ClusterState {
                 Some(j) if j.state == JobState::Merging => CommandResult::ok(),
                 _ => CommandResult::refused(format!("{job} is not ready to merge")),
             },
-            Command::FinishJob { job, state, now_ms } => match self.jobs.get_mut(&job) {
+            Command::FinishJob {
+                job,
+                state,
+                now_ms,
+                artifact,
+            } => match self.jobs.get_mut(&job) {
                 Some(j) if j.state.is_active() && !state.is_active() => {
                     j.state = state;
                     j.finished_ms = Some(now_ms);
+                    j.artifact = artifact;
                     CommandResult::ok()
                 }
                 _ => CommandResult::refused(format!("{job} is not active")),
@@ -1292,6 +1336,7 @@ mod tests {
                 source_bytes: 4,
             },
             now_ms: 9,
+            artifact: Vec::new(),
         };
         assert!(st.apply(fin.clone()).ok);
         assert!(!st.apply(fin).ok);

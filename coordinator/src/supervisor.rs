@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use hcx_pipeline::attribution::ReportSection;
 
 use crate::scheduler::{self, NodeCapacity, PlanOptions};
-use crate::service::{plan_options, shard_store};
+use crate::service::plan_options;
 use crate::state::{Command, JobRecord, JobState, MAX_GROUP_FORMATIONS, ShardRecord};
 use crate::{Shared, now_ms};
+use hcx_protocol::job::BlobFile;
 
 /// How often the leader looks at the state.
 const TICK: Duration = Duration::from_millis(100);
@@ -99,7 +100,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 const DELETES_PER_TICK: usize = 256;
 
 /// Finished jobs the retention policy lets go now, oldest first: those
-/// beyond `max_jobs` and those ended more than `max_age` ago.
+/// beyond `max_jobs`, those ended more than `max_age` ago, and while the
+/// blobs the jobs need pass `max_bytes`, the oldest finished ones.
 pub fn expired(
     jobs: &BTreeMap<String, JobRecord>,
     policy: crate::Retention,
@@ -111,18 +113,142 @@ pub fn expired(
         .collect();
     finished.sort();
     let over = finished.len().saturating_sub(policy.max_jobs);
-    finished
-        .iter()
-        .enumerate()
-        .filter(|(i, (t, _))| {
-            *i < over
-                || policy
-                    .max_age
-                    .is_some_and(|age| now_ms.saturating_sub(*t) > age.as_millis() as u64)
-        })
-        .map(|(_, (_, id))| (*id).clone())
-        .take(DELETES_PER_TICK)
-        .collect()
+    // Blob bytes the jobs need, each blob counted once however many jobs
+    // name it; deleting a job frees the blobs no other job names.
+    let mut refs: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for j in jobs.values() {
+        for (sha, n) in j.blobs() {
+            refs.entry(sha).or_insert((0, n)).0 += 1;
+        }
+    }
+    let mut held: u64 = refs.values().map(|(_, n)| n).sum();
+    let mut out = Vec::new();
+    for (i, (t, id)) in finished.iter().enumerate() {
+        let by_count = i < over;
+        let by_age = policy
+            .max_age
+            .is_some_and(|age| now_ms.saturating_sub(*t) > age.as_millis() as u64);
+        let by_bytes = policy.max_bytes.is_some_and(|max| held > max);
+        if !(by_count || by_age || by_bytes) {
+            continue;
+        }
+        if let Some(j) = jobs.get(*id) {
+            for (sha, _) in j.blobs() {
+                if let Some(e) = refs.get_mut(sha) {
+                    e.0 -= 1;
+                    if e.0 == 0 {
+                        held = held.saturating_sub(e.1);
+                    }
+                }
+            }
+        }
+        out.push((*id).clone());
+        if out.len() == DELETES_PER_TICK {
+            break;
+        }
+    }
+    out
+}
+
+/// How long a blob no job names is kept when this coordinator has not seen
+/// a job name it (a model sent for a submit not yet committed).
+const UNCLAIMED_BLOB_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// How long a blob some job named before, and none names now, is kept after
+/// it was last stored: room for a job storing the same bytes again (a
+/// deterministic job run twice) to commit before the sweep.
+const FREED_BLOB_GRACE: Duration = Duration::from_secs(10);
+
+/// How often every coordinator sweeps its blob store.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs on every coordinator until `stop`: removes the blobs and laid-out
+/// model folders no job in the state needs. A blob some job named before is
+/// removed once none does and [`FREED_BLOB_GRACE`] has passed since it was
+/// last stored; one never named (sent, its job not yet committed) only
+/// after [`UNCLAIMED_BLOB_GRACE`].
+pub(crate) async fn sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut claimed: HashSet<String> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let (needed, models, results) = shared.view.read(|s| {
+            let needed: HashSet<String> = s
+                .jobs
+                .values()
+                .flat_map(|j| j.blobs().into_iter().map(|(sha, _)| sha.to_string()))
+                .collect();
+            let models: HashSet<String> = s
+                .jobs
+                .values()
+                .filter_map(|j| j.spec.model.sent.as_ref().map(|m| m.digest()))
+                .collect();
+            // A finished job's shard files are named in its record, though
+            // no longer needed: a shard that was done and merged between
+            // two sweeps is still known as claimed.
+            let results: Vec<String> = s
+                .jobs
+                .values()
+                .flat_map(|j| j.shards.iter().filter_map(|r| r.result.as_ref()))
+                .map(|r| r.sha256.clone())
+                .collect();
+            (needed, models, results)
+        });
+        claimed.extend(needed.iter().cloned());
+        claimed.extend(results);
+        let store = shared.blobs.clone();
+        let data = shared.data_dir.clone();
+        let seen = claimed.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || sweep_once(&store, &data, &needed, &models, &seen))
+                .await
+                .unwrap_or_default();
+        for sha in removed {
+            claimed.remove(&sha);
+        }
+    }
+}
+
+/// One sweep; returns the blobs removed.
+fn sweep_once(
+    store: &crate::blobs::BlobStore,
+    data: &Path,
+    needed: &HashSet<String>,
+    models: &HashSet<String>,
+    claimed: &HashSet<String>,
+) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(list) = store.list() else {
+        return removed;
+    };
+    for (sha, _) in list {
+        if needed.contains(&sha) {
+            continue;
+        }
+        let grace = if claimed.contains(&sha) {
+            FREED_BLOB_GRACE
+        } else {
+            UNCLAIMED_BLOB_GRACE
+        };
+        if store.age(&sha).is_some_and(|age| age > grace) && store.remove(&sha).is_ok() {
+            tracing::debug!("removed blob {sha}: no job needs it");
+            removed.push(sha);
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(data.join("models")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !models.contains(name.trim_end_matches(".partial")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    removed
 }
 
 /// Deletes what the retention policy lets go.
@@ -135,31 +261,19 @@ async fn retain(shared: &Arc<Shared>) {
     }
 }
 
-/// Deletes a finished job from the state, then what it left in its output
-/// folder's staging area (a failed or cancelled job's shard files; the
-/// artifact itself is the operator's and stays).
+/// Deletes a finished job from the state; the blobs only it needed (its
+/// shard files, its in-cluster artifact, a model no other job names) go
+/// with every coordinator's next sweep. An artifact written to an output
+/// folder is the operator's and stays.
 pub(crate) async fn delete_job(
     shared: &Shared,
     job: &str,
 ) -> Result<crate::state::CommandResult, tonic::Status> {
-    let output = shared
-        .view
-        .read(|s| s.jobs.get(job).map(|j| j.output.clone()));
-    let r = shared
+    shared
         .propose(Command::DeleteJob {
             job: job.to_string(),
         })
-        .await?;
-    if r.ok
-        && let Some(output) = output
-    {
-        let store = shard_store(Path::new(&output), job);
-        let _ = std::fs::remove_dir_all(&store);
-        if let Some(parent) = store.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-    Ok(r)
+        .await
 }
 
 async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
@@ -300,6 +414,7 @@ async fn group_tick(
                 stage: "collective".into(),
             },
             now_ms: now_ms(),
+            artifact: Vec::new(),
         };
         let _ = shared.propose(cmd).await;
         return;
@@ -349,38 +464,35 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
     let merging = merging.clone();
     tokio::spawn(async move {
         let id = job.id.clone();
-        let j = job.clone();
-        let outcome = tokio::task::spawn_blocking(move || merge(&j))
-            .await
-            .unwrap_or_else(|e| Err(format!("merge task failed: {e}")));
-        let state = match outcome {
-            Ok((artifact_bytes, source_bytes)) => JobState::Succeeded {
-                artifact_bytes,
-                source_bytes,
-            },
-            Err(reason) => JobState::Failed {
-                reason,
-                stage: "merge".into(),
-            },
+        let staging = staging_dir(&shared, &id);
+        let (state, artifact) = match merge(&shared, &job, &staging).await {
+            Ok((artifact_bytes, source_bytes, files)) => (
+                JobState::Succeeded {
+                    artifact_bytes,
+                    source_bytes,
+                },
+                files,
+            ),
+            Err(reason) => (
+                JobState::Failed {
+                    reason,
+                    stage: "merge".into(),
+                },
+                Vec::new(),
+            ),
         };
-        let succeeded = matches!(state, JobState::Succeeded { .. });
-        let committed = shared
+        let _ = shared
             .propose(Command::FinishJob {
                 job: id.clone(),
                 state,
                 now_ms: now_ms(),
+                artifact,
             })
-            .await
-            .is_ok_and(|r| r.ok);
-        // The shard files go only once the job's end is committed: a leader
-        // that dies before that leaves them for the next one to merge again.
-        if committed && succeeded {
-            let store = shard_store(Path::new(&job.output), &job.id);
-            let _ = std::fs::remove_dir_all(&store);
-            if let Some(parent) = store.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
+            .await;
+        // The shard blobs go with the sweep once the job's end is
+        // committed: a leader that dies before that leaves them for the
+        // next one to merge again.
+        let _ = std::fs::remove_dir_all(&staging);
         merging
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -388,35 +500,103 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
     });
 }
 
-/// Merges a job's committed shards into its artifact, verifying each
-/// shard file's hash first; returns (artifact bytes, source bytes).
-fn merge(job: &JobRecord) -> Result<(u64, u64), String> {
-    let output = PathBuf::from(&job.output);
-    let store = shard_store(&output, &job.id);
+/// Where the leader merges a job whose artifact stays in the cluster.
+fn staging_dir(shared: &Shared, job: &str) -> PathBuf {
+    shared
+        .data_dir
+        .join("staging")
+        .join(format!("{job}-artifact"))
+}
+
+/// Merges a job's committed shards (fetching from peers any shard file this
+/// coordinator lacks) into its artifact: its output folder, or for a job
+/// kept in the cluster `staging`, whose files then become blobs held by a
+/// majority. Returns (artifact bytes, source bytes, the in-cluster files).
+async fn merge(
+    shared: &Arc<Shared>,
+    job: &JobRecord,
+    staging: &Path,
+) -> Result<(u64, u64, Vec<BlobFile>), String> {
     let mut files = Vec::with_capacity(job.shards.len());
     for s in &job.shards {
         let r = s
             .result
             .as_ref()
             .ok_or_else(|| format!("shard {} has no result", s.shard.id))?;
-        let f = store.join(format!("shard-{:05}.a{}.bin", s.shard.id, r.attempt));
-        let got = hcx_pipeline::writer::sha256_file(&f).map_err(|e| e.to_string())?;
-        if got != r.sha256 {
-            return Err(format!(
-                "{}: SHA-256 {got} does not match the committed {}",
-                f.display(),
-                r.sha256
-            ));
-        }
+        let f = shared
+            .ensure_blob(&r.sha256)
+            .await
+            .map_err(|e| format!("shard {}: {e}", s.shard.id))?;
         files.push(f);
     }
+    let mut spec = job.spec.clone();
+    spec.model.local = Some(shared.model_path(&job.spec).await?);
     let mut sections = vec![node_section(&node_shares(job))?];
     if let Some(g) = &job.group {
         sections.push(group_section(g));
     }
-    let out = hcx_pipeline::shard::merge_shards(&job.spec, &files, &output, &sections)
-        .map_err(|e| e.to_string())?;
-    Ok((out.attribution.artifact_bytes, out.attribution.source_bytes))
+    let output = if job.in_cluster() {
+        let _ = std::fs::remove_dir_all(staging);
+        if let Some(p) = staging.parent() {
+            std::fs::create_dir_all(p)
+                .map_err(|e| format!("{}: cannot create: {e}", p.display()))?;
+        }
+        staging.to_path_buf()
+    } else {
+        PathBuf::from(&job.output)
+    };
+    let out_dir = output.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        hcx_pipeline::shard::merge_shards(&spec, &files, &out_dir, &sections)
+    })
+    .await
+    .map_err(|e| format!("merge task failed: {e}"))?
+    .map_err(|e| e.to_string())?;
+    let (artifact_bytes, source_bytes) =
+        (out.attribution.artifact_bytes, out.attribution.source_bytes);
+    if !job.in_cluster() {
+        return Ok((artifact_bytes, source_bytes, Vec::new()));
+    }
+    let store = shared.blobs.clone();
+    let kept = tokio::task::spawn_blocking(move || keep_artifact(&store, &output))
+        .await
+        .map_err(|e| format!("storing the artifact failed: {e}"))??;
+    for f in &kept {
+        shared
+            .replicate(&f.sha256, f.bytes)
+            .await
+            .map_err(|s| format!("artifact file {}: {}", f.name, s.message()))?;
+    }
+    Ok((artifact_bytes, source_bytes, kept))
+}
+
+/// Moves a merged artifact folder's files into the blob store.
+fn keep_artifact(store: &crate::blobs::BlobStore, dir: &Path) -> Result<Vec<BlobFile>, String> {
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: cannot list: {e}", dir.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| format!("{}: cannot list: {e}", dir.display()))?;
+        let kind = e.file_type().map_err(|e| format!("{}: {e}", e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if !kind.is_file() {
+            return Err(format!(
+                "{}: the artifact holds {name}, which is not a plain file",
+                dir.display()
+            ));
+        }
+        names.push(name);
+    }
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let (sha256, bytes) = store.adopt(&dir.join(&name)).map_err(|e| e.to_string())?;
+        out.push(BlobFile {
+            name,
+            sha256,
+            bytes,
+        });
+    }
+    Ok(out)
 }
 
 /// The collective group that ran a calibrated job, for the report.
@@ -595,6 +775,7 @@ mod tests {
             let p = crate::Retention {
                 max_jobs,
                 max_age: age.map(Duration::from_millis),
+                max_bytes: None,
             };
             expired(&jobs, p, now)
         };
@@ -604,5 +785,44 @@ mod tests {
         // Older than 15 ms at 50: ended at 10, 20 and 30.
         assert_eq!(keep(10, Some(15), 50), ["j0", "j3", "j2"]);
         assert_eq!(keep(0, None, 50).len(), 4);
+    }
+
+    #[test]
+    fn retention_by_bytes_counts_a_shared_blob_once_and_frees_the_oldest() {
+        let file = |sha: char, bytes: u64| BlobFile {
+            name: format!("f{sha}"),
+            sha256: sha.to_string().repeat(64),
+            bytes,
+        };
+        let mut jobs = BTreeMap::new();
+        // j0 (oldest) and j1 share model `a` (100 bytes); each has its own
+        // artifact; j2 is still running with model `a`.
+        for (i, finished, art) in [(0, Some(10u64), 'b'), (1, Some(20), 'c'), (2, None, 'd')] {
+            let mut j = job_record(&format!("j{i}"));
+            j.spec.model.sent = Some(hcx_protocol::job::SentModel {
+                files: vec![file('a', 100)],
+                file: None,
+            });
+            j.finished_ms = finished;
+            if finished.is_some() {
+                j.artifact = vec![file(art, 30)];
+            }
+            jobs.insert(j.id.clone(), j);
+        }
+        let keep = |max: u64| {
+            let p = crate::Retention {
+                max_jobs: 10,
+                max_age: None,
+                max_bytes: Some(max),
+            };
+            expired(&jobs, p, 50)
+        };
+        // 100 + 30 + 30 held; the shared model is not counted twice.
+        assert_eq!(keep(160), Vec::<String>::new());
+        // Deleting j0 frees only its artifact (j1, j2 still name `a`).
+        assert_eq!(keep(159), ["j0"]);
+        assert_eq!(keep(130), ["j0"]);
+        // Below what the running job needs: every finished job goes.
+        assert_eq!(keep(10), ["j0", "j1"]);
     }
 }

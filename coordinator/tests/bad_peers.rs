@@ -163,6 +163,19 @@ async fn submit(
     model: &Path,
     output: &Path,
 ) -> Result<String, tonic::Status> {
+    submit_model(h, certs, serde_json::json!(model), output)
+        .await
+        .map(|r| r.job_id)
+}
+
+/// Submits a job whose `model` is `model` as written in the spec (a path or
+/// a map) and returns the whole reply.
+async fn submit_model(
+    h: &CoordinatorHandle,
+    certs: &Path,
+    model: serde_json::Value,
+    output: &Path,
+) -> Result<hcx_net::proto::SubmitJobReply, tonic::Status> {
     let spec = serde_json::json!({
         "name": "t", "seed": 1, "model": model, "output": output,
         "pipeline": [{"rtn": {"bits": 8}}]
@@ -174,7 +187,7 @@ async fn submit(
             ..Default::default()
         })
         .await
-        .map(|r| r.into_inner().job_id)
+        .map(|r| r.into_inner())
 }
 
 fn node_info(name: &str) -> hcx_net::proto::NodeInfo {
@@ -452,20 +465,29 @@ async fn jobs_outside_the_roots_are_refused() {
         .unwrap_err();
     assert!(err.message().contains("outside the output root"), "{err}");
     assert!(!base.join("elsewhere/art").exists());
-    // A model outside the model roots.
-    let err = submit(&h, &certs, &stray, &base.join("out/art"))
+    // A model outside the model roots is not read: the client is asked to
+    // send it, and told why; no job is made.
+    let why = format!("model {} is outside the model root", stray.display());
+    let r = submit_model(&h, &certs, serde_json::json!(stray), &base.join("out/art"))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        .unwrap();
+    assert!(r.model_wanted && r.job_id.is_empty(), "{r:?}");
     assert!(
-        err.message().starts_with(&format!(
-            "model {} is outside the model root",
-            stray.display()
-        )) && err
-            .message()
-            .contains(&base.join("models").display().to_string()),
-        "{err}"
+        r.why.starts_with(&why) && r.why.contains(&base.join("models").display().to_string()),
+        "{r:?}"
     );
+    // Marked shared, it is refused outright.
+    let err = submit_model(
+        &h,
+        &certs,
+        serde_json::json!({"path": stray, "shared": true}),
+        &base.join("out/art"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().starts_with(&why), "{err}");
+    assert!(h.view().read(|s| s.jobs.is_empty()));
     // Inside both: accepted.
     submit(&h, &certs, &model, &base.join("out/new/art"))
         .await

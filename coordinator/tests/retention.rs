@@ -92,6 +92,7 @@ async fn retention_keeps_state_and_disk_bounded_as_jobs_pile_up() {
         Retention {
             max_jobs: KEEP,
             max_age: None,
+            max_bytes: None,
         },
     )
     .await;

@@ -267,6 +267,7 @@ async fn run_job(cs: &Coordinators, base: &JobSpec, tensors: &[TensorCost], n: u
                 source_bytes: 141_000_000_000,
             },
             now_ms: 1_700_000_100_000 + n as u64,
+            artifact: Vec::new(),
         },
     )
     .await;

@@ -14,7 +14,7 @@ pub mod agent;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -647,7 +647,10 @@ async fn group_steps(
     g: &Group,
     started: Instant,
 ) -> Result<(), ShardError> {
-    let spec = job_spec(a)?;
+    let mut spec = job_spec(a)?;
+    if let Some(sent) = &spec.model.sent {
+        spec.model.local = Some(local_model(ctx, &a.job_id, sent).await?);
+    }
     let members = g
         .members
         .iter()
@@ -842,6 +845,72 @@ async fn nccl_member(
             .into(),
         retryable: false,
     })
+}
+
+/// A model sent to the cluster, downloaded from the coordinators into the
+/// work dir (once per model: the folder is named by the model's digest),
+/// each file checked against its SHA-256; returns the path to read it at.
+async fn local_model(
+    ctx: &Ctx,
+    job: &str,
+    sent: &hcx_protocol::job::SentModel,
+) -> Result<std::path::PathBuf, ShardError> {
+    use sha2::Digest;
+    let dir = ctx.cfg.work_dir.join("models").join(sent.digest());
+    let path = match &sent.file {
+        Some(f) => dir.join(f),
+        None => dir.clone(),
+    };
+    if dir.join(".complete").is_file() {
+        return Ok(path);
+    }
+    let tmp = dir.with_extension(format!("{job}.partial"));
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        retry("model", format!("{}: {what}: {e}", p.display()))
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+    for f in &sent.files {
+        let to = tmp.join(&f.name);
+        let mut out = std::fs::File::create(&to).map_err(|e| io("cannot create", &to, e))?;
+        let mut hash = sha2::Sha256::new();
+        let mut stream = ctx
+            .client
+            .call(|mut c| {
+                let r = hcx_net::proto::BlobRef {
+                    sha256: f.sha256.clone(),
+                    offset: 0,
+                    job_id: job.to_string(),
+                    peer: false,
+                };
+                async move { c.get_blob(r).await }
+            })
+            .await
+            .map_err(|e| retry("model", format!("model file {}: {e}", f.name)))?;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| retry("model", format!("model file {}: {}", f.name, s.message())))?
+        {
+            hash.update(&chunk.data);
+            std::io::Write::write_all(&mut out, &chunk.data)
+                .map_err(|e| io("cannot write", &to, e))?;
+        }
+        let got = hex::encode(hash.finalize());
+        if got != f.sha256 {
+            return Err(retry(
+                "model",
+                format!(
+                    "model file {}: received bytes hash to {got}, not {}",
+                    f.name, f.sha256
+                ),
+            ));
+        }
+    }
+    std::fs::write(tmp.join(".complete"), b"").map_err(|e| io("cannot write", &tmp, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| io("cannot rename", &tmp, e))?;
+    Ok(path)
 }
 
 async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), ShardError> {

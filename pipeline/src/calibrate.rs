@@ -649,12 +649,12 @@ pub fn run_job_ranked(
         // Each stage holds only its blocks' encodings: the ranks write
         // shards (encode_group_shard) that the merge joins.
         return Err(PipelineError::Model {
-            path: spec.model.clone(),
+            path: spec.model.path.clone(),
             why: "`calibration.parallel: layers` runs on a cluster's nodes, each writing the shard of its own layers; a single process calibrates the whole model itself".into(),
         });
     }
     if ranks.rank() != 0 {
-        let model = Model::open(&spec.model)?;
+        let model = Model::open(spec.model.read_path())?;
         calibrate_blocks(spec, &model, ranks, rank_sites)?;
         return Ok(None);
     }
@@ -1206,7 +1206,7 @@ pub fn encode_group_shard(
     tensors: &[String],
     path: &Path,
 ) -> Result<ShardSummary, PipelineError> {
-    let model = Model::open(&spec.model)?;
+    let model = Model::open(spec.model.read_path())?;
     let wanted: HashSet<&str> = tensors.iter().map(String::as_str).collect();
     let known: HashSet<&str> = model.tensors.iter().map(|t| t.name.as_str()).collect();
     if let Some(name) = tensors.iter().find(|n| !known.contains(n.as_str())) {

@@ -220,6 +220,37 @@ pub fn check_output(output: &Path) -> Result<PathBuf, PipelineError> {
     Ok(parent.join(format!(".{name}.partial-{}", std::process::id())))
 }
 
+/// The files a model at `path` (a folder or a file) consists of, as a run
+/// reads them: its tensor files, their index, and the files copied into the
+/// artifact. Returns the folder they lie in, their names in it (sorted),
+/// and the model file's name when `path` is a file.
+pub fn model_files(path: &Path) -> Result<(PathBuf, Vec<String>, Option<String>), PipelineError> {
+    let model = Model::open(path)?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| PipelineError::io(path, "cannot open the model", e))?;
+    let file = meta.is_file().then(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
+    let dir = if meta.is_file() {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
+    let mut names: Vec<String> = match &file {
+        Some(f) => vec![f.clone()],
+        None => model.files.clone(),
+    };
+    if file.is_none() && dir.join("model.safetensors.index.json").is_file() {
+        names.push("model.safetensors.index.json".into());
+    }
+    names.extend(extra_files(&model)?);
+    names.sort();
+    names.dedup();
+    Ok((dir, names, file))
+}
+
 /// Files of the model folder copied into the artifact (config, tokenizer…):
 /// every regular file but the safetensors files and their index, up to 64 MiB each.
 fn extra_files(model: &Model) -> Result<Vec<String>, PipelineError> {
@@ -292,7 +323,7 @@ pub fn write_artifact(
     fill: impl FnOnce(&Model, &Path, Instant) -> Result<Attribution, PipelineError>,
 ) -> Result<RunOutcome, PipelineError> {
     let started = Instant::now();
-    let model = Model::open(&spec.model)?;
+    let model = Model::open(spec.model.read_path())?;
     let tmp = check_output(output)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| PipelineError::io(&tmp, "cannot clear", e))?;
@@ -535,7 +566,10 @@ pub fn finish_artifact(
         .collect();
     let mut job = spec.clone();
     job.output = PathBuf::from(".");
-    job.model = std::fs::canonicalize(&spec.model).unwrap_or_else(|_| spec.model.clone());
+    // The manifest records where the model was read, not how it travelled.
+    job.model = hcx_protocol::job::ModelRef::at(
+        std::fs::canonicalize(&spec.model.path).unwrap_or_else(|_| spec.model.path.clone()),
+    );
     // Calibration files as canonical paths too, so the manifest does not
     // depend on how the job named them. A federated job's site files are
     // not at the merging coordinator: they are written as absolute paths.

@@ -25,8 +25,9 @@ pub struct JobSpec {
     pub seed: u64,
     /// The source model: a folder in Hugging Face layout (`config.json` plus
     /// one or more `*.safetensors`, sharded with `model.safetensors.index.json`)
-    /// or a single `.safetensors` file. Relative to the job file.
-    pub model: PathBuf,
+    /// or a single `.safetensors` or `.gguf` file. Relative to the job file.
+    /// `model: {path: P, shared: true}` says every coordinator reads it at P.
+    pub model: ModelRef,
     /// Folder the artifact is written to. Relative to the job file.
     pub output: PathBuf,
     /// Stages applied to every tensor no rule matches.
@@ -468,8 +469,8 @@ impl JobSpec {
                 field,
                 message,
             })?;
-        if spec.model.is_relative() {
-            spec.model = base.join(&spec.model);
+        if spec.model.path.is_relative() {
+            spec.model.path = base.join(&spec.model.path);
         }
         if spec.output.is_relative() {
             spec.output = base.join(&spec.output);
@@ -607,11 +608,20 @@ impl JobSpec {
                 return Err((format!("placement.labels.{k}"), "empty label key".into()));
             }
         }
-        if self.model.as_os_str().is_empty() {
+        if self.model.path.as_os_str().is_empty() {
             return Err((
                 "model".into(),
-                "must name a folder or a .safetensors file".into(),
+                "must name a folder, a .safetensors or a .gguf file".into(),
             ));
+        }
+        if let Some(sent) = &self.model.sent {
+            if self.model.shared {
+                return Err((
+                    "model.shared".into(),
+                    "a shared model is read in place, not sent".into(),
+                ));
+            }
+            sent.validate().map_err(|m| ("model.sent".to_string(), m))?;
         }
         if self.output.as_os_str().is_empty() {
             return Err(("output".into(), "must name a folder".into()));
@@ -811,6 +821,217 @@ fn locate_field(text: &str, file: &Path, field: &str) -> Place {
     }
 }
 
+/// The source model of a job: where it is, and whether the coordinators read
+/// it there or it was sent to the cluster.
+///
+/// In YAML either a path (`model: minilm`) or a map
+/// (`model: {path: minilm, shared: true}`). A plain path is read in place
+/// when the leader can read it inside its `--model-root`; otherwise
+/// `hcx-cluster submit` sends the files to the cluster (`sent`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(into = "ModelRefRepr")]
+pub struct ModelRef {
+    /// The model folder or file, as the job names it (relative to the job
+    /// file until [`JobSpec::parse`] resolves it).
+    pub path: PathBuf,
+    /// Every coordinator (and, for calibrated jobs, every node) reads the
+    /// model at `path` itself: it is never sent.
+    pub shared: bool,
+    /// The files `submit` sent to the cluster, by content; the
+    /// coordinators then read these rather than `path`.
+    pub sent: Option<SentModel>,
+    /// Where this machine reads a sent model (its files laid out locally);
+    /// never written out, so `path` stays what the job named.
+    pub local: Option<PathBuf>,
+}
+
+/// A model sent to the cluster: its files by content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SentModel {
+    /// The files, sorted by name.
+    pub files: Vec<BlobFile>,
+    /// The model was this one of the files (a `.safetensors` or `.gguf`
+    /// file; the others lay beside it and a run copies them into the
+    /// artifact) rather than the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// One file held in the cluster as a blob: of a sent model, or of an
+/// artifact kept in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlobFile {
+    /// Its name in its folder (no `/`).
+    pub name: String,
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// Its length in bytes.
+    pub bytes: u64,
+}
+
+impl SentModel {
+    /// Checks names and hashes: plain, distinct names and 64-hex digests.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.files.is_empty() {
+            return Err("a sent model needs at least one file".into());
+        }
+        if let Some(file) = &self.file
+            && !self.files.iter().any(|f| &f.name == file)
+        {
+            return Err(format!("the model file {file:?} is not among its files"));
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if f.name.is_empty()
+                || f.name.contains('/')
+                || f.name.contains('\\')
+                || f.name == "."
+                || f.name == ".."
+            {
+                return Err(format!("file name {:?} is not a plain name", f.name));
+            }
+            if !is_sha256_hex(&f.sha256) {
+                return Err(format!(
+                    "file {:?}: {:?} is not a SHA-256 in lowercase hex",
+                    f.name, f.sha256
+                ));
+            }
+            if i > 0 && self.files[i - 1].name >= f.name {
+                return Err(format!(
+                    "files must be sorted by name and distinct: {:?} then {:?}",
+                    self.files[i - 1].name,
+                    f.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A digest of the whole file list: names a folder where the files are
+    /// laid out, the same on every machine.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("{}\n", self.file.as_deref().unwrap_or("/")).as_bytes());
+        for f in &self.files {
+            h.update(format!("{} {} {}\n", f.sha256, f.bytes, f.name).as_bytes());
+        }
+        hex_lower(&h.finalize())
+    }
+
+    /// Total bytes of its files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+/// Whether `s` is 64 lowercase hex digits (a SHA-256 as we write it).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a [`ModelRef`] is written: a bare path, or a map.
+#[derive(Serialize, JsonSchema)]
+#[serde(untagged)]
+enum ModelRefRepr {
+    /// `model: path`.
+    Path(PathBuf),
+    /// `model: {path: ..., shared: true}`.
+    Full(ModelRefMap),
+}
+
+/// The map form of `model:`.
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ModelRefMap {
+    /// The model folder or file.
+    path: PathBuf,
+    /// Read in place by every coordinator and node; never sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    shared: bool,
+    /// Set by `submit`: the files it sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent: Option<SentModel>,
+}
+
+impl<'de> Deserialize<'de> for ModelRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ModelRef, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ModelRef;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a model path, or a map {path, shared}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModelRef, E> {
+                Ok(ModelRef::at(v))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModelRef, A::Error> {
+                let m =
+                    ModelRefMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ModelRef {
+                    path: m.path,
+                    shared: m.shared,
+                    sent: m.sent,
+                    local: None,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+impl From<ModelRef> for ModelRefRepr {
+    fn from(m: ModelRef) -> ModelRefRepr {
+        if !m.shared && m.sent.is_none() {
+            ModelRefRepr::Path(m.path)
+        } else {
+            ModelRefRepr::Full(ModelRefMap {
+                path: m.path,
+                shared: m.shared,
+                sent: m.sent,
+            })
+        }
+    }
+}
+
+impl JsonSchema for ModelRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ModelRef".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        ModelRefRepr::json_schema(generator)
+    }
+}
+
+impl ModelRef {
+    /// A model at `path`, neither shared nor sent.
+    pub fn at(path: impl Into<PathBuf>) -> ModelRef {
+        ModelRef {
+            path: path.into(),
+            shared: false,
+            sent: None,
+            local: None,
+        }
+    }
+
+    /// Where to open the model on this machine: the local copy of a sent
+    /// model, else `path`.
+    pub fn read_path(&self) -> &Path {
+        self.local.as_deref().unwrap_or(&self.path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,7 +1045,7 @@ mod tests {
     #[test]
     fn good_job_parses_and_resolves_paths() {
         let j = parse(GOOD).unwrap();
-        assert_eq!(j.model, PathBuf::from("/base/m"));
+        assert_eq!(j.model, ModelRef::at("/base/m"));
         assert_eq!(j.output, PathBuf::from("/base/out"));
         assert_eq!(j.pipeline.len(), 3);
         assert_eq!(
@@ -1038,5 +1259,70 @@ mod tests {
         // The I/O error is the source, printed once by whoever walks the chain.
         let cause = std::error::Error::source(&missing).unwrap().to_string();
         assert!(cause.contains("No such file"), "{cause}");
+    }
+
+    #[test]
+    fn a_model_is_a_path_or_a_map_and_round_trips_either_way() {
+        let y = "name: t\nmodel: {path: m, shared: true}\noutput: o\npipeline: []\n";
+        let j = JobSpec::parse(y, Path::new("job.yaml"), Path::new("/base")).unwrap();
+        assert_eq!(j.model.path, PathBuf::from("/base/m"));
+        assert!(j.model.shared && j.model.sent.is_none());
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+        // A plain path is written back as a plain path.
+        let plain = JobSpec::parse(GOOD, Path::new("job.yaml"), Path::new("/base")).unwrap();
+        let v = serde_json::to_value(&plain).unwrap();
+        assert_eq!(v["model"], "/base/m");
+        // A sent model keeps its files; `local` never travels.
+        let mut sent = plain.clone();
+        sent.model.sent = Some(SentModel {
+            files: vec![BlobFile {
+                name: "model.safetensors".into(),
+                sha256: "ab".repeat(32),
+                bytes: 7,
+            }],
+            file: Some("model.safetensors".into()),
+        });
+        sent.validate().unwrap();
+        let mut with_local = sent.clone();
+        with_local.model.local = Some("/data/models/x".into());
+        let back: JobSpec =
+            serde_json::from_str(&serde_json::to_string(&with_local).unwrap()).unwrap();
+        assert_eq!(back, sent);
+        // Unknown keys in the map are named, with their place.
+        let y = "name: t\nmodel: {path: m, share: true}\noutput: o\npipeline: []\n";
+        let e = JobSpec::parse(y, Path::new("job.yaml"), Path::new("/base"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("job.yaml:2") && e.contains("share"), "{e}");
+    }
+
+    #[test]
+    fn a_sent_model_needs_plain_sorted_names_and_real_digests() {
+        let f = |name: &str, sha: &str| BlobFile {
+            name: name.into(),
+            sha256: sha.into(),
+            bytes: 1,
+        };
+        let ok = "0f".repeat(32);
+        let check = |files: Vec<BlobFile>, file: Option<&str>| {
+            SentModel {
+                files,
+                file: file.map(String::from),
+            }
+            .validate()
+        };
+        assert!(check(vec![f("a", &ok), f("b", &ok)], None).is_ok());
+        for (files, file, why) in [
+            (vec![], None, "at least one"),
+            (vec![f("../x", &ok)], None, "plain name"),
+            (vec![f("a", "0F")], None, "lowercase hex"),
+            (vec![f("b", &ok), f("a", &ok)], None, "sorted"),
+            (vec![f("a", &ok), f("a", &ok)], None, "distinct"),
+            (vec![f("a", &ok)], Some("z"), "not among"),
+        ] {
+            let e = check(files, file).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
     }
 }
