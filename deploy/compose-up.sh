@@ -6,15 +6,13 @@
 #
 #   deploy/compose-up.sh [up|down]
 #
-# HCX_STATE   where the CA, the certificates and artifacts/ live (default deploy/.state)
-# HCX_MODELS  models the cluster may read, mounted at /models (default ./models)
+# HCX_STATE   where the CA and the certificates live (default deploy/.state)
 # HCX_BIN     the host's hcx-cluster, for `certs` and for the image (default: cargo build --release)
 # HCX_IMAGE, HCX_SUBNET, HCX_PROJECT  image tag, network /24 prefix (172.28.0), compose project (hcx)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cmd="${1:-up}"
 export HCX_STATE="$(mkdir -p "${HCX_STATE:-$root/deploy/.state}" && cd "${HCX_STATE:-$root/deploy/.state}" && pwd)"
-export HCX_MODELS="$(cd "${HCX_MODELS:-$root/models}" && pwd)"
 export HCX_IMAGE="${HCX_IMAGE:-hcx-cluster:dev}"
 export HCX_SUBNET="${HCX_SUBNET:-172.28.0}"
 project="${HCX_PROJECT:-hcx}"
@@ -51,14 +49,12 @@ for i in 1 2 3; do
   issue "n$i" node --host "n$i" --host "$HCX_SUBNET.2$i" --label "site=${sites[$((i - 1))]}"
 done
 issue operator client
-mkdir -p "$state/artifacts"
-# The containers run as uid 10001; their keys and the artifacts folder are theirs.
+# The containers run as uid 10001; their keys are theirs.
 for d in c1 c2 c3 c4 n1 n2 n3; do
   chown -R 10001:10001 "$state/certs/$d" 2>/dev/null || chmod -R a+rX "$state/certs/$d"
 done
-chown 10001:10001 "$state/artifacts" 2>/dev/null || chmod 0777 "$state/artifacts"
 
 "${compose[@]}" up --detach
 echo "started; from this machine:"
 echo "  export HCX_COORDINATORS=$HCX_SUBNET.11:7101,$HCX_SUBNET.12:7101,$HCX_SUBNET.13:7101 HCX_CERTS=$state/certs/operator"
-echo "  jobs read models under /models (= $HCX_MODELS) and write artifacts under /artifacts (= $state/artifacts)"
+echo "  hcx-cluster submit JOB.yaml --output DIR   # sends the job's model, downloads the artifact into DIR"

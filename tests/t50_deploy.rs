@@ -158,13 +158,12 @@ struct Compose {
 
 impl Compose {
     /// Builds the image from this test binary's `hcx-cluster` and starts
-    /// the cluster with the models of `models` at /models; waits for the
-    /// three nodes.
-    fn up(dir: &Path, models: &Path, project: &str, subnet: &str) -> Compose {
+    /// the cluster (no folder shared with the host but each container's
+    /// certificate); waits for the three nodes.
+    fn up(dir: &Path, project: &str, subnet: &str) -> Compose {
         let state = dir.join("state");
         let env: Vec<(String, String)> = [
             ("HCX_STATE", state.display().to_string()),
-            ("HCX_MODELS", models.display().to_string()),
             ("HCX_BIN", env!("CARGO_BIN_EXE_hcx-cluster").to_string()),
             ("HCX_IMAGE", "hcx-cluster:test".to_string()),
             ("HCX_SUBNET", subnet.to_string()),
@@ -259,15 +258,29 @@ impl Compose {
     }
 
     /// Submits `job` with `--watch` and insists that it succeeds.
-    fn submit_watch(&self, job: &Path) {
-        let out = self.cli_ok(&[
+    /// Submits `job` from the host with `--output`: its model is sent, and
+    /// the artifact downloaded into a new folder `name`, which it returns.
+    fn submit_fetch(&self, job: &Path, name: &str) -> PathBuf {
+        let to = self.state.join("fetched").join(name);
+        let out = self.cli(&[
             "submit",
             job.to_str().unwrap(),
-            "--watch",
+            "--output",
+            to.to_str().unwrap(),
             "--timeout",
             "60",
         ]);
-        assert!(out.contains("succeeded"), "{out}");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success() && stdout.contains("succeeded"),
+            "{stdout}\n{stderr}\n{}",
+            self.logs()
+        );
+        assert!(stderr.contains("every SHA-256 matches"), "{stderr}");
+        to
     }
 
     fn logs(&self) -> String {
@@ -364,31 +377,33 @@ impl Compose {
         }
     }
 
-    /// Waits until a shard is done and another is held; the holder's service.
+    /// Waits until a shard is done and another is held; the holder's
+    /// service, read from the same status that showed it.
     fn wait_mid_job(&self, job: &str) -> String {
-        self.wait_job(job, "a shard in flight after one is done", |v| {
+        let holder = |v: &serde_json::Value| {
             let shards = v["shards"].as_array().cloned().unwrap_or_default();
-            shards.iter().any(|s| s["done"] == true)
-                && shards
-                    .iter()
-                    .any(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+            if !shards.iter().any(|s| s["done"] == true) {
+                return None;
+            }
+            shards
+                .iter()
+                .find(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
+                .map(|s| s["node"].as_str().unwrap().to_string())
+        };
+        let seen = std::cell::RefCell::new(None);
+        self.wait_job(job, "a shard in flight after one is done", |v| {
+            *seen.borrow_mut() = holder(v);
+            seen.borrow().is_some()
         });
-        let v = self.status(job);
-        v["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["done"] == false && !s["node"].as_str().unwrap_or("").is_empty())
-            .map(|s| s["node"].as_str().unwrap().to_string())
-            .unwrap()
+        seen.into_inner().unwrap()
     }
 
-    fn submit(&self, job: &Path, output: &str, key: &str) -> String {
+    /// Submits `job`, keeping its artifact in the cluster; the job id.
+    fn submit(&self, job: &Path, key: &str) -> String {
         self.cli_ok(&[
             "submit",
             job.to_str().unwrap(),
-            "--cluster-output",
-            output,
+            "--in-cluster",
             "--idempotency-key",
             key,
         ])
@@ -396,9 +411,11 @@ impl Compose {
         .to_string()
     }
 
-    /// The artifact a job wrote under /artifacts.
-    fn artifact(&self, name: &str) -> PathBuf {
-        self.state.join("artifacts").join(name)
+    /// Downloads a succeeded job's artifact from the cluster (`fetch`).
+    fn artifact(&self, job: &str) -> PathBuf {
+        let to = self.state.join("fetched").join(job);
+        self.cli_ok(&["fetch", job, "--output", to.to_str().unwrap()]);
+        to
     }
 }
 
@@ -408,15 +425,16 @@ impl Drop for Compose {
     }
 }
 
-/// Rewrites a job file for the containers: its model at `/models/NAME`,
-/// its output under /artifacts.
-fn container_job(text: &str, model: &str, output: &str) -> String {
+/// Rewrites a job file for the compose cluster: its model at `model` on
+/// this host (sent by `submit`), its output unused (the artifact stays in
+/// the cluster until fetched).
+fn container_job(text: &str, model: &Path) -> String {
     text.lines()
         .map(|l| {
             if l.starts_with("model:") {
-                format!("model: /models/{model}")
+                format!("model: {}", model.display())
             } else if l.starts_with("output:") {
-                format!("output: /artifacts/{output}")
+                "output: unused".to_string()
             } else {
                 l.to_string()
             }
@@ -433,19 +451,17 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let models = minilm().parent().unwrap().to_path_buf();
-    let c = Compose::up(dir.path(), &models, "hcxtest", "172.29.7");
+    let c = Compose::up(dir.path(), "hcxtest", "172.29.7");
     // No container's certificate folder holds the CA key.
     for d in std::fs::read_dir(c.state.join("certs")).unwrap() {
         let d = d.unwrap().path();
         assert!(!d.join("ca.key").exists(), "{}", d.display());
     }
-    let name = minilm().file_name().unwrap().to_string_lossy().to_string();
     let text = std::fs::read_to_string(root().join("configs/jobs/minilm-int8.yaml")).unwrap();
     let job = dir.path().join("job.yaml");
-    std::fs::write(&job, container_job(&text, &name, "minilm-int8")).unwrap();
+    std::fs::write(&job, container_job(&text, &minilm())).unwrap();
 
-    c.submit_watch(&job);
+    let fetched = c.submit_fetch(&job, "minilm-int8");
     // The same job on this machine, straight through the pipeline.
     let local = common::example_job(
         dir.path(),
@@ -454,7 +470,7 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
         &dir.path().join("reference"),
     );
     hcx_ok(&["run", local.to_str().unwrap(), "--local"]);
-    assert_same_artifact(&dir.path().join("reference"), &c.artifact("minilm-int8"));
+    assert_same_artifact(&dir.path().join("reference"), &fetched);
 
     // A node whose disk fills mid-shard: n4, with a 512 KiB work folder,
     // and only n3 beside it taking work. n4's shards fail, go to n3, and
@@ -494,12 +510,8 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
         String::from_utf8_lossy(&out.stderr)
     );
     c.wait_nodes(4);
-    std::fs::write(&job, container_job(&text, &name, "minilm-int8-full-disk")).unwrap();
-    c.submit_watch(&job);
-    assert_same_artifact(
-        &dir.path().join("reference"),
-        &c.artifact("minilm-int8-full-disk"),
-    );
+    let fetched = c.submit_fetch(&job, "minilm-int8-full-disk");
+    assert_same_artifact(&dir.path().join("reference"), &fetched);
     let v: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
     let shards = v[0]["shards"].as_array().unwrap().clone();
     assert!(
@@ -554,8 +566,7 @@ fn history_client(
                 let out = c.cli(&[
                     "submit",
                     job.to_str().unwrap(),
-                    "--cluster-output",
-                    &format!("/artifacts/tiny/{key}"),
+                    "--in-cluster",
                     "--idempotency-key",
                     key,
                     "--timeout",
@@ -599,15 +610,9 @@ fn history_client(
 }
 
 /// `Compose::submit`, recorded as client 0's call.
-fn recorded_submit(
-    c: &Compose,
-    rec: &history::Recorder,
-    job: &Path,
-    output: &str,
-    key: &str,
-) -> String {
+fn recorded_submit(c: &Compose, rec: &history::Recorder, job: &Path, key: &str) -> String {
     rec.invoke(0, history::Op::Submit(key.into()));
-    let id = c.submit(job, output, key);
+    let id = c.submit(job, key);
     rec.answer(0, history::Ret::Job(id.clone()));
     id
 }
@@ -663,18 +668,20 @@ fn container_faults_leave_the_artifact_unchanged() {
     let tiny_job = dir.path().join("tiny.yaml");
     std::fs::write(
         &tiny_job,
-        "name: tiny\nseed: 1\nmodel: /models/tiny/model.safetensors\noutput: /artifacts/tiny/x\npipeline:\n  - rtn: {bits: 8}\n",
+        format!(
+            "name: tiny\nseed: 1\nmodel: {}\noutput: unused\npipeline:\n  - rtn: {{bits: 8}}\n",
+            models.join("tiny/model.safetensors").display()
+        ),
     )
     .unwrap();
     let rec = history::Recorder::default();
-    let c = Compose::up(dir.path(), &models, "hcxfault", "172.29.8");
+    let c = Compose::up(dir.path(), "hcxfault", "172.29.8");
     let job = dir.path().join("slow-container.yaml");
     std::fs::write(
         &job,
         container_job(
             &std::fs::read_to_string(&local).unwrap(),
-            "slow/model.safetensors",
-            "unused",
+            &models.join("slow/model.safetensors"),
         ),
     )
     .unwrap();
@@ -699,14 +706,14 @@ fn container_faults_leave_the_artifact_unchanged() {
             .collect();
 
         // 1. kill -9 a node holding a shard, then the leader.
-        let id = recorded_submit(&c, &rec, &job, "/artifacts/kill", "kill");
+        let id = recorded_submit(&c, &rec, &job, "kill");
         submitted += 1;
         let victim = c.wait_mid_job(&id);
         c.docker(&["kill", "--signal", "KILL"], &victim);
         let leader = c.leader();
         c.docker(&["kill", "--signal", "KILL"], &leader);
         c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-        assert_same_artifact(&reference, &c.artifact("kill"));
+        assert_same_artifact(&reference, &c.artifact(&id));
         assert!(reassigned(&id), "no shard of {id} was re-assigned");
         assert_ne!(c.leader(), leader);
         c.docker(&["start"], &victim);
@@ -714,14 +721,14 @@ fn container_faults_leave_the_artifact_unchanged() {
         c.wait_nodes(3);
 
         // 2. Cut the leader off into a minority, then heal.
-        let id = recorded_submit(&c, &rec, &job, "/artifacts/partition", "partition");
+        let id = recorded_submit(&c, &rec, &job, "partition");
         submitted += 1;
         c.wait_mid_job(&id);
         let leader = c.leader();
         let ip = format!("{}.1{}", c.subnet, &leader[1..]);
         c.docker(&["network", "disconnect", "--force", &c.network()], &leader);
         c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-        assert_same_artifact(&reference, &c.artifact("partition"));
+        assert_same_artifact(&reference, &c.artifact(&id));
         c.docker(&["network", "connect", "--ip", &ip, &c.network()], &leader);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         clients
@@ -736,18 +743,18 @@ fn container_faults_leave_the_artifact_unchanged() {
 
     // 3. Pause a node past its lease, then resume it: its shard went to
     //    another node, and the job's bytes are the same.
-    let id = recorded_submit(&c, &rec, &job, "/artifacts/pause", "pause");
+    let id = recorded_submit(&c, &rec, &job, "pause");
     submitted += 1;
     let victim = c.wait_mid_job(&id);
     c.docker(&["pause"], &victim);
     std::thread::sleep(Duration::from_secs(8));
     c.docker(&["unpause"], &victim);
     c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact("pause"));
+    assert_same_artifact(&reference, &c.artifact(&id));
     assert!(reassigned(&id), "no shard of {id} was re-assigned");
 
     // 4. Restart every container mid-job.
-    let id = recorded_submit(&c, &rec, &job, "/artifacts/restart", "restart");
+    let id = recorded_submit(&c, &rec, &job, "restart");
     submitted += 1;
     c.wait_mid_job(&id);
     let out = c
@@ -761,7 +768,7 @@ fn container_faults_leave_the_artifact_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
     c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact("restart"));
+    assert_same_artifact(&reference, &c.artifact(&id));
 
     // 5. A coordinator dies for good; a new one on another address
     //    replaces it, and then carries the majority when a second
@@ -790,7 +797,7 @@ fn container_faults_leave_the_artifact_unchanged() {
         removed.contains("voters now") && removed.contains('4'),
         "{removed}"
     );
-    let id = recorded_submit(&c, &rec, &job, "/artifacts/replaced", "replaced");
+    let id = recorded_submit(&c, &rec, &job, "replaced");
     submitted += 1;
     c.wait_mid_job(&id);
     let second = ["c1", "c2", "c3"]
@@ -800,7 +807,7 @@ fn container_faults_leave_the_artifact_unchanged() {
         .unwrap();
     c.docker(&["kill", "--signal", "KILL"], second);
     c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact("replaced"));
+    assert_same_artifact(&reference, &c.artifact(&id));
     let voters = c.nodes_json()["leader"]["voters"].to_string();
     assert!(
         voters.contains(&format!("4={}.14:7101", c.subnet)),
@@ -829,34 +836,24 @@ fn container_faults_leave_the_artifact_unchanged() {
     }
 }
 
-/// The tensor files of two artifacts are the same bytes, and so are their
-/// manifests but for the model path they record (`/models/...` inside the
-/// containers, the host's path for `run --local`).
+/// Two artifacts are the same: the tensor file and the manifest byte for
+/// byte (the manifest names the model by the path the job gave, which the
+/// host's `run --local` and the cluster's job share), every file the same.
 fn assert_same_artifact(a: &Path, b: &Path) {
-    let read = |d: &Path, f: &str| {
-        std::fs::read(d.join(f)).unwrap_or_else(|e| panic!("{}: {e}", d.join(f).display()))
-    };
-    assert!(
-        read(a, "model.hcx.safetensors") == read(b, "model.hcx.safetensors"),
-        "the tensor files differ: {} vs {}",
-        a.display(),
-        b.display()
-    );
-    let manifest = |d: &Path| {
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&read(d, "hcx-manifest.json")).unwrap();
-        let model = v["job"]["model"].take();
+    let (fa, fb) = (common::read_dir_bytes(a), common::read_dir_bytes(b));
+    for f in ["model.hcx.safetensors", "hcx-manifest.json"] {
         assert!(
-            model.is_string(),
-            "{}: no job.model in the manifest",
-            d.display()
+            fa.get(f).is_some() && fa.get(f) == fb.get(f),
+            "{f} differs: {} vs {}",
+            a.display(),
+            b.display()
         );
-        v
-    };
-    let (ma, mb) = (manifest(a), manifest(b));
-    assert!(
-        ma == mb,
-        "the manifests differ beyond the model path: {} vs {}",
+    }
+    let (na, nb): (Vec<_>, Vec<_>) = (fa.keys().collect(), fb.keys().collect());
+    assert_eq!(
+        na,
+        nb,
+        "{} and {} hold different files",
         a.display(),
         b.display()
     );

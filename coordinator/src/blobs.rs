@@ -181,8 +181,19 @@ impl BlobStore {
     }
 
     /// Checks a fully received `sha` (`total` bytes) against its name and
-    /// makes it complete; bytes that hash wrong are dropped.
+    /// makes it complete; bytes that hash wrong are dropped. Two transfers
+    /// of the same blob finishing at once both succeed.
     pub fn finish(&self, sha: &str, total: u64) -> Result<(), BlobError> {
+        match self.finish_once(sha, total) {
+            Err(_) if self.has(sha)?.is_some() => {
+                self.touch(sha);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn finish_once(&self, sha: &str, total: u64) -> Result<(), BlobError> {
         if self.has(sha)?.is_some() {
             let _ = std::fs::remove_file(self.partial(sha));
             self.touch(sha);
@@ -205,29 +216,42 @@ impl BlobStore {
                 bytes,
             });
         }
-        File::open(&p)
+        self.commit(&p, sha)
+    }
+
+    /// Syncs a whole, checked file and renames it to blob `sha`.
+    fn commit(&self, file: &Path, sha: &str) -> Result<(), BlobError> {
+        File::open(file)
             .and_then(|f| f.sync_all())
-            .map_err(io(&p, "cannot sync"))?;
+            .map_err(io(file, "cannot sync"))?;
         let to = self.path(sha)?;
-        std::fs::rename(&p, &to).map_err(io(&p, "cannot rename"))?;
+        std::fs::rename(file, &to).map_err(io(file, "cannot rename"))?;
         sync_dir(&self.dir);
         Ok(())
     }
 
     /// Takes a finished file of this machine into the store under its hash
     /// (moving it when it lies on the same file system, else copying);
-    /// returns its SHA-256 and length.
+    /// returns its SHA-256 and length. Files of the same bytes adopted at
+    /// once (two jobs' identical reports) end as the one blob.
     pub fn adopt(&self, file: &Path) -> Result<(String, u64), BlobError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let (sha, bytes) = hash_file(file)?;
-        if self.has(&sha)?.is_none() {
-            let tmp = self.partial(&sha);
-            if std::fs::rename(file, &tmp).is_err() {
-                std::fs::copy(file, &tmp).map_err(io(file, "cannot copy"))?;
-            }
-            self.finish(&sha, bytes)?;
-        } else {
+        if self.has(&sha)?.is_some() {
             self.touch(&sha);
+            return Ok((sha, bytes));
         }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join("partial")
+            .join(format!("{sha}.adopt-{}-{n}", std::process::id()));
+        if std::fs::rename(file, &tmp).is_err() {
+            std::fs::copy(file, &tmp).map_err(io(file, "cannot copy"))?;
+        }
+        // Renaming over a blob another adopter just made replaces the same
+        // bytes with the same bytes.
+        self.commit(&tmp, &sha)?;
         Ok((sha, bytes))
     }
 
@@ -258,6 +282,26 @@ impl BlobStore {
             }
         }
         Ok(())
+    }
+
+    /// Removes pieces of transfers left untouched for `age` (a sender that
+    /// never came back).
+    pub fn drop_stale_pieces(&self, age: std::time::Duration) {
+        let dir = self.dir.join("partial");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > age);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Every complete blob: its SHA-256 and length.
@@ -386,6 +430,26 @@ mod tests {
             .unwrap();
         s.remove(&h).unwrap();
         assert_eq!(s.has(&h).unwrap(), None);
+    }
+
+    #[test]
+    fn the_same_bytes_adopted_at_once_become_one_blob() {
+        let t = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(&t.path().join("blobs")).unwrap();
+        let files: Vec<PathBuf> = (0..8)
+            .map(|i| {
+                let f = t.path().join(format!("report-{i}.md"));
+                std::fs::write(&f, b"the same report").unwrap();
+                f
+            })
+            .collect();
+        let got: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = files.iter().map(|f| sc.spawn(|| s.adopt(f))).collect();
+            hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        assert!(got.iter().all(|g| g == &got[0]));
+        assert_eq!(s.list().unwrap().len(), 1);
+        assert_eq!(s.held(&got[0].0).unwrap(), (15, true));
     }
 
     proptest! {

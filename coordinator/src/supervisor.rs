@@ -159,6 +159,9 @@ const UNCLAIMED_BLOB_GRACE: Duration = Duration::from_secs(15 * 60);
 /// deterministic job run twice) to commit before the sweep.
 const FREED_BLOB_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a piece of an interrupted transfer waits to be resumed.
+const STALE_PIECE_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// How often every coordinator sweeps its blob store.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -223,6 +226,7 @@ fn sweep_once(
     claimed: &HashSet<String>,
 ) -> Vec<String> {
     let mut removed = Vec::new();
+    store.drop_stale_pieces(STALE_PIECE_AGE);
     let Ok(list) = store.list() else {
         return removed;
     };
