@@ -843,7 +843,7 @@ fn assert_same_artifact(a: &Path, b: &Path) {
     let (fa, fb) = (common::read_dir_bytes(a), common::read_dir_bytes(b));
     for f in ["model.hcx.safetensors", "hcx-manifest.json"] {
         assert!(
-            fa.get(f).is_some() && fa.get(f) == fb.get(f),
+            fa.contains_key(f) && fa.get(f) == fb.get(f),
             "{f} differs: {} vs {}",
             a.display(),
             b.display()
