@@ -641,11 +641,28 @@ fn a_federated_job_calibrates_each_site_on_its_own_nodes_and_matches_the_local_r
     );
     let job = write_job(dir.path(), "federated", &minilm(), &local, &body);
     hcx_ok(&["run", "--local", job.to_str().unwrap()]);
-    // n1 is at site a, n2 and n3 at site b; only the model is shared.
-    let c = Cluster::start(dir.path(), 3, &[&minilm()]);
+    // n1 is at site a, n2 and n3 at site b. Nothing is shared: the
+    // coordinators read no file in place, so submit sends the model, every
+    // rank downloads it from them, and the artifact comes back by fetch.
+    let c = Cluster::start_bare(dir.path(), 3);
     let out = dir.path().join("cluster");
-    submit_and_watch(&c, &job, &out);
+    let said = c.run_ok(&[
+        "submit",
+        job.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(said.contains("succeeded"), "{said}");
     assert_same_artifact(&local, &out);
+    for n in 1..=3 {
+        let models: Vec<_> = std::fs::read_dir(dir.path().join(format!("n{n}/models")))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            models.len() == 1 && models[0].join(".complete").is_file(),
+            "n{n} did not download the sent model: {models:?}"
+        );
+    }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("attribution.json")).unwrap())
             .unwrap();

@@ -143,6 +143,8 @@ pub struct Shared {
     pub(crate) blobs: blobs::BlobStore,
     /// How to dial the other coordinators.
     pub(crate) transport: PeerTransport,
+    /// Held while a sent model's folder is laid out.
+    pub(crate) laying_out: tokio::sync::Mutex<()>,
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -485,6 +487,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         data_dir: cfg.data_dir.clone(),
         blobs: blob_store,
         transport,
+        laying_out: tokio::sync::Mutex::new(()),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut builder = tonic::transport::Server::builder();

@@ -534,7 +534,13 @@ impl ClusterService {
 impl Cluster for ClusterService {
     async fn blob_status(&self, req: Request<BlobRef>) -> Result<Response<BlobHave>, Status> {
         role(&self.shared, &req, OPERATORS, "BlobStatus")?;
-        let sha = req.into_inner().sha256;
+        let r = req.into_inner();
+        // A sender's resume point is the leader's copy, which is where its
+        // PutBlob goes; a peer asks the copy it is about to extend.
+        if !r.peer {
+            self.shared.require_leader()?;
+        }
+        let sha = r.sha256;
         let (held, complete) = self.shared.blobs.held(&sha).map_err(blob_status)?;
         Ok(Response::new(BlobHave {
             sha256: sha,

@@ -143,6 +143,7 @@ impl Shared {
         let have = c
             .blob_status(BlobRef {
                 sha256: sha.to_string(),
+                peer: true,
                 ..Default::default()
             })
             .await
@@ -306,12 +307,17 @@ impl Shared {
             files.push((f.name.clone(), f.sha256.clone()));
         }
         let dir = self.data_dir.join("models").join(sent.digest());
-        let store = self.blobs.clone();
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || store.lay_out(&d, &files))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        if !dir.join(".complete").is_file() {
+            // One lay-out at a time: the tensor fetches of many nodes may
+            // all ask a new leader for the folder at once.
+            let _one = self.laying_out.lock().await;
+            let store = self.blobs.clone();
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || store.lay_out(&d, &files))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
         Ok(match &sent.file {
             Some(f) => dir.join(f),
             None => dir,
