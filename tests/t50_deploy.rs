@@ -695,7 +695,7 @@ fn container_faults_leave_the_artifact_unchanged() {
     };
     let mut submitted = 0;
 
-    // Two clients call the job API throughout the first two faults.
+    // Two clients call the job API throughout every fault.
     let stop = std::sync::atomic::AtomicBool::new(false);
     let answered = std::thread::scope(|scope| {
         let clients: Vec<_> = (1..=2)
@@ -730,6 +730,80 @@ fn container_faults_leave_the_artifact_unchanged() {
         c.wait_job(&id, "success", |v| v["state"] == "succeeded");
         assert_same_artifact(&reference, &c.artifact(&id));
         c.docker(&["network", "connect", "--ip", &ip, &c.network()], &leader);
+
+        // 3. Pause a node past its lease, then resume it: its shard went to
+        //    another node, and the job's bytes are the same.
+        let id = recorded_submit(&c, &rec, &job, "pause");
+        submitted += 1;
+        let victim = c.wait_mid_job(&id);
+        c.docker(&["pause"], &victim);
+        std::thread::sleep(Duration::from_secs(8));
+        c.docker(&["unpause"], &victim);
+        c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+        assert_same_artifact(&reference, &c.artifact(&id));
+        assert!(reassigned(&id), "no shard of {id} was re-assigned");
+
+        // 4. Restart every container mid-job.
+        let id = recorded_submit(&c, &rec, &job, "restart");
+        submitted += 1;
+        c.wait_mid_job(&id);
+        let out = c
+            .compose()
+            .args(["restart", "--timeout", "0"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+        assert_same_artifact(&reference, &c.artifact(&id));
+
+        // 5. A coordinator dies for good; a new one on another address
+        //    replaces it, and then carries the majority when a second
+        //    founder dies mid-job.
+        let leader = c.leader();
+        let dead = ["c1", "c2", "c3"]
+            .into_iter()
+            .find(|s| *s != leader)
+            .unwrap();
+        c.docker(&["kill", "--signal", "KILL"], dead);
+        let out = c
+            .compose()
+            .env("COMPOSE_PROFILES", "spare")
+            .args(["up", "--detach", "c4"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let added = c.cli_ok(&["coordinators", "add", &format!("4={}.14:7101", c.subnet)]);
+        assert!(added.contains("voters now"), "{added}");
+        let removed = c.cli_ok(&["coordinators", "remove", &dead[1..]]);
+        assert!(
+            removed.contains("voters now") && removed.contains('4'),
+            "{removed}"
+        );
+        let id = recorded_submit(&c, &rec, &job, "replaced");
+        submitted += 1;
+        c.wait_mid_job(&id);
+        let second = ["c1", "c2", "c3"]
+            .into_iter()
+            .find(|s| *s != dead && *s != c.leader())
+            .or_else(|| ["c1", "c2", "c3"].into_iter().find(|s| *s != dead))
+            .unwrap();
+        c.docker(&["kill", "--signal", "KILL"], second);
+        c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+        assert_same_artifact(&reference, &c.artifact(&id));
+        let voters = c.nodes_json()["leader"]["voters"].to_string();
+        assert!(
+            voters.contains(&format!("4={}.14:7101", c.subnet)),
+            "{voters}"
+        );
+
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         clients
             .into_iter()
@@ -739,79 +813,6 @@ fn container_faults_leave_the_artifact_unchanged() {
     assert!(
         answered >= 20,
         "the history clients got only {answered} answers"
-    );
-
-    // 3. Pause a node past its lease, then resume it: its shard went to
-    //    another node, and the job's bytes are the same.
-    let id = recorded_submit(&c, &rec, &job, "pause");
-    submitted += 1;
-    let victim = c.wait_mid_job(&id);
-    c.docker(&["pause"], &victim);
-    std::thread::sleep(Duration::from_secs(8));
-    c.docker(&["unpause"], &victim);
-    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact(&id));
-    assert!(reassigned(&id), "no shard of {id} was re-assigned");
-
-    // 4. Restart every container mid-job.
-    let id = recorded_submit(&c, &rec, &job, "restart");
-    submitted += 1;
-    c.wait_mid_job(&id);
-    let out = c
-        .compose()
-        .args(["restart", "--timeout", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact(&id));
-
-    // 5. A coordinator dies for good; a new one on another address
-    //    replaces it, and then carries the majority when a second
-    //    founder dies mid-job.
-    let leader = c.leader();
-    let dead = ["c1", "c2", "c3"]
-        .into_iter()
-        .find(|s| *s != leader)
-        .unwrap();
-    c.docker(&["kill", "--signal", "KILL"], dead);
-    let out = c
-        .compose()
-        .env("COMPOSE_PROFILES", "spare")
-        .args(["up", "--detach", "c4"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let added = c.cli_ok(&["coordinators", "add", &format!("4={}.14:7101", c.subnet)]);
-    assert!(added.contains("voters now"), "{added}");
-    let removed = c.cli_ok(&["coordinators", "remove", &dead[1..]]);
-    assert!(
-        removed.contains("voters now") && removed.contains('4'),
-        "{removed}"
-    );
-    let id = recorded_submit(&c, &rec, &job, "replaced");
-    submitted += 1;
-    c.wait_mid_job(&id);
-    let second = ["c1", "c2", "c3"]
-        .into_iter()
-        .find(|s| *s != dead && *s != c.leader())
-        .or_else(|| ["c1", "c2", "c3"].into_iter().find(|s| *s != dead))
-        .unwrap();
-    c.docker(&["kill", "--signal", "KILL"], second);
-    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
-    assert_same_artifact(&reference, &c.artifact(&id));
-    let voters = c.nodes_json()["leader"]["voters"].to_string();
-    assert!(
-        voters.contains(&format!("4={}.14:7101", c.subnet)),
-        "{voters}"
     );
 
     // No job was lost or made twice: every job the fault scenarios
