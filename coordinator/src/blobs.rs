@@ -235,11 +235,19 @@ impl BlobStore {
     /// returns its SHA-256 and length. Files of the same bytes adopted at
     /// once (two jobs' identical reports) end as the one blob.
     pub fn adopt(&self, file: &Path) -> Result<(String, u64), BlobError> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let (sha, bytes) = hash_file(file)?;
-        if self.has(&sha)?.is_some() {
-            self.touch(&sha);
-            return Ok((sha, bytes));
+        self.adopt_hashed(file, &sha)?;
+        Ok((sha, bytes))
+    }
+
+    /// [`BlobStore::adopt`] for a file whose SHA-256 the caller has just
+    /// computed from its bytes (a received upload it checked while
+    /// streaming), so it is not read again.
+    pub fn adopt_hashed(&self, file: &Path, sha: &str) -> Result<(), BlobError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if self.has(sha)?.is_some() {
+            self.touch(sha);
+            return Ok(());
         }
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
@@ -251,8 +259,7 @@ impl BlobStore {
         }
         // Renaming over a blob another adopter just made replaces the same
         // bytes with the same bytes.
-        self.commit(&tmp, &sha)?;
-        Ok((sha, bytes))
+        self.commit(&tmp, sha)
     }
 
     /// Marks a held blob as just stored (its modification time), so that a

@@ -323,9 +323,11 @@ async fn upload(
     }
     // Kept by content, and done only once a majority of the voters hold
     // it: a leader lost after this point leaves the shard to the next.
+    // The hash was checked above while the bytes streamed in.
     let store = shared.blobs.clone();
     let p = partial.clone();
-    let adopted = tokio::task::spawn_blocking(move || store.adopt(&p))
+    let sha = got.clone();
+    let adopted = tokio::task::spawn_blocking(move || store.adopt_hashed(&p, &sha))
         .await
         .map_err(|e| (e.to_string(), None))?;
     let _ = tokio::fs::remove_file(&partial).await;
