@@ -19,6 +19,8 @@ use hcx_node::NodeConfig;
 use hcx_protocol::JobSpec;
 use hcx_protocol::job::{BlobFile, SentModel};
 use tokio::sync::watch;
+
+use crate::progress::{Display, Watcher};
 use tokio_stream::StreamExt;
 
 /// Parses `1=host:port,2=host:port,…` as given to `what` (`--peers`, say).
@@ -283,52 +285,23 @@ pub fn submit_request(
     })
 }
 
-/// Watches a job until it ends, printing each shard as it moves; returns its final state.
-pub async fn watch(client: &CoordinatorClient, job: &str, quiet: bool) -> Result<JobStatus> {
-    let mut last: BTreeMap<u32, (String, u32, bool)> = BTreeMap::new();
-    let started = Instant::now();
+/// Watches a job until it ends, showing its progress as `display` says;
+/// returns its final state.
+pub async fn watch(client: &CoordinatorClient, job: &str, display: Display) -> Result<JobStatus> {
+    let mut shown = Watcher::new(display);
     loop {
-        let mut stream = match client
+        let mut stream = client
             .call(|mut c| {
                 let job_id = job.to_string();
                 async move { c.watch_job(JobRef { job_id }).await }
             })
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return Err(e.into()),
-        };
+            .await?;
         loop {
             match stream.message().await {
                 Ok(Some(st)) => {
-                    if !quiet {
-                        for s in &st.shards {
-                            let now = (s.node.clone(), s.attempt, s.done);
-                            if last.get(&s.id) != Some(&now) {
-                                let t = started.elapsed().as_secs_f64();
-                                if s.done {
-                                    eprintln!(
-                                        "[{t:6.1}s] {:<14} done on {} ({:.2} s in kernels)",
-                                        s.label, s.node, s.kernel_seconds
-                                    );
-                                } else if !s.node.is_empty() {
-                                    eprintln!(
-                                        "[{t:6.1}s] {:<14} → {} (attempt {}){}",
-                                        s.label,
-                                        s.node,
-                                        s.attempt,
-                                        if s.last_error.is_empty() {
-                                            String::new()
-                                        } else {
-                                            format!(" after: {}", s.last_error)
-                                        }
-                                    );
-                                }
-                                last.insert(s.id, now);
-                            }
-                        }
-                    }
+                    shown.update(&st);
                     if !matches!(st.state.as_str(), "running" | "merging") {
+                        shown.finish(&st);
                         return Ok(st);
                     }
                 }
@@ -382,6 +355,8 @@ pub struct SubmitOptions {
     pub key: Option<String>,
     /// Follow the job to its end.
     pub follow: bool,
+    /// How a followed job's progress is shown.
+    pub display: Display,
 }
 
 /// `submit`: prints the job id; with `follow`, follows it to the end, and
@@ -422,7 +397,7 @@ pub async fn submit(client: &CoordinatorClient, spec: &JobSpec, o: &SubmitOption
     if !(o.follow || o.download.is_some()) {
         return Ok(true);
     }
-    let st = watch(client, &reply.job_id, false).await?;
+    let st = watch(client, &reply.job_id, o.display).await?;
     println!("{}", describe(&st));
     if st.state != "succeeded" {
         return Ok(false);
@@ -951,7 +926,7 @@ impl Embedded {
         &self,
         spec: &JobSpec,
         output: Option<&Path>,
-        quiet: bool,
+        display: Display,
     ) -> Result<JobStatus> {
         // The embedded coordinator shares this machine's files: the model
         // is read in place, never sent.
@@ -965,7 +940,7 @@ impl Embedded {
                 async move { c.submit_job(r).await }
             })
             .await?;
-        watch(&self.client, &reply.job_id, quiet).await
+        watch(&self.client, &reply.job_id, display).await
     }
 
     /// Stops the nodes and the coordinator.

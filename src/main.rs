@@ -13,6 +13,7 @@ use hcx_pipeline::attribution;
 use hcx_protocol::JobSpec;
 
 mod cluster;
+mod progress;
 
 /// The example job run when `hcx-cluster run` is given no file.
 const DEFAULT_JOB: &str = include_str!("../configs/jobs/minilm-4bit.yaml");
@@ -24,6 +25,12 @@ const DEFAULT_JOB: &str = include_str!("../configs/jobs/minilm-4bit.yaml");
     about = "Compresses neural-network models and reports what each stage cost and saved"
 )]
 struct Cli {
+    /// How log lines are written to stderr: text, or json (one object a
+    /// line, with the job, shard and tensor spans it was written in).
+    /// `$HCX_LOG` filters them (warn by default; info, debug, or per
+    /// crate as hcx_node=debug).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    log_format: hcx_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +108,10 @@ enum Command {
         /// (500MB, 20GB).
         #[arg(long, value_parser = parse_size)]
         retain_bytes: Option<u64>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP:
+        /// counts and timings only; bind it to loopback or a private network).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run a worker node.
     Node {
@@ -127,6 +138,10 @@ enum Command {
         /// Milliseconds between heartbeats.
         #[arg(long, default_value_t = 500)]
         heartbeat_ms: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP:
+        /// counts and timings only; bind it to loopback or a private network).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Submit a job to a cluster and print its id.
     Submit {
@@ -162,6 +177,15 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Follow a job until it ends: progress bars on a terminal (per node:
+    /// tensors and bytes through, the shard and step it is on; an ETA),
+    /// plain lines otherwise; exits non-zero unless the job succeeds.
+    Watch {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        connect: ClientArgs,
     },
     /// Cancel a running job.
     Cancel {
@@ -438,14 +462,9 @@ fn main() -> ExitCode {
     // Forward passes (calibration, distillation, eval) free and reallocate
     // large tensors all the time; keep that memory in the process.
     hcx_pipeline::keep_freed_memory();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HCX_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match dispatch(Cli::parse()) {
+    let cli = Cli::parse();
+    hcx_telemetry::init_logging(cli.log_format, "warn");
+    match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", render_error(&e));
@@ -508,7 +527,7 @@ fn run_embedded(
     spec: &JobSpec,
     output: Option<&Path>,
     nodes: usize,
-    quiet: bool,
+    display: progress::Display,
 ) -> Result<hcx_pipeline::run::RunOutcome> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -559,7 +578,7 @@ fn run_embedded(
     let st = rt.block_on(async {
         let cluster =
             cluster::Embedded::start(nodes, &sites, model_roots, vec![output_root]).await?;
-        let st = cluster.run(spec, output, quiet).await;
+        let st = cluster.run(spec, output, display).await;
         cluster.stop().await;
         st
     })?;
@@ -583,6 +602,7 @@ fn run_embedded(
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
+    let display = progress::Display::choose(cli.log_format);
     match cli.command {
         Command::Certs {
             command: CertsCommand::Init { dir, force },
@@ -681,9 +701,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             retain_jobs,
             retain_age,
             retain_bytes,
+            metrics_listen,
         } => {
             let sec = tls.security()?;
-            runtime()?.block_on(cluster::coordinator(
+            let rt = runtime()?;
+            if let Some(addr) = metrics_listen {
+                rt.block_on(hcx_telemetry::serve_metrics(addr))?;
+                hcx_telemetry::show_counters(hcx_protocol::metrics::COORDINATOR_COUNTERS);
+            }
+            rt.block_on(cluster::coordinator(
                 cluster::CoordinatorArgs {
                     id,
                     listen,
@@ -710,9 +736,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             work_dir,
             cores,
             heartbeat_ms,
+            metrics_listen,
         } => {
             let sec = tls.security()?;
-            runtime()?.block_on(cluster::node(
+            let rt = runtime()?;
+            if let Some(addr) = metrics_listen {
+                rt.block_on(hcx_telemetry::serve_metrics(addr))?;
+                hcx_telemetry::show_counters(hcx_protocol::metrics::NODE_COUNTERS);
+            }
+            rt.block_on(cluster::node(
                 &coordinators,
                 listen,
                 name,
@@ -739,6 +771,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 cluster_output,
                 key: idempotency_key,
                 follow: watch,
+                display,
             };
             let ok = runtime()?.block_on(async {
                 let c = connect.client()?;
@@ -752,6 +785,15 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Status { job, connect, json } => runtime()?.block_on(async {
             let c = connect.client()?;
             cluster::status(&c, job, json).await.map(|_| ())
+        }),
+        Command::Watch { job, connect } => runtime()?.block_on(async {
+            let c = connect.client()?;
+            let st = cluster::watch(&c, &job, display).await?;
+            println!("{}", cluster::describe(&st));
+            if st.state != "succeeded" {
+                bail!("{job} did not succeed");
+            }
+            Ok(())
         }),
         Command::Cancel { job, connect } => runtime()?.block_on(async {
             let c = connect.client()?;
@@ -803,7 +845,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             let out = if local {
                 hcx_pipeline::run::run_job(&spec, output.as_deref())?
             } else {
-                run_embedded(&spec, output.as_deref(), nodes, json)?
+                let display = if json {
+                    progress::Display::Quiet
+                } else {
+                    display
+                };
+                run_embedded(&spec, output.as_deref(), nodes, display)?
             };
             let a = &out.attribution;
             if json {

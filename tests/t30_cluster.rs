@@ -96,6 +96,9 @@ struct Cluster {
     coordinators: Vec<Proc>,
     addrs: Vec<String>,
     nodes: Vec<Proc>,
+    /// Where each coordinator, then each node, serves its metrics.
+    metrics: Vec<String>,
+    node_metrics: Vec<String>,
 }
 
 impl Cluster {
@@ -171,6 +174,10 @@ impl Cluster {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
+        let metrics: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port(ip)))
+            .collect();
         let coordinators = (0..3)
             .map(|i| {
                 let args: Vec<String> = vec![
@@ -187,6 +194,8 @@ impl Cluster {
                     certs.join("coordinator").display().to_string(),
                     "--lease-ms".into(),
                     "3000".into(),
+                    "--metrics-listen".into(),
+                    metrics[i].clone(),
                 ]
                 .into_iter()
                 .chain(roots.iter().cloned())
@@ -200,11 +209,17 @@ impl Cluster {
             coordinators,
             addrs,
             nodes: Vec::new(),
+            metrics,
+            node_metrics: Vec::new(),
         };
         for i in 0..nodes {
             let ip = ips[i % 3];
+            let m = format!("{ip}:{}", free_port(ip));
+            c.node_metrics.push(m.clone());
             let args = vec![
                 "node".into(),
+                "--metrics-listen".into(),
+                m,
                 "--coordinators".into(),
                 c.addrs.join(","),
                 "--listen".into(),
@@ -1328,4 +1343,336 @@ fn a_client_without_coordinators_says_what_it_waits_for_and_gives_up() {
         err.contains("within 3 s") && err.contains("127.0.0.1:1"),
         "{err}"
     );
+}
+
+/// One scrape of a Prometheus text endpoint: each series' kind (from its
+/// `# TYPE` line), whether it has help, and every sample by its full name
+/// with labels (`hcx_jobs{state="running"}`).
+struct Scrape {
+    text: String,
+    kinds: std::collections::BTreeMap<String, String>,
+    helped: std::collections::BTreeSet<String>,
+    samples: std::collections::BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    fn get(addr: &str) -> Scrape {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        let mut out = Scrape {
+            text: body.to_string(),
+            kinds: Default::default(),
+            helped: Default::default(),
+            samples: Default::default(),
+        };
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                out.kinds.insert(name.into(), kind.into());
+            } else if let Some(rest) = line.strip_prefix("# HELP ") {
+                out.helped.insert(rest.split_once(' ').unwrap().0.into());
+            } else if !line.is_empty() && !line.starts_with('#') {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                out.samples
+                    .insert(series.into(), value.parse().expect("a sample value"));
+            }
+        }
+        out
+    }
+
+    /// The value of `series`, 0 when absent.
+    fn value(&self, series: &str) -> f64 {
+        self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The sum of every sample of metric `name`, whatever its labels.
+    fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(k, _)| *k == name || k.starts_with(&format!("{name}{{")))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every series is one we document, of the kind we say, with help, and
+    /// named by Prometheus' conventions.
+    fn check_names(&self) {
+        use hcx_protocol::metrics::{ALL, MetricKind, follows_conventions};
+        assert!(!self.kinds.is_empty(), "no series:\n{}", self.text);
+        for (name, kind) in &self.kinds {
+            let def = ALL
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} is not in hcx_protocol::metrics::ALL"));
+            let want = match def.kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+                MetricKind::Histogram => "histogram",
+            };
+            assert_eq!(kind, want, "{name}");
+            follows_conventions(name, def.kind).unwrap();
+            assert!(self.helped.contains(name), "{name} has no # HELP line");
+        }
+    }
+}
+
+#[test]
+fn coordinators_and_nodes_export_metrics_that_move_during_a_job() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 2, &[job.parent().unwrap()]);
+    let before: Vec<Scrape> = c.metrics.iter().map(|a| Scrape::get(a)).collect();
+    let nodes_before: Vec<Scrape> = c.node_metrics.iter().map(|a| Scrape::get(a)).collect();
+    for s in before.iter().chain(&nodes_before) {
+        s.check_names();
+    }
+    for s in &nodes_before {
+        assert_eq!(s.value("hcx_node_fetched_bytes_total"), 0.0, "{}", s.text);
+        assert!(s.value("hcx_node_heartbeats_total") > 0.0, "{}", s.text);
+    }
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "m1");
+    wait_mid_job(&c, &id);
+    let leader = c.leader();
+    // Mid-job: the leader has served tensors and seen a shard come in, and
+    // a node has fetched them; the gauges (refreshed every second) show the
+    // job running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mid = loop {
+        let s = Scrape::get(&c.metrics[leader]);
+        if s.value("hcx_jobs{state=\"running\"}") == 1.0 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    mid.check_names();
+    assert_eq!(
+        mid.value("hcx_jobs{state=\"running\"}"),
+        1.0,
+        "{}",
+        mid.text
+    );
+    assert!(
+        mid.value("hcx_shards{state=\"done\"}") >= 1.0,
+        "{}",
+        mid.text
+    );
+    assert!(mid.value("hcx_tensors_served_total") >= 1.0, "{}", mid.text);
+    assert!(
+        mid.value("hcx_shard_received_bytes_total") > 0.0,
+        "{}",
+        mid.text
+    );
+    assert_eq!(mid.value("hcx_raft_is_leader"), 1.0, "{}", mid.text);
+    let node_mid: Vec<Scrape> = c.node_metrics.iter().map(|a| Scrape::get(a)).collect();
+    println!(
+        "--- leader mid-job\n{}\n--- node n1 mid-job\n{}",
+        mid.text, node_mid[0].text
+    );
+    assert!(
+        node_mid
+            .iter()
+            .map(|s| s.value("hcx_node_fetched_bytes_total"))
+            .sum::<f64>()
+            > 0.0
+    );
+    // `watch` follows it to the end; without a terminal it prints lines.
+    let watched = c.run(&["watch", &id]);
+    let (said, progress) = (
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr),
+    );
+    assert!(watched.status.success(), "{said}\n{progress}");
+    assert!(said.contains(&format!("{id} `slow` succeeded")), "{said}");
+    assert!(progress.contains("done on n"), "{progress}");
+    assert!(!progress.contains('\x1b'), "{progress}");
+    assert_same_artifact(reference, &out);
+    let v = c.status(&id);
+    let shard_bytes: f64 = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes_out"].as_f64().unwrap())
+        .sum();
+    let source_bytes: f64 = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes_in"].as_f64().unwrap())
+        .sum();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after: Vec<Scrape> = c.metrics.iter().map(|a| Scrape::get(a)).collect();
+    let nodes_after: Vec<Scrape> = c.node_metrics.iter().map(|a| Scrape::get(a)).collect();
+    for s in after.iter().chain(&nodes_after) {
+        s.check_names();
+    }
+    // Every coordinator's copy of the state shows the job done.
+    for s in &after {
+        assert_eq!(s.value("hcx_jobs{state=\"succeeded\"}"), 1.0, "{}", s.text);
+        assert_eq!(s.value("hcx_jobs{state=\"running\"}"), 0.0, "{}", s.text);
+        assert!(s.value("hcx_raft_applied_index") > 0.0);
+    }
+    assert_eq!(
+        after
+            .iter()
+            .map(|s| s.value("hcx_raft_is_leader"))
+            .sum::<f64>(),
+        1.0
+    );
+    let l = &after[leader];
+    assert!(
+        l.value("hcx_raft_commit_seconds_count") >= 12.0,
+        "{}",
+        l.text
+    );
+    assert!(l.value("hcx_raft_commit_seconds_sum") > 0.0, "{}", l.text);
+    // What the nodes say they moved is what the job's shards account for.
+    let uploaded: f64 = nodes_after
+        .iter()
+        .map(|s| s.value("hcx_node_uploaded_bytes_total"))
+        .sum();
+    let fetched: f64 = nodes_after
+        .iter()
+        .map(|s| s.value("hcx_node_fetched_bytes_total"))
+        .sum();
+    assert_eq!(uploaded, shard_bytes);
+    assert_eq!(fetched, source_bytes);
+    assert_eq!(
+        l.value("hcx_tensor_served_bytes_total"),
+        source_bytes,
+        "{}",
+        l.text
+    );
+    let done: f64 = nodes_after
+        .iter()
+        .map(|s| s.value("hcx_node_shards_total{outcome=\"done\"}"))
+        .sum();
+    assert_eq!(done, 12.0);
+    // Kernel seconds by stage: each of the job's stages ran once a tensor.
+    for stage in ["hadamard", "uniform", "zstd"] {
+        let count: f64 = nodes_after
+            .iter()
+            .map(|s| s.value(&format!("hcx_stage_seconds_count{{stage=\"{stage}\"}}")))
+            .sum();
+        assert_eq!(count, 12.0, "{stage}");
+    }
+    let kernel: f64 = nodes_after
+        .iter()
+        .map(|s| s.sum("hcx_stage_seconds_sum"))
+        .sum();
+    assert!(kernel > 0.0);
+    for s in &nodes_after {
+        assert_eq!(s.value("hcx_node_running_shards"), 0.0, "{}", s.text);
+    }
+}
+
+/// Runs `hcx-cluster ARGS` under a pseudo-terminal (util-linux `script`),
+/// with `env` set; returns what the terminal received.
+fn on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let typescript = dir.path().join("typescript");
+    let mut cmd = vec![env!("CARGO_BIN_EXE_hcx-cluster").to_string()];
+    cmd.extend(args.iter().map(|a| format!("'{a}'")));
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &cmd.join(" ")])
+        .arg(&typescript)
+        .envs(env.iter().copied())
+        .env("COLUMNS", "160")
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` (bsdutils) makes the pseudo-terminal");
+    let seen = std::fs::read_to_string(&typescript).unwrap_or_default();
+    assert!(out.status.success(), "{seen}");
+    seen
+}
+
+#[test]
+fn progress_is_bars_on_a_terminal_lines_without_one_and_json_on_request() {
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    // On a terminal: a bar for the job and one per node, redrawn in place.
+    let out = dir.path().join("bars");
+    let seen = on_a_terminal(
+        &[
+            "run",
+            job.to_str().unwrap(),
+            "--nodes",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_same_artifact(reference, &out);
+    for want in ["j000001", "node-1", "node-2", "tensors", "[===", "\x1b[2K"] {
+        assert!(seen.contains(want), "no {want:?} in:\n{seen}");
+    }
+    assert!(seen.contains("12/12 tensors"), "{seen}");
+    assert!(!seen.contains("(attempt 1)"), "{seen}");
+    // Without one: a plain line as each shard is assigned and done.
+    let out = dir.path().join("lines");
+    let plain = hcx(&[
+        "run",
+        job.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(plain.status.success());
+    assert_same_artifact(reference, &out);
+    let lines = String::from_utf8_lossy(&plain.stderr);
+    assert!(!lines.contains('\x1b'), "{lines}");
+    assert_eq!(lines.matches("(attempt 1)").count(), 12, "{lines}");
+    assert_eq!(lines.matches(" done on node-").count(), 12, "{lines}");
+    // --log-format json: every stderr line is a JSON object; the nodes'
+    // lines carry the job and shard of the span they were written in.
+    let out = dir.path().join("json");
+    let json = Command::new(env!("CARGO_BIN_EXE_hcx-cluster"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            job.to_str().unwrap(),
+            "--nodes",
+            "2",
+        ])
+        .args(["--output", out.to_str().unwrap()])
+        .env("HCX_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(json.status.success());
+    assert_same_artifact(reference, &out);
+    let text = String::from_utf8_lossy(&json.stderr);
+    let mut in_shard = 0;
+    let mut progress = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "hcx_node" && v["span"]["name"] == "shard" {
+            assert_eq!(v["span"]["job"], "j000001", "{line}");
+            assert!(v["span"]["shard"].is_u64(), "{line}");
+            in_shard += 1;
+        }
+        if v["event"] == "done" {
+            progress += 1;
+        }
+    }
+    assert!(in_shard >= 12, "{text}");
+    assert_eq!(progress, 12, "{text}");
 }

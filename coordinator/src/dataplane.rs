@@ -11,6 +11,7 @@ use std::sync::Arc;
 use hcx_net::certs::CertFacts;
 use hcx_net::frames::{FrameError, Reply, Request, read_frame, write_frame};
 use hcx_net::tls::{Identity, Role};
+use hcx_protocol::metrics as names;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -226,6 +227,8 @@ async fn fetch(
     .await?;
     send.write_all(raw).await.map_err(std::io::Error::from)?;
     let _ = send.finish();
+    metrics::counter!(names::TENSORS_SERVED).increment(1);
+    metrics::counter!(names::TENSOR_SERVED_BYTES).increment(raw.len() as u64);
     Ok(())
 }
 
@@ -310,6 +313,7 @@ async fn upload(
     }
     file.sync_all().await.map_err(|e| io("cannot sync", e))?;
     drop(file);
+    metrics::counter!(names::SHARD_RECEIVED_BYTES).increment(result.bytes);
     let got = hex::encode(hash.finalize());
     if got != result.sha256 {
         let _ = tokio::fs::remove_file(&partial).await;

@@ -8,6 +8,7 @@
 
 pub mod blobs;
 pub mod dataplane;
+mod gauges;
 pub mod network;
 pub mod roots;
 pub mod scheduler;
@@ -25,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use hcx_net::certs::CertFacts;
 use hcx_net::client::LEADER_HEADER;
+use hcx_net::proto::ShardProgress;
 use hcx_net::proto::cluster_server::ClusterServer;
 use hcx_net::proto::raft_server::RaftServer;
 use hcx_net::tls::{Identity, Role};
 use hcx_pipeline::model::Model;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 use tokio::sync::watch;
 use tonic::Status;
@@ -127,6 +129,9 @@ pub struct Shared {
     pub(crate) advertise: String,
     pub(crate) lease: Duration,
     seen: Mutex<HashMap<String, Instant>>,
+    /// Each node's last progress report (held by the leader in memory; it
+    /// is advisory, so it is not worth a raft commit).
+    progress: Mutex<HashMap<String, Vec<ShardProgress>>>,
     models: tokio::sync::Mutex<HashMap<PathBuf, Arc<Model>>>,
     pub(crate) peers: BTreeMap<NodeId, String>,
     /// Whether peers present certificates (false under `--insecure`).
@@ -178,6 +183,28 @@ impl Shared {
             return Ok(());
         }
         Err(self.not_leader())
+    }
+
+    /// Waits until a read of this coordinator's state is linearizable: it
+    /// leads (confirmed by a quorum's heartbeat answers) and has applied
+    /// everything committed before the call. A follower's state may lag the
+    /// leader's, so a client reading there could miss its own write; such a
+    /// read is sent on to the leader instead.
+    pub(crate) async fn linearizable_read(&self) -> Result<(), Status> {
+        self.require_leader()?;
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(self.not_leader())
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(Status::unavailable(format!(
+                    "coordinator {} cannot reach a quorum: {q}",
+                    self.id
+                )))
+            }
+            Err(e) => Err(Status::unavailable(format!("raft: {e}"))),
+        }
     }
 
     fn not_leader(&self) -> Status {
@@ -274,13 +301,55 @@ impl Shared {
 
     /// Commits a command through raft and returns what applying it said.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<CommandResult, Status> {
+        let t0 = Instant::now();
         match self.raft.client_write(cmd).await {
-            Ok(r) => Ok(r.data),
+            Ok(r) => {
+                metrics::histogram!(hcx_protocol::metrics::RAFT_COMMIT_SECONDS)
+                    .record(t0.elapsed().as_secs_f64());
+                Ok(r.data)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(self.not_leader())
             }
             Err(e) => Err(Status::unavailable(format!("raft: {e}"))),
         }
+    }
+
+    /// Keeps `node`'s latest report of its shards' progress.
+    pub(crate) fn set_progress(&self, node: &str, report: Vec<ShardProgress>) {
+        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        if report.is_empty() {
+            p.remove(node);
+        } else {
+            p.insert(node.to_string(), report);
+        }
+    }
+
+    /// A job's status with its shards' progress as their holders last
+    /// reported it; a report counts only for the attempt the state says the
+    /// node holds now.
+    pub(crate) fn status_of(&self, j: &state::JobRecord) -> hcx_net::proto::JobStatus {
+        let mut st = service::job_status(j);
+        let p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        for (rec, out) in j.shards.iter().zip(st.shards.iter_mut()) {
+            if let Some(r) = &rec.result {
+                out.step = "done".into();
+                out.tensors_done = out.tensors;
+                out.bytes_done = r.bytes_in;
+                continue;
+            }
+            let Some(node) = &rec.node else { continue };
+            if let Some(sp) = p.get(node).and_then(|v| {
+                v.iter().find(|x| {
+                    x.job_id == j.id && x.shard == rec.shard.id && x.attempt == rec.attempt
+                })
+            }) {
+                out.step = sp.step.clone();
+                out.tensors_done = sp.tensors_done.min(out.tensors);
+                out.bytes_done = sp.bytes_done;
+            }
+        }
+        st
     }
 
     /// Records a heartbeat from `node`.
@@ -478,6 +547,7 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         advertise,
         lease: cfg.lease,
         seen: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
         models: tokio::sync::Mutex::new(HashMap::new()),
         peers: cfg.peers.clone(),
         secure: cfg.tls.is_some(),
@@ -531,11 +601,12 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
     });
     let quic = dataplane::start(shared.clone(), addr, cfg.tls.as_ref())?;
     let sweep = tokio::spawn(supervisor::sweep(shared.clone(), shutdown_rx.clone()));
+    let gauges = tokio::spawn(gauges::run(shared.clone(), shutdown_rx.clone()));
     let sup = tokio::spawn(supervisor::run(shared.clone(), shutdown_rx));
     Ok(CoordinatorHandle {
         shared,
         shutdown,
-        tasks: vec![grpc, quic, sup, sweep],
+        tasks: vec![grpc, quic, sup, sweep, gauges],
         addr,
     })
 }

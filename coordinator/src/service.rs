@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use hcx_net::proto::cluster_server::Cluster;
@@ -77,6 +78,7 @@ pub fn job_status(j: &JobRecord) -> JobStatus {
                 kernel_seconds: s.result.as_ref().map_or(0.0, |r| r.kernel_seconds),
                 bytes_in: s.result.as_ref().map_or(0, |r| r.bytes_in),
                 bytes_out: s.result.as_ref().map_or(0, |r| r.bytes),
+                ..Default::default()
             })
             .collect(),
         source_bytes,
@@ -443,6 +445,8 @@ impl ClusterService {
                 )));
             }
             if !complete {
+                metrics::counter!(hcx_protocol::metrics::BLOB_RECEIVED_BYTES)
+                    .increment(c.data.len() as u64);
                 let store = sh.blobs.clone();
                 let s = sha.clone();
                 held = tokio::task::spawn_blocking(move || {
@@ -593,9 +597,10 @@ impl Cluster for ClusterService {
 
     async fn get_job(&self, req: Request<JobRef>) -> Result<Response<JobStatus>, Status> {
         let id = req.into_inner().job_id;
+        self.shared.linearizable_read().await?;
         self.shared
             .view
-            .read(|s| s.jobs.get(&id).map(job_status))
+            .read(|s| s.jobs.get(&id).map(|j| self.shared.status_of(j)))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
     }
@@ -604,10 +609,14 @@ impl Cluster for ClusterService {
         &self,
         _req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsReply>, Status> {
-        let jobs = self
-            .shared
-            .view
-            .read(|s| s.jobs.values().rev().map(job_status).collect());
+        self.shared.linearizable_read().await?;
+        let jobs = self.shared.view.read(|s| {
+            s.jobs
+                .values()
+                .rev()
+                .map(|j| self.shared.status_of(j))
+                .collect()
+        });
         Ok(Response::new(ListJobsReply { jobs }))
     }
 
@@ -618,15 +627,23 @@ impl Cluster for ClusterService {
         req: Request<JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
+        // The first status sent is linearizable; later ones follow this
+        // coordinator's applied state, which only moves forward.
+        self.shared.linearizable_read().await?;
         let view = self.shared.view.clone();
         if view.read(|s| !s.jobs.contains_key(&id)) {
             return Err(Status::not_found(format!("no job {id:?}")));
         }
         let mut changes = view.changes();
+        let shared = self.shared.clone();
         let stream = async_stream(move |tx| async move {
             let mut last: Option<JobStatus> = None;
+            // Progress reports arrive with heartbeats, not commits: look
+            // again at least this often.
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
-                let Some(now) = view.read(|s| s.jobs.get(&id).map(job_status)) else {
+                let Some(now) = view.read(|s| s.jobs.get(&id).map(|j| shared.status_of(j))) else {
                     return;
                 };
                 let ended = !matches!(now.state.as_str(), "running" | "merging");
@@ -636,8 +653,12 @@ impl Cluster for ClusterService {
                     }
                     last = Some(now);
                 }
-                if ended || changes.changed().await.is_err() {
+                if ended {
                     return;
+                }
+                tokio::select! {
+                    c = changes.changed() => if c.is_err() { return },
+                    _ = tick.tick() => {}
                 }
             }
         });
@@ -745,7 +766,7 @@ impl Cluster for ClusterService {
         let sh = &self.shared;
         let cert = role(sh, &req, NODES, "Heartbeat")?;
         sh.require_leader()?;
-        let name = req.into_inner().name;
+        let HeartbeatRequest { name, progress } = req.into_inner();
         sh.require_node_name(cert.as_ref(), &name, "Heartbeat")?;
         if sh.view.read(|s| !s.nodes.contains_key(&name)) {
             return Err(Status::not_found(format!(
@@ -753,6 +774,7 @@ impl Cluster for ClusterService {
             )));
         }
         sh.saw(&name);
+        sh.set_progress(&name, progress);
         let data_addr = sh.advertise.clone();
         let assignments = sh.view.read(|s| {
             s.assignments_of(&name)

@@ -18,6 +18,7 @@ use crate::service::plan_options;
 use crate::state::{Command, JobRecord, JobState, MAX_GROUP_FORMATIONS, ShardRecord};
 use crate::{Shared, now_ms};
 use hcx_protocol::job::BlobFile;
+use hcx_protocol::metrics as names;
 
 /// How often the leader looks at the state.
 const TICK: Duration = Duration::from_millis(100);
@@ -329,6 +330,7 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
                         ),
                     };
                     tracing::warn!("{} shard {}: lease of {n} expired", j.id, s.shard.id);
+                    metrics::counter!(names::LEASE_EXPIRIES).increment(1);
                     let _ = shared.propose(cmd).await;
                 }
                 Some(_) => {}
@@ -375,6 +377,7 @@ async fn group_tick(
         match &s.node {
             Some(n) if !shared.alive(n) => {
                 tracing::warn!("{} rank {}: lease of {n} expired", j.id, s.shard.id);
+                metrics::counter!(names::LEASE_EXPIRIES).increment(1);
                 let cmd = Command::Release {
                     job: j.id.clone(),
                     shard: s.shard.id,

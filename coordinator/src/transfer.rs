@@ -101,6 +101,7 @@ pub fn file_chunks(
             if tx.send(Ok(chunk)).await.is_err() {
                 return;
             }
+            metrics::counter!(hcx_protocol::metrics::BLOB_SENT_BYTES).increment(n);
             at += n;
             if at >= total {
                 return;

@@ -183,6 +183,7 @@ pub fn encode_tensor_calibrated(
         bytes_of(parts) + sig.as_ref().map_or(0, |s| (s.len() * elem_bytes) as u64)
     };
     for stage in stages {
+        let _span = tracing::debug_span!("stage", kind = stage.kind()).entered();
         let t0 = Instant::now();
         let bytes_in = size(&parts, &sig);
         let (rows, cols) = sig.as_ref().map(|s| (s.rows, s.cols)).unwrap_or((0, 0));

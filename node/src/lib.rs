@@ -11,6 +11,7 @@
 //! [`run`] is the async shell that carries its actions out.
 
 pub mod agent;
+pub mod metered;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -22,12 +23,14 @@ use hcx_kernels::collective::Collective;
 use hcx_net::client::{ClientError, CoordinatorClient};
 use hcx_net::frames::{Reply, Request, read_frame, write_frame};
 use hcx_net::peer::{PeerPlane, RingPlan};
-use hcx_net::proto::{Assignment, Group, HeartbeatRequest, NodeInfo, ShardFailure};
+use hcx_net::proto::{Assignment, Group, HeartbeatRequest, NodeInfo, ShardFailure, ShardProgress};
 use hcx_net::tls::Identity;
 use hcx_net::tls::Role;
 use hcx_pipeline::PipelineError;
-use hcx_pipeline::shard::{SourceTensor, encode_shard};
+use hcx_pipeline::shard::{SourceTensor, encode_shard_reporting};
 use hcx_protocol::JobSpec;
+use hcx_protocol::metrics as names;
+use tracing::Instrument;
 
 use crate::agent::{Action, Agent, Event, WorkKey};
 use tokio::io::AsyncReadExt;
@@ -126,6 +129,57 @@ struct Ctx {
     one_at_a_time: Semaphore,
     /// Why the coordinators refused this node for good, once they have.
     refused: std::sync::Mutex<Option<String>>,
+    /// How far each running shard has got, sent with every heartbeat.
+    progress: Progress,
+}
+
+/// Each running shard's progress, by (job, shard, attempt).
+type ProgressMap = BTreeMap<(String, u32, u32), ShardProgress>;
+
+/// A handle on the node's progress reports.
+#[derive(Clone, Default)]
+struct Progress(Arc<std::sync::Mutex<ProgressMap>>);
+
+impl Progress {
+    fn with(&self, a: &Assignment, f: impl FnOnce(&mut ShardProgress)) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m
+            .entry((a.job_id.clone(), a.shard, a.attempt))
+            .or_insert_with(|| ShardProgress {
+                job_id: a.job_id.clone(),
+                shard: a.shard,
+                attempt: a.attempt,
+                ..Default::default()
+            });
+        f(e);
+    }
+
+    /// The shard has moved on to `step`, with nothing through it yet.
+    fn step(&self, a: &Assignment, step: &str) {
+        self.with(a, |p| {
+            p.step = step.into();
+            p.tensors_done = 0;
+            p.bytes_done = 0;
+        });
+    }
+
+    /// One more tensor of `bytes` source bytes is through the current step.
+    fn tensor(&self, a: &Assignment, bytes: u64) {
+        self.with(a, |p| {
+            p.tensors_done += 1;
+            p.bytes_done += bytes;
+        });
+    }
+
+    fn forget(&self, a: &Assignment) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&(a.job_id.clone(), a.shard, a.attempt));
+    }
+
+    fn report(&self) -> Vec<ShardProgress> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().cloned().collect()
+    }
 }
 
 /// How long a rank waits for its ring neighbours to link up.
@@ -212,6 +266,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         peers,
         one_at_a_time: Semaphore::new(1),
         refused: std::sync::Mutex::new(None),
+        progress: Progress::default(),
     });
     let info = NodeInfo {
         name: cfg.name.clone(),
@@ -320,11 +375,15 @@ async fn carry_out(
                 .client
                 .call(|mut c| {
                     let name = name.clone();
-                    async move { c.heartbeat(HeartbeatRequest { name }).await }
+                    let progress = ctx.progress.report();
+                    async move { c.heartbeat(HeartbeatRequest { name, progress }).await }
                 })
                 .await
             {
-                Ok(reply) => Event::Assignments(reply.assignments),
+                Ok(reply) => {
+                    metrics::counter!(names::NODE_HEARTBEATS).increment(1);
+                    Event::Assignments(reply.assignments)
+                }
                 Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => Event::Unknown,
                 Err(ClientError::Refused(s)) if s.code() == tonic::Code::PermissionDenied => {
                     refuse(ctx, &s)
@@ -339,10 +398,20 @@ async fn carry_out(
             let k = agent::key_of(&a);
             let (ctx, ended) = (ctx.clone(), ended.clone());
             let key = k.clone();
-            let handle = tokio::spawn(async move {
-                do_shard(ctx, a).await;
-                let _ = ended.send(key);
-            });
+            let span = tracing::info_span!(
+                "shard",
+                job = %a.job_id,
+                shard = a.shard,
+                attempt = a.attempt,
+                node = %ctx.cfg.name
+            );
+            let handle = tokio::spawn(
+                async move {
+                    do_shard(ctx, a).await;
+                    let _ = ended.send(key);
+                }
+                .instrument(span),
+            );
             if let Some(old) = tasks.insert(k, handle) {
                 old.abort();
             }
@@ -354,6 +423,15 @@ async fn carry_out(
             }
             None
         }
+    }
+}
+
+/// Runs its closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
@@ -374,6 +452,14 @@ async fn do_shard(ctx: Arc<Ctx>, a: Assignment) {
         },
     };
     let started = Instant::now();
+    let running = metrics::gauge!(names::NODE_RUNNING_SHARDS);
+    running.increment(1.0);
+    // Counted down and forgotten however the work ends, an abort included.
+    let (progress, held) = (ctx.progress.clone(), a.clone());
+    let _running = Defer(move || {
+        running.decrement(1.0);
+        progress.forget(&held);
+    });
     tracing::info!(
         "{}: {} shard {} attempt {} ({} tensors)",
         ctx.cfg.name,
@@ -387,6 +473,7 @@ async fn do_shard(ctx: Arc<Ctx>, a: Assignment) {
         None => shard_steps(&ctx, &a, started).await,
     };
     if let Err(e) = done {
+        metrics::counter!(names::NODE_SHARDS, "outcome" => "failed").increment(1);
         tracing::warn!(
             "{}: {} shard {} failed at {}: {}",
             ctx.cfg.name,
@@ -607,6 +694,8 @@ async fn fetch(
             AsyncReadExt::read_exact(&mut recv, &mut raw)
                 .await
                 .map_err(|e| format!("tensor {name}: {e}"))?;
+            metrics::counter!(names::NODE_TENSORS_FETCHED).increment(1);
+            metrics::counter!(names::NODE_FETCHED_BYTES).increment(n as u64);
             Ok(SourceTensor {
                 name: name.to_string(),
                 dtype: dt,
@@ -674,7 +763,7 @@ async fn group_steps(
             &g.backend
         }
     );
-    let mut ranks: Box<dyn Collective> = match g.backend.as_str() {
+    let ranks: Box<dyn Collective> = match g.backend.as_str() {
         "" | "ring" => {
             let plan = RingPlan {
                 epoch: g.epoch,
@@ -697,6 +786,7 @@ async fn group_steps(
             });
         }
     };
+    let mut ranks: Box<dyn Collective> = Box::new(metered::Metered(ranks));
     let path = ctx.cfg.work_dir.join(format!(
         "{}-shard-{:05}-a{}.bin",
         a.job_id, a.shard, a.attempt
@@ -709,7 +799,10 @@ async fn group_steps(
         Vec::new()
     };
     let t0 = Instant::now();
+    let span = tracing::Span::current();
+    ctx.progress.step(a, "calibrate");
     let encoded = tokio::task::spawn_blocking(move || {
+        let _in = span.enter();
         hcx_pipeline::calibrate::encode_group_shard(&spec, &mut *ranks, &sites, &tensors, &p)
     })
     .await
@@ -740,6 +833,7 @@ async fn group_steps(
         }
     };
     let kernel_seconds = t0.elapsed().as_secs_f64();
+    ctx.progress.step(a, "upload");
     let conn = connect(ctx, &a.data_addr)
         .await
         .map_err(|e| retry("upload", e))?;
@@ -922,6 +1016,7 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
     let mut tensors = Vec::with_capacity(a.tensors.len());
     let mut bytes_in = 0u64;
     let budget = Budget::new(fetch_limit(ctx.cfg.memory_bytes));
+    ctx.progress.step(a, "fetch");
     for chunk in a.tensors.chunks(4) {
         let got = futures::future::join_all(
             chunk
@@ -932,6 +1027,7 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
         for t in got {
             let t = t.map_err(|e| io("fetch", e))?;
             bytes_in += t.raw.len() as u64;
+            ctx.progress.tensor(a, t.raw.len() as u64);
             tensors.push(t);
         }
     }
@@ -941,19 +1037,25 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
     ));
     let p = path.clone();
     let t0 = Instant::now();
-    let encoded = tokio::task::spawn_blocking(move || encode_shard(&spec, &tensors, &p))
-        .await
-        .map_err(|e| io("encode", e.to_string()))
-        .and_then(|r| {
-            r.map_err(|e| match e {
-                PipelineError::Tensor { ref tensor, .. } => ShardError {
-                    stage: format!("encode {tensor}"),
-                    reason: e.to_string(),
-                    retryable: false,
-                },
-                other => io("encode", other.to_string()),
-            })
-        });
+    let span = tracing::Span::current();
+    ctx.progress.step(a, "encode");
+    let (progress, held) = (ctx.progress.clone(), a.clone());
+    let encoded = tokio::task::spawn_blocking(move || {
+        let _in = span.enter();
+        encode_shard_reporting(&spec, &tensors, &p, &|bytes| progress.tensor(&held, bytes))
+    })
+    .await
+    .map_err(|e| io("encode", e.to_string()))
+    .and_then(|r| {
+        r.map_err(|e| match e {
+            PipelineError::Tensor { ref tensor, .. } => ShardError {
+                stage: format!("encode {tensor}"),
+                reason: e.to_string(),
+                retryable: false,
+            },
+            other => io("encode", other.to_string()),
+        })
+    });
     // A shard that could not be written (a full disk) leaves no partial
     // file to fill the disk for the next one.
     let summary = match encoded {
@@ -964,6 +1066,7 @@ async fn shard_steps(ctx: &Ctx, a: &Assignment, started: Instant) -> Result<(), 
         }
     };
     let kernel_seconds = t0.elapsed().as_secs_f64();
+    ctx.progress.step(a, "upload");
     let result = upload(
         ctx,
         conn,
@@ -1021,6 +1124,10 @@ async fn upload(
         let reply = read_frame::<_, Reply>(&mut recv).await;
         match reply {
             Ok(Reply::Stored) => {
+                // Counted here: once the shard is stored, the next
+                // heartbeat may end this task before it returns.
+                metrics::counter!(names::NODE_UPLOADED_BYTES).increment(len);
+                metrics::counter!(names::NODE_SHARDS, "outcome" => "done").increment(1);
                 tracing::info!("{}: {} shard {} stored", ctx.cfg.name, a.job_id, a.shard);
                 return Ok(());
             }

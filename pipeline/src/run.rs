@@ -159,6 +159,10 @@ pub fn encode_raw_calibrated(
         });
         data.push(p.data);
     }
+    for (stage, secs) in stages.iter().zip(&e.seconds) {
+        metrics::histogram!(hcx_protocol::metrics::STAGE_SECONDS, "stage" => stage.kind())
+            .record(*secs);
+    }
     entry.steps = e.steps;
     entry.sqnr_db = e.sqnr_db;
     entry.output_sqnr_db = e.output_sqnr_db;

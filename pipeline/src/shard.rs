@@ -131,20 +131,39 @@ pub fn encode_shard(
     tensors: &[SourceTensor],
     path: &Path,
 ) -> Result<ShardSummary, PipelineError> {
+    encode_shard_reporting(spec, tensors, path, &|_| {})
+}
+
+/// [`encode_shard`], calling `written(source_bytes)` as each tensor is
+/// written, for a progress report.
+pub fn encode_shard_reporting(
+    spec: &JobSpec,
+    tensors: &[SourceTensor],
+    path: &Path,
+    written: &(dyn Fn(u64) + Sync),
+) -> Result<ShardSummary, PipelineError> {
     let mut order: Vec<&SourceTensor> = tensors.iter().collect();
     order.sort_by(|a, b| a.name.cmp(&b.name));
     let mut writer = ShardWriter::create(path)?;
     let sizes: Vec<usize> = order.iter().map(|t| t.shape.iter().product()).collect();
+    // Each tensor's span sits under the caller's (a node's shard span), on
+    // whichever worker thread encodes it.
+    let parent = tracing::Span::current();
     for range in waves(&sizes) {
         let wave: Vec<Result<EncodedEntry, PipelineError>> = order[range]
             .par_iter()
             .map(|t| {
+                let _span =
+                    tracing::info_span!(parent: &parent, "tensor", name = %t.name).entered();
                 let stages = spec.stages_for(&t.name);
                 encode_raw(&t.name, t.dtype, &t.shape, &t.raw, &stages, spec.seed)
             })
             .collect();
         for enc in wave {
-            writer.add(enc?)?;
+            let enc = enc?;
+            let source = enc.entry.source_bytes;
+            writer.add(enc)?;
+            written(source);
         }
     }
     writer.finish(&[])

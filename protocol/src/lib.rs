@@ -6,6 +6,7 @@
 
 pub mod job;
 pub mod manifest;
+pub mod metrics;
 pub mod stage;
 
 pub use job::{
