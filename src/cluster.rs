@@ -329,6 +329,9 @@ pub fn describe(st: &JobStatus) -> String {
     if st.state == "failed" {
         s.push_str(&format!("\n  failed at {}: {}", st.failed_stage, st.reason));
     }
+    for g in &st.gates {
+        s.push_str(&format!("\n  gate {g}"));
+    }
     if st.state == "succeeded" && st.artifact_bytes > 0 {
         s.push_str(&format!(
             "; {} → {} bytes ({:.3}×)",
@@ -667,6 +670,7 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
         "shards_total": j.shards_total, "source_bytes": j.source_bytes,
         "artifact_bytes": j.artifact_bytes, "submitted_ms": j.submitted_ms,
         "finished_ms": j.finished_ms, "in_cluster": j.in_cluster,
+        "gates": j.gates, "raises": j.raises,
         "artifact": j.artifact.iter().map(|f| serde_json::json!({
             "name": f.name, "sha256": f.sha256, "bytes": f.bytes,
         })).collect::<Vec<_>>(),
@@ -674,6 +678,7 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
             "id": s.id, "label": s.label, "tensors": s.tensors, "node": s.node,
             "attempt": s.attempt, "done": s.done, "last_error": s.last_error,
             "kernel_seconds": s.kernel_seconds, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+            "step": s.step, "tensors_done": s.tensors_done, "bytes_done": s.bytes_done,
         })).collect::<Vec<_>>(),
     })
 }

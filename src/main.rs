@@ -528,7 +528,7 @@ fn run_embedded(
     output: Option<&Path>,
     nodes: usize,
     display: progress::Display,
-) -> Result<hcx_pipeline::run::RunOutcome> {
+) -> Result<(hcx_pipeline::run::RunOutcome, Vec<String>)> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -595,10 +595,13 @@ fn run_embedded(
     let path = out.join("attribution.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     let attribution = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    Ok(hcx_pipeline::run::RunOutcome {
-        output: out,
-        attribution,
-    })
+    Ok((
+        hcx_pipeline::run::RunOutcome {
+            output: out,
+            attribution,
+        },
+        st.gates,
+    ))
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
@@ -842,8 +845,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             local,
         } => {
             let spec = load_job(job.as_deref())?;
-            let out = if local {
-                hcx_pipeline::run::run_job(&spec, output.as_deref())?
+            let (out, gates) = if local {
+                let to = output.as_deref().unwrap_or(&spec.output);
+                let g = hcx_pipeline::gates::run_gated(&spec, to, |s, o| {
+                    hcx_pipeline::run::run_job(s, Some(o))
+                })?;
+                (g.outcome, g.notes)
             } else {
                 let display = if json {
                     progress::Display::Quiet
@@ -858,6 +865,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             println!("job `{}` → {}", a.job, out.output.display());
+            for g in &gates {
+                println!("gate {g}");
+            }
             println!(
                 "ratio {:.3}× ({} → {} bytes on disk); compressed tensors: {} at {:.3} bits per weight; SQNR: parameter-weighted mean {} dB, pooled {} dB; {:.1} s",
                 a.ratio,

@@ -476,3 +476,97 @@ fn layer_parallel_stages_give_the_local_artifact() {
     let e = run_staged(&job, &t.path().join("shuffled"), shuffled).unwrap_err();
     assert!(e.contains("contiguous run of blocks in rank order"), "{e}");
 }
+
+/// The example 2-bit job with `extra` appended, writing to `out`.
+fn gated_job(
+    dir: &std::path::Path,
+    name: &str,
+    out: &std::path::Path,
+    extra: &str,
+) -> std::path::PathBuf {
+    let job = example_job(dir, "minilm-2bit", &minilm(), out);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, format!("{text}\n{extra}")).unwrap();
+    p
+}
+
+/// The tensor files of an artifact (its safetensors parts), by name.
+fn tensor_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    read_dir_bytes(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".safetensors"))
+        .collect()
+}
+
+#[test]
+fn a_missed_quality_gate_fails_the_job_with_its_measured_value() {
+    let t = tempfile::tempdir().unwrap();
+    // The 2-bit job measures about 0.82 (README table): a 0.9 floor fails
+    // it, locally and on the embedded cluster, and no artifact is left.
+    for (how, extra) in [
+        ("local", &["--local"][..]),
+        ("cluster", &["--nodes", "2"][..]),
+    ] {
+        let out = t.path().join(format!("out-{how}"));
+        let job = gated_job(t.path(), how, &out, "gates: {min_cosine: 0.9}\n");
+        let mut args = vec!["run", job.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let r = hcx(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{how}: {err}");
+        assert!(
+            err.contains("mean embedding cosine 0.8") && err.contains("< gates.min_cosine 0.9"),
+            "{how}: {err}"
+        );
+        assert!(!out.exists(), "{how}: a failed job left {}", out.display());
+        if how == "cluster" {
+            assert!(err.contains("at gate:"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn raise_rate_runs_again_a_bit_higher_until_the_gate_passes() {
+    let t = tempfile::tempdir().unwrap();
+    let gate = "gates: {min_cosine: 0.9, on_miss: raise_rate, max_raises: 2}\n";
+    let local = t.path().join("local");
+    let job = gated_job(t.path(), "raise", &local, gate);
+    let said = hcx_ok(&["run", job.to_str().unwrap(), "--local"]);
+    // 2.52 bits misses (about 0.82); 3.52 passes (about 0.95).
+    assert!(
+        said.contains("gate try 1 (as written): mean embedding cosine 0.8"),
+        "{said}"
+    );
+    assert!(
+        said.contains("gate try 2 (1 rate step(s) up): mean embedding cosine 0.9"),
+        "{said}"
+    );
+    assert!(!said.contains("try 3"), "{said}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(local.join("hcx-manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["job"]["pipeline"][1]["uniform"]["bits"], 3.52);
+    // The same tensors as the job written at 3.52 bits without a gate.
+    let plain_out = t.path().join("plain");
+    let plain = example_job(t.path(), "minilm-2bit", &minilm(), &plain_out);
+    let text = std::fs::read_to_string(&plain)
+        .unwrap()
+        .replace("bits: 2.52", "bits: 3.52");
+    std::fs::write(&plain, text).unwrap();
+    hcx_ok(&["run", plain.to_str().unwrap(), "--local"]);
+    assert_eq!(tensor_files(&local), tensor_files(&plain_out));
+    // A cluster raises the same way and writes the same artifact.
+    let cluster = t.path().join("cluster");
+    let job = gated_job(t.path(), "raise-cluster", &cluster, gate);
+    let said = hcx_ok(&["run", job.to_str().unwrap(), "--nodes", "2"]);
+    assert!(said.contains("gate try 2 (1 rate step(s) up)"), "{said}");
+    let (a, b) = (read_dir_bytes(&local), read_dir_bytes(&cluster));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, bytes) in &a {
+        // The attribution holds run times; every other byte is the same.
+        assert!(
+            name.starts_with("attribution") || bytes == &b[name],
+            "{name} differs"
+        );
+    }
+}

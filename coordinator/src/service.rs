@@ -95,6 +95,8 @@ pub fn job_status(j: &JobRecord) -> JobStatus {
             .collect(),
         submitted_ms: j.submitted_ms,
         finished_ms: j.finished_ms.unwrap_or(0),
+        gates: j.gate_notes.clone(),
+        raises: j.raises,
     }
 }
 
@@ -814,7 +816,7 @@ impl Cluster for ClusterService {
                         job_id: job,
                         shard,
                         attempt,
-                        spec_json: serde_json::to_string(&j.spec).ok()?,
+                        spec_json: serde_json::to_string(&j.run_spec()).ok()?,
                         tensors: rec.shard.tensors.clone(),
                         data_addr: data_addr.clone(),
                         group,

@@ -250,9 +250,28 @@ pub struct JobRecord {
     /// the cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifact: Vec<BlobFile>,
+    /// Rate steps up from the spec as submitted, after quality-gate misses
+    /// (`gates.on_miss: raise_rate`); the shards run [`JobRecord::run_spec`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub raises: u32,
+    /// One line per measured try of the job's quality gates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gate_notes: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl JobRecord {
+    /// The spec its shards run: as submitted, raised `raises` rate steps.
+    /// (`spec` stays as submitted, which a retried submit is compared to.)
+    pub fn run_spec(&self) -> JobSpec {
+        self.spec
+            .raised_rate(self.raises)
+            .unwrap_or_else(|| self.spec.clone())
+    }
+
     /// Whether its artifact stays in the cluster rather than in an output
     /// folder.
     pub fn in_cluster(&self) -> bool {
@@ -403,6 +422,19 @@ pub enum Command {
         /// each held by a majority of the voters.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         artifact: Vec<BlobFile>,
+        /// What the quality gates measured on the last try.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gate_notes: Vec<String>,
+    },
+    /// A merged artifact missed a quality gate: the job runs again one
+    /// rate step up (from `from` raises), `note` saying what was measured.
+    RaiseRate {
+        /// The job.
+        job: String,
+        /// Its raises when the missed try ran (a stale proposal is refused).
+        from: u32,
+        /// What the gates measured on the missed try.
+        note: String,
     },
     /// An operator cancels a job.
     CancelJob {
@@ -566,6 +598,8 @@ impl ClusterState {
                         units,
                         group: None,
                         artifact: Vec::new(),
+                        raises: 0,
+                        gate_notes: Vec::new(),
                     },
                 );
                 CommandResult {
@@ -702,14 +736,41 @@ impl ClusterState {
                 state,
                 now_ms,
                 artifact,
+                gate_notes,
             } => match self.jobs.get_mut(&job) {
                 Some(j) if j.state.is_active() && !state.is_active() => {
                     j.state = state;
                     j.finished_ms = Some(now_ms);
                     j.artifact = artifact;
+                    j.gate_notes.extend(gate_notes);
                     CommandResult::ok()
                 }
                 _ => CommandResult::refused(format!("{job} is not active")),
+            },
+            Command::RaiseRate { job, from, note } => match self.jobs.get_mut(&job) {
+                Some(j) if j.state == JobState::Merging && j.raises == from => {
+                    j.raises += 1;
+                    j.gate_notes.push(note);
+                    j.state = JobState::Running;
+                    let why = format!("the rate was raised {} step(s)", j.raises);
+                    if j.runs_as_group() {
+                        // The group forms again for the new try.
+                        j.group = None;
+                        j.shards.clear();
+                    } else {
+                        for s in &mut j.shards {
+                            s.result = None;
+                            s.node = None;
+                            s.failures = 0;
+                            s.failed_by.clear();
+                            s.last_error = Some(why.clone());
+                        }
+                    }
+                    CommandResult::ok()
+                }
+                _ => {
+                    CommandResult::refused(format!("{job} is not merging at {from} rate raise(s)"))
+                }
             },
             Command::CancelJob { job, now_ms } => match self.jobs.get_mut(&job) {
                 Some(j) if j.state.is_active() => {

@@ -422,6 +422,7 @@ async fn group_tick(
             },
             now_ms: now_ms(),
             artifact: Vec::new(),
+            gate_notes: Vec::new(),
         };
         let _ = shared.propose(cmd).await;
         return;
@@ -472,19 +473,50 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
     tokio::spawn(async move {
         let id = job.id.clone();
         let staging = staging_dir(&shared, &id);
-        let (state, artifact) = match merge(&shared, &job, &staging).await {
-            Ok((artifact_bytes, source_bytes, files)) => (
+        let (state, artifact, gate_notes) = match merge(&shared, &job, &staging).await {
+            Ok(Merged::Done {
+                artifact_bytes,
+                source_bytes,
+                files,
+                gate_note,
+            }) => (
                 JobState::Succeeded {
                     artifact_bytes,
                     source_bytes,
                 },
                 files,
+                gate_note.into_iter().collect(),
+            ),
+            Ok(Merged::Raise { note }) => {
+                tracing::info!("{id}: missed its quality gate, raising the rate: {note}");
+                let _ = shared
+                    .propose(Command::RaiseRate {
+                        job: id.clone(),
+                        from: job.raises,
+                        note,
+                    })
+                    .await;
+                let _ = std::fs::remove_dir_all(&staging);
+                merging
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return;
+            }
+            Ok(Merged::Missed { reason, note }) => (
+                JobState::Failed {
+                    reason,
+                    stage: "gate".into(),
+                },
+                Vec::new(),
+                vec![note],
             ),
             Err(reason) => (
                 JobState::Failed {
                     reason,
                     stage: "merge".into(),
                 },
+                Vec::new(),
                 Vec::new(),
             ),
         };
@@ -494,6 +526,7 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
                 state,
                 now_ms: now_ms(),
                 artifact,
+                gate_notes,
             })
             .await;
         // The shard blobs go with the sweep once the job's end is
@@ -515,15 +548,29 @@ fn staging_dir(shared: &Shared, job: &str) -> PathBuf {
         .join(format!("{job}-artifact"))
 }
 
+/// What a merge came to.
+enum Merged {
+    /// The artifact is written (and passed the job's gates, if any).
+    Done {
+        artifact_bytes: u64,
+        source_bytes: u64,
+        /// The in-cluster artifact's files.
+        files: Vec<BlobFile>,
+        /// What the gates measured.
+        gate_note: Option<String>,
+    },
+    /// It missed a gate and the job runs again one rate step up.
+    Raise { note: String },
+    /// It missed a gate for good.
+    Missed { reason: String, note: String },
+}
+
 /// Merges a job's committed shards (fetching from peers any shard file this
 /// coordinator lacks) into its artifact: its output folder, or for a job
 /// kept in the cluster `staging`, whose files then become blobs held by a
-/// majority. Returns (artifact bytes, source bytes, the in-cluster files).
-async fn merge(
-    shared: &Arc<Shared>,
-    job: &JobRecord,
-    staging: &Path,
-) -> Result<(u64, u64, Vec<BlobFile>), String> {
+/// majority. A job with quality gates has its artifact measured first; one
+/// that misses is removed.
+async fn merge(shared: &Arc<Shared>, job: &JobRecord, staging: &Path) -> Result<Merged, String> {
     let mut files = Vec::with_capacity(job.shards.len());
     for s in &job.shards {
         let r = s
@@ -536,8 +583,9 @@ async fn merge(
             .map_err(|e| format!("shard {}: {e}", s.shard.id))?;
         files.push(f);
     }
-    let mut spec = job.spec.clone();
+    let mut spec = job.run_spec();
     spec.model.local = Some(shared.model_path(&job.spec).await?);
+    let gated = spec.clone();
     let mut sections = vec![node_section(&node_shares(job))?];
     if let Some(g) = &job.group {
         sections.push(group_section(g));
@@ -561,8 +609,44 @@ async fn merge(
     .map_err(|e| e.to_string())?;
     let (artifact_bytes, source_bytes) =
         (out.attribution.artifact_bytes, out.attribution.source_bytes);
+    let mut gate_note = None;
+    if let Some(gates) = job.spec.gates.clone() {
+        let dir = output.clone();
+        let g = gates.clone();
+        let checks =
+            tokio::task::spawn_blocking(move || hcx_pipeline::gates::measure(&gated, &g, &dir))
+                .await
+                .map_err(|e| format!("gate task failed: {e}"))?;
+        let checks = match checks {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&output);
+                return Err(e.to_string());
+            }
+        };
+        let mut notes = job.gate_notes.clone();
+        let verdict =
+            hcx_pipeline::gates::verdict(&job.spec, &gates, job.raises, &checks, &mut notes);
+        let note = notes.pop().unwrap_or_default();
+        match verdict {
+            hcx_pipeline::gates::Verdict::Pass => gate_note = Some(note),
+            hcx_pipeline::gates::Verdict::Raise(_) => {
+                let _ = std::fs::remove_dir_all(&output);
+                return Ok(Merged::Raise { note });
+            }
+            hcx_pipeline::gates::Verdict::Fail(reason) => {
+                let _ = std::fs::remove_dir_all(&output);
+                return Ok(Merged::Missed { reason, note });
+            }
+        }
+    }
     if !job.in_cluster() {
-        return Ok((artifact_bytes, source_bytes, Vec::new()));
+        return Ok(Merged::Done {
+            artifact_bytes,
+            source_bytes,
+            files: Vec::new(),
+            gate_note,
+        });
     }
     let store = shared.blobs.clone();
     let kept = tokio::task::spawn_blocking(move || keep_artifact(&store, &output))
@@ -574,7 +658,12 @@ async fn merge(
             .await
             .map_err(|s| format!("artifact file {}: {}", f.name, s.message()))?;
     }
-    Ok((artifact_bytes, source_bytes, kept))
+    Ok(Merged::Done {
+        artifact_bytes,
+        source_bytes,
+        files: kept,
+        gate_note,
+    })
 }
 
 /// Moves a merged artifact folder's files into the blob store.

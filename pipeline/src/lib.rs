@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod calibrate;
 pub mod dense;
 mod distill;
+pub mod gates;
 pub mod gguf;
 pub mod model;
 pub mod run;
@@ -115,6 +116,18 @@ pub enum PipelineError {
         /// The block.
         block: usize,
         /// What went wrong.
+        why: String,
+    },
+    /// The artifact could not be measured against a quality gate.
+    #[error("quality gate: {why}")]
+    Gate {
+        /// What went wrong.
+        why: String,
+    },
+    /// The artifact misses a quality gate (and no raise was left).
+    #[error("the artifact misses its quality gate: {why}")]
+    GateMissed {
+        /// The measured value, the gate, and each earlier try.
         why: String,
     },
 }

@@ -47,6 +47,113 @@ pub struct JobSpec {
     /// How a cluster run places shards on nodes (ignored by `run --local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// Quality floors the finished artifact must meet, measured against
+    /// the source model at its output; a miss fails the job with the
+    /// measured value, or raises the rate and runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gates: Option<Gates>,
+}
+
+/// Quality floors checked once the artifact is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Gates {
+    /// Encoders: the least mean cosine between the source's and the
+    /// artifact's sentence embeddings over the project's evaluation
+    /// sentences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<f64>,
+    /// Decoders: the most mean KL divergence (nats) from the source's
+    /// next-token distribution to the artifact's, on held-out text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_kl: Option<f64>,
+    /// Decoders: the most relative perplexity increase on held-out text
+    /// (0.05: at most 5 % above the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_perplexity_increase: Option<f64>,
+    /// What a miss does.
+    #[serde(default)]
+    pub on_miss: OnMiss,
+    /// With `raise_rate`: at most this many raises before the job fails.
+    #[serde(default = "default_max_raises")]
+    pub max_raises: u32,
+    /// Decoders: held-out tokens compared, in windows of 256.
+    #[serde(default = "default_gate_tokens")]
+    pub tokens: usize,
+}
+
+fn default_max_raises() -> u32 {
+    3
+}
+
+fn default_gate_tokens() -> usize {
+    2048
+}
+
+/// What a job whose artifact misses a gate does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMiss {
+    /// The job fails, naming the gate and the measured value.
+    #[default]
+    Fail,
+    /// Every quantizer goes one rate step up (a bit more per code) and the
+    /// job runs again, up to `max_raises` times.
+    RaiseRate,
+}
+
+impl Gates {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let at = |f: &str| format!("gates.{f}");
+        if self.min_cosine.is_none()
+            && self.max_kl.is_none()
+            && self.max_perplexity_increase.is_none()
+        {
+            return Err((
+                "gates".into(),
+                "give at least one of min_cosine, max_kl, max_perplexity_increase".into(),
+            ));
+        }
+        if let Some(c) = self.min_cosine
+            && !(c > 0.0 && c <= 1.0)
+        {
+            return Err((at("min_cosine"), format!("{c} is not in (0, 1]")));
+        }
+        if let Some(k) = self.max_kl
+            && !(k.is_finite() && k > 0.0)
+        {
+            return Err((at("max_kl"), format!("{k} is not a positive number")));
+        }
+        if let Some(p) = self.max_perplexity_increase
+            && !(p.is_finite() && p >= 0.0)
+        {
+            return Err((
+                at("max_perplexity_increase"),
+                format!("{p} is not 0 or more"),
+            ));
+        }
+        if self.min_cosine.is_some()
+            && (self.max_kl.is_some() || self.max_perplexity_increase.is_some())
+        {
+            return Err((
+                "gates".into(),
+                "min_cosine is for encoders, max_kl and max_perplexity_increase for decoders: a model is one or the other".into(),
+            ));
+        }
+        if !(1..=8).contains(&self.max_raises) {
+            return Err((
+                at("max_raises"),
+                format!("{} is not in 1..=8", self.max_raises),
+            ));
+        }
+        if !(256..=1 << 20).contains(&self.tokens) {
+            return Err((
+                at("tokens"),
+                format!("{} is not in 256..=1048576", self.tokens),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where calibration activations come from and how many.
@@ -489,6 +596,9 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(("name".into(), "must not be empty".into()));
         }
+        if let Some(g) = &self.gates {
+            g.validate()?;
+        }
         if let Some(d) = &self.distill {
             if self.calibration.is_none() {
                 return Err((
@@ -647,6 +757,37 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+
+    /// The job with every quantizer `times` rate steps up (see
+    /// [`StageSpec::raised`]; one already at its highest stays there), in
+    /// the default pipeline and every rule's; `None` when some step could
+    /// raise nothing. `keep` rules are left as they are.
+    pub fn raised_rate(&self, times: u32) -> Option<JobSpec> {
+        let mut spec = self.clone();
+        for _ in 0..times {
+            let mut changed = false;
+            let mut raise = |chain: &mut Vec<StageSpec>| {
+                for st in chain.iter_mut() {
+                    if let Some(up) = st.raised()
+                        && up != *st
+                    {
+                        *st = up;
+                        changed = true;
+                    }
+                }
+            };
+            raise(&mut spec.pipeline);
+            for r in &mut spec.rules {
+                if let Some(p) = &mut r.pipeline {
+                    raise(p);
+                }
+            }
+            if !changed {
+                return None;
+            }
+        }
+        Some(spec)
     }
 
     /// The stages for a tensor name: the first matching rule's, or the
@@ -1226,6 +1367,78 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("calibration.parallel"), "{e}");
+    }
+
+    #[test]
+    fn gates_parse_are_checked_and_raise_the_rate() {
+        let base = "name: g\nmodel: m.safetensors\noutput: out\npipeline:\n  - hadamard: {}\n  - rtn: {bits: 3}\n  - zstd: {level: 3}\nrules:\n  - {match: ['*emb*'], pipeline: [{uniform: {bits: 7.5}}, {zstd: {level: 3}}]}\n";
+        let parse = |extra: &str| {
+            JobSpec::parse(
+                &format!("{base}{extra}"),
+                Path::new("g.yaml"),
+                Path::new("/j"),
+            )
+        };
+        let j = parse("gates: {min_cosine: 0.98, on_miss: raise_rate, max_raises: 2}\n").unwrap();
+        let g = j.gates.clone().unwrap();
+        assert_eq!(
+            (g.min_cosine, g.on_miss, g.max_raises, g.tokens),
+            (Some(0.98), OnMiss::RaiseRate, 2, 2048)
+        );
+        assert_eq!(
+            parse("gates: {max_kl: 0.05}\n")
+                .unwrap()
+                .gates
+                .unwrap()
+                .on_miss,
+            OnMiss::Fail
+        );
+        for (bad, field) in [
+            ("gates: {}\n", "gates"),
+            ("gates: {min_cosine: 1.5}\n", "gates.min_cosine"),
+            ("gates: {max_kl: -1}\n", "gates.max_kl"),
+            ("gates: {min_cosine: 0.9, max_kl: 0.1}\n", "gates"),
+            ("gates: {max_kl: 0.1, max_raises: 0}\n", "gates.max_raises"),
+            ("gates: {max_kl: 0.1, tokens: 10}\n", "gates.tokens"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+        assert!(parse("gates: {max_kl: 0.1, on_miss: retry}\n").is_err());
+        // One raise: a bit more for every quantizer; the transform and the
+        // entropy coder stay; a rate at its top stays there.
+        let up = j.raised_rate(1).unwrap();
+        assert_eq!(
+            up.pipeline[1],
+            StageSpec::Rtn(crate::stage::RtnSpec {
+                bits: 4,
+                ..rtn_of(&j.pipeline[1])
+            })
+        );
+        assert_eq!(up.pipeline[0], j.pipeline[0]);
+        assert_eq!(up.pipeline[2], j.pipeline[2]);
+        let StageSpec::Uniform(u) = &up.rules[0].pipeline.as_ref().unwrap()[0] else {
+            panic!()
+        };
+        assert_eq!(u.bits, 8.0);
+        assert_eq!(j.raised_rate(0).unwrap(), j);
+        // rtn 3 reaches 8 after five raises; a sixth has nothing to raise.
+        assert!(j.raised_rate(5).is_some());
+        assert!(j.raised_rate(6).is_none());
+        let ternary = JobSpec::parse(
+            "name: t\nmodel: m.safetensors\noutput: o\npipeline: [{ternary: {}}]\n",
+            Path::new("t.yaml"),
+            Path::new("/j"),
+        )
+        .unwrap();
+        assert!(ternary.raised_rate(1).is_none());
+    }
+
+    fn rtn_of(s: &StageSpec) -> crate::stage::RtnSpec {
+        match s {
+            StageSpec::Rtn(r) => r.clone(),
+            _ => panic!("not rtn"),
+        }
     }
 
     #[test]

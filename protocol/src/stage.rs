@@ -107,6 +107,34 @@ impl StageSpec {
         matches!(self, StageSpec::Gptq(_))
     }
 
+    /// The same stage one rate step up (one more bit per code, index or
+    /// coefficient), for a quality gate's `on_miss: raise_rate`. A stage
+    /// with no rate (a transform, an entropy coder) comes back unchanged;
+    /// `None` for a quantizer already at its highest rate, or ternary,
+    /// which has only one.
+    pub fn raised(&self) -> Option<StageSpec> {
+        let mut s = self.clone();
+        match &mut s {
+            StageSpec::Rtn(r) if r.bits < 8 => r.bits += 1,
+            StageSpec::Uniform(u) if u.bits < 8.0 => u.bits = (u.bits + 1.0).min(8.0),
+            StageSpec::Nonuniform(n) if n.bits < 4 => n.bits += 1,
+            StageSpec::Seedlm(sl) if sl.coefficient_bits < 8 => sl.coefficient_bits += 1,
+            StageSpec::Vq(v) if v.bits < 16 => v.bits += 1,
+            StageSpec::Gptq(g) => {
+                let inner = g.grid.stage().raised()?;
+                g.grid = match inner {
+                    StageSpec::Rtn(r) => GptqGrid::Rtn(r),
+                    StageSpec::Uniform(u) => GptqGrid::Uniform(u),
+                    StageSpec::Nonuniform(n) => GptqGrid::Nonuniform(n),
+                    _ => return None,
+                };
+            }
+            _ if self.category() == StageCategory::Quantizer => return None,
+            _ => {}
+        }
+        Some(s)
+    }
+
     /// Checks the parameters; on error returns the parameter name (empty for
     /// the stage as a whole) and what is wrong.
     pub fn validate(&self) -> Result<(), (String, String)> {
