@@ -471,6 +471,31 @@ fn the_compose_cluster_runs_a_job_like_run_local() {
     );
     hcx_ok(&["run", local.to_str().unwrap(), "--local"]);
     assert_same_artifact(&dir.path().join("reference"), &fetched);
+    // Each container serves its metrics on its own address: every
+    // coordinator's copy of the state shows the job done, and the nodes
+    // together uploaded what its shards hold.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for ip in [".11", ".12", ".13"] {
+        loop {
+            let m = scrape(&format!("172.29.7{ip}:9100"));
+            if m.contains("hcx_jobs{state=\"succeeded\"} 1") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{ip}: {m}");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    let uploaded: f64 = [".21", ".22", ".23"]
+        .iter()
+        .map(|ip| {
+            let m = scrape(&format!("172.29.7{ip}:9100"));
+            m.lines()
+                .find_map(|l| l.strip_prefix("hcx_node_uploaded_bytes_total "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{ip}: {m}"))
+        })
+        .sum();
+    assert!(uploaded > 0.0);
 
     // A node whose disk fills mid-shard: n4, with a 512 KiB work folder,
     // and only n3 beside it taking work. n4's shards fail, go to n3, and
@@ -1091,4 +1116,21 @@ mod history {
         ];
         assert!(check(&back).is_err());
     }
+}
+
+/// The Prometheus text a container serves at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{addr}: {reply}");
+    reply
 }

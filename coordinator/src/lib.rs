@@ -192,7 +192,17 @@ impl Shared {
     /// read is sent on to the leader instead.
     pub(crate) async fn linearizable_read(&self) -> Result<(), Status> {
         self.require_leader()?;
-        match self.raft.ensure_linearizable().await {
+        // A leader cut off from its quorum cannot confirm itself; the
+        // client then tries the other coordinators.
+        let confirmed =
+            tokio::time::timeout(Duration::from_secs(3), self.raft.ensure_linearizable()).await;
+        let Ok(confirmed) = confirmed else {
+            return Err(Status::unavailable(format!(
+                "coordinator {} could not confirm its leadership with a quorum within 3 s",
+                self.id
+            )));
+        };
+        match confirmed {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                 Err(self.not_leader())
