@@ -946,7 +946,7 @@ mod tests {
     fn spec() -> JobSpec {
         serde_json::from_value(serde_json::json!({
             "name": "t", "model": "/m", "output": "/o",
-            "pipeline": [{"rtn": {"bits": 8}}]
+            "pipeline": [{"rtn": {"bits": 4}}]
         }))
         .unwrap()
     }
@@ -1390,6 +1390,26 @@ mod tests {
             .ok
         );
         assert!(st.apply(Command::BeginMerge { job: j.clone() }).ok);
+        // A gate miss: the job runs again one rate step up, every shard
+        // waiting for a new attempt; a stale raise is refused.
+        let raise = |from: u32, note: &str| Command::RaiseRate {
+            job: j.clone(),
+            from,
+            note: note.into(),
+        };
+        assert!(!st.apply(raise(1, "wrong count")).ok);
+        assert!(st.apply(raise(0, "try 1")).ok);
+        let rec = &st.jobs[&j];
+        assert_eq!((rec.raises, &rec.state), (1, &JobState::Running));
+        assert!(
+            rec.shards
+                .iter()
+                .all(|s| s.result.is_none() && s.node.is_none())
+        );
+        assert_eq!(rec.gate_notes, vec!["try 1".to_string()]);
+        assert_eq!(rec.run_spec(), rec.spec.raised_rate(1).unwrap());
+        assert_ne!(rec.run_spec(), rec.spec);
+        assert!(!st.apply(raise(0, "again")).ok);
         let fin = Command::FinishJob {
             job: j.clone(),
             state: JobState::Succeeded {
@@ -1398,6 +1418,7 @@ mod tests {
             },
             now_ms: 9,
             artifact: Vec::new(),
+            gate_notes: Vec::new(),
         };
         assert!(st.apply(fin.clone()).ok);
         assert!(!st.apply(fin).ok);

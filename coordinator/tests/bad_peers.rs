@@ -391,7 +391,10 @@ async fn only_the_holder_of_a_shard_may_fetch_its_tensors() {
     grpc_as(&h, &a).register_node(node_info("a")).await.unwrap();
     grpc_as(&h, &b).register_node(node_info("b")).await.unwrap();
     let err = grpc_as(&h, &b)
-        .heartbeat(hcx_net::proto::HeartbeatRequest { name: "a".into() })
+        .heartbeat(hcx_net::proto::HeartbeatRequest {
+            name: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
@@ -534,7 +537,10 @@ async fn only_rank_0_publishes_an_nccl_id_and_only_members_read_it() {
     let mut group = None;
     for _ in 0..100 {
         let r = grpc_as(&h, &a)
-            .heartbeat(HeartbeatRequest { name: "a".into() })
+            .heartbeat(HeartbeatRequest {
+                name: "a".into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

@@ -169,7 +169,10 @@ async fn revoked_certificates_are_refused_everywhere_within_a_heartbeat() {
         let mut still = Vec::new();
         for addr in pending {
             let r = grpc(&addr, &a)
-                .heartbeat(HeartbeatRequest { name: "a".into() })
+                .heartbeat(HeartbeatRequest {
+                    name: "a".into(),
+                    ..Default::default()
+                })
                 .await;
             match r {
                 Err(e) if e.message().contains("was revoked") => {
@@ -194,7 +197,10 @@ async fn revoked_certificates_are_refused_everywhere_within_a_heartbeat() {
     assert!(after.contains("was revoked"), "{after}");
     // b is untouched.
     grpc(&leader_addr, &b)
-        .heartbeat(HeartbeatRequest { name: "b".into() })
+        .heartbeat(HeartbeatRequest {
+            name: "b".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     ep.close(0u32.into(), b"done");

@@ -268,6 +268,7 @@ async fn run_job(cs: &Coordinators, base: &JobSpec, tensors: &[TensorCost], n: u
             },
             now_ms: 1_700_000_100_000 + n as u64,
             artifact: Vec::new(),
+            gate_notes: Vec::new(),
         },
     )
     .await;
