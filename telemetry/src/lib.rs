@@ -8,6 +8,7 @@
 //! the recorder with [`serve_metrics`], so a local run pays nothing.
 #![warn(missing_docs, unreachable_pub)]
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -137,8 +138,10 @@ impl std::str::FromStr for LogFormat {
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HCX_LOG")
         .unwrap_or_else(|_| default_filter.into());
+    // Colours only on a terminal: a log file or a pipe gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
