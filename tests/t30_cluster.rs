@@ -1357,18 +1357,7 @@ struct Scrape {
 
 impl Scrape {
     fn get(addr: &str) -> Scrape {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (head, body) = common::get_metrics(addr);
         assert!(
             head.to_ascii_lowercase()
                 .contains("content-type: text/plain; version=0.0.4"),

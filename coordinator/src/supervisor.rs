@@ -473,13 +473,20 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
     tokio::spawn(async move {
         let id = job.id.clone();
         let staging = staging_dir(&shared, &id);
-        let (state, artifact, gate_notes) = match merge(&shared, &job, &staging).await {
+        let finish = |state, artifact, gate_notes| Command::FinishJob {
+            job: id.clone(),
+            state,
+            now_ms: now_ms(),
+            artifact,
+            gate_notes,
+        };
+        let cmd = match merge(&shared, &job, &staging).await {
             Ok(Merged::Done {
                 artifact_bytes,
                 source_bytes,
                 files,
                 gate_note,
-            }) => (
+            }) => finish(
                 JobState::Succeeded {
                     artifact_bytes,
                     source_bytes,
@@ -489,21 +496,13 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
             ),
             Ok(Merged::Raise { note }) => {
                 tracing::info!("{id}: missed its quality gate, raising the rate: {note}");
-                let _ = shared
-                    .propose(Command::RaiseRate {
-                        job: id.clone(),
-                        from: job.raises,
-                        note,
-                    })
-                    .await;
-                let _ = std::fs::remove_dir_all(&staging);
-                merging
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                return;
+                Command::RaiseRate {
+                    job: id.clone(),
+                    from: job.raises,
+                    note,
+                }
             }
-            Ok(Merged::Missed { reason, note }) => (
+            Ok(Merged::Missed { reason, note }) => finish(
                 JobState::Failed {
                     reason,
                     stage: "gate".into(),
@@ -511,7 +510,7 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
                 Vec::new(),
                 vec![note],
             ),
-            Err(reason) => (
+            Err(reason) => finish(
                 JobState::Failed {
                     reason,
                     stage: "merge".into(),
@@ -520,15 +519,7 @@ fn start_merge(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>, job:
                 Vec::new(),
             ),
         };
-        let _ = shared
-            .propose(Command::FinishJob {
-                job: id.clone(),
-                state,
-                now_ms: now_ms(),
-                artifact,
-                gate_notes,
-            })
-            .await;
+        let _ = shared.propose(cmd).await;
         // The shard blobs go with the sweep once the job's end is
         // committed: a leader that dies before that leaves them for the
         // next one to merge again.

@@ -10,12 +10,18 @@ use hcx_protocol::metrics as names;
 /// Wraps a collective backend and measures it.
 pub struct Metered(pub Box<dyn Collective>);
 
-fn timed<T>(op: &'static str, bytes: usize, f: impl FnOnce() -> T) -> T {
+/// Runs `f`, recording its time and the bytes it returns alongside its
+/// result (counted after the call: a broadcast's buffer is filled by it).
+fn measured<T>(op: &'static str, f: impl FnOnce() -> (T, usize)) -> T {
     let t0 = Instant::now();
-    let out = f();
+    let (out, bytes) = f();
     metrics::histogram!(names::COLLECTIVE_SECONDS, "op" => op).record(t0.elapsed().as_secs_f64());
     metrics::counter!(names::COLLECTIVE_BYTES, "op" => op).increment(bytes as u64);
     out
+}
+
+fn timed<T>(op: &'static str, bytes: usize, f: impl FnOnce() -> T) -> T {
+    measured(op, || (f(), bytes))
 }
 
 impl Collective for Metered {
@@ -62,12 +68,10 @@ impl Collective for Metered {
     }
 
     fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
-        let t0 = Instant::now();
-        let out = self.0.broadcast(buf, root);
-        metrics::histogram!(names::COLLECTIVE_SECONDS, "op" => "broadcast")
-            .record(t0.elapsed().as_secs_f64());
-        metrics::counter!(names::COLLECTIVE_BYTES, "op" => "broadcast").increment(buf.len() as u64);
-        out
+        measured("broadcast", || {
+            let out = self.0.broadcast(buf, root);
+            (out, buf.len())
+        })
     }
 
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
@@ -82,11 +86,9 @@ impl Collective for Metered {
         from: usize,
         wait: Duration,
     ) -> Result<(), CollectiveError> {
-        let t0 = Instant::now();
-        let out = self.0.pass_on(buf, from, wait);
-        metrics::histogram!(names::COLLECTIVE_SECONDS, "op" => "pass_on")
-            .record(t0.elapsed().as_secs_f64());
-        metrics::counter!(names::COLLECTIVE_BYTES, "op" => "pass_on").increment(buf.len() as u64);
-        out
+        measured("pass_on", || {
+            let out = self.0.pass_on(buf, from, wait);
+            (out, buf.len())
+        })
     }
 }

@@ -182,3 +182,22 @@ pub fn without_times(v: &mut serde_json::Value) {
         _ => {}
     }
 }
+
+/// `GET /metrics` from the Prometheus endpoint at `addr`: the reply's status
+/// line and headers, and its body.
+pub fn get_metrics(addr: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{addr}: {head}");
+    (head.to_string(), body.to_string())
+}
