@@ -160,7 +160,10 @@ impl Compose {
     /// Builds the image from this test binary's `hcx-cluster` and starts
     /// the cluster (no folder shared with the host but each container's
     /// certificate); waits for the three nodes.
-    fn up(dir: &Path, project: &str, subnet: &str) -> Compose {
+    fn up(dir: &Path, prefix: &str, subnet: &str) -> Compose {
+        // A project of its own, so that nothing an earlier run left (its
+        // volumes hold a whole raft log) is ever picked up again.
+        let project = format!("{prefix}{}", std::process::id());
         let state = dir.join("state");
         let env: Vec<(String, String)> = [
             ("HCX_STATE", state.display().to_string()),
@@ -174,12 +177,13 @@ impl Compose {
         .collect();
         let c = Compose {
             env,
-            project: project.into(),
+            project,
             subnet: subnet.into(),
             state,
         };
-        // A project left over by an earlier run that was killed.
-        c.down();
+        // A project left over by an earlier run that was killed holds this
+        // subnet: take it down, volumes and all.
+        c.down_leftovers(prefix);
         let up = Command::new("bash")
             .arg(root().join("deploy/compose-up.sh"))
             .envs(c.env())
@@ -192,7 +196,47 @@ impl Compose {
             String::from_utf8_lossy(&up.stderr)
         );
         c.wait_nodes(3);
+        let jobs = c.cli_ok(&["status", "--json"]);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&jobs).unwrap(),
+            serde_json::json!([]),
+            "a new cluster already holds jobs"
+        );
         c
+    }
+
+    /// Takes down every compose project named `prefix` and digits but
+    /// this one.
+    fn down_leftovers(&self, prefix: &str) {
+        let out = Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "--format",
+                "{{.Label \"com.docker.compose.project\"}}",
+            ])
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout).to_string();
+        let stale = listed.lines().filter(|p| {
+            p.strip_prefix(prefix)
+                .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit()))
+                && *p != self.project
+        });
+        for project in stale {
+            let out = Command::new("bash")
+                .arg(root().join("deploy/compose-up.sh"))
+                .arg("down")
+                .envs(self.env())
+                .env("HCX_PROJECT", project)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "taking down the leftover project {project} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     fn env(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -723,6 +767,15 @@ fn container_faults_leave_the_artifact_unchanged() {
     // Two clients call the job API throughout every fault.
     let stop = std::sync::atomic::AtomicBool::new(false);
     let answered = std::thread::scope(|scope| {
+        // The clients stop however the scenarios end: a failed assertion
+        // below must not leave the scope waiting on them for ever.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let stopping = StopOnDrop(&stop);
         let clients: Vec<_> = (1..=2)
             .map(|k| {
                 let (c, rec, tiny_job, stop) = (&c, &rec, &tiny_job, &stop);
@@ -829,7 +882,7 @@ fn container_faults_leave_the_artifact_unchanged() {
             "{voters}"
         );
 
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(stopping);
         clients
             .into_iter()
             .map(|h| h.join().unwrap())
