@@ -7,6 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/fetch-model.sh
 bash scripts/fetch-smollm2.sh
+bash scripts/fetch-pyreaders.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU code (NCCL through cudarc, opened at run time) must build without a

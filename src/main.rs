@@ -264,6 +264,26 @@ enum Command {
         #[arg(long, default_value = "5GB", value_parser = parse_size)]
         max_shard_size: u64,
     },
+    /// Write an artifact in a format an inference engine loads: `gguf`
+    /// (llama.cpp) for Llama-family decoders.
+    Export {
+        /// The artifact folder.
+        artifact: PathBuf,
+        /// The format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Where the exported model goes (must not exist or be empty).
+        #[arg(long)]
+        output: PathBuf,
+        /// GGUF block type of the 2-D weights (q8_0, q4_0, q4_k, q6_k); a
+        /// tensor whose rows do not split into its blocks is written as
+        /// Q8_0, or F32.
+        #[arg(long, default_value = "q8_0", value_parser = parse_block_type)]
+        gguf_type: hcx_export::gguf::BlockType,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an artifact's sizes, ratio and per-tensor quality.
     Inspect {
         /// The artifact folder.
@@ -281,7 +301,8 @@ enum Command {
         /// The reference model folder.
         #[arg(long)]
         reference: PathBuf,
-        /// The candidate: a dense model folder or an hcx artifact.
+        /// The candidate: a dense model folder, an hcx artifact, or a GGUF
+        /// file (one `export` wrote, say).
         #[arg(long)]
         candidate: PathBuf,
         /// Sentences, one per line (default: the project's own set).
@@ -924,6 +945,34 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Export {
+            artifact,
+            format: ExportFormat::Gguf,
+            output,
+            gguf_type,
+            json,
+        } => {
+            let r = hcx_export::gguf::export(&artifact, &output, gguf_type)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+            for t in &r.tensors {
+                let e = by_type.entry(&t.encoding).or_default();
+                e.0 += 1;
+                e.1 += t.bytes;
+            }
+            for (ty, (n, bytes)) in by_type {
+                println!("{ty:>6}: {n} tensors, {bytes} bytes");
+            }
+            match r.worst_sqnr_db() {
+                Some(db) => println!("worst tensor against the artifact: {db:.1} dB SQNR"),
+                None => println!("every tensor equals the artifact's"),
+            }
+            println!("{} bytes written to {}", r.bytes, r.file.display());
+            Ok(())
+        }
         Command::Inspect {
             artifact,
             pattern,
@@ -1008,6 +1057,17 @@ struct DecoderText {
     max_tokens: usize,
 }
 
+/// The formats `export` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// llama.cpp's GGUF.
+    Gguf,
+}
+
+fn parse_block_type(s: &str) -> std::result::Result<hcx_export::gguf::BlockType, String> {
+    s.parse()
+}
+
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     hcx_pipeline::dense::parse_size(s)
 }
@@ -1020,21 +1080,28 @@ fn eval(
     text: &DecoderText,
     json: bool,
 ) -> Result<()> {
-    // A GGUF reference is expanded to a dense HF folder first.
+    // A GGUF file (the reference, or an exported candidate) is expanded to
+    // a dense HF folder first.
+    let is_gguf = |p: &Path| p.is_file() && p.extension().is_some_and(|e| e == "gguf");
+    let expand = |p: &Path, dir: &Path| -> Result<PathBuf> {
+        let model = hcx_pipeline::model::Model::open(p)?;
+        hcx_pipeline::dense::write_model(&model, dir, u64::MAX)?;
+        Ok(dir.to_path_buf())
+    };
     let ref_tmp;
-    let reference = if reference.is_file() && reference.extension().is_some_and(|e| e == "gguf") {
+    let reference = if is_gguf(reference) {
         ref_tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
-        let out = ref_tmp.path().join("reference");
-        let model = hcx_pipeline::model::Model::open(reference)?;
-        hcx_pipeline::dense::write_model(&model, &out, u64::MAX)?;
-        out
+        expand(reference, &ref_tmp.path().join("reference"))?
     } else {
         reference.to_path_buf()
     };
     let reference = reference.as_path();
     // An artifact is decompressed to a temporary folder first.
     let tmp;
-    let dense = if candidate
+    let dense = if is_gguf(candidate) {
+        tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+        expand(candidate, &tmp.path().join("candidate"))?
+    } else if candidate
         .join(hcx_protocol::manifest::MANIFEST_FILE)
         .is_file()
     {

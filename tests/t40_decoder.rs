@@ -1012,3 +1012,177 @@ fn smollm2_4bit_gptq_meets_its_kl_gate() {
     });
     assert!(kl <= 0.034, "calibrated KL {kl}");
 }
+
+/// Where scripts/fetch-pyreaders.sh installed the Python readers.
+fn python_readers() -> std::path::PathBuf {
+    let dir = std::env::var_os("HCX_PY_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::root().join("models/python"));
+    assert!(
+        dir.join("gguf").is_dir(),
+        "the Python readers are missing at {}: run scripts/fetch-pyreaders.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Exports `artifact` as GGUF in `block`, dumps the file with llama.cpp's
+/// own reader, and checks every tensor against our reader's and the
+/// artifact's values; returns the dump's metadata and the export's path.
+fn export_and_read_back(
+    artifact: &Path,
+    dir: &Path,
+    block: &str,
+) -> (serde_json::Value, std::path::PathBuf) {
+    let out = dir.join(format!("gguf-{block}"));
+    let report: serde_json::Value = serde_json::from_str(&common::hcx_ok(&[
+        "export",
+        artifact.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--gguf-type",
+        block,
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let file = out.join("model.gguf");
+    assert_eq!(
+        report["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    let dump = dir.join(format!("dump-{block}"));
+    std::fs::create_dir_all(&dump).unwrap();
+    let py = std::process::Command::new("python3")
+        .arg(common::root().join("tests/python/gguf_dump.py"))
+        .arg(&file)
+        .arg(&dump)
+        .env("PYTHONPATH", python_readers())
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "gguf_dump.py failed: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dump.join("meta.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(dump.join("tensors.safetensors")).unwrap();
+    let theirs = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // Our reader reads the exported file back under HF names.
+    let ours = hcx_pipeline::gguf::read(&file).unwrap();
+    let m = hcx_pipeline::artifact::read_manifest(artifact).unwrap();
+    assert_eq!(theirs.len(), m.tensors.len());
+    assert_eq!(ours.tensors.len(), m.tensors.len());
+    let heads = 9; // SmolLM2-135M: 9 query heads, 3 key/value heads.
+    for t in &ours.tensors {
+        let g = hcx_pipeline::gguf::gguf_name(&t.name).unwrap();
+        let view = theirs.tensor(&g).unwrap();
+        assert_eq!(view.shape(), t.shape.as_slice(), "{g}");
+        let read: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (rows, cols) = (t.shape[0], t.values.len() / t.shape[0]);
+        let h = if g.contains(".attn_q.") {
+            Some(heads)
+        } else if g.contains(".attn_k.") {
+            Some(3)
+        } else {
+            None
+        };
+        let to_gguf = |v: &[f32]| match h {
+            Some(h) => permute_rows(v, rows, cols, h),
+            None => v.to_vec(),
+        };
+        // llama.cpp's reader and ours decode the same blocks to the same
+        // bits.
+        assert!(
+            to_gguf(&t.values)
+                .iter()
+                .zip(&read)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{g}: the gguf package and our reader disagree"
+        );
+        // Q8_0 blocks stay within one step (the block's largest magnitude
+        // over 127) of the artifact's weights.
+        let artifact_values = hcx_pipeline::artifact::decode_values(artifact, &m, &t.name).unwrap();
+        let want = to_gguf(&artifact_values);
+        match meta["types"][&g].as_str().unwrap() {
+            "F32" => assert_eq!(read, want, "{g}"),
+            "Q8_0" => {
+                for (a, b) in want.chunks(32).zip(read.chunks(32)) {
+                    let step = a.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= step * 1.001 + 1e-7, "{g}: {x} vs {y}");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // The hyperparameters and the vocabulary survive: our reader rebuilds
+    // the artifact's config.json and tokenizer.json from the metadata.
+    let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+    let file_json = |n: &str| json(&std::fs::read_to_string(artifact.join(n)).unwrap());
+    assert_eq!(json(&ours.config_json), file_json("config.json"));
+    assert_eq!(
+        json(ours.tokenizer_json.as_deref().unwrap()),
+        file_json("tokenizer.json")
+    );
+    (meta, file)
+}
+
+// Measured on SmolLM2's int8 example exported as Q8_0: mean KL 0.00295
+// from the source over the first 2,048 evaluation tokens (the artifact
+// itself: 0.00302).
+#[test]
+fn an_exported_gguf_reads_back_in_llama_cpps_reader_with_our_weights() {
+    let gguf = common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("int8");
+    let job = common::example_job(dir.path(), "smollm2-int8", &gguf, &artifact);
+    common::hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+
+    let (meta, file) = export_and_read_back(&artifact, dir.path(), "q8_0");
+    let md = &meta["metadata"];
+    assert_eq!(md["general.architecture"], "llama");
+    assert_eq!(md["general.file_type"], 7);
+    assert_eq!(md["llama.block_count"], 30);
+    assert_eq!(md["llama.attention.head_count_kv"], 3);
+    assert_eq!(md["tokenizer.ggml.pre"], "smollm");
+    assert_eq!(md["tokenizer.ggml.tokens"]["len"], 49152);
+    let types = meta["types"].as_object().unwrap();
+    assert_eq!(types.values().filter(|t| *t == "Q8_0").count(), 211);
+    assert_eq!(types.values().filter(|t| *t == "F32").count(), 61);
+
+    // The exported model runs: measured at its output against the source.
+    let out = common::hcx_ok(&[
+        "eval",
+        "--reference",
+        gguf.to_str().unwrap(),
+        "--candidate",
+        file.to_str().unwrap(),
+        "--max-tokens",
+        "2048",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kl = v["decoder"]["mean_kl"].as_f64().unwrap();
+    println!("exported Q8_0: mean KL {kl}");
+    assert!(kl <= 0.0031, "exported Q8_0: mean KL {kl}");
+
+    // Q6_K where rows split into super-blocks of 256 (the MLP's down
+    // projection, 1,536 wide), Q8_0 for the 576-wide rest.
+    let (meta, _) = export_and_read_back(&artifact, dir.path(), "q6_k");
+    assert_eq!(meta["metadata"]["general.file_type"], 18);
+    let types = meta["types"].as_object().unwrap();
+    let down = types
+        .iter()
+        .filter(|(k, _)| k.ends_with("ffn_down.weight"))
+        .all(|(_, t)| t == "Q6_K");
+    assert!(down, "{types:?}");
+    assert_eq!(types.values().filter(|t| *t == "Q6_K").count(), 30);
+}

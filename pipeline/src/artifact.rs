@@ -226,6 +226,22 @@ pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f3
         })?;
     check_entry_size(artifact, t)?;
     let files = TensorFiles::open(artifact, m)?;
+    if t.steps.is_empty() {
+        // Kept as stored: the source dtype's bytes.
+        let dtype = parse_dtype(&t.dtype).ok_or_else(|| PipelineError::Artifact {
+            path: artifact.to_path_buf(),
+            why: format!("tensor `{}`: unknown dtype {}", t.name, t.dtype),
+        })?;
+        let raw = decode_entry(artifact, &files, t)?;
+        let values = crate::model::raw_to_f32(&raw, dtype);
+        if values.len() != t.shape.iter().product::<usize>() {
+            return Err(PipelineError::Artifact {
+                path: artifact.to_path_buf(),
+                why: format!("tensor `{}` is {}, not a float tensor", t.name, t.dtype),
+            });
+        }
+        return Ok(values);
+    }
     let parts = files.parts(artifact, t)?;
     decode_tensor(&t.steps, parts, &t.shape).map_err(|source| PipelineError::Tensor {
         tensor: t.name.clone(),

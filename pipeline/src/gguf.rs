@@ -191,6 +191,37 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// The llama.cpp name of a Hugging Face tensor name (the inverse of
+/// [`hf_name`]), or `None` when it has none.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let g = match part {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
 /// Undoes llama.cpp's permutation of q/k rows: within each head, GGUF row
 /// `2i + j` holds HF row `j·half + i` (rotary pairs interleaved).
 pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
@@ -428,6 +459,19 @@ mod tests {
             hf_name("token_embd.weight").unwrap(),
             "model.embed_tokens.weight"
         );
+        for g in [
+            "blk.3.attn_q.weight",
+            "blk.0.attn_norm.weight",
+            "blk.11.ffn_gate.weight",
+            "blk.2.attn_output.bias",
+            "token_embd.weight",
+            "output_norm.weight",
+            "output.weight",
+        ] {
+            assert_eq!(gguf_name(&hf_name(g).unwrap()).unwrap(), g);
+        }
+        assert!(gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq").is_none());
+        assert!(gguf_name("encoder.layer.0.attention.self.query.weight").is_none());
         assert!(hf_name("blk.x.attn_q.weight").is_none());
         assert!(hf_name("blk.0.attn_qkv.weight").is_none());
     }
