@@ -265,7 +265,8 @@ enum Command {
         max_shard_size: u64,
     },
     /// Write an artifact in a format an inference engine loads: `gguf`
-    /// (llama.cpp) for Llama-family decoders.
+    /// (llama.cpp) for Llama-family decoders, `compressed-tensors` (vLLM)
+    /// for integer-quantized linear weights.
     Export {
         /// The artifact folder.
         artifact: PathBuf,
@@ -280,6 +281,14 @@ enum Command {
         /// Q8_0, or F32.
         #[arg(long, default_value = "q8_0", value_parser = parse_block_type)]
         gguf_type: hcx_export::gguf::BlockType,
+        /// compressed-tensors: bits per code (4 or 8); default, the
+        /// artifact's own `rtn` bits (with --ct-group).
+        #[arg(long, requires = "ct_group")]
+        ct_bits: Option<u8>,
+        /// compressed-tensors: codes per scale along a row (0: one scale
+        /// per row).
+        #[arg(long, requires = "ct_bits")]
+        ct_group: Option<usize>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -947,12 +956,23 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Export {
             artifact,
-            format: ExportFormat::Gguf,
+            format,
             output,
             gguf_type,
+            ct_bits,
+            ct_group,
             json,
         } => {
-            let r = hcx_export::gguf::export(&artifact, &output, gguf_type)?;
+            let r = match format {
+                ExportFormat::Gguf => hcx_export::gguf::export(&artifact, &output, gguf_type)?,
+                ExportFormat::CompressedTensors => {
+                    let scheme = ct_bits.map(|bits| hcx_export::compressed::Scheme {
+                        bits,
+                        group: ct_group.filter(|g| *g > 0),
+                    });
+                    hcx_export::compressed::export(&artifact, &output, scheme)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
                 return Ok(());
@@ -1062,6 +1082,8 @@ struct DecoderText {
 enum ExportFormat {
     /// llama.cpp's GGUF.
     Gguf,
+    /// compressed-tensors' pack-quantized safetensors (vLLM, transformers).
+    CompressedTensors,
 }
 
 fn parse_block_type(s: &str) -> std::result::Result<hcx_export::gguf::BlockType, String> {

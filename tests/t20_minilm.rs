@@ -153,6 +153,42 @@ fn minilm_int8_keeps_embeddings() {
     assert!(e.mean_cosine >= 0.9995, "{}", e.mean_cosine);
 }
 
+/// An int4 artifact exported as compressed-tensors unpacks, by the
+/// documented layout, to exactly our weights; GGUF is refused for an
+/// encoder, by name.
+#[test]
+fn minilm_int4_exports_as_compressed_tensors_code_for_code() {
+    let model = minilm();
+    let t = tempfile::tempdir().unwrap();
+    let a = t.path().join("a");
+    let job = common::write_job(
+        t.path(),
+        "int4",
+        &model,
+        &a,
+        "pipeline:\n  - rtn: {bits: 4, group: 32, symmetric: true}\n  - zstd: {level: 3}\nrules:\n  - match: [\"*embeddings*\", \"*LayerNorm*\", \"*.bias\"]\n    keep: source\n",
+    );
+    hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let q = common::compressed_tensors_equal_ours(&a, t.path(), &[]);
+    let w = &q["config_groups"]["group_0"]["weights"];
+    assert_eq!(w["num_bits"], 4);
+    assert_eq!(w["group_size"], 32);
+    assert_eq!(w["strategy"], "group");
+    let out = common::hcx(&[
+        "export",
+        a.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--output",
+        t.path().join("gguf").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("config.json") && err.contains("bert"),
+        "{err}"
+    );
+}
+
 #[test]
 fn minilm_3bit_and_2bit_meet_their_targets() {
     let model = minilm();

@@ -1013,19 +1013,6 @@ fn smollm2_4bit_gptq_meets_its_kl_gate() {
     assert!(kl <= 0.034, "calibrated KL {kl}");
 }
 
-/// Where scripts/fetch-pyreaders.sh installed the Python readers.
-fn python_readers() -> std::path::PathBuf {
-    let dir = std::env::var_os("HCX_PY_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| common::root().join("models/python"));
-    assert!(
-        dir.join("gguf").is_dir(),
-        "the Python readers are missing at {}: run scripts/fetch-pyreaders.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
-
 /// Exports `artifact` as GGUF in `block`, dumps the file with llama.cpp's
 /// own reader, and checks every tensor against our reader's and the
 /// artifact's values; returns the dump's metadata and the export's path.
@@ -1058,7 +1045,7 @@ fn export_and_read_back(
         .arg(common::root().join("tests/python/gguf_dump.py"))
         .arg(&file)
         .arg(&dump)
-        .env("PYTHONPATH", python_readers())
+        .env("PYTHONPATH", common::python_readers())
         .output()
         .unwrap();
     assert!(
@@ -1139,7 +1126,7 @@ fn export_and_read_back(
 // from the source over the first 2,048 evaluation tokens (the artifact
 // itself: 0.00302).
 #[test]
-fn an_exported_gguf_reads_back_in_llama_cpps_reader_with_our_weights() {
+fn exports_read_back_in_readers_we_did_not_write_with_our_weights() {
     let gguf = common::smollm2();
     let dir = tempfile::tempdir().unwrap();
     let artifact = dir.path().join("int8");
@@ -1185,4 +1172,13 @@ fn an_exported_gguf_reads_back_in_llama_cpps_reader_with_our_weights() {
         .all(|(_, t)| t == "Q6_K");
     assert!(down, "{types:?}");
     assert_eq!(types.values().filter(|t| *t == "Q6_K").count(), 30);
+
+    // The same artifact as compressed-tensors: its own int8 groups of 32,
+    // code for code.
+    let q = common::compressed_tensors_equal_ours(&artifact, dir.path(), &[]);
+    let w = &q["config_groups"]["group_0"]["weights"];
+    assert_eq!(
+        (w["num_bits"].as_u64(), w["group_size"].as_u64()),
+        (Some(8), Some(32))
+    );
 }

@@ -7,9 +7,13 @@
 //! - [`gguf`]: llama.cpp's GGUF for Llama-family decoders, with Q8_0, Q4_0,
 //!   Q4_K or Q6_K blocks and the tokenizer and hyperparameters in the
 //!   metadata.
+//! - [`compressed`]: compressed-tensors' `pack-quantized` safetensors
+//!   (int4 or int8 codes in int32 words, group scales and the
+//!   `quantization_config` vLLM reads).
 
 use std::path::PathBuf;
 
+pub mod compressed;
 pub mod gguf;
 
 /// Why an export failed.

@@ -201,3 +201,87 @@ pub fn get_metrics(addr: &str) -> (String, String) {
     assert!(head.starts_with("HTTP/1.1 200"), "{addr}: {head}");
     (head.to_string(), body.to_string())
 }
+
+/// Where scripts/fetch-pyreaders.sh installed the Python readers (the
+/// `gguf` and `safetensors` packages).
+pub fn python_readers() -> PathBuf {
+    let dir = std::env::var_os("HCX_PY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/python"));
+    assert!(
+        dir.join("gguf").is_dir() && dir.join("safetensors").is_dir(),
+        "the Python readers are missing at {}: run scripts/fetch-pyreaders.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Exports `artifact` as compressed-tensors (`extra` flags added), unpacks
+/// it with tests/python/ct_unpack.py (the documented layout read with the
+/// `safetensors` package) and checks every weight equals the artifact's
+/// decoded one exactly; returns the quantization_config it read.
+pub fn compressed_tensors_equal_ours(
+    artifact: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = dir.join("compressed-tensors");
+    let mut args = vec![
+        "export",
+        artifact.to_str().unwrap(),
+        "--format",
+        "compressed-tensors",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let printed = hcx_ok(&args);
+    assert!(
+        printed.contains("every tensor equals the artifact's"),
+        "{printed}"
+    );
+    let read = dir.join("compressed-tensors-read");
+    std::fs::create_dir_all(&read).unwrap();
+    let py = Command::new("python3")
+        .arg(root().join("tests/python/ct_unpack.py"))
+        .arg(&out)
+        .arg(&read)
+        .env("PYTHONPATH", python_readers())
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "ct_unpack.py failed: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let bytes = std::fs::read(read.join("dense.safetensors")).unwrap();
+    let theirs = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let m = hcx_pipeline::artifact::read_manifest(artifact).unwrap();
+    assert_eq!(theirs.len(), m.tensors.len());
+    for t in &m.tensors {
+        let view = theirs.tensor(&t.name).unwrap();
+        assert_eq!(view.shape(), t.shape.as_slice(), "{}", t.name);
+        if !matches!(t.dtype.as_str(), "F32" | "F16" | "BF16") {
+            // Integer tensors (BERT's position ids) pass through as stored.
+            let ours = hcx_pipeline::artifact::decode_bytes(artifact, &m, &t.name).unwrap();
+            assert_eq!(view.data(), ours.as_slice(), "{}", t.name);
+            continue;
+        }
+        let ours = hcx_pipeline::artifact::decode_values(artifact, &m, &t.name).unwrap();
+        let read: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert!(
+            read == ours,
+            "{}: unpacked weights differ from ours",
+            t.name
+        );
+    }
+    // The tokenizer and the rest travel beside the weights.
+    for f in &m.source.copied {
+        assert!(out.join(&f.name).is_file(), "{} was not copied", f.name);
+    }
+    serde_json::from_str(&std::fs::read_to_string(read.join("config.json")).unwrap()).unwrap()
+}
