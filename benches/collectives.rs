@@ -159,6 +159,7 @@ fn main() {
                     epoch: epoch as u64 + 1,
                     rank,
                     members: members.clone(),
+                    names: Vec::new(),
                 };
                 async move { p.join_ring(&plan, Duration::from_secs(10)).await.unwrap() }
             });

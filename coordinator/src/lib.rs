@@ -292,6 +292,54 @@ impl Shared {
         }
     }
 
+    /// Refuses a raft message claiming to come from coordinator `sender`
+    /// unless the caller's certificate is valid for that member's raft
+    /// address (as the membership, or `--peers`, records it): a coordinator
+    /// certificate speaks raft only as the member it serves. A coordinator
+    /// that knows no member yet (one just started with `--join`) takes the
+    /// first messages on the role alone; the log it receives then names
+    /// every member.
+    pub(crate) fn require_raft_sender(
+        &self,
+        certified: Option<&CertFacts>,
+        sender: Option<NodeId>,
+        call: &str,
+    ) -> Result<(), Status> {
+        let Some(f) = certified else {
+            return Ok(());
+        };
+        let Some(sender) = sender else {
+            return Err(Status::invalid_argument(format!(
+                "{call} names no sending coordinator"
+            )));
+        };
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let addr = membership
+            .get_node(&sender)
+            .map(|n| n.addr.clone())
+            .or_else(|| self.peers.get(&sender).cloned());
+        let Some(addr) = addr else {
+            if membership.nodes().next().is_none() {
+                return Ok(());
+            }
+            return Err(Status::permission_denied(format!(
+                "{call} claims to come from coordinator {sender}, which is not a member"
+            )));
+        };
+        let host = host_of(&addr);
+        if cert_serves(&f.hosts, host) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{call} claims to come from coordinator {sender} at {addr}, but the certificate of {} {:?} is not valid for {host} (it serves {})",
+                f.role,
+                f.name,
+                f.hosts.join(", ")
+            )))
+        }
+    }
+
     /// Refuses a node call that names another node than the one the
     /// caller's certificate was issued for.
     pub(crate) fn require_node_name(
@@ -619,4 +667,47 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         tasks: vec![grpc, quic, sup, sweep, gauges],
         addr,
     })
+}
+
+/// The host part of `host:port` (`[v6]:port` included).
+pub(crate) fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+/// Whether a certificate's hosts (DNS names and IP addresses) include
+/// `host`: names compared without case, addresses as addresses.
+pub(crate) fn cert_serves(hosts: &[String], host: &str) -> bool {
+    let ip: Option<std::net::IpAddr> = host.parse().ok();
+    hosts
+        .iter()
+        .any(|h| match (ip, h.parse::<std::net::IpAddr>()) {
+            (Some(a), Ok(b)) => a == b,
+            (None, Err(_)) => h.eq_ignore_ascii_case(host),
+            _ => false,
+        })
+}
+
+#[cfg(test)]
+mod raft_sender_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_read_from_addresses_and_matched_as_names_or_addresses() {
+        assert_eq!(host_of("172.29.8.11:7101"), "172.29.8.11");
+        assert_eq!(host_of("[::1]:7101"), "::1");
+        assert_eq!(host_of("c1.hcx.svc:7101"), "c1.hcx.svc");
+        let hosts = vec![
+            "C1.hcx.svc".to_string(),
+            "172.29.8.11".to_string(),
+            "::1".into(),
+        ];
+        assert!(cert_serves(&hosts, "c1.hcx.svc"));
+        assert!(cert_serves(&hosts, "172.29.8.11"));
+        assert!(cert_serves(&hosts, "0:0:0:0:0:0:0:1"));
+        assert!(!cert_serves(&hosts, "172.29.8.12"));
+        assert!(!cert_serves(&hosts, "c2.hcx.svc"));
+    }
 }

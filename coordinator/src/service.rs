@@ -809,6 +809,7 @@ impl Cluster for ClusterService {
                                     .collect::<Option<Vec<_>>>()?
                             },
                             backend: g.backend.name().into(),
+                            names: g.members.clone(),
                         }),
                         None => None,
                     };
@@ -824,9 +825,11 @@ impl Cluster for ClusterService {
                 })
                 .collect()
         });
+        let revoked = sh.view.read(|s| s.revoked.keys().cloned().collect());
         Ok(Response::new(HeartbeatReply {
             assignments,
             lease_ms: sh.lease.as_millis() as u64,
+            revoked,
         }))
     }
 
@@ -1154,14 +1157,23 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        role(&self.shared, &req, &[Role::Coordinator], "AppendEntries")?;
-        let r = self.shared.raft.append_entries(parse(req)?).await;
+        let facts = role(&self.shared, &req, &[Role::Coordinator], "AppendEntries")?;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::store::TypeConfig> = parse(req)?;
+        self.shared.require_raft_sender(
+            facts.as_ref(),
+            rpc.vote.leader_id.voted_for(),
+            "AppendEntries",
+        )?;
+        let r = self.shared.raft.append_entries(rpc).await;
         json(&r)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        role(&self.shared, &req, &[Role::Coordinator], "Vote")?;
-        let r = self.shared.raft.vote(parse(req)?).await;
+        let facts = role(&self.shared, &req, &[Role::Coordinator], "Vote")?;
+        let rpc: openraft::raft::VoteRequest<crate::store::NodeId> = parse(req)?;
+        self.shared
+            .require_raft_sender(facts.as_ref(), rpc.vote.leader_id.voted_for(), "Vote")?;
+        let r = self.shared.raft.vote(rpc).await;
         json(&r)
     }
 
@@ -1169,15 +1181,17 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<SnapshotChunk>,
     ) -> Result<Response<RaftMessage>, Status> {
-        role(&self.shared, &req, &[Role::Coordinator], "InstallSnapshot")?;
+        let facts = role(&self.shared, &req, &[Role::Coordinator], "InstallSnapshot")?;
         let chunk = req.into_inner();
         let header: SnapshotHeader = serde_json::from_slice(&chunk.header_json)
             .map_err(|e| Status::invalid_argument(format!("malformed snapshot chunk: {e}")))?;
-        let r = self
-            .shared
-            .raft
-            .install_snapshot(header.join(chunk.data))
-            .await;
+        let rpc = header.join(chunk.data);
+        self.shared.require_raft_sender(
+            facts.as_ref(),
+            rpc.vote.leader_id.voted_for(),
+            "InstallSnapshot",
+        )?;
+        let r = self.shared.raft.install_snapshot(rpc).await;
         json(&r)
     }
 }

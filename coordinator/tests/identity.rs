@@ -208,3 +208,112 @@ async fn revoked_certificates_are_refused_everywhere_within_a_heartbeat() {
         h.shutdown().await;
     }
 }
+
+/// Issues a coordinator certificate named `name`, valid for `host` (and
+/// the loopback names every server certificate has), into `certs/NAME`.
+fn coordinator_cert(certs: &DevCerts, dir: &Path, name: &str, host: &str) -> Identity {
+    let out = dir.join("certs").join(name);
+    hcx_net::certs::issue(
+        &certs.ca(),
+        &out,
+        &hcx_net::certs::IssueRequest {
+            role: hcx_net::tls::Role::Coordinator,
+            name: name.into(),
+            hosts: vec![host.into()],
+            labels: BTreeMap::new(),
+        },
+        false,
+    )
+    .unwrap();
+    Identity::load(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_certificate_speaks_raft_only_as_the_member_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = DevCerts::create(&dir.path().join("certs"), &[]).unwrap();
+    // Three coordinators on 127.0.0.11–13, each with its own certificate
+    // for its own address only (beside the loopback names).
+    let peers: BTreeMap<NodeId, String> = (1..=3u64)
+        .map(|id| {
+            let ip = format!("127.0.0.1{id}");
+            let port = std::net::TcpListener::bind(format!("{ip}:0"))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            (id, format!("{ip}:{port}"))
+        })
+        .collect();
+    let mut ids = BTreeMap::new();
+    for id in 1..=3u64 {
+        ids.insert(
+            id,
+            coordinator_cert(
+                &certs,
+                dir.path(),
+                &format!("c{id}"),
+                &format!("127.0.0.1{id}"),
+            ),
+        );
+    }
+    let mut hs = Vec::new();
+    for id in 1..=3u64 {
+        hs.push(
+            hcx_coordinator::start(CoordinatorConfig {
+                id,
+                listen: peers[&id].parse::<SocketAddr>().unwrap(),
+                peers: peers.clone(),
+                data_dir: dir.path().join(format!("c{id}")),
+                tls: Some(ids[&id].clone()),
+                join: false,
+                retention: Default::default(),
+                lease: Duration::from_secs(60),
+                model_roots: vec![dir.path().to_path_buf()],
+                output_roots: vec![dir.path().to_path_buf()],
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    // The group elects a leader and commits: each member's messages carry
+    // the certificate of its own address.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !hs.iter().any(|h| h.is_leader()) {
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vote_as = |candidate: u64| {
+        let v = openraft::raft::VoteRequest::<NodeId>::new(openraft::Vote::new(1, candidate), None);
+        RaftMessage {
+            json: serde_json::to_vec(&v).unwrap(),
+        }
+    };
+    let raft = |id: &Identity| {
+        let ch = hcx_net::client::channel(&peers[&1], Some(&hcx_net::tls::tonic_client_tls(id)))
+            .unwrap();
+        RaftClient::new(ch)
+    };
+    // A coordinator certificate for another address claims to be
+    // coordinator 2.
+    let rogue = coordinator_cert(&certs, dir.path(), "rogue", "127.0.0.99");
+    let err = raft(&rogue).vote(vote_as(2)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(
+        err.message().contains("coordinator 2")
+            && err.message().contains("not valid for 127.0.0.12"),
+        "{err}"
+    );
+    // Coordinator 3's own certificate cannot speak for 2 either.
+    let err = raft(&ids[&3]).vote(vote_as(2)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // Nor can anyone speak as a coordinator that is not a member.
+    let err = raft(&ids[&2]).vote(vote_as(7)).await.unwrap_err();
+    assert!(err.message().contains("not a member"), "{err}");
+    // Coordinator 2's certificate is heard (the stale vote is answered, not
+    // granted).
+    raft(&ids[&2]).vote(vote_as(2)).await.unwrap();
+    for h in hs {
+        h.shutdown().await;
+    }
+}

@@ -1,8 +1,9 @@
 //! The node-to-node plane: each node serves QUIC on its listen address and
 //! the ranks of a collective group link up over it, each rank connecting to
 //! its right neighbour and accepting its left one. With TLS, both ends must
-//! present a node certificate signed by the cluster CA; anything else is
-//! closed before it can speak.
+//! present a node certificate signed by the cluster CA and not revoked,
+//! and a ring neighbour must be the node its plan names at that rank;
+//! anything else is closed before it can speak.
 //!
 //! [`PeerPlane::join_ring`] turns a planned group into a
 //! [`Ring`](hcx_kernels::collective::Ring) over [`QuicLink`]s: the same
@@ -39,7 +40,7 @@ pub const RING_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_QUEUE: usize = 32;
 
 /// Who a rank is in a planned collective group: the group's epoch, this
-/// rank, and every member's node-to-node address by rank.
+/// rank, and every member's node-to-node address and node name by rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingPlan {
     /// Changes whenever the group is re-planned.
@@ -48,6 +49,10 @@ pub struct RingPlan {
     pub rank: usize,
     /// Every rank's address, indexed by rank.
     pub members: Vec<SocketAddr>,
+    /// Every rank's node name (its certificate's), indexed by rank: with
+    /// TLS each neighbour must present the certificate of the node the plan
+    /// names. Empty: any node certificate will do.
+    pub names: Vec<String>,
 }
 
 type Arrival = (quinn::Connection, quinn::RecvStream);
@@ -70,7 +75,12 @@ pub struct PeerPlane {
     accept: tokio::task::JoinHandle<()>,
     /// Whether peers must present node certificates (TLS mode).
     require_node_certs: bool,
+    /// Serials the coordinators have revoked (from every heartbeat): a peer
+    /// presenting one is refused.
+    revoked: Revoked,
 }
+
+type Revoked = Arc<std::sync::RwLock<std::collections::HashSet<String>>>;
 
 impl Drop for PeerPlane {
     fn drop(&mut self) {
@@ -97,10 +107,12 @@ impl PeerPlane {
             ));
         ring_client.transport_config(Arc::new(transport));
         let pending = Arc::new(Mutex::new(Pending::default()));
+        let revoked = Revoked::default();
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             pending.clone(),
             require_node_certs,
+            revoked.clone(),
         ));
         PeerPlane {
             endpoint,
@@ -108,6 +120,61 @@ impl PeerPlane {
             pending,
             accept,
             require_node_certs,
+            revoked,
+        }
+    }
+
+    /// Replaces the set of revoked certificate serials (as the coordinators
+    /// send it with every heartbeat): from now on a peer presenting one is
+    /// refused, on connecting and on linking into a ring.
+    pub fn set_revoked(&self, serials: impl IntoIterator<Item = String>) {
+        let new: std::collections::HashSet<String> = serials.into_iter().collect();
+        let mut r = self.revoked.write().expect("revoked lock");
+        if *r != new {
+            *r = new;
+        }
+    }
+
+    /// Checks the certificate a neighbour presented (TLS mode): a node's,
+    /// not revoked, and the one of the node the plan names at that rank.
+    /// Closes the connection and says why otherwise.
+    fn check_neighbour(
+        &self,
+        conn: &quinn::Connection,
+        plan: &RingPlan,
+        rank: usize,
+    ) -> Result<(), CollectiveError> {
+        if !self.require_node_certs {
+            return Ok(());
+        }
+        let at = format!("rank {rank} at {}", plan.members[rank]);
+        crate::tls::require_connection_role(conn, Role::Node)
+            .map_err(|e| CollectiveError::Backend(format!("{at} {e}")))?;
+        let facts = crate::tls::connection_facts(conn);
+        let refuse = |why: String| {
+            conn.close(quinn::VarInt::from_u32(ABORT_CODE), b"refused certificate");
+            Err(CollectiveError::Backend(format!("{at} {why}")))
+        };
+        let Some(facts) = facts else {
+            return refuse("presented a certificate this cluster did not issue".into());
+        };
+        if self
+            .revoked
+            .read()
+            .expect("revoked lock")
+            .contains(&facts.serial)
+        {
+            return refuse(format!(
+                "presented certificate {} of node {:?}, which is revoked",
+                facts.serial, facts.name
+            ));
+        }
+        match plan.names.get(rank) {
+            Some(want) if *want != facts.name => refuse(format!(
+                "presented the certificate of node {:?}, but the plan names {want:?} there",
+                facts.name
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -129,6 +196,12 @@ impl PeerPlane {
             return Err(CollectiveError::BadCall(format!(
                 "rank {} is outside a ring of {world}",
                 plan.rank
+            )));
+        }
+        if plan.names.len() != world && !plan.names.is_empty() {
+            return Err(CollectiveError::BadCall(format!(
+                "the plan names {} nodes for a ring of {world}",
+                plan.names.len()
             )));
         }
         let handle = tokio::runtime::Handle::current();
@@ -160,11 +233,8 @@ impl PeerPlane {
                 .await
                 .map_err(|e| backend(format!("cannot reach rank {right} at {addr}: {e}")))?;
             // The certificate names the address (checked in the handshake);
-            // it must also be a node's.
-            if self.require_node_certs {
-                crate::tls::require_connection_role(&conn, Role::Node)
-                    .map_err(|e| backend(format!("rank {right} at {addr} {e}")))?;
-            }
+            // it must also be the planned node's, and not revoked.
+            self.check_neighbour(&conn, plan, right)?;
             let mut send = conn
                 .open_uni()
                 .await
@@ -207,6 +277,10 @@ impl PeerPlane {
                 )));
             }
         };
+        if let Err(e) = self.check_neighbour(&left_conn, plan, left) {
+            right_conn.close(quinn::VarInt::from_u32(ABORT_CODE), b"ring refused");
+            return Err(e);
+        }
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::channel(READ_QUEUE);
         tokio::spawn(write_frames(send, out_rx));
@@ -221,9 +295,14 @@ impl PeerPlane {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, pending: Arc<Mutex<Pending>>, require_node: bool) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    pending: Arc<Mutex<Pending>>,
+    require_node: bool,
+    revoked: Revoked,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let pending = pending.clone();
+        let (pending, revoked) = (pending.clone(), revoked.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             if require_node && !is_node(&conn) {
@@ -231,6 +310,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, pending: Arc<Mutex<Pending>>, re
                     quinn::VarInt::from_u32(ABORT_CODE),
                     b"node certificates only",
                 );
+                return;
+            }
+            if require_node
+                && crate::tls::connection_facts(&conn)
+                    .is_some_and(|f| revoked.read().expect("revoked lock").contains(&f.serial))
+            {
+                conn.close(quinn::VarInt::from_u32(ABORT_CODE), b"revoked certificate");
                 return;
             }
             let Ok(Ok(mut recv)) = tokio::time::timeout(RING_IDLE_TIMEOUT, conn.accept_uni()).await

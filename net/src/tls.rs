@@ -472,6 +472,16 @@ pub fn connection_role(conn: &quinn::Connection) -> Option<Role> {
     peer_role(certs.first()?.as_ref())
 }
 
+/// What the certificate the other end of a QUIC connection presented says
+/// (`None` without one, or for one this cluster could not have issued).
+pub fn connection_facts(conn: &quinn::Connection) -> Option<crate::certs::CertFacts> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    crate::certs::read_facts(certs.first()?.as_ref())
+}
+
 /// Checks that the other end of a QUIC connection presented a certificate
 /// of role `want`; otherwise closes the connection and says what it
 /// presented. (The handshake has already checked the CA, and for a client

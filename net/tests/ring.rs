@@ -46,6 +46,7 @@ fn join(rt: &tokio::runtime::Runtime, planes: &[&PeerPlane], epoch: u64) -> Vec<
                 epoch,
                 rank,
                 members: members.clone(),
+                names: Vec::new(),
             };
             async move { p.join_ring(&plan, Duration::from_secs(10)).await }
         });
@@ -172,6 +173,7 @@ fn a_vanished_rank_fails_every_survivor_within_5_s_and_the_rest_re_plan() {
         epoch: 1,
         rank,
         members: addrs.clone(),
+        names: vec!["ring".into(); 3],
     };
     let victim_plan = plan(1);
     let victim_join = victim_rt.spawn(async move {
@@ -269,6 +271,7 @@ fn only_node_certificates_may_join() {
             epoch: 9,
             rank: 1,
             members: members.clone(),
+            names: Vec::new(),
         };
         let (closed, joined) =
             tokio::join!(impostor_dial, good.join_ring(&plan, Duration::from_secs(2)));
@@ -310,6 +313,7 @@ fn a_neighbour_serving_another_role_s_certificate_is_refused() {
         epoch: 11,
         rank: 0,
         members: vec![good.local_addr().unwrap(), impostor.local_addr().unwrap()],
+        names: Vec::new(),
     };
     let err = rt
         .block_on(good.join_ring(&plan, Duration::from_secs(5)))
@@ -320,4 +324,77 @@ fn a_neighbour_serving_another_role_s_certificate_is_refused() {
             .contains("presented a coordinator certificate, not a node's"),
         "{err}"
     );
+}
+
+/// Two nodes of one cluster, `ring` and `other`, each on its own plane;
+/// returns them with the folder holding their certificates and `other`'s
+/// serial.
+fn two_nodes(rt: &tokio::runtime::Runtime) -> (tempfile::TempDir, PeerPlane, PeerPlane, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = DevCerts::create(dir.path(), &[]).unwrap();
+    certs.add_node("ring", &[], &[]).unwrap();
+    let serial = certs.add_node("other", &[], &[]).unwrap().facts.serial;
+    let a = plane(rt, &Identity::load(&certs.node("ring")).unwrap());
+    let b = plane(rt, &Identity::load(&certs.node("other")).unwrap());
+    (dir, a, b, serial)
+}
+
+/// Joins `a` (rank 0) and `b` (rank 1) into a ring of epoch `epoch` under
+/// `names`; returns both results.
+fn join_pair(
+    rt: &tokio::runtime::Runtime,
+    a: &PeerPlane,
+    b: &PeerPlane,
+    epoch: u64,
+    names: &[&str],
+) -> (Result<(), CollectiveError>, Result<(), CollectiveError>) {
+    let members = vec![a.local_addr().unwrap(), b.local_addr().unwrap()];
+    let plan = |rank| RingPlan {
+        epoch,
+        rank,
+        members: members.clone(),
+        names: names.iter().map(|n| n.to_string()).collect(),
+    };
+    rt.block_on(async {
+        let (p0, p1) = (plan(0), plan(1));
+        let (x, y) = tokio::join!(
+            a.join_ring(&p0, Duration::from_secs(3)),
+            b.join_ring(&p1, Duration::from_secs(3)),
+        );
+        (x.map(|_| ()), y.map(|_| ()))
+    })
+}
+
+#[test]
+fn a_neighbour_must_be_the_node_the_plan_names() {
+    let rt = runtime();
+    let (_dir, a, b, _) = two_nodes(&rt);
+    // The plan is right: the ring forms.
+    let (x, y) = join_pair(&rt, &a, &b, 21, &["ring", "other"]);
+    assert!(x.is_ok() && y.is_ok(), "{x:?} {y:?}");
+    // The plan names `third` at rank 1, where `other` answers: rank 0
+    // refuses it by name, and rank 1 is left without its ring.
+    let (x, y) = join_pair(&rt, &a, &b, 22, &["ring", "third"]);
+    let e = x.unwrap_err().to_string();
+    assert!(
+        e.contains("rank 1") && e.contains("\"other\"") && e.contains("\"third\""),
+        "{e}"
+    );
+    assert!(y.is_err());
+}
+
+#[test]
+fn a_revoked_neighbour_is_refused_on_connecting_and_on_linking() {
+    let rt = runtime();
+    let (_dir, a, b, serial) = two_nodes(&rt);
+    a.set_revoked([serial.clone()]);
+    let (x, y) = join_pair(&rt, &a, &b, 31, &["ring", "other"]);
+    let e = x.unwrap_err().to_string();
+    assert!(e.contains("revoked") && e.contains(&serial), "{e}");
+    // Rank 1's own dial to rank 0 was closed by rank 0's accept loop.
+    assert!(y.is_err());
+    // Once the serial is no longer listed, the same two link up.
+    a.set_revoked(Vec::new());
+    let (x, y) = join_pair(&rt, &a, &b, 32, &["ring", "other"]);
+    assert!(x.is_ok() && y.is_ok(), "{x:?} {y:?}");
 }

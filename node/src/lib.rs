@@ -382,6 +382,7 @@ async fn carry_out(
             {
                 Ok(reply) => {
                     metrics::counter!(names::NODE_HEARTBEATS).increment(1);
+                    ctx.peers.set_revoked(reply.revoked);
                     Event::Assignments(reply.assignments)
                 }
                 Err(ClientError::Refused(s)) if s.code() == tonic::Code::NotFound => Event::Unknown,
@@ -769,6 +770,7 @@ async fn group_steps(
                 epoch: g.epoch,
                 rank: g.rank as usize,
                 members,
+                names: g.names.clone(),
             };
             Box::new(
                 ctx.peers
