@@ -13,6 +13,7 @@ use hcx_pipeline::attribution;
 use hcx_protocol::JobSpec;
 
 mod cluster;
+mod plan;
 mod progress;
 
 /// The example job run when `hcx-cluster run` is given no file.
@@ -55,6 +56,12 @@ enum Command {
         /// cluster (same artifact; for comparison).
         #[arg(long, conflicts_with = "nodes")]
         local: bool,
+        /// Print the plan (shards, placement on --nodes N, each shard's
+        /// estimated seconds and peak memory, the estimated artifact size
+        /// and bits per weight) from a cost model measured on this machine,
+        /// and run nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Make, inspect and revoke the cluster's certificates.
     Certs {
@@ -873,8 +880,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             nodes,
             local,
+            dry_run,
         } => {
             let spec = load_job(job.as_deref())?;
+            if dry_run {
+                let d = plan::dry_run(&spec, if local { 1 } else { nodes })?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    plan::print(&d);
+                }
+                return Ok(());
+            }
             let (out, gates) = if local {
                 let to = output.as_deref().unwrap_or(&spec.output);
                 let g = hcx_pipeline::gates::run_gated(&spec, to, |s, o| {

@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod calibrate;
 pub mod dense;
 mod distill;
+pub mod estimate;
 pub mod gates;
 pub mod gguf;
 pub mod model;
@@ -95,6 +96,12 @@ pub enum PipelineError {
         during: String,
         /// What the collective said.
         source: hcx_kernels::collective::CollectiveError,
+    },
+    /// A dry run cannot estimate this job.
+    #[error("dry run: {why}")]
+    Estimate {
+        /// Why not.
+        why: String,
     },
     /// A federated run's ranks, sites or statistics do not fit together,
     /// or a site's data is too small to share statistics of.

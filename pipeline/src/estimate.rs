@@ -1,0 +1,257 @@
+//! What a job will cost before it runs: each tensor's encode time and
+//! artifact bytes, from a cost model measured on this machine.
+//!
+//! The model is measured, not assumed: every tensor's own stage chain runs
+//! on a sample of its rows (evenly spread, about [`SAMPLE_VALUES`] values;
+//! the whole tensor when it is smaller), timed by the process's CPU time
+//! (user and system, every thread), and the sample's CPU seconds and bytes
+//! are scaled by the tensor's size. Tensors copied as they are cost their
+//! bytes and no time. The manifest is sized from the samples' entries. A
+//! chain whose cost is not proportional to the size (an SVD, k-means on a
+//! whole tensor) is estimated less well than the quantizers and coders.
+
+use std::time::Instant;
+
+use hcx_protocol::JobSpec;
+use hcx_protocol::manifest::TensorEntry;
+use serde::Serialize;
+
+use crate::PipelineError;
+use crate::model::{Model, TensorInfo, is_integer_dtype};
+use crate::run::encode_raw;
+
+/// Values of a tensor the estimate encodes (at least one row).
+pub const SAMPLE_VALUES: usize = 1 << 16;
+
+/// One tensor's estimate.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorEstimate {
+    /// Its name.
+    pub name: String,
+    /// Values.
+    pub numel: u64,
+    /// Bytes in the source, as stored.
+    pub source_bytes: u64,
+    /// Its chain, `hadamard→uniform→zstd` (`keep` when copied).
+    pub chain: String,
+    /// Values of the sample that was encoded (0 when copied).
+    pub sampled: u64,
+    /// Estimated CPU seconds of its encoding (every thread's).
+    pub cpu_seconds: f64,
+    /// Estimated bytes of its parts in the tensor file.
+    pub bytes: u64,
+    /// Estimated bytes of its entry in the manifest and the tensor file's
+    /// header.
+    pub overhead_bytes: u64,
+}
+
+/// A job's estimate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    /// Every tensor, in model order.
+    pub tensors: Vec<TensorEstimate>,
+    /// Source bytes on disk.
+    pub source_bytes: u64,
+    /// Estimated artifact bytes (tensor file and manifest), as `inspect`
+    /// counts them.
+    pub artifact_bytes: u64,
+    /// Estimated CPU seconds of the run: every tensor's encoding, and
+    /// hashing the source and the artifact.
+    pub cpu_seconds: f64,
+    /// Parameters of the tensors a quantizer compresses.
+    pub compressed_params: u64,
+    /// Estimated bits per weight over those tensors (their parts and
+    /// overhead).
+    pub bits_per_weight: f64,
+    /// Wall seconds the estimate itself took.
+    pub measured_in_seconds: f64,
+}
+
+/// CPU seconds (user and system, every thread) this process has used.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// The rows of a `rows × cols` tensor a sample of about `target` values
+/// takes, evenly spread (all of them when the tensor is small enough).
+pub fn sample_rows(rows: usize, cols: usize, target: usize) -> Vec<usize> {
+    let want = target.div_ceil(cols.max(1)).clamp(1, rows.max(1));
+    if want >= rows {
+        return (0..rows).collect();
+    }
+    (0..want).map(|i| i * rows / want).collect()
+}
+
+/// Estimates `spec`'s run on this machine (see the module docs).
+pub fn estimate(spec: &JobSpec) -> Result<Estimate, PipelineError> {
+    let started = Instant::now();
+    if spec.calibration.is_some() {
+        return Err(PipelineError::Estimate {
+            why: format!(
+                "job `{}` calibrates (it runs the model over its calibration text), which the cost model does not cover yet; a dry run estimates jobs without calibration",
+                spec.name
+            ),
+        });
+    }
+    let model = Model::open(&spec.model.path)?;
+    let mut tensors = Vec::with_capacity(model.tensors.len());
+    for t in &model.tensors {
+        tensors.push(estimate_tensor(spec, &model, t)?);
+    }
+    // Beside the encoding, a run hashes every source byte and every byte it
+    // writes (SHA-256): measured here on a buffer of this machine's memory.
+    let hashing = hash_seconds_per_byte();
+    let job_json = serde_json::to_string(spec).map(|s| s.len()).unwrap_or(0) as u64;
+    // The manifest's job, source files and file entries.
+    let fixed = job_json + 512 + 160 * (model.files.len() as u64 + 1);
+    let artifact_bytes = fixed
+        + tensors
+            .iter()
+            .map(|t| t.bytes + t.overhead_bytes)
+            .sum::<u64>();
+    let compressed: Vec<&TensorEstimate> = tensors
+        .iter()
+        .filter(|t| t.chain != "keep" && t.chain != "cast")
+        .collect();
+    let compressed_params: u64 = compressed.iter().map(|t| t.numel).sum();
+    let compressed_bytes: u64 = compressed.iter().map(|t| t.bytes + t.overhead_bytes).sum();
+    let source_bytes: u64 = model.file_sizes().iter().sum();
+    let encode: f64 = tensors.iter().map(|t| t.cpu_seconds).sum();
+    Ok(Estimate {
+        source_bytes,
+        artifact_bytes,
+        cpu_seconds: encode + hashing * (source_bytes + artifact_bytes) as f64,
+        compressed_params,
+        bits_per_weight: if compressed_params > 0 {
+            8.0 * compressed_bytes as f64 / compressed_params as f64
+        } else {
+            0.0
+        },
+        tensors,
+        measured_in_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// CPU seconds SHA-256 takes per byte on this machine (measured on 16 MiB).
+fn hash_seconds_per_byte() -> f64 {
+    use sha2::Digest;
+    let buf = vec![0x5au8; 16 << 20];
+    let before = process_cpu_seconds();
+    let digest = sha2::Sha256::digest(&buf);
+    std::hint::black_box(digest);
+    (process_cpu_seconds() - before).max(0.0) / buf.len() as f64
+}
+
+/// The overhead of an entry: its compact manifest JSON and one safetensors
+/// header entry per part.
+fn overhead(e: &TensorEntry) -> u64 {
+    let manifest = serde_json::to_string(e).map(|s| s.len()).unwrap_or(0);
+    let header: usize = e.parts.iter().map(|p| p.name.len() + 64).sum();
+    (manifest + header) as u64
+}
+
+fn estimate_tensor(
+    spec: &JobSpec,
+    model: &Model,
+    t: &TensorInfo,
+) -> Result<TensorEstimate, PipelineError> {
+    let stages = spec.stages_for(&t.name);
+    let raw = model.raw(t);
+    let numel = t.numel() as u64;
+    let base = TensorEstimate {
+        name: t.name.clone(),
+        numel,
+        source_bytes: t.stored_bytes,
+        chain: "keep".into(),
+        sampled: 0,
+        cpu_seconds: 0.0,
+        bytes: raw.len() as u64,
+        overhead_bytes: 0,
+    };
+    if stages.is_empty() || is_integer_dtype(t.dtype) {
+        let copied = encode_raw(&t.name, t.dtype, &t.shape, raw, &[], spec.seed)?;
+        return Ok(TensorEstimate {
+            overhead_bytes: overhead(&copied.entry),
+            ..base
+        });
+    }
+    let chain = stages
+        .iter()
+        .map(|s| s.kind())
+        .collect::<Vec<_>>()
+        .join("→");
+    let (rows, cols) = match t.shape.as_slice() {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    };
+    let elem = raw.len() / t.numel().max(1);
+    let picked = sample_rows(rows, cols, SAMPLE_VALUES);
+    let run = |rows_taken: &[usize]| {
+        let mut sample = Vec::with_capacity(rows_taken.len() * cols * elem);
+        for r in rows_taken {
+            sample.extend_from_slice(&raw[r * cols * elem..(r + 1) * cols * elem]);
+        }
+        let mut shape = t.shape.clone();
+        if shape.len() >= 2 {
+            shape[0] = rows_taken.len();
+        }
+        let before = process_cpu_seconds();
+        let e = encode_raw(&t.name, t.dtype, &shape, &sample, &stages, spec.seed)?;
+        Ok::<_, PipelineError>((e, process_cpu_seconds() - before))
+    };
+    // A chain that cannot run on fewer rows (a rank above the sample's
+    // rows, say) is measured on the whole tensor.
+    let (e, cpu, taken) = match run(&picked) {
+        Ok((e, cpu)) => (e, cpu, picked.len()),
+        Err(_) if picked.len() < rows => {
+            let all: Vec<usize> = (0..rows).collect();
+            let (e, cpu) = run(&all)?;
+            (e, cpu, rows)
+        }
+        Err(err) => return Err(err),
+    };
+    let scale = rows as f64 / taken.max(1) as f64;
+    let part_bytes: u64 = e.data.iter().map(|d| d.len() as u64).sum();
+    Ok(TensorEstimate {
+        chain,
+        sampled: (taken * cols) as u64,
+        cpu_seconds: cpu * scale,
+        bytes: (part_bytes as f64 * scale).round() as u64,
+        overhead_bytes: overhead(&e.entry),
+        ..base
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_spread_over_the_rows_and_take_everything_when_small() {
+        assert_eq!(sample_rows(4, 10, 1000), vec![0, 1, 2, 3]);
+        assert_eq!(sample_rows(100, 10, 40), vec![0, 25, 50, 75]);
+        // At least one row, however wide.
+        assert_eq!(sample_rows(10, 1 << 20, 16), vec![0]);
+        assert_eq!(sample_rows(0, 10, 16), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn cpu_time_moves_with_work() {
+        let before = process_cpu_seconds();
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed().as_millis() < 50 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(process_cpu_seconds() - before > 0.02);
+    }
+}

@@ -1,0 +1,188 @@
+//! `run --dry-run`: the plan of a job and what it will cost, without
+//! running it. The shards and their placement are the leader's own
+//! (`make_shards` and `place` over the job's tensors); the seconds and
+//! bytes come from the cost model measured on this machine
+//! ([`hcx_pipeline::estimate`]).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use hcx_coordinator::scheduler::{self, NodeCapacity, TensorCost};
+use hcx_coordinator::service::{chain_cost, plan_options};
+use hcx_pipeline::estimate::{Estimate, estimate};
+use hcx_protocol::JobSpec;
+use serde::Serialize;
+
+/// One shard of the plan with its estimates.
+#[derive(Debug, Serialize)]
+pub struct ShardPlan {
+    /// The shard's id.
+    pub id: u32,
+    /// Its label (`layer.3`, `other`).
+    pub label: String,
+    /// The node it would run on.
+    pub node: String,
+    /// Its tensors.
+    pub tensors: usize,
+    /// Source bytes it reads.
+    pub source_bytes: u64,
+    /// Estimated CPU seconds of its encoding.
+    pub cpu_seconds: f64,
+    /// Estimated seconds on its node's cores.
+    pub seconds: f64,
+    /// Estimated peak working memory, bytes (the scheduler's figure: the
+    /// shard's values as f32 with the chain's working copies).
+    pub peak_memory_bytes: u64,
+    /// Estimated bytes of its tensors in the artifact.
+    pub artifact_bytes: u64,
+}
+
+/// A dry run's answer.
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    /// The job's name.
+    pub job: String,
+    /// The nodes the plan places shards on.
+    pub nodes: Vec<String>,
+    /// Cores of each node.
+    pub cores_per_node: u32,
+    /// Every shard.
+    pub shards: Vec<ShardPlan>,
+    /// Estimated wall seconds: the busiest node's shards one after another.
+    pub seconds: f64,
+    /// The cost model's per-tensor estimates and totals.
+    pub estimate: Estimate,
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
+}
+
+/// Plans `spec` on `nodes` in-process nodes of this machine (as `run
+/// --nodes N` starts them) and estimates it.
+pub fn dry_run(spec: &JobSpec, nodes: usize) -> Result<DryRun> {
+    let est = estimate(spec)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let model = hcx_pipeline::model::Model::open(&spec.model.path)?;
+    let costs: Vec<TensorCost> = model
+        .tensors
+        .iter()
+        .map(|t| TensorCost {
+            name: t.name.clone(),
+            numel: t.numel() as u64,
+            bytes: t.bytes() as u64,
+            cost_per_value: if t.is_integer() {
+                0.0
+            } else {
+                chain_cost(&spec.stages_for(&t.name))
+            },
+        })
+        .collect();
+    let opts = plan_options(spec);
+    let shards = scheduler::make_shards(&costs, &opts);
+    // In-process nodes share this machine: each sees every core.
+    let capacity: Vec<NodeCapacity> = (1..=nodes.max(1))
+        .map(|i| NodeCapacity {
+            name: format!("node-{i}"),
+            cores,
+            memory_bytes: memory_bytes(),
+            labels: BTreeMap::new(),
+            draining: false,
+        })
+        .collect();
+    let placements = scheduler::place(&shards, &capacity, &opts, &BTreeMap::new())?;
+    let by_name: BTreeMap<&str, &hcx_pipeline::estimate::TensorEstimate> =
+        est.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut busy: BTreeMap<String, f64> = BTreeMap::new();
+    let mut out = Vec::with_capacity(shards.len());
+    for s in &shards {
+        let node = placements
+            .iter()
+            .find(|p| p.shard == s.id)
+            .map(|p| p.node.clone())
+            .unwrap_or_default();
+        let ts: Vec<_> = s
+            .tensors
+            .iter()
+            .filter_map(|n| by_name.get(n.as_str()))
+            .collect();
+        let cpu: f64 = ts.iter().map(|t| t.cpu_seconds).sum();
+        // Nodes running side by side in one process share its cores.
+        let seconds = cpu / f64::from(cores) * nodes.max(1) as f64;
+        *busy.entry(node.clone()).or_default() += seconds;
+        out.push(ShardPlan {
+            id: s.id,
+            label: s.label.clone(),
+            node,
+            tensors: ts.len(),
+            source_bytes: ts.iter().map(|t| t.source_bytes).sum(),
+            cpu_seconds: cpu,
+            seconds,
+            peak_memory_bytes: s.memory_bytes,
+            artifact_bytes: ts.iter().map(|t| t.bytes + t.overhead_bytes).sum(),
+        });
+    }
+    Ok(DryRun {
+        job: spec.name.clone(),
+        nodes: capacity.iter().map(|n| n.name.clone()).collect(),
+        cores_per_node: cores,
+        shards: out,
+        seconds: busy.values().copied().fold(0.0, f64::max),
+        estimate: est,
+    })
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+/// Prints a dry run for people.
+pub fn print(d: &DryRun) {
+    let e = &d.estimate;
+    println!(
+        "job `{}`: {} tensors, source {} → estimated artifact {} (ratio {:.2}×), {:.3} bits per weight over the {} compressed parameters",
+        d.job,
+        e.tensors.len(),
+        mb(e.source_bytes),
+        mb(e.artifact_bytes),
+        e.source_bytes as f64 / e.artifact_bytes.max(1) as f64,
+        e.bits_per_weight,
+        e.compressed_params
+    );
+    let sampled: u64 = e.tensors.iter().map(|t| t.sampled).sum();
+    let total: u64 = e.tensors.iter().map(|t| t.numel).sum();
+    println!(
+        "estimated run: {:.1} CPU-seconds (encoding and hashing), encoding {:.1} s on {} node(s) of {} cores (cost model measured on {:.1} % of the values in {:.1} s)",
+        e.cpu_seconds,
+        d.seconds,
+        d.nodes.len(),
+        d.cores_per_node,
+        100.0 * sampled as f64 / total.max(1) as f64,
+        e.measured_in_seconds
+    );
+    println!(
+        "{:>5}  {:<12} {:<8} {:>7} {:>10} {:>8} {:>10} {:>10}",
+        "shard", "label", "node", "tensors", "source", "seconds", "peak mem", "artifact"
+    );
+    for s in &d.shards {
+        println!(
+            "{:>5}  {:<12} {:<8} {:>7} {:>10} {:>8.2} {:>10} {:>10}",
+            s.id,
+            s.label,
+            s.node,
+            s.tensors,
+            mb(s.source_bytes),
+            s.seconds,
+            mb(s.peak_memory_bytes),
+            mb(s.artifact_bytes)
+        );
+    }
+}
