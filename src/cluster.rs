@@ -696,6 +696,28 @@ pub async fn cancel(client: &CoordinatorClient, job: String) -> Result<()> {
 }
 
 /// `nodes`.
+/// The nodes registered with the cluster, as the planner sees them.
+pub async fn registered_nodes(
+    client: &CoordinatorClient,
+) -> Result<Vec<hcx_coordinator::scheduler::NodeCapacity>> {
+    let r = client
+        .call(|mut c| async move { c.list_nodes(ListNodesRequest {}).await })
+        .await?;
+    Ok(r.nodes
+        .into_iter()
+        .map(|n| {
+            let i = n.info.unwrap_or_default();
+            hcx_coordinator::scheduler::NodeCapacity {
+                name: i.name,
+                cores: i.cores,
+                memory_bytes: i.memory_bytes,
+                labels: i.labels.into_iter().collect(),
+                draining: n.draining,
+            }
+        })
+        .collect())
+}
+
 pub async fn nodes(client: &CoordinatorClient, json: bool) -> Result<()> {
     let r = client
         .call(|mut c| async move { c.list_nodes(ListNodesRequest {}).await })

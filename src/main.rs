@@ -174,6 +174,14 @@ enum Command {
         /// A retried submit with the same key returns the same job.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Print the plan on the cluster's registered nodes and its
+        /// estimates (the cost model measured on this machine, which must
+        /// read the model), and submit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: print JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
     },
     /// Show one job or all jobs.
     Status {
@@ -803,8 +811,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             cluster_output,
             watch,
             idempotency_key,
+            dry_run,
+            json,
         } => {
             let spec = JobSpec::load(&job)?;
+            if dry_run {
+                let nodes = runtime()?.block_on(async {
+                    let c = connect.client()?;
+                    cluster::registered_nodes(&c).await
+                })?;
+                let d = plan::dry_run(&spec, &nodes, false)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    plan::print(&d);
+                }
+                return Ok(());
+            }
             let opts = cluster::SubmitOptions {
                 download: output,
                 in_cluster,
@@ -884,7 +907,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => {
             let spec = load_job(job.as_deref())?;
             if dry_run {
-                let d = plan::dry_run(&spec, if local { 1 } else { nodes })?;
+                let d = plan::dry_run(
+                    &spec,
+                    &plan::local_nodes(if local { 1 } else { nodes }),
+                    true,
+                )?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&d)?);
                 } else {

@@ -1,5 +1,5 @@
-//! `run --dry-run`: the plan of a job and what it will cost, without
-//! running it. The shards and their placement are the leader's own
+//! `run --dry-run` and `submit --dry-run`: the plan of a job and what it
+//! will cost, without running it. The shards and their placement are the leader's own
 //! (`make_shards` and `place` over the job's tensors); the seconds and
 //! bytes come from the cost model measured on this machine
 //! ([`hcx_pipeline::estimate`]).
@@ -44,7 +44,7 @@ pub struct DryRun {
     pub job: String,
     /// The nodes the plan places shards on.
     pub nodes: Vec<String>,
-    /// Cores of each node.
+    /// Cores of the largest node.
     pub cores_per_node: u32,
     /// Every shard.
     pub shards: Vec<ShardPlan>,
@@ -66,11 +66,32 @@ fn memory_bytes() -> u64 {
         .map_or(8 << 30, |kb| kb * 1024)
 }
 
-/// Plans `spec` on `nodes` in-process nodes of this machine (as `run
-/// --nodes N` starts them) and estimates it.
-pub fn dry_run(spec: &JobSpec, nodes: usize) -> Result<DryRun> {
+/// The cores of this machine.
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as u32
+}
+
+/// `n` in-process nodes of this machine, as `run --nodes N` starts them:
+/// each sees every core.
+pub fn local_nodes(n: usize) -> Vec<NodeCapacity> {
+    (1..=n.max(1))
+        .map(|i| NodeCapacity {
+            name: format!("node-{i}"),
+            cores: cores(),
+            memory_bytes: memory_bytes(),
+            labels: BTreeMap::new(),
+            draining: false,
+        })
+        .collect()
+}
+
+/// Plans `spec` on `nodes` and estimates it. `in_process`: the nodes run
+/// side by side in this process (`run --nodes N`) and share its cores;
+/// otherwise each has its own (a cluster's registered nodes), and the
+/// seconds measured here are divided by its cores.
+pub fn dry_run(spec: &JobSpec, capacity: &[NodeCapacity], in_process: bool) -> Result<DryRun> {
     let est = estimate(spec)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let cores = cores();
     let model = hcx_pipeline::model::Model::open(&spec.model.path)?;
     let costs: Vec<TensorCost> = model
         .tensors
@@ -88,17 +109,16 @@ pub fn dry_run(spec: &JobSpec, nodes: usize) -> Result<DryRun> {
         .collect();
     let opts = plan_options(spec);
     let shards = scheduler::make_shards(&costs, &opts);
-    // In-process nodes share this machine: each sees every core.
-    let capacity: Vec<NodeCapacity> = (1..=nodes.max(1))
-        .map(|i| NodeCapacity {
-            name: format!("node-{i}"),
-            cores,
-            memory_bytes: memory_bytes(),
-            labels: BTreeMap::new(),
-            draining: false,
-        })
+    let usable: Vec<NodeCapacity> = capacity.iter().filter(|n| !n.draining).cloned().collect();
+    let placements = if usable.is_empty() {
+        Vec::new()
+    } else {
+        scheduler::place(&shards, &usable, &opts, &BTreeMap::new())?
+    };
+    let cores_of: BTreeMap<&str, u32> = usable
+        .iter()
+        .map(|n| (n.name.as_str(), n.cores.max(1)))
         .collect();
-    let placements = scheduler::place(&shards, &capacity, &opts, &BTreeMap::new())?;
     let by_name: BTreeMap<&str, &hcx_pipeline::estimate::TensorEstimate> =
         est.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut busy: BTreeMap<String, f64> = BTreeMap::new();
@@ -115,8 +135,12 @@ pub fn dry_run(spec: &JobSpec, nodes: usize) -> Result<DryRun> {
             .filter_map(|n| by_name.get(n.as_str()))
             .collect();
         let cpu: f64 = ts.iter().map(|t| t.cpu_seconds).sum();
-        // Nodes running side by side in one process share its cores.
-        let seconds = cpu / f64::from(cores) * nodes.max(1) as f64;
+        let seconds = if in_process {
+            // Nodes side by side in one process share its cores.
+            cpu / f64::from(cores) * usable.len().max(1) as f64
+        } else {
+            cpu / f64::from(cores_of.get(node.as_str()).copied().unwrap_or(1))
+        };
         *busy.entry(node.clone()).or_default() += seconds;
         out.push(ShardPlan {
             id: s.id,
@@ -132,8 +156,8 @@ pub fn dry_run(spec: &JobSpec, nodes: usize) -> Result<DryRun> {
     }
     Ok(DryRun {
         job: spec.name.clone(),
-        nodes: capacity.iter().map(|n| n.name.clone()).collect(),
-        cores_per_node: cores,
+        nodes: usable.iter().map(|n| n.name.clone()).collect(),
+        cores_per_node: usable.iter().map(|n| n.cores).max().unwrap_or(0),
         shards: out,
         seconds: busy.values().copied().fold(0.0, f64::max),
         estimate: est,
@@ -160,7 +184,7 @@ pub fn print(d: &DryRun) {
     let sampled: u64 = e.tensors.iter().map(|t| t.sampled).sum();
     let total: u64 = e.tensors.iter().map(|t| t.numel).sum();
     println!(
-        "estimated run: {:.1} CPU-seconds (encoding and hashing), encoding {:.1} s on {} node(s) of {} cores (cost model measured on {:.1} % of the values in {:.1} s)",
+        "estimated run: {:.1} CPU-seconds (encoding and hashing), encoding {:.1} s on {} node(s) of up to {} cores (cost model measured on this machine, on {:.1} % of the values in {:.1} s)",
         e.cpu_seconds,
         d.seconds,
         d.nodes.len(),
@@ -172,6 +196,9 @@ pub fn print(d: &DryRun) {
         "{:>5}  {:<12} {:<8} {:>7} {:>10} {:>8} {:>10} {:>10}",
         "shard", "label", "node", "tensors", "source", "seconds", "peak mem", "artifact"
     );
+    if d.nodes.is_empty() {
+        println!("no node can take work yet: the shards are not placed");
+    }
     for s in &d.shards {
         println!(
             "{:>5}  {:<12} {:<8} {:>7} {:>10} {:>8.2} {:>10} {:>10}",

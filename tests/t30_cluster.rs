@@ -1224,6 +1224,34 @@ fn a_model_sent_by_submit_and_an_artifact_fetched_match_the_local_run() {
         "{err}"
     );
 
+    // A dry run plans the job on the registered nodes and submits nothing.
+    let dry: serde_json::Value =
+        serde_json::from_str(&c.run_ok(&["submit", job.to_str().unwrap(), "--dry-run", "--json"]))
+            .unwrap();
+    let registered: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &c.run_ok(&["nodes", "--json"]),
+    )
+    .unwrap()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(registered.len(), 2);
+    let shards = dry["shards"].as_array().unwrap();
+    assert!(!shards.is_empty(), "{dry}");
+    assert!(
+        shards
+            .iter()
+            .all(|s| registered.iter().any(|n| s["node"] == n.as_str())),
+        "{dry}"
+    );
+    assert!(
+        dry["estimate"]["artifact_bytes"].as_u64().unwrap() > 0,
+        "{dry}"
+    );
+    assert_eq!(c.run_ok(&["status", "--json"]).trim(), "[]");
+
     // No coordinator can read the model: submit sends it, and the
     // artifact comes back byte-identical to the local run.
     let fetched = dir.path().join("fetched");
