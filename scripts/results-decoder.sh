@@ -20,7 +20,7 @@ if [ "${1:-}" = "--write" ]; then
   write=true
   shift
 fi
-all_jobs=(int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq 2bit-distill)
+all_jobs=(int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq 2bit-distill target-60mb)
 jobs=("$@")
 [ ${#jobs[@]} -eq 0 ] && jobs=("${all_jobs[@]}")
 for job in "${jobs[@]}"; do

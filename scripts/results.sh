@@ -24,7 +24,7 @@ table="$work/table.md"
   echo "| job | bits per weight (36 encoder linear weights) | whole-model ratio | SQNR, mean of per-tensor (dB) | SQNR, pooled (dB) | mean embedding cosine | run time (s) |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
 } >"$table"
-for job in int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq 2bit-distill ternary seedlm vq lowrank-sparse; do
+for job in int8 4bit 4bit-gptq 3bit 3bit-gptq 2bit 2bit-gptq 2bit-distill target-3bpw ternary seedlm vq lowrank-sparse; do
   name="minilm-$job"
   out="$work/$name"
   start=$(date +%s.%N)

@@ -536,6 +536,32 @@ fn render_error(e: &anyhow::Error) -> String {
     out
 }
 
+/// Resolves a job's `target` into per-tensor rates (reading the model
+/// here), saying on stderr what it chose when `tell`.
+fn resolve_target(
+    spec: &JobSpec,
+    tell: bool,
+) -> Result<(JobSpec, Option<hcx_pipeline::target::Allocation>)> {
+    let (resolved, allocation) = hcx_pipeline::target::resolve(spec)?;
+    if let (Some(a), true) = (&allocation, tell) {
+        let (lo, hi) = a
+            .rates
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), (_, r)| {
+                (lo.min(*r), hi.max(*r))
+            });
+        eprintln!(
+            "target: {} tensors at {lo:.2}–{hi:.2} bits, {:.0} bytes expected for a budget of {:.0}; the even spread, {:.2} bits for all, would have {:.2} dB more squared error",
+            a.rates.len(),
+            a.expected_bytes,
+            a.budget_bytes,
+            a.even_rate,
+            10.0 * (a.even_error / a.expected_error.max(1e-300)).log10()
+        );
+    }
+    Ok((resolved, allocation))
+}
+
 fn load_job(path: Option<&Path>) -> Result<JobSpec> {
     match path {
         Some(p) => Ok(JobSpec::load(p)?),
@@ -814,13 +840,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             dry_run,
             json,
         } => {
-            let spec = JobSpec::load(&job)?;
+            let (spec, allocation) = resolve_target(&JobSpec::load(&job)?, !json)?;
             if dry_run {
                 let nodes = runtime()?.block_on(async {
                     let c = connect.client()?;
                     cluster::registered_nodes(&c).await
                 })?;
-                let d = plan::dry_run(&spec, &nodes, false)?;
+                let mut d = plan::dry_run(&spec, &nodes, false)?;
+                d.allocation = allocation;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&d)?);
                 } else {
@@ -905,13 +932,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             local,
             dry_run,
         } => {
-            let spec = load_job(job.as_deref())?;
+            let (spec, allocation) = resolve_target(&load_job(job.as_deref())?, !json)?;
             if dry_run {
-                let d = plan::dry_run(
+                let mut d = plan::dry_run(
                     &spec,
                     &plan::local_nodes(if local { 1 } else { nodes }),
                     true,
                 )?;
+                d.allocation = allocation;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&d)?);
                 } else {

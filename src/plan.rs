@@ -52,6 +52,9 @@ pub struct DryRun {
     pub seconds: f64,
     /// The cost model's per-tensor estimates and totals.
     pub estimate: Estimate,
+    /// The rates a `target` chose, when the job has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<hcx_pipeline::target::Allocation>,
 }
 
 fn memory_bytes() -> u64 {
@@ -161,6 +164,7 @@ pub fn dry_run(spec: &JobSpec, capacity: &[NodeCapacity], in_process: bool) -> R
         shards: out,
         seconds: busy.values().copied().fold(0.0, f64::max),
         estimate: est,
+        allocation: None,
     })
 }
 

@@ -1183,3 +1183,31 @@ fn exports_read_back_in_readers_we_did_not_write_with_our_weights() {
         (Some(8), Some(32))
     );
 }
+
+// Measured: the 60 MB target lands at 60,102,913 bytes (+0.17 %), the 210
+// linear weights at 1.00–3.24 bits; the allocation has 0.17 dB less
+// squared weight error than 2.26 bits for all, yet a higher KL at the
+// output (4.72 against 3.95 on the first 2,048 evaluation tokens): weight
+// error alone is not what the model's output feels (see the README).
+#[test]
+fn a_size_target_lands_within_1_percent() {
+    let gguf = common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("target");
+    let job = common::example_job(dir.path(), "smollm2-target-60mb", &gguf, &out);
+    common::hcx_ok(&["run", "--local", job.to_str().unwrap()]);
+    let ins: serde_json::Value = serde_json::from_str(&common::hcx_ok(&[
+        "inspect",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let bytes = ins["artifact_bytes"].as_f64().unwrap();
+    println!("smollm2-target-60mb: {bytes} bytes");
+    assert!((bytes / 60e6 - 1.0).abs() <= 0.01, "{bytes} bytes");
+    // The manifest records what ran: one rule per linear weight with its
+    // rate, and no target left to resolve.
+    let m = hcx_pipeline::artifact::read_manifest(&out).unwrap();
+    assert!(m.job.target.is_none());
+    assert!(m.job.rules.len() >= 210, "{}", m.job.rules.len());
+}

@@ -161,6 +161,12 @@ impl ClusterService {
             })?;
             spec
         };
+        if spec.target.is_some() {
+            return Err(Status::invalid_argument(format!(
+                "job `{}` has a `target`, which is resolved into per-tensor rates where the model is read before submitting (hcx-cluster submit does it)",
+                spec.name
+            )));
+        }
         if spec.model.path.is_relative() {
             spec.model.path = base.join(&spec.model.path);
         }

@@ -142,33 +142,7 @@ impl DenseWriter {
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
-        }
-    };
-    let v = n * mult;
-    if !(v >= 1.0 && v.is_finite()) {
-        return Err(format!("`{s}` is not a positive size"));
-    }
-    Ok(v as u64)
+    hcx_protocol::job::parse_size(s)
 }
 
 /// Writes a source model as a dense HF folder at `output` (which must not

@@ -18,6 +18,7 @@ pub mod model;
 pub mod run;
 pub mod shard;
 mod stages;
+pub mod target;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

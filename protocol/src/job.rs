@@ -52,6 +52,101 @@ pub struct JobSpec {
     /// measured value, or raises the rate and runs again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gates: Option<Gates>,
+    /// A rate target instead of a recipe: the `uniform` stage of the
+    /// default pipeline gets a rate per tensor, chosen so that the artifact
+    /// meets the target at the least total squared error. Resolved into
+    /// per-tensor rules before the job runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+}
+
+/// What a job's `target` asks for: one of the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Average bits per weight over the tensors the default pipeline
+    /// compresses (their parts, headers and manifest entries counted, as
+    /// `inspect` counts them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_weight: Option<f64>,
+    /// The whole artifact on disk (tensor file and manifest): `25MB`,
+    /// `60 MiB`, or bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+}
+
+impl Target {
+    /// The size target in bytes, when the target is a size.
+    pub fn size_bytes(&self) -> Option<Result<u64, String>> {
+        self.size.as_deref().map(parse_size)
+    }
+
+    fn validate(&self, pipeline: &[StageSpec], calibrated: bool) -> Result<(), (String, String)> {
+        match (self.bits_per_weight, &self.size) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err((
+                    "target".into(),
+                    "give one of bits_per_weight and size".into(),
+                ));
+            }
+            (Some(b), None) if !(b.is_finite() && b > 0.0 && b <= 16.0) => {
+                return Err((
+                    "target.bits_per_weight".into(),
+                    format!("{b} is not in (0, 16]"),
+                ));
+            }
+            (None, Some(_)) => {
+                if let Some(Err(e)) = self.size_bytes() {
+                    return Err(("target.size".into(), e));
+                }
+            }
+            _ => {}
+        }
+        if !pipeline.iter().any(|s| matches!(s, StageSpec::Uniform(_))) {
+            return Err((
+                "target".into(),
+                "the default pipeline has no `uniform` stage, whose rate a target chooses per tensor".into(),
+            ));
+        }
+        if calibrated {
+            return Err((
+                "target".into(),
+                "a target chooses rates from weight error alone; jobs with calibration cannot take one yet".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let v = n * mult;
+    if !(v >= 1.0 && v.is_finite()) {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok(v as u64)
 }
 
 /// Quality floors checked once the artifact is written.
@@ -598,6 +693,9 @@ impl JobSpec {
         }
         if let Some(g) = &self.gates {
             g.validate()?;
+        }
+        if let Some(t) = &self.target {
+            t.validate(&self.pipeline, self.calibration.is_some())?;
         }
         if let Some(d) = &self.distill {
             if self.calibration.is_none() {
@@ -1367,6 +1465,44 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("calibration.parallel"), "{e}");
+    }
+
+    #[test]
+    fn targets_parse_and_are_checked() {
+        let base = "name: t\nmodel: m.safetensors\noutput: out\npipeline:\n  - hadamard: {}\n  - uniform: {bits: 4}\n  - zstd: {level: 3}\n";
+        let parse = |text: &str| JobSpec::parse(text, Path::new("t.yaml"), Path::new("/j"));
+        let j = parse(&format!("{base}target: {{bits_per_weight: 3.0}}\n")).unwrap();
+        assert_eq!(j.target.unwrap().bits_per_weight, Some(3.0));
+        let j = parse(&format!("{base}target: {{size: 60MB}}\n")).unwrap();
+        assert_eq!(j.target.unwrap().size_bytes(), Some(Ok(60_000_000)));
+        for (bad, field) in [
+            ("target: {}\n", "target"),
+            ("target: {bits_per_weight: 3, size: 1MB}\n", "target"),
+            ("target: {bits_per_weight: 0}\n", "target.bits_per_weight"),
+            ("target: {size: 12 parsecs}\n", "target.size"),
+        ] {
+            let e = parse(&format!("{base}{bad}")).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+        // A pipeline without `uniform` has no rate to choose.
+        let rtn = base.replace("uniform: {bits: 4}", "rtn: {bits: 4}");
+        let e = parse(&format!("{rtn}target: {{bits_per_weight: 3}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uniform"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sizes_parse_to_their_bytes(n in 1u64..1_000_000, unit in proptest::sample::select(vec![("", 1u64), ("B", 1), ("KB", 1000), ("MB", 1_000_000), ("KiB", 1024), ("MiB", 1 << 20), ("GiB", 1 << 30)])) {
+            proptest::prop_assert_eq!(parse_size(&format!("{n}{}", unit.0)), Ok(n * unit.1));
+            proptest::prop_assert_eq!(parse_size(&format!(" {n} {} ", unit.0)), Ok(n * unit.1));
+        }
+
+        #[test]
+        fn size_parsing_never_panics(s in ".{0,16}") {
+            let _ = parse_size(&s);
+        }
     }
 
     #[test]
