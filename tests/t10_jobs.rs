@@ -61,7 +61,7 @@ fn every_example_job_parses() {
             n += 1;
         }
     }
-    assert_eq!(n, 20, "expected the twenty example jobs");
+    assert_eq!(n, 22, "expected the twenty-two example jobs");
 }
 
 #[test]

@@ -89,6 +89,32 @@ pub fn sample_rows(rows: usize, cols: usize, target: usize) -> Vec<usize> {
     (0..want).map(|i| i * rows / want).collect()
 }
 
+/// A tensor seen as `rows × cols` (a 1-D tensor is one row).
+pub(crate) fn rows_and_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    }
+}
+
+/// The bytes of rows `taken` of a tensor stored as `raw` with rows of
+/// `cols` values, and the shape of that sample.
+pub(crate) fn take_rows(raw: &[u8], shape: &[usize], taken: &[usize]) -> (Vec<u8>, Vec<usize>) {
+    let numel: usize = shape.iter().product();
+    let (_, cols) = rows_and_cols(shape);
+    let row = cols * (raw.len() / numel.max(1));
+    let mut sample = Vec::with_capacity(taken.len() * row);
+    for r in taken {
+        sample.extend_from_slice(&raw[r * row..(r + 1) * row]);
+    }
+    let mut out = shape.to_vec();
+    if out.len() >= 2 {
+        out[0] = taken.len();
+    }
+    (sample, out)
+}
+
 /// Estimates `spec`'s run on this machine (see the module docs).
 pub fn estimate(spec: &JobSpec) -> Result<Estimate, PipelineError> {
     let started = Instant::now();
@@ -187,22 +213,10 @@ fn estimate_tensor(
         .map(|s| s.kind())
         .collect::<Vec<_>>()
         .join("→");
-    let (rows, cols) = match t.shape.as_slice() {
-        [] => (1, 1),
-        [n] => (1, *n),
-        [r, rest @ ..] => (*r, rest.iter().product()),
-    };
-    let elem = raw.len() / t.numel().max(1);
+    let (rows, cols) = rows_and_cols(&t.shape);
     let picked = sample_rows(rows, cols, SAMPLE_VALUES);
     let run = |rows_taken: &[usize]| {
-        let mut sample = Vec::with_capacity(rows_taken.len() * cols * elem);
-        for r in rows_taken {
-            sample.extend_from_slice(&raw[r * cols * elem..(r + 1) * cols * elem]);
-        }
-        let mut shape = t.shape.clone();
-        if shape.len() >= 2 {
-            shape[0] = rows_taken.len();
-        }
+        let (sample, shape) = take_rows(raw, &t.shape, rows_taken);
         let before = process_cpu_seconds();
         let e = encode_raw(&t.name, t.dtype, &shape, &sample, &stages, spec.seed)?;
         Ok::<_, PipelineError>((e, process_cpu_seconds() - before))

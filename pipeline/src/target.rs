@@ -19,7 +19,7 @@ use hcx_protocol::{JobSpec, StageSpec};
 use serde::Serialize;
 
 use crate::PipelineError;
-use crate::estimate::{SAMPLE_VALUES, sample_rows};
+use crate::estimate::{SAMPLE_VALUES, rows_and_cols, sample_rows, take_rows};
 use crate::model::{Model, TensorInfo, is_integer_dtype, raw_to_f32};
 use crate::run::encode_raw;
 
@@ -113,21 +113,9 @@ fn exact_glob(name: &str) -> String {
 
 fn curve(spec: &JobSpec, model: &Model, t: &TensorInfo) -> Result<Curve, PipelineError> {
     let raw = model.raw(t);
-    let (rows, cols) = match t.shape.as_slice() {
-        [] => (1, 1),
-        [n] => (1, *n),
-        [r, rest @ ..] => (*r, rest.iter().product()),
-    };
-    let elem = raw.len() / t.numel().max(1);
+    let (rows, cols) = rows_and_cols(&t.shape);
     let picked = sample_rows(rows, cols, SAMPLE_VALUES);
-    let mut sample = Vec::with_capacity(picked.len() * cols * elem);
-    for r in &picked {
-        sample.extend_from_slice(&raw[r * cols * elem..(r + 1) * cols * elem]);
-    }
-    let mut shape = t.shape.clone();
-    if shape.len() >= 2 {
-        shape[0] = picked.len();
-    }
+    let (sample, shape) = take_rows(raw, &t.shape, &picked);
     let scale = rows as f64 / picked.len().max(1) as f64;
     let energy: f64 = raw_to_f32(raw, t.dtype)
         .iter()
