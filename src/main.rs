@@ -848,12 +848,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 })?;
                 let mut d = plan::dry_run(&spec, &nodes, false)?;
                 d.allocation = allocation;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&d)?);
-                } else {
-                    plan::print(&d);
-                }
-                return Ok(());
+                return plan::show(&d, json);
             }
             let opts = cluster::SubmitOptions {
                 download: output,
@@ -940,12 +935,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     true,
                 )?;
                 d.allocation = allocation;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&d)?);
-                } else {
-                    plan::print(&d);
-                }
-                return Ok(());
+                return plan::show(&d, json);
             }
             let (out, gates) = if local {
                 let to = output.as_deref().unwrap_or(&spec.output);

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use hcx_coordinator::scheduler::{self, NodeCapacity, TensorCost};
-use hcx_coordinator::service::{chain_cost, plan_options};
+use hcx_coordinator::scheduler::{self, NodeCapacity};
+use hcx_coordinator::service::{plan_options, tensor_costs};
 use hcx_pipeline::estimate::{Estimate, estimate};
 use hcx_protocol::JobSpec;
 use serde::Serialize;
@@ -96,20 +96,7 @@ pub fn dry_run(spec: &JobSpec, capacity: &[NodeCapacity], in_process: bool) -> R
     let est = estimate(spec)?;
     let cores = cores();
     let model = hcx_pipeline::model::Model::open(&spec.model.path)?;
-    let costs: Vec<TensorCost> = model
-        .tensors
-        .iter()
-        .map(|t| TensorCost {
-            name: t.name.clone(),
-            numel: t.numel() as u64,
-            bytes: t.bytes() as u64,
-            cost_per_value: if t.is_integer() {
-                0.0
-            } else {
-                chain_cost(&spec.stages_for(&t.name))
-            },
-        })
-        .collect();
+    let costs = tensor_costs(&model.tensors, spec);
     let opts = plan_options(spec);
     let shards = scheduler::make_shards(&costs, &opts);
     let usable: Vec<NodeCapacity> = capacity.iter().filter(|n| !n.draining).cloned().collect();
@@ -216,4 +203,14 @@ pub fn print(d: &DryRun) {
             mb(s.artifact_bytes)
         );
     }
+}
+
+/// Prints a dry run as JSON or for people.
+pub fn show(d: &DryRun, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    } else {
+        print(d);
+    }
+    Ok(())
 }

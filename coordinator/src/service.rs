@@ -117,6 +117,27 @@ pub fn plan_options(spec: &JobSpec) -> PlanOptions {
     }
 }
 
+/// The planner's view of a model's tensors under `spec`: sizes and each
+/// chain's relative cost (integer tensors are copied and cost nothing).
+pub fn tensor_costs(
+    tensors: &[hcx_pipeline::model::TensorInfo],
+    spec: &JobSpec,
+) -> Vec<TensorCost> {
+    tensors
+        .iter()
+        .map(|t| TensorCost {
+            name: t.name.clone(),
+            numel: t.numel() as u64,
+            bytes: t.bytes() as u64,
+            cost_per_value: if t.is_integer() {
+                0.0
+            } else {
+                chain_cost(&spec.stages_for(&t.name))
+            },
+        })
+        .collect()
+}
+
 /// Relative encode cost per value of a stage chain (1.0 = int8 round-to-nearest).
 pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
     use hcx_protocol::StageSpec as S;
@@ -288,20 +309,7 @@ impl ClusterService {
             }
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
-        let tensors: Vec<TensorCost> = model
-            .tensors
-            .iter()
-            .map(|t| TensorCost {
-                name: t.name.clone(),
-                numel: t.numel() as u64,
-                bytes: t.bytes() as u64,
-                cost_per_value: if t.is_integer() {
-                    0.0
-                } else {
-                    chain_cost(&spec.stages_for(&t.name))
-                },
-            })
-            .collect();
+        let tensors = tensor_costs(&model.tensors, &spec);
         let opts = plan_options(&spec);
         let shards = scheduler::make_shards(&tensors, &opts);
         // A job no registered node could ever take is refused now rather

@@ -327,13 +327,7 @@ pub fn export(
         "global_compression_ratio": null,
     });
 
-    if output.exists()
-        && std::fs::read_dir(output)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(unsupported(output, "exists and is not empty"));
-    }
+    crate::require_empty(output)?;
     let parent = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -419,13 +419,7 @@ pub fn export(
         md.push(("tokenizer.chat_template".into(), Value::String(t)));
     }
 
-    if output.exists()
-        && std::fs::read_dir(output)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(unsupported(output, "exists and is not empty"));
-    }
+    crate::require_empty(output)?;
     std::fs::create_dir_all(output).map_err(|e| ExportError::io(output, "cannot create", e))?;
     let file = output.join(FILE);
     let partial = output.join(format!(".{FILE}.partial"));

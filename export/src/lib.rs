@@ -60,6 +60,21 @@ impl ExportError {
     }
 }
 
+/// Refuses an output folder that exists and holds anything.
+pub(crate) fn require_empty(output: &std::path::Path) -> Result<(), ExportError> {
+    let busy = output.exists()
+        && std::fs::read_dir(output)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+    if busy {
+        return Err(ExportError::Unsupported {
+            path: output.to_path_buf(),
+            why: "exists and is not empty".into(),
+        });
+    }
+    Ok(())
+}
+
 /// One exported tensor: its names, its encoding and its distance from the
 /// artifact's decoded values.
 #[derive(Debug, Clone, serde::Serialize)]

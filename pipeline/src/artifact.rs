@@ -214,17 +214,25 @@ fn decode_entry(
     Ok(f32_to_bytes(&values, dtype))
 }
 
-/// Decodes one tensor of an artifact to its source dtype's bytes (any
-/// dtype: a tensor kept as stored comes back as it was).
-pub fn decode_bytes(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, PipelineError> {
-    let t = m
-        .tensors
+/// The manifest entry of tensor `name`.
+fn entry_of<'a>(
+    artifact: &Path,
+    m: &'a Manifest,
+    name: &str,
+) -> Result<&'a TensorEntry, PipelineError> {
+    m.tensors
         .iter()
         .find(|t| t.name == name)
         .ok_or_else(|| PipelineError::Artifact {
             path: artifact.to_path_buf(),
             why: format!("no tensor `{name}`"),
-        })?;
+        })
+}
+
+/// Decodes one tensor of an artifact to its source dtype's bytes (any
+/// dtype: a tensor kept as stored comes back as it was).
+pub fn decode_bytes(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>, PipelineError> {
+    let t = entry_of(artifact, m, name)?;
     check_entry_size(artifact, t)?;
     let files = TensorFiles::open(artifact, m)?;
     decode_entry(artifact, &files, t)
@@ -232,14 +240,7 @@ pub fn decode_bytes(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<u8>
 
 /// Decodes one tensor of an artifact to f32 values (float tensors only).
 pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f32>, PipelineError> {
-    let t = m
-        .tensors
-        .iter()
-        .find(|t| t.name == name)
-        .ok_or_else(|| PipelineError::Artifact {
-            path: artifact.to_path_buf(),
-            why: format!("no tensor `{name}`"),
-        })?;
+    let t = entry_of(artifact, m, name)?;
     check_entry_size(artifact, t)?;
     let files = TensorFiles::open(artifact, m)?;
     if t.steps.is_empty() {
