@@ -86,6 +86,12 @@ fn minilm_4bit_meets_its_targets_and_is_deterministic() {
     without_times(&mut ja);
     without_times(&mut jb);
     assert_eq!(ja, jb);
+    // The charts draw no times: the same bytes from both runs.
+    assert!(fa["attribution.svg"].starts_with(b"<svg"));
+    assert!(
+        fa["attribution.svg"] == fb["attribution.svg"],
+        "attribution.svg differs"
+    );
 
     // Sizes and quality of the 36 encoder linear weights.
     let ins = inspect_encoder(&a);

@@ -19,6 +19,11 @@ use crate::model::{f32_to_bytes, parse_dtype};
 use crate::run::waves;
 use crate::writer::sha256_file;
 
+/// The attribution charts every artifact carries beside `attribution.json`
+/// and `attribution.md` (see [`crate::charts`]); a report, not counted in the
+/// artifact's bytes.
+pub const CHARTS_FILE: &str = "attribution.svg";
+
 /// Reads and checks an artifact's manifest.
 pub fn read_manifest(artifact: &Path) -> Result<Manifest, PipelineError> {
     let path = artifact.join(MANIFEST_FILE);

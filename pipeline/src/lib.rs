@@ -9,6 +9,7 @@
 pub mod artifact;
 pub mod attribution;
 pub mod calibrate;
+pub mod charts;
 pub mod dense;
 mod distill;
 pub mod estimate;
@@ -126,6 +127,9 @@ pub enum PipelineError {
         /// What went wrong.
         why: String,
     },
+    /// The attribution charts could not be drawn.
+    #[error("{0}")]
+    Charts(String),
     /// The artifact could not be measured against a quality gate.
     #[error("quality gate: {why}")]
     Gate {

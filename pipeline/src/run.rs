@@ -621,6 +621,9 @@ pub fn finish_artifact(
     write_json(&tmp.join("attribution.json"), &report, true)?;
     let md = tmp.join("attribution.md");
     std::fs::write(&md, md_text).map_err(|e| PipelineError::io(&md, "cannot write", e))?;
+    let svg = tmp.join(crate::artifact::CHARTS_FILE);
+    let drawing = crate::charts::attribution_svg(&report).map_err(PipelineError::Charts)?;
+    std::fs::write(&svg, drawing).map_err(|e| PipelineError::io(&svg, "cannot write", e))?;
     Ok(report)
 }
 
