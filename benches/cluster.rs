@@ -77,6 +77,7 @@ async fn raft_figures(dir: &Path) {
     for (i, a) in addrs.iter().enumerate() {
         handles.push(
             hcx_coordinator::start(CoordinatorConfig {
+                dashboard: None,
                 id: i as u64 + 1,
                 listen: a.parse().unwrap(),
                 peers: peers.clone(),

@@ -8,6 +8,7 @@ cd "$root"
 bash scripts/fetch-model.sh
 bash scripts/fetch-smollm2.sh
 bash scripts/fetch-pyreaders.sh
+bash scripts/fetch-chromium.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU code (NCCL through cudarc, opened at run time) must build without a

@@ -156,12 +156,15 @@ pub struct CoordinatorArgs {
     pub join: bool,
     /// `--retain-jobs` and `--retain-age`.
     pub retention: hcx_coordinator::Retention,
+    /// `--http-listen` or `--https-listen`.
+    pub dashboard: Option<hcx_coordinator::dashboard::DashboardListen>,
 }
 
 /// `hcx-cluster coordinator`: serves until interrupted.
 pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
     let id = a.id;
     let cfg = CoordinatorConfig {
+        dashboard: a.dashboard,
         id,
         listen: a.listen,
         peers: parse_peers(&a.peers, "--peers")?,
@@ -175,6 +178,10 @@ pub async fn coordinator(a: CoordinatorArgs, sec: &Security) -> Result<()> {
     };
     let h = hcx_coordinator::start(cfg).await?;
     eprintln!("coordinator {id} serving on {}", h.addr);
+    if let (Some(d), Some(l)) = (h.dashboard_addr, a.dashboard) {
+        let scheme = if l.tls { "https" } else { "http" };
+        eprintln!("coordinator {id} dashboard on {scheme}://{d}/");
+    }
     shutdown_signal().await;
     h.shutdown().await;
     Ok(())
@@ -778,12 +785,12 @@ pub async fn nodes(client: &CoordinatorClient, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `drain NODE`.
-pub async fn drain(client: &CoordinatorClient, name: String) -> Result<()> {
+/// `drain NODE` and `undrain NODE` (`resume`).
+pub async fn drain(client: &CoordinatorClient, name: String, resume: bool) -> Result<()> {
     let r = client
         .call(|mut c| {
             let name = name.clone();
-            async move { c.drain_node(DrainNodeRequest { name }).await }
+            async move { c.drain_node(DrainNodeRequest { name, resume }).await }
         })
         .await?;
     println!("{}", r.message);
@@ -890,6 +897,7 @@ impl Embedded {
             certs.add_node(&format!("node-{i}"), &[], &labels)?;
         }
         let coordinator = hcx_coordinator::start(CoordinatorConfig {
+            dashboard: None,
             id: 1,
             listen: "127.0.0.1:0".parse()?,
             peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use hcx_coordinator::dashboard::DashboardListen;
 use hcx_pipeline::artifact::{self, Inspection};
 use hcx_pipeline::attribution;
 use hcx_protocol::JobSpec;
@@ -119,6 +120,15 @@ enum Command {
         /// counts and timings only; bind it to loopback or a private network).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Serve the web dashboard over plain HTTP at http://ADDR/ (a
+        /// loopback address only: reach it through an SSH tunnel).
+        #[arg(long, value_name = "ADDR", conflicts_with = "https_listen")]
+        http_listen: Option<std::net::SocketAddr>,
+        /// Serve the web dashboard over HTTPS at https://ADDR/ with this
+        /// coordinator's certificate; browsers present a client certificate
+        /// from the cluster CA (`certs issue --role client`).
+        #[arg(long, value_name = "ADDR")]
+        https_listen: Option<std::net::SocketAddr>,
     },
     /// Run a worker node.
     Node {
@@ -243,6 +253,13 @@ enum Command {
     },
     /// Stop giving a node new shards (it finishes those it holds).
     Drain {
+        /// The node name.
+        node: String,
+        #[command(flatten)]
+        connect: ClientArgs,
+    },
+    /// Give a drained node new shards again.
+    Undrain {
         /// The node name.
         node: String,
         #[command(flatten)]
@@ -776,6 +793,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             retain_age,
             retain_bytes,
             metrics_listen,
+            http_listen,
+            https_listen,
         } => {
             let sec = tls.security()?;
             let rt = runtime()?;
@@ -797,6 +816,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                         max_jobs: retain_jobs,
                         max_age: retain_age,
                         max_bytes: retain_bytes,
+                    },
+                    dashboard: match (http_listen, https_listen) {
+                        (Some(addr), _) => Some(DashboardListen { addr, tls: false }),
+                        (None, Some(addr)) => Some(DashboardListen { addr, tls: true }),
+                        (None, None) => None,
                     },
                 },
                 &sec,
@@ -917,7 +941,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         }),
         Command::Drain { node, connect } => runtime()?.block_on(async {
             let c = connect.client()?;
-            cluster::drain(&c, node).await
+            cluster::drain(&c, node, false).await
+        }),
+        Command::Undrain { node, connect } => runtime()?.block_on(async {
+            let c = connect.client()?;
+            cluster::drain(&c, node, true).await
         }),
         Command::Run {
             job,

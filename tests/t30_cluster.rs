@@ -99,6 +99,9 @@ struct Cluster {
     /// Where each coordinator, then each node, serves its metrics.
     metrics: Vec<String>,
     node_metrics: Vec<String>,
+    /// Each coordinator's dashboard: `http://ADDR` on loopback for the
+    /// first and third, `https://ADDR` (client certificates) for the second.
+    dashboards: Vec<String>,
 }
 
 impl Cluster {
@@ -178,10 +181,25 @@ impl Cluster {
             .iter()
             .map(|ip| format!("{ip}:{}", free_port(ip)))
             .collect();
+        let dashboards: Vec<String> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let scheme = if i == 1 { "https" } else { "http" };
+                format!("{scheme}://{ip}:{}", free_port(ip))
+            })
+            .collect();
         let coordinators = (0..3)
             .map(|i| {
+                let (flag, addr) = match dashboards[i].split_once("://") {
+                    Some(("https", a)) => ("--https-listen", a),
+                    Some((_, a)) => ("--http-listen", a),
+                    None => unreachable!(),
+                };
                 let args: Vec<String> = vec![
                     "coordinator".into(),
+                    flag.into(),
+                    addr.into(),
                     "--id".into(),
                     (i + 1).to_string(),
                     "--listen".into(),
@@ -211,6 +229,7 @@ impl Cluster {
             nodes: Vec::new(),
             metrics,
             node_metrics: Vec::new(),
+            dashboards,
         };
         for i in 0..nodes {
             let ip = ips[i % 3];
@@ -1692,4 +1711,299 @@ fn progress_is_bars_on_a_terminal_lines_without_one_and_json_on_request() {
     }
     assert!(in_shard >= 12, "{text}");
     assert_eq!(progress, 12, "{text}");
+}
+
+/// Debian's Chromium (scripts/fetch-chromium.sh installs it), or
+/// `$HCX_CHROMIUM`; `None` where neither is there.
+fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HCX_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| [d.join("chromium"), d.join("chromium-browser")])
+        .find(|p| p.is_file())
+}
+
+/// Loads `url` in headless Chromium with `args` (`--dump-dom`,
+/// `--screenshot=…`), letting the page's script run for three seconds of
+/// virtual time; returns what Chromium printed.
+fn browse(chrome: &Path, args: &[&str], url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chrome)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).map(|_| s)
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            assert!(st.success(), "chromium {args:?} {url}: {st}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium {args:?} {url} did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    reader.join().unwrap().unwrap()
+}
+
+/// The attributes of the first tag in `html` holding `marker`
+/// (`data-job="j000001"`), as written between `<` and `>`.
+fn tag_with<'a>(html: &'a str, marker: &str) -> Option<&'a str> {
+    let at = html.find(marker)?;
+    let start = html[..at].rfind('<')?;
+    let end = at + html[at..].find('>')?;
+    Some(&html[start..end])
+}
+
+/// The value of `name="…"` in a tag.
+fn attr<'a>(tag: &'a str, name: &str) -> &'a str {
+    let key = format!("{name}=\"");
+    let at = tag
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {tag}"))
+        + key.len();
+    &tag[at..at + tag[at..].find('"').unwrap()]
+}
+
+/// Each shard row's state on a job page, by shard id.
+fn shard_states(html: &str) -> std::collections::BTreeMap<u32, String> {
+    html.match_indices("data-shard=\"")
+        .map(|(at, _)| {
+            let end = at + html[at..].find('>').unwrap_or(html.len() - at);
+            let tag = &html[at..end];
+            (
+                attr(tag, "data-shard").parse().unwrap(),
+                attr(tag, "data-state").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `GET path` over plain HTTP from `addr`: the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let split = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP reply");
+    let head = String::from_utf8_lossy(&reply[..split]).to_string();
+    let status = head.lines().next().unwrap_or("").to_string();
+    (status, reply[split + 4..].to_vec())
+}
+
+#[test]
+fn the_dashboard_shows_a_job_advancing_in_a_browser_and_its_charts_once_done() {
+    let Some(chrome) = chromium() else {
+        eprintln!(
+            "SKIPPED: no Chromium on this machine (scripts/fetch-chromium.sh installs Debian's \
+             `chromium`, or set HCX_CHROMIUM)"
+        );
+        return;
+    };
+    let (job, reference) = slow_job();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 2, &[job.parent().unwrap()]);
+    // The nodes hold the job back while the page is looked at: drained,
+    // they take no shards; undrained, they do.
+    for n in ["n1", "n2"] {
+        c.run_ok(&["drain", n]);
+    }
+    let out = dir.path().join("out");
+    let id = submit(&c, job, &out, "dash");
+    // A plain-HTTP dashboard: the leader's (which also knows heartbeat ages
+    // and shard steps) where it serves plain HTTP.
+    let leader = c.leader();
+    let base = if c.dashboards[leader].starts_with("http://") {
+        c.dashboards[leader].clone()
+    } else {
+        c.dashboards[0].clone()
+    };
+    let plain = base.trim_start_matches("http://").to_string();
+
+    // The overview, drawn by the page's script: both nodes, the job running
+    // with none of its 12 shards done.
+    let overview = browse(&chrome, &["--dump-dom"], &format!("{base}/"));
+    let row = tag_with(&overview, &format!("data-job=\"{id}\""))
+        .unwrap_or_else(|| panic!("job {id} not on the dashboard:\n{overview}"));
+    assert_eq!(attr(row, "data-state"), "running", "{row}");
+    assert_eq!(attr(row, "data-done"), "0", "{row}");
+    assert_eq!(attr(row, "data-total"), "12", "{row}");
+    for n in ["n1", "n2"] {
+        assert!(
+            overview.contains(&format!("data-node=\"{n}\"")),
+            "{overview}"
+        );
+    }
+    let body = tag_with(&overview, "data-polls=").unwrap();
+    let polls: u32 = attr(body, "data-polls").parse().unwrap();
+    assert!(polls >= 2, "the page redrew {polls} times in 3 s: {body}");
+
+    // The job page: every shard waiting.
+    let page = format!("{base}/jobs/{id}");
+    let first = shard_states(&browse(&chrome, &["--dump-dom"], &page));
+    assert_eq!(first.len(), 12, "{first:?}");
+    assert!(first.values().all(|s| s == "waiting"), "{first:?}");
+
+    // Let n1 work (n2 stays drained, so the job runs on one core). The
+    // screenshot is taken as soon as two shards are done, most likely with
+    // the job part way; the page then shows the shards advanced.
+    c.run_ok(&["undrain", "n1"]);
+    c.wait_job(&id, "two shards done", |v| {
+        v["shards"]
+            .as_array()
+            .is_some_and(|s| s.iter().filter(|s| s["done"] == true).count() >= 2)
+    });
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-job-running.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(
+        &chrome,
+        &[
+            "--window-size=1280,900",
+            &format!("--screenshot={}", shot.display()),
+        ],
+        &page,
+    );
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    println!("screenshot of the job page mid-job: {}", shot.display());
+    let second = shard_states(&browse(&chrome, &["--dump-dom"], &page));
+    let done = second.values().filter(|s| *s == "done").count();
+    assert!(done >= 2, "{second:?}");
+    c.run_ok(&["undrain", "n2"]);
+
+    // Once it succeeds, the page shows the artifact's charts.
+    c.wait_succeeded(&id);
+    let last = browse(&chrome, &["--dump-dom"], &page);
+    let head = tag_with(&last, &format!("data-job=\"{id}\"")).unwrap();
+    assert_eq!(attr(head, "data-state"), "succeeded", "{head}");
+    assert!(shard_states(&last).values().all(|s| s == "done"), "{last}");
+    let img = tag_with(&last, "class=\"charts\"").unwrap_or_else(|| panic!("no charts:\n{last}"));
+    assert!(img.contains("attribution.svg"), "{img}");
+    let (status, svg) = http_get(&plain, &format!("/jobs/{id}/attribution.svg"));
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(svg, std::fs::read(out.join("attribution.svg")).unwrap());
+    // The charts draw no times: the cluster's are the local run's, byte for byte.
+    assert_eq!(
+        svg,
+        std::fs::read(reference.join("attribution.svg")).unwrap()
+    );
+    // A follower's dashboard lists the job as done too.
+    for d in c.dashboards.iter().filter(|d| d.starts_with("http://")) {
+        let (status, body) = http_get(d.trim_start_matches("http://"), "/api/overview");
+        let text = String::from_utf8_lossy(&body);
+        assert!(status.contains("200"), "{d}: {status}");
+        assert!(
+            text.contains(&format!(
+                "\"id\":\"{id}\",\"name\":\"slow\",\"state\":\"succeeded\""
+            )),
+            "{d}: {text}"
+        );
+    }
+    let shot_done = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-job-done.png");
+    browse(
+        &chrome,
+        &[
+            "--window-size=1280,1600",
+            &format!("--screenshot={}", shot_done.display()),
+        ],
+        &page,
+    );
+    println!("screenshot of the finished job: {}", shot_done.display());
+    assert_same_artifact(reference, &out);
+    let (status, _) = http_get(&plain, "/jobs/j999999/attribution.svg");
+    assert!(status.contains("404"), "{status}");
+
+    // HTTPS: an operator's client certificate is let in, a node's is
+    // refused with the reason, and a browser without one fails the handshake.
+    let https = &c.dashboards[1];
+    let curl = |cert: Option<&str>| {
+        let ca = c.certs.join("operator").join("ca.pem");
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&ca);
+        if let Some(name) = cert {
+            let d = c.certs.join(name);
+            cmd.arg("--cert")
+                .arg(d.join("cert.pem"))
+                .arg("--key")
+                .arg(d.join("key.pem"));
+        }
+        cmd.arg(format!("{https}/api/overview"))
+            .output()
+            .expect("run curl")
+    };
+    let ok = curl(Some("operator"));
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(said.trim_end().ends_with("200"), "{said}");
+    assert!(said.contains(&format!("\"id\":\"{id}\"")), "{said}");
+    assert!(said.contains("\"state\":\"succeeded\""), "{said}");
+    let node = curl(Some("n1"));
+    let said = String::from_utf8_lossy(&node.stdout);
+    assert!(said.trim_end().ends_with("403"), "{said}");
+    assert!(said.contains("needs a client certificate"), "{said}");
+    let none = curl(None);
+    assert!(!none.status.success(), "{none:?}");
+}
+
+#[test]
+fn a_plain_http_dashboard_off_loopback_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let mut args = lone_coordinator(
+        &addr,
+        &dir.path().join("c1"),
+        &["--insecure".into()],
+        dir.path(),
+        dir.path(),
+    );
+    args.extend(["--http-listen".into(), "0.0.0.0:0".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = hcx(&refs);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("--http-listen 0.0.0.0:0: plain HTTP is served on loopback addresses only"),
+        "{said}"
+    );
 }

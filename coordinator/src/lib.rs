@@ -7,6 +7,7 @@
 //! hands out shards, expires leases and merges finished jobs.
 
 pub mod blobs;
+pub mod dashboard;
 pub mod dataplane;
 mod gauges;
 pub mod network;
@@ -119,6 +120,9 @@ pub struct CoordinatorConfig {
     pub model_roots: Vec<PathBuf>,
     /// Folders jobs may write artifacts inside (`--output-root`).
     pub output_roots: Vec<PathBuf>,
+    /// Where to serve the web dashboard, if anywhere (`--http-listen`,
+    /// `--https-listen`).
+    pub dashboard: Option<dashboard::DashboardListen>,
 }
 
 /// What every task of a coordinator shares.
@@ -479,6 +483,8 @@ pub struct CoordinatorHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The address it serves on.
     pub addr: SocketAddr,
+    /// The address its dashboard serves on, if it serves one.
+    pub dashboard_addr: Option<SocketAddr>,
 }
 
 impl CoordinatorHandle {
@@ -529,6 +535,9 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
         )));
     }
     let roots = roots::Roots::new(&cfg.model_roots, &cfg.output_roots)?;
+    if let Some(d) = &cfg.dashboard {
+        dashboard::check(d, cfg.tls.is_some())?;
+    }
     if cfg.tls.is_none() {
         hcx_net::tls::check_insecure_addr(&cfg.listen)?;
         for (id, addr) in &cfg.peers {
@@ -660,12 +669,26 @@ pub async fn start(mut cfg: CoordinatorConfig) -> Result<CoordinatorHandle, Coor
     let quic = dataplane::start(shared.clone(), addr, cfg.tls.as_ref())?;
     let sweep = tokio::spawn(supervisor::sweep(shared.clone(), shutdown_rx.clone()));
     let gauges = tokio::spawn(gauges::run(shared.clone(), shutdown_rx.clone()));
-    let sup = tokio::spawn(supervisor::run(shared.clone(), shutdown_rx));
+    let mut tasks = vec![grpc, quic, sweep, gauges];
+    let mut dashboard_addr = None;
+    if let Some(listen) = cfg.dashboard {
+        let (bound, task) = dashboard::serve(
+            shared.clone(),
+            listen,
+            cfg.tls.as_ref(),
+            shutdown_rx.clone(),
+        )
+        .await?;
+        dashboard_addr = Some(bound);
+        tasks.push(task);
+    }
+    tasks.push(tokio::spawn(supervisor::run(shared.clone(), shutdown_rx)));
     Ok(CoordinatorHandle {
         shared,
         shutdown,
-        tasks: vec![grpc, quic, sup, sweep, gauges],
+        tasks,
         addr,
+        dashboard_addr,
     })
 }
 

@@ -279,6 +279,7 @@ mod tests {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
                     payload: EntryPayload::Normal(Command::DrainNode {
                         name: "n".repeat(name_bytes),
+                        draining: true,
                     }),
                 })
                 .collect(),

@@ -726,14 +726,21 @@ impl Cluster for ClusterService {
     async fn drain_node(&self, req: Request<DrainNodeRequest>) -> Result<Response<Ack>, Status> {
         role(&self.shared, &req, OPERATORS, "DrainNode")?;
         self.shared.require_leader()?;
-        let name = req.into_inner().name;
+        let DrainNodeRequest { name, resume } = req.into_inner();
         let r = self
             .shared
-            .propose(Command::DrainNode { name: name.clone() })
+            .propose(Command::DrainNode {
+                name: name.clone(),
+                draining: !resume,
+            })
             .await?;
         if r.ok {
             Ok(Response::new(Ack {
-                message: format!("{name} is draining: it finishes its shards and gets no new ones"),
+                message: if resume {
+                    format!("{name} takes new shards again")
+                } else {
+                    format!("{name} is draining: it finishes its shards and gets no new ones")
+                },
             }))
         } else {
             Err(Status::not_found(r.message))

@@ -259,6 +259,10 @@ pub struct JobRecord {
     pub gate_notes: Vec<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -320,10 +324,13 @@ pub enum Command {
         /// The node.
         node: NodeRecord,
     },
-    /// Stop giving a node new shards.
+    /// Stop giving a node new shards, or start again.
     DrainNode {
         /// Its name.
         name: String,
+        /// Whether it drains (true) or takes shards again (false).
+        #[serde(default = "yes")]
+        draining: bool,
     },
     /// A new job with its plan. A job that runs as a collective group
     /// keeps `shards` as the units its groups split and is placed by
@@ -518,9 +525,9 @@ impl ClusterState {
                 self.nodes.insert(node.name.clone(), node);
                 CommandResult::ok()
             }
-            Command::DrainNode { name } => match self.nodes.get_mut(&name) {
+            Command::DrainNode { name, draining } => match self.nodes.get_mut(&name) {
                 Some(n) => {
-                    n.draining = true;
+                    n.draining = draining;
                     CommandResult::ok()
                 }
                 None => CommandResult::refused(format!("no node named {name:?}")),
@@ -1507,11 +1514,40 @@ mod tests {
     #[test]
     fn drain_and_reregister_keep_the_flag() {
         let mut st = ClusterState::default();
-        assert!(!st.apply(Command::DrainNode { name: "a".into() }).ok);
+        assert!(
+            !st.apply(Command::DrainNode {
+                name: "a".into(),
+                draining: true,
+            })
+            .ok
+        );
         st.apply(Command::RegisterNode { node: node("a") });
-        assert!(st.apply(Command::DrainNode { name: "a".into() }).ok);
+        assert!(
+            st.apply(Command::DrainNode {
+                name: "a".into(),
+                draining: true,
+            })
+            .ok
+        );
         st.apply(Command::RegisterNode { node: node("a") });
         assert!(st.nodes["a"].draining);
+        assert!(
+            st.apply(Command::DrainNode {
+                name: "a".into(),
+                draining: false,
+            })
+            .ok
+        );
+        assert!(!st.nodes["a"].draining);
+        // Entries written before undrain existed still mean "drain".
+        let old: Command = serde_json::from_str(r#"{"op":"drain_node","name":"a"}"#).unwrap();
+        assert_eq!(
+            old,
+            Command::DrainNode {
+                name: "a".into(),
+                draining: true,
+            }
+        );
     }
 
     #[test]

@@ -479,7 +479,10 @@ mod tests {
             log.save_vote(&Vote::new(3, 1)).await.unwrap();
             // Written without a sync: the log write below makes it durable.
             log.save_committed(Some(lid(2))).await.unwrap();
-            let cmd = Command::DrainNode { name: "x".into() };
+            let cmd = Command::DrainNode {
+                name: "x".into(),
+                draining: true,
+            };
             let entries = vec![
                 Entry {
                     log_id: lid(1),

@@ -28,6 +28,7 @@ async fn coordinator(dir: &Path) -> CoordinatorHandle {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     let h = hcx_coordinator::start(CoordinatorConfig {
+        dashboard: None,
         id: 1,
         listen: "127.0.0.1:0".parse().unwrap(),
         peers: BTreeMap::from([(1, "127.0.0.1:0".to_string())]),
@@ -361,14 +362,20 @@ async fn each_role_may_make_only_its_own_calls() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     let err = grpc("node-a")
-        .drain_node(hcx_net::proto::DrainNodeRequest { name: "a".into() })
+        .drain_node(hcx_net::proto::DrainNodeRequest {
+            name: "a".into(),
+            resume: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     // Each role can make its own calls.
     grpc("node-a").register_node(node_info).await.unwrap();
     grpc("client")
-        .drain_node(hcx_net::proto::DrainNodeRequest { name: "a".into() })
+        .drain_node(hcx_net::proto::DrainNodeRequest {
+            name: "a".into(),
+            resume: false,
+        })
         .await
         .unwrap();
     // Only nodes use the data plane.

@@ -36,6 +36,7 @@ async fn group(dir: &Path) -> (Vec<CoordinatorHandle>, BTreeMap<NodeId, String>)
     for id in 1..=3 {
         hs.push(
             hcx_coordinator::start(CoordinatorConfig {
+                dashboard: None,
                 id,
                 listen: peers[&id].parse::<SocketAddr>().unwrap(),
                 peers: peers.clone(),
@@ -261,6 +262,7 @@ async fn a_coordinator_certificate_speaks_raft_only_as_the_member_it_serves() {
     for id in 1..=3u64 {
         hs.push(
             hcx_coordinator::start(CoordinatorConfig {
+                dashboard: None,
                 id,
                 listen: peers[&id].parse::<SocketAddr>().unwrap(),
                 peers: peers.clone(),

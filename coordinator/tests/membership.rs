@@ -30,6 +30,7 @@ async fn coordinator(
     join: bool,
 ) -> CoordinatorHandle {
     hcx_coordinator::start(CoordinatorConfig {
+        dashboard: None,
         id,
         listen: peers[&id].parse::<SocketAddr>().unwrap(),
         peers: peers.clone(),

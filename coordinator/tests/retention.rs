@@ -62,6 +62,7 @@ async fn coordinator(dir: &Path, retention: Retention) -> CoordinatorHandle {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let h = hcx_coordinator::start(CoordinatorConfig {
+        dashboard: None,
         id: 1,
         listen: addr.parse().unwrap(),
         peers: BTreeMap::from([(1, addr)]),

@@ -88,6 +88,7 @@ fn free_port() -> u16 {
 
 fn config(dir: &Path, id: NodeId, peers: &BTreeMap<NodeId, String>) -> CoordinatorConfig {
     CoordinatorConfig {
+        dashboard: None,
         id,
         listen: peers[&id].parse::<SocketAddr>().unwrap(),
         peers: peers.clone(),
@@ -401,6 +402,7 @@ async fn follower_behind_the_purged_log_catches_up_by_snapshot() {
         &cs,
         Command::DrainNode {
             name: NODES[0].into(),
+            draining: true,
         },
     )
     .await;
