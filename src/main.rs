@@ -568,12 +568,17 @@ fn resolve_target(
                 (lo.min(*r), hi.max(*r))
             });
         eprintln!(
-            "target: {} tensors at {lo:.2}–{hi:.2} bits, {:.0} bytes expected for a budget of {:.0}; the even spread, {:.2} bits for all, would have {:.2} dB more squared error",
+            "target: {} tensors at {lo:.2}–{hi:.2} bits, {:.0} bytes expected for a budget of {:.0}; the even spread, {:.2} bits for all, would have {:.2} dB more squared error{}",
             a.rates.len(),
             a.expected_bytes,
             a.budget_bytes,
             a.even_rate,
-            10.0 * (a.even_error / a.expected_error.max(1e-300)).log10()
+            10.0 * (a.even_error / a.expected_error.max(1e-300)).log10(),
+            if a.weighted {
+                " (output error on the calibration inputs)"
+            } else {
+                " (weight error)"
+            }
         );
     }
     Ok((resolved, allocation))

@@ -358,6 +358,76 @@ fn a_bits_per_weight_target_lands_within_1_percent_and_beats_the_even_spread() {
     );
 }
 
+/// A calibrated job takes a size target: GPTQ (by a rule) on the attention
+/// output projections, sized by its grid; the uniform rates of the other 30
+/// linears chosen on their weights' error (the default) or on their output
+/// error over the calibration sentences (`error: outputs`). Either way the
+/// artifact lands within 1 % of the size; each model's cosine has a gate
+/// just under what it measures (0.856 and 0.796: weighting by the outputs
+/// gives the worse model, which is why it is not the default).
+#[test]
+fn a_calibrated_job_takes_a_size_target_by_either_error() {
+    let model = minilm();
+    let t = tempfile::tempdir().unwrap();
+    let sentences = common::root().join("configs/calibration/sentences.txt");
+    for (error, said_error, gate) in [
+        ("", "(weight error)", 0.85),
+        (
+            ", error: outputs",
+            "(output error on the calibration inputs)",
+            0.79,
+        ),
+    ] {
+        let a = t.path().join(format!("a{}", error.len()));
+        let body = format!(
+            "target: {{size: 16MB{error}}}\npipeline:\n  - hadamard: {{}}\n  - uniform: {{bits: 3.0}}\n  - zstd: {{level: 19}}\nrules:\n  - match: [\"*LayerNorm*\", \"*.bias\"]\n    keep: source\n  - match: [\"embeddings.*\", \"pooler.*\"]\n    keep: int8\n  - match: [\"*attention.output.dense.weight\"]\n    pipeline: [{{hadamard: {{}}}}, {{gptq: {{grid: {{uniform: {{bits: 3.0}}}}}}}}, {{zstd: {{level: 19}}}}]\ncalibration:\n  sentences: {}\n  samples: 64\n",
+            sentences.display()
+        );
+        let job = common::write_job(t.path(), "calibrated-target", &model, &a, &body);
+        let out = common::hcx(&["run", "--local", job.to_str().unwrap()]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(
+            said.contains("target: 30 tensors") && said.contains(said_error),
+            "{said}"
+        );
+        let on_disk: u64 = ["model.hcx.safetensors", "hcx-manifest.json"]
+            .iter()
+            .map(|f| std::fs::metadata(a.join(f)).unwrap().len())
+            .sum();
+        let ins: serde_json::Value = serde_json::from_str(&hcx_ok(&[
+            "inspect",
+            a.to_str().unwrap(),
+            "--json",
+            "--match",
+            "*attention.output.dense.weight",
+        ]))
+        .unwrap();
+        let gptq = ins["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["name"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("attention.output.dense.weight")
+                    && r["chain"].as_str().unwrap().contains("gptq")
+            })
+            .count();
+        let cosine = eval_cosine(&model, &a);
+        eprintln!(
+            "calibrated size target{error}: {on_disk} bytes, {gptq} tensors by gptq, cosine {cosine:.4}"
+        );
+        assert_eq!(gptq, 6, "{ins}");
+        assert!(
+            (on_disk as f64 / 16e6 - 1.0).abs() <= 0.01,
+            "{on_disk} bytes for a 16 MB target"
+        );
+        assert!(cosine >= gate, "mean embedding cosine {cosine}{error}");
+    }
+}
+
 /// An int4 artifact exported as compressed-tensors unpacks, by the
 /// documented layout, to exactly our weights; GGUF is refused for an
 /// encoder, by name.

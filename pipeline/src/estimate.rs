@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use hcx_protocol::JobSpec;
 use hcx_protocol::manifest::TensorEntry;
+use hcx_protocol::{JobSpec, StageSpec};
 use serde::Serialize;
 
 use crate::PipelineError;
@@ -113,6 +113,31 @@ pub(crate) fn take_rows(raw: &[u8], shape: &[usize], taken: &[usize]) -> (Vec<u8
         out[0] = taken.len();
     }
     (sample, out)
+}
+
+/// The same job as it is sized: each calibrated stage replaced by its
+/// grid's plain quantizer (GPTQ stores codes on the same grid, so its
+/// parts take the same room), and no calibration or distillation. Only the
+/// bytes of its estimate stand for the real job, not its times.
+pub fn sized_without_calibration(spec: &JobSpec) -> JobSpec {
+    let plain = |p: &[StageSpec]| -> Vec<StageSpec> {
+        p.iter()
+            .map(|s| match s {
+                StageSpec::Gptq(g) => g.grid.stage(),
+                other => other.clone(),
+            })
+            .collect()
+    };
+    let mut out = spec.clone();
+    out.pipeline = plain(&spec.pipeline);
+    for r in &mut out.rules {
+        if let Some(p) = &r.pipeline {
+            r.pipeline = Some(plain(p));
+        }
+    }
+    out.calibration = None;
+    out.distill = None;
+    out
 }
 
 /// Estimates `spec`'s run on this machine (see the module docs).

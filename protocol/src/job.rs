@@ -73,6 +73,31 @@ pub struct Target {
     /// `60 MiB`, or bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<String>,
+    /// Which error the allocation minimises: the weights' own squared error
+    /// (the default), or each linear's output error on the job's
+    /// calibration inputs (`outputs`, which needs a `calibration:` section).
+    #[serde(default, skip_serializing_if = "TargetError::is_weights")]
+    pub error: TargetError,
+}
+
+/// The error a target's allocation minimises, summed over the tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetError {
+    /// ‖W − Ŵ‖², the weight's squared error.
+    #[default]
+    Weights,
+    /// tr((W − Ŵ) H (W − Ŵ)ᵀ) with H = E[x xᵀ] of the tensor's inputs on
+    /// the calibration data: the mean squared error of its outputs. Tensors
+    /// outside the blocks (no statistics) count their weight error times
+    /// the blocks' mean input energy per channel.
+    Outputs,
+}
+
+impl TargetError {
+    fn is_weights(&self) -> bool {
+        *self == TargetError::Weights
+    }
 }
 
 impl Target {
@@ -102,16 +127,22 @@ impl Target {
             }
             _ => {}
         }
+        if self.error == TargetError::Outputs && !calibrated {
+            return Err((
+                "target.error".into(),
+                "`outputs` weighs each tensor's error by its inputs on the calibration data: add a `calibration:` section, or leave `error` out (the weights' error)".into(),
+            ));
+        }
+        if calibrated && pipeline.iter().any(StageSpec::needs_calibration) {
+            return Err((
+                "target".into(),
+                "the default pipeline has a `gptq` stage: a target measures each tensor's error curve with the pipeline's own stages on a sample of rows, which a calibrated stage cannot run on; use `uniform` there (the calibration statistics then weight the curves) and `gptq` in rules".into(),
+            ));
+        }
         if !pipeline.iter().any(|s| matches!(s, StageSpec::Uniform(_))) {
             return Err((
                 "target".into(),
                 "the default pipeline has no `uniform` stage, whose rate a target chooses per tensor".into(),
-            ));
-        }
-        if calibrated {
-            return Err((
-                "target".into(),
-                "a target chooses rates from weight error alone; jobs with calibration cannot take one yet".into(),
             ));
         }
         Ok(())
@@ -1490,6 +1521,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("uniform"), "{e}");
+        // With calibration the statistics weight the curves; a calibrated
+        // stage in the default pipeline cannot run on a sample of rows.
+        let cal = "calibration: {sentences: s.txt, samples: 8}\n";
+        let j = parse(&format!("{base}{cal}target: {{bits_per_weight: 3}}\n")).unwrap();
+        assert_eq!(j.target.unwrap().error, TargetError::Weights);
+        let j = parse(&format!(
+            "{base}{cal}target: {{bits_per_weight: 3, error: outputs}}\n"
+        ))
+        .unwrap();
+        assert_eq!(j.target.unwrap().error, TargetError::Outputs);
+        let e = parse(&format!(
+            "{base}target: {{bits_per_weight: 3, error: outputs}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("target.error") && e.contains("calibration"),
+            "{e}"
+        );
+        let gptq = base.replace("uniform: {bits: 4}", "gptq: {grid: {uniform: {bits: 4}}}");
+        let e = parse(&format!("{gptq}{cal}target: {{bits_per_weight: 3}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the default pipeline has a `gptq` stage"), "{e}");
     }
 
     proptest::proptest! {
