@@ -123,8 +123,12 @@ pub struct Overview {
     pub coordinator: CoordinatorView,
     /// Registered nodes.
     pub nodes: Vec<NodeView>,
-    /// Jobs, newest first.
+    /// Every active job and the most recent finished ones
+    /// ([`FINISHED_SHOWN`]), newest first.
     pub jobs: Vec<JobSummary>,
+    /// Jobs the cluster keeps in all (a retained history can run to
+    /// thousands; the page lists only what [`Overview::jobs`] holds).
+    pub jobs_total: usize,
 }
 
 /// One shard on the job page.
@@ -239,13 +243,35 @@ pub(crate) fn overview(sh: &Shared) -> Overview {
                     .collect(),
             })
             .collect();
-        let jobs = s.jobs.values().rev().map(summary).collect();
+        let jobs = listed(s).into_iter().map(summary).collect();
         Overview {
             coordinator,
             nodes,
             jobs,
+            jobs_total: s.jobs.len(),
         }
     })
+}
+
+/// How many finished jobs the overview lists beside the active ones.
+pub const FINISHED_SHOWN: usize = 50;
+
+/// The jobs the overview lists, newest first: every active one and the
+/// [`FINISHED_SHOWN`] most recent finished ones, so a page redrawn every
+/// second stays small however many jobs the cluster retains.
+fn listed(s: &crate::state::ClusterState) -> Vec<&JobRecord> {
+    let mut finished = 0;
+    s.jobs
+        .values()
+        .rev()
+        .filter(|j| {
+            if j.state.is_active() {
+                return true;
+            }
+            finished += 1;
+            finished <= FINISHED_SHOWN
+        })
+        .collect()
 }
 
 /// One job's view, or `None` for an unknown id.
@@ -561,6 +587,53 @@ pub(crate) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overview_lists_active_jobs_and_only_the_latest_finished_ones() {
+        use crate::state::ClusterState;
+        let spec: hcx_protocol::JobSpec = hcx_protocol::JobSpec::parse(
+            "name: j\nmodel: m.safetensors\noutput: out\npipeline:\n  - rtn: {bits: 4}\n",
+            std::path::Path::new("j.yaml"),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let mut s = ClusterState::default();
+        for i in 1..=200u64 {
+            let state = if i == 3 || i == 150 {
+                JobState::Running
+            } else {
+                JobState::Cancelled
+            };
+            let id = format!("j{i:06}");
+            s.jobs.insert(
+                id.clone(),
+                JobRecord {
+                    id,
+                    idempotency_key: None,
+                    spec: spec.clone(),
+                    output: String::new(),
+                    state,
+                    shards: Vec::new(),
+                    submitted_ms: i,
+                    finished_ms: None,
+                    units: Vec::new(),
+                    group: None,
+                    artifact: Vec::new(),
+                    raises: 0,
+                    gate_notes: Vec::new(),
+                },
+            );
+        }
+        let ids: Vec<String> = listed(&s).iter().map(|j| j.id.clone()).collect();
+        // The 50 newest finished (j000200 down to j000151), then the active
+        // ones below them, newest first.
+        let want: Vec<String> = (151..=200u64)
+            .rev()
+            .map(|i| format!("j{i:06}"))
+            .chain(["j000150".to_string(), "j000003".to_string()])
+            .collect();
+        assert_eq!(ids, want);
+    }
 
     #[test]
     fn plain_http_only_on_loopback_and_https_only_with_a_certificate() {
