@@ -922,6 +922,26 @@ pub(crate) fn check_calibrated_tensors(
     Ok(())
 }
 
+/// Adds one micro-batch's input `[rows, dim]` at `site` of block `layer`
+/// to that site's sum H = Σ x xᵀ (the capture of a block's forward pass).
+pub(crate) fn add_input(
+    stats: &mut HashMap<Site, HessianSum>,
+    layer: usize,
+    site: Site,
+    input: &Tensor,
+) -> Result<(), hcx_forward::ForwardError> {
+    let (rows, dim) = input.dims2()?;
+    let values = input.flatten_all()?.to_vec1::<f32>()?;
+    stats
+        .entry(site)
+        .or_insert_with(|| HessianSum::new(dim))
+        .add_batch(&values, rows)
+        .map_err(|e| hcx_forward::ForwardError::Weight {
+            name: format!("block {layer}"),
+            why: e.to_string(),
+        })
+}
+
 /// Walks block `layer`: its inputs' statistics from this rank's
 /// micro-batches summed over the ranks, its calibrated tensors encoded
 /// (and, with `distill:`, its continuous parameters tuned), and the
@@ -961,16 +981,7 @@ pub(crate) fn calibrate_block(
     let mut stats: HashMap<Site, HessianSum> = HashMap::new();
     let mut outputs = Vec::with_capacity(batches.len());
     for b in batches.iter() {
-        let mut capture = |site: Site, input: &Tensor| -> Result<(), hcx_forward::ForwardError> {
-            let (rows, dim) = input.dims2()?;
-            let values = input.flatten_all()?.to_vec1::<f32>()?;
-            let h = stats.entry(site).or_insert_with(|| HessianSum::new(dim));
-            h.add_batch(&values, rows)
-                .map_err(|e| hcx_forward::ForwardError::Weight {
-                    name: format!("block {layer}"),
-                    why: e.to_string(),
-                })
-        };
+        let mut capture = |site: Site, input: &Tensor| add_input(&mut stats, layer, site, input);
         let y = net
             .run(layer, b, &mut capture)
             .map_err(|e| forward_error(model, e))?;

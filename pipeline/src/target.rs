@@ -226,16 +226,7 @@ fn weighted_curves(
             HashMap::new();
         for b in batches.iter_mut() {
             let mut capture = |site, input: &candle_core::Tensor| {
-                let (rows, dim) = input.dims2()?;
-                let values = input.flatten_all()?.to_vec1::<f32>()?;
-                stats
-                    .entry(site)
-                    .or_insert_with(|| hcx_kernels::hessian::HessianSum::new(dim))
-                    .add_batch(&values, rows)
-                    .map_err(|e| hcx_forward::ForwardError::Weight {
-                        name: format!("block {layer}"),
-                        why: e.to_string(),
-                    })
+                calibrate::add_input(&mut stats, layer, site, input)
             };
             let y = net
                 .run(layer, b, &mut capture)
