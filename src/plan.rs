@@ -10,7 +10,7 @@ use anyhow::Result;
 use hcx_coordinator::scheduler::{self, NodeCapacity};
 use hcx_coordinator::service::{plan_options, tensor_costs};
 use hcx_pipeline::estimate::{Estimate, estimate};
-use hcx_protocol::JobSpec;
+use hcx_protocol::{CalibrationParallel, JobSpec};
 use serde::Serialize;
 
 /// One shard of the plan with its estimates.
@@ -37,6 +37,17 @@ pub struct ShardPlan {
     pub artifact_bytes: u64,
 }
 
+/// A calibrated job's group in a dry run.
+#[derive(Debug, Serialize)]
+pub struct GroupPlan {
+    /// Its members, by rank.
+    pub members: Vec<String>,
+    /// `data` (every rank walks every block over its share of the
+    /// micro-batches) or `layers` (each rank walks its own blocks over
+    /// every micro-batch, one stage after another).
+    pub split: String,
+}
+
 /// A dry run's answer.
 #[derive(Debug, Serialize)]
 pub struct DryRun {
@@ -52,6 +63,10 @@ pub struct DryRun {
     pub seconds: f64,
     /// The cost model's per-tensor estimates and totals.
     pub estimate: Estimate,
+    /// A calibrated job's collective group: its members in rank order and
+    /// how the work is split between them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupPlan>,
     /// The rates a `target` chose, when the job has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation: Option<hcx_pipeline::target::Allocation>,
@@ -100,31 +115,90 @@ pub fn dry_run(spec: &JobSpec, capacity: &[NodeCapacity], in_process: bool) -> R
     let opts = plan_options(spec);
     let shards = scheduler::make_shards(&costs, &opts);
     let usable: Vec<NodeCapacity> = capacity.iter().filter(|n| !n.draining).cloned().collect();
-    let placements = if usable.is_empty() {
-        Vec::new()
-    } else {
-        scheduler::place(&shards, &usable, &opts, &BTreeMap::new())?
+    let by_name: BTreeMap<&str, &hcx_pipeline::estimate::TensorEstimate> =
+        est.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    // A calibrated job runs as one group: the leader's plan shards become
+    // units that each formation splits into one rank shard per member.
+    let staged = spec
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c.parallel == CalibrationParallel::Layers);
+    let (shards, placements, group) = match &est.walk {
+        Some(_) => {
+            let need = shards
+                .iter()
+                .fold(0u64, |acc, u| acc.saturating_add(u.memory_bytes));
+            let members = if usable.is_empty() {
+                Vec::new()
+            } else {
+                scheduler::group_members(&usable, &opts, need, shards.len())?
+            };
+            let units = if staged {
+                scheduler::in_layer_order(&shards)
+            } else {
+                shards
+            };
+            let ranks = scheduler::rank_shards(&units, members.len().max(1));
+            let placements: Vec<(u32, String)> = ranks
+                .iter()
+                .zip(&members)
+                .map(|(s, m)| (s.id, m.clone()))
+                .collect();
+            let group = GroupPlan {
+                members,
+                split: if staged { "layers" } else { "data" }.into(),
+            };
+            (ranks, placements, Some(group))
+        }
+        None => {
+            let placements = if usable.is_empty() {
+                Vec::new()
+            } else {
+                scheduler::place(&shards, &usable, &opts, &BTreeMap::new())?
+                    .into_iter()
+                    .map(|p| (p.shard, p.node))
+                    .collect()
+            };
+            (shards, placements, None)
+        }
     };
     let cores_of: BTreeMap<&str, u32> = usable
         .iter()
         .map(|n| (n.name.as_str(), n.cores.max(1)))
         .collect();
-    let by_name: BTreeMap<&str, &hcx_pipeline::estimate::TensorEstimate> =
-        est.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let walked: u64 = est
+        .walk
+        .as_ref()
+        .map_or(0, |w| w.tensor_cpu_seconds.len() as u64);
     let mut busy: BTreeMap<String, f64> = BTreeMap::new();
     let mut out = Vec::with_capacity(shards.len());
     for s in &shards {
         let node = placements
             .iter()
-            .find(|p| p.shard == s.id)
-            .map(|p| p.node.clone())
+            .find(|p| p.0 == s.id)
+            .map(|p| p.1.clone())
             .unwrap_or_default();
         let ts: Vec<_> = s
             .tensors
             .iter()
             .filter_map(|n| by_name.get(n.as_str()))
             .collect();
-        let cpu: f64 = ts.iter().map(|t| t.cpu_seconds).sum();
+        let mut cpu: f64 = ts.iter().map(|t| t.cpu_seconds).sum();
+        if let (Some(w), Some(g)) = (&est.walk, &group) {
+            // A rank's walk in place of its calibrated tensors' encoding.
+            let own = |name: &str| w.tensor_cpu_seconds.contains_key(name);
+            cpu -= ts
+                .iter()
+                .filter(|t| own(&t.name))
+                .map(|t| t.cpu_seconds)
+                .sum::<f64>();
+            cpu += if staged {
+                let mine = ts.iter().filter(|t| own(&t.name)).count() as f64;
+                w.cpu_seconds() * mine / walked.max(1) as f64
+            } else {
+                w.rank_cpu_seconds(g.members.len())
+            };
+        }
         let seconds = if in_process {
             // Nodes side by side in one process share its cores.
             cpu / f64::from(cores) * usable.len().max(1) as f64
@@ -144,13 +218,20 @@ pub fn dry_run(spec: &JobSpec, capacity: &[NodeCapacity], in_process: bool) -> R
             artifact_bytes: ts.iter().map(|t| t.bytes + t.overhead_bytes).sum(),
         });
     }
+    // A model split by layer runs its stages one after another.
+    let seconds = if staged && group.is_some() {
+        busy.values().sum()
+    } else {
+        busy.values().copied().fold(0.0, f64::max)
+    };
     Ok(DryRun {
         job: spec.name.clone(),
         nodes: usable.iter().map(|n| n.name.clone()).collect(),
         cores_per_node: usable.iter().map(|n| n.cores).max().unwrap_or(0),
         shards: out,
-        seconds: busy.values().copied().fold(0.0, f64::max),
+        seconds,
         estimate: est,
+        group,
         allocation: None,
     })
 }
@@ -175,7 +256,7 @@ pub fn print(d: &DryRun) {
     let sampled: u64 = e.tensors.iter().map(|t| t.sampled).sum();
     let total: u64 = e.tensors.iter().map(|t| t.numel).sum();
     println!(
-        "estimated run: {:.1} CPU-seconds (encoding and hashing), encoding {:.1} s on {} node(s) of up to {} cores (cost model measured on this machine, on {:.1} % of the values in {:.1} s)",
+        "estimated run: {:.1} CPU-seconds (encoding, hashing and any calibration walk), {:.1} s on {} node(s) of up to {} cores (cost model measured on this machine, on {:.1} % of the values in {:.1} s)",
         e.cpu_seconds,
         d.seconds,
         d.nodes.len(),
@@ -183,6 +264,33 @@ pub fn print(d: &DryRun) {
         100.0 * sampled as f64 / total.max(1) as f64,
         e.measured_in_seconds
     );
+    if let Some(w) = &e.walk {
+        println!(
+            "calibration walk (measured on block 0 over {} of {} micro-batches, {} of {} token rows, scaled to {} blocks): loading {:.1}, forward passes and statistics {:.1} (1 + {} passes a block), calibrated encoding {:.1}, distillation {:.1} CPU-seconds",
+            w.sampled_micro_batches,
+            w.micro_batches,
+            w.sampled_rows,
+            w.rows,
+            w.blocks,
+            w.load_cpu_seconds,
+            w.forward_cpu_seconds,
+            w.plain_passes,
+            w.encode_cpu_seconds,
+            w.distill_cpu_seconds
+        );
+    }
+    if let Some(g) = &d.group {
+        println!(
+            "one collective group of {} rank(s), split by {}: {}",
+            g.members.len(),
+            g.split,
+            if g.members.is_empty() {
+                "no node can take it yet".to_string()
+            } else {
+                g.members.join(", ")
+            }
+        );
+    }
     println!(
         "{:>5}  {:<12} {:<8} {:>7} {:>10} {:>8} {:>10} {:>10}",
         "shard", "label", "node", "tensors", "source", "seconds", "peak mem", "artifact"

@@ -416,15 +416,15 @@ impl BatchSize {
 /// job, each site's in order, sites by name. A site's j-th micro-batch is
 /// held by the j mod n-th of its n ranks (a shared file's by rank j mod
 /// world), so which rank holds which never changes a sum.
-struct Layout {
+pub(crate) struct Layout {
     /// This rank's micro-batches, ascending by global index.
-    local: Vec<Batch>,
+    pub(crate) local: Vec<Batch>,
     /// The global index of each of `local`.
-    global: Vec<usize>,
+    pub(crate) global: Vec<usize>,
     /// Every micro-batch's sizes, by global index.
-    sizes: Vec<BatchSize>,
+    pub(crate) sizes: Vec<BatchSize>,
     /// A federated job's sites by name, with their token rows.
-    sites: Vec<(String, usize)>,
+    pub(crate) sites: Vec<(String, usize)>,
 }
 
 fn federation(why: impl Into<String>) -> PipelineError {
@@ -476,7 +476,7 @@ fn sizes_from_bytes(b: &[u8]) -> Option<(String, Vec<BatchSize>)> {
 /// the global micro-batch numbering. `rank_sites` gives a federated job's
 /// site of every rank (empty for a one-process run, which reads every
 /// site's files itself).
-fn layout(
+pub(crate) fn layout(
     net: &Net,
     tok: &TextTokenizer,
     model: &Model,
@@ -604,7 +604,7 @@ fn layout(
 /// Refuses a federated site with fewer token rows than the widest
 /// calibrated layer's input (its statistics would have low rank and could
 /// reveal its inputs) unless the job allows it.
-fn check_site_rows(
+pub(crate) fn check_site_rows(
     net: &Net,
     model: &Model,
     cal: &Calibration,

@@ -9,6 +9,10 @@
 //! bytes and no time. The manifest is sized from the samples' entries. A
 //! chain whose cost is not proportional to the size (an SVD, k-means on a
 //! whole tensor) is estimated less well than the quantizers and coders.
+//!
+//! A calibrated job adds its walk through the model (forward passes over
+//! the calibration data, statistics, GPTQ, distillation), measured on the
+//! model's first block and scaled ([`crate::walk_cost`]).
 
 use std::time::Instant;
 
@@ -19,6 +23,7 @@ use serde::Serialize;
 use crate::PipelineError;
 use crate::model::{Model, TensorInfo, is_integer_dtype};
 use crate::run::encode_raw;
+use crate::walk_cost::WalkCost;
 
 /// Values of a tensor the estimate encodes (at least one row).
 pub const SAMPLE_VALUES: usize = 1 << 16;
@@ -63,6 +68,11 @@ pub struct Estimate {
     /// Estimated bits per weight over those tensors (their parts and
     /// overhead).
     pub bits_per_weight: f64,
+    /// A calibrated job's walk through its model, measured on its first
+    /// block (its encoding is in the calibrated tensors' seconds, the rest
+    /// in `cpu_seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walk: Option<WalkCost>,
     /// Wall seconds the estimate itself took.
     pub measured_in_seconds: f64,
 }
@@ -140,21 +150,35 @@ pub fn sized_without_calibration(spec: &JobSpec) -> JobSpec {
     out
 }
 
-/// Estimates `spec`'s run on this machine (see the module docs).
+/// Estimates `spec`'s run on this machine (see the module docs). A
+/// calibrated job's walk through its model (forward passes, statistics,
+/// GPTQ, distillation) is measured on its first block
+/// ([`crate::walk_cost`]); its tensors are sized as
+/// [`sized_without_calibration`] sizes them, plus the bytes of the
+/// corrections distillation learns.
 pub fn estimate(spec: &JobSpec) -> Result<Estimate, PipelineError> {
     let started = Instant::now();
-    if spec.calibration.is_some() {
-        return Err(PipelineError::Estimate {
-            why: format!(
-                "job `{}` calibrates (it runs the model over its calibration text), which the cost model does not cover yet; a dry run estimates jobs without calibration",
-                spec.name
-            ),
-        });
-    }
     let model = Model::open(&spec.model.path)?;
+    let walk = match spec.calibration {
+        Some(_) => Some(crate::walk_cost::measure(spec, &model)?),
+        None => None,
+    };
+    let sized = sized_without_calibration(spec);
     let mut tensors = Vec::with_capacity(model.tensors.len());
     for t in &model.tensors {
-        tensors.push(estimate_tensor(spec, &model, t)?);
+        let mut e = estimate_tensor(&sized, &model, t)?;
+        if let Some(w) = &walk {
+            if let Some(&cpu) = w.tensor_cpu_seconds.get(&t.name) {
+                e.cpu_seconds = cpu;
+                e.chain = chain_of(&spec.stages_for(&t.name));
+            }
+            if let Some(&(data, overhead)) = w.tensor_correction_bytes.get(&t.name) {
+                e.bytes += data;
+                e.overhead_bytes += overhead;
+                e.chain.push_str("→correction");
+            }
+        }
+        tensors.push(e);
     }
     // Beside the encoding, a run hashes every source byte and every byte it
     // writes (SHA-256): measured here on a buffer of this machine's memory.
@@ -175,10 +199,14 @@ pub fn estimate(spec: &JobSpec) -> Result<Estimate, PipelineError> {
     let compressed_bytes: u64 = compressed.iter().map(|t| t.bytes + t.overhead_bytes).sum();
     let source_bytes: u64 = model.file_sizes().iter().sum();
     let encode: f64 = tensors.iter().map(|t| t.cpu_seconds).sum();
+    // The walk's encoding is already in its tensors' seconds.
+    let walking = walk
+        .as_ref()
+        .map_or(0.0, |w| w.cpu_seconds() - w.encode_cpu_seconds);
     Ok(Estimate {
         source_bytes,
         artifact_bytes,
-        cpu_seconds: encode + hashing * (source_bytes + artifact_bytes) as f64,
+        cpu_seconds: encode + walking + hashing * (source_bytes + artifact_bytes) as f64,
         compressed_params,
         bits_per_weight: if compressed_params > 0 {
             8.0 * compressed_bytes as f64 / compressed_params as f64
@@ -186,8 +214,18 @@ pub fn estimate(spec: &JobSpec) -> Result<Estimate, PipelineError> {
             0.0
         },
         tensors,
+        walk,
         measured_in_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A chain as the estimate names it: `hadamard→gptq→zstd`.
+fn chain_of(stages: &[StageSpec]) -> String {
+    stages
+        .iter()
+        .map(|s| s.kind())
+        .collect::<Vec<_>>()
+        .join("→")
 }
 
 /// CPU seconds SHA-256 takes per byte on this machine (measured on 16 MiB).
@@ -233,11 +271,7 @@ fn estimate_tensor(
             ..base
         });
     }
-    let chain = stages
-        .iter()
-        .map(|s| s.kind())
-        .collect::<Vec<_>>()
-        .join("→");
+    let chain = chain_of(&stages);
     let (rows, cols) = rows_and_cols(&t.shape);
     let picked = sample_rows(rows, cols, SAMPLE_VALUES);
     let run = |rows_taken: &[usize]| {

@@ -20,6 +20,7 @@ pub mod run;
 pub mod shard;
 mod stages;
 pub mod target;
+pub mod walk_cost;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
