@@ -389,19 +389,46 @@ pub async fn submit(client: &CoordinatorClient, spec: &JobSpec, o: &SubmitOption
             .map_err(anyhow::Error::from)
     };
     let mut reply = send(req).await?;
-    if reply.model_wanted {
-        eprintln!(
-            "the coordinators do not read the model in place ({}); sending it",
-            reply.why
-        );
-        let mut spec = spec.clone();
-        spec.model.sent = Some(send_model(client, &spec.model.path).await?);
+    let mut spec = spec.clone();
+    // The model first, then the calibration files: a reply may ask for
+    // either or both, and asks again for what is still missing.
+    for _ in 0..3 {
+        if !(reply.model_wanted || reply.calibration_wanted) {
+            break;
+        }
+        if reply.model_wanted {
+            if spec.model.sent.is_some() {
+                bail!("the cluster asked for the model again: {}", reply.why);
+            }
+            eprintln!(
+                "the coordinators do not read the model in place ({}); sending it",
+                reply.why
+            );
+            spec.model.sent = Some(send_model(client, &spec.model.path).await?);
+        }
+        if reply.calibration_wanted {
+            let c = spec
+                .calibration
+                .as_mut()
+                .context("the cluster asked for calibration files the job does not have")?;
+            if !c.sent.is_empty() {
+                bail!(
+                    "the cluster asked for the calibration files again: {}",
+                    reply.why
+                );
+            }
+            eprintln!(
+                "the coordinators do not read the calibration files in place ({}); sending them",
+                reply.why
+            );
+            c.sent = send_calibration(client, c).await?;
+        }
         let mut req = submit_request(&spec, o.cluster_output.as_deref(), o.key.as_deref())?;
         req.in_cluster = in_cluster;
         reply = send(req).await?;
-        if reply.model_wanted {
-            bail!("the cluster asked for the model again: {}", reply.why);
-        }
+    }
+    if reply.model_wanted || reply.calibration_wanted {
+        bail!("the cluster still asks for the job's inputs: {}", reply.why);
     }
     println!("{}", reply.job_id);
     if !(o.follow || o.download.is_some()) {
@@ -416,6 +443,41 @@ pub async fn submit(client: &CoordinatorClient, spec: &JobSpec, o: &SubmitOption
         fetch(client, &reply.job_id, d).await?;
     }
     Ok(true)
+}
+
+/// Sends a job's `text` or `sentences` calibration files to the cluster,
+/// each resumed where the cluster's copy stops and skipped when the
+/// cluster holds it; returns what the job's `calibration.sent` then names
+/// (the paths as the job names them once absolute). A site's files are
+/// never sent.
+pub async fn send_calibration(
+    client: &CoordinatorClient,
+    c: &hcx_protocol::Calibration,
+) -> Result<Vec<hcx_protocol::job::SentFile>> {
+    let mut out: Vec<hcx_protocol::job::SentFile> = Vec::new();
+    let mut shared = c.clone();
+    for files in shared.shared_files_mut() {
+        for p in files.as_slice() {
+            let path = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+            if out.iter().any(|f| f.path == path) {
+                continue;
+            }
+            let pp = path.clone();
+            let (sha256, bytes) =
+                tokio::task::spawn_blocking(move || hcx_coordinator::blobs::hash_file(&pp))
+                    .await??;
+            put_blob(client, &path, &sha256, bytes)
+                .await
+                .with_context(|| format!("sending {}", path.display()))?;
+            out.push(hcx_protocol::job::SentFile {
+                path,
+                sha256,
+                bytes,
+            });
+        }
+    }
+    eprintln!("sent {} calibration file(s)", out.len());
+    Ok(out)
 }
 
 /// Sends the model at `path` to the cluster, file by file, each resumed

@@ -635,15 +635,58 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
         report["distill"]["blocks"].as_array().map(Vec::len),
         Some(6)
     );
-    // A calibration file outside the model roots is refused at submit.
-    let stray = dir.path().join("stray.txt");
-    std::fs::write(&stray, "a sentence\n").unwrap();
+    // A calibration file the coordinators cannot read in place (outside
+    // their model roots) is sent by `submit`, and every node of the group
+    // reads the cluster's copy: the same tensor bytes.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let stray = elsewhere.join("sentences.txt");
+    std::fs::copy(sentences.join("sentences.txt"), &stray).unwrap();
     let text = std::fs::read_to_string(&job).unwrap().replace(
         &sentences.join("sentences.txt").display().to_string(),
         &stray.display().to_string(),
     );
     let outside = dir.path().join("outside.yaml");
-    std::fs::write(&outside, text).unwrap();
+    std::fs::write(&outside, &text).unwrap();
+    let sent = dir.path().join("sent");
+    let out = c.run(&[
+        "submit",
+        outside.to_str().unwrap(),
+        "--cluster-output",
+        sent.to_str().unwrap(),
+        "--watch",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("sending them"),
+        "{err}\n{}",
+        c.logs()
+    );
+    assert!(
+        artifact_bytes(&sent).0 == artifact_bytes(&local).0,
+        "the sent calibration file gives other tensor bytes"
+    );
+    let sha = sha256_hex(&std::fs::read(&stray).unwrap());
+    for n in ["n1", "n2", "n3"] {
+        let copy = dir.path().join(n).join("calibration").join(&sha);
+        assert!(copy.is_file(), "{} lacks {}", n, copy.display());
+    }
+    // The manifest names the file where it was read, not how it travelled.
+    let manifest = std::fs::read_to_string(sent.join("hcx-manifest.json")).unwrap();
+    assert!(
+        manifest.contains(&stray.display().to_string()) && !manifest.contains("\"sent\""),
+        "{manifest}"
+    );
+    // A job that says its storage is shared is not sent: a calibration
+    // file outside the model roots is refused at submit.
+    let model = minilm().display().to_string();
+    let shared = text.replace(
+        &format!("model: {model}"),
+        &format!("model: {{path: {model}, shared: true}}"),
+    );
+    assert!(shared.contains("shared: true"), "{shared}");
+    let outside = dir.path().join("outside-shared.yaml");
+    std::fs::write(&outside, shared).unwrap();
     let refused = c.run(&["submit", outside.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
@@ -651,6 +694,11 @@ fn a_calibrated_job_runs_as_one_group_on_three_nodes_and_matches_the_local_run()
         err.contains("calibration file") && err.contains("outside the model root"),
         "{err}"
     );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 #[test]

@@ -213,11 +213,19 @@ impl ClusterService {
         let roots = sh.roots.clone();
         let (model, output) = (spec.model.clone(), spec.output.clone());
         let calibration = spec.calibration.clone();
-        let (model, output, calibration) = tokio::task::spawn_blocking(move || {
+        let (model, output, calibration, in_place) = tokio::task::spawn_blocking(move || {
             let mut calibration = calibration;
-            if let Some(c) = &mut calibration {
+            // Sent files are read from the blobs; the others in place,
+            // inside the model roots (asked for below when they are not).
+            let mut in_place = Ok(());
+            if let Some(c) = &mut calibration
+                && c.sent.is_empty()
+            {
                 for f in c.shared_files_mut() {
-                    f.try_map(|p| roots.calibration(p))?;
+                    if let Err(e) = f.try_map(|p| roots.calibration(p)) {
+                        in_place = Err(e);
+                        break;
+                    }
                 }
             }
             let output = if in_cluster {
@@ -233,14 +241,25 @@ impl ClusterService {
             } else {
                 roots.model(&model.path).map(Some)
             };
-            Ok((model, output, calibration))
+            Ok((model, output, calibration, in_place))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e: crate::roots::RootError| Status::permission_denied(e.to_string()))?;
+        // Inputs the coordinators cannot read in place are asked for, both
+        // at once, unless the job says its storage is shared.
+        let calibration_wanted = match in_place {
+            Ok(()) => None,
+            Err(e) if !spec.model.shared => Some(e.to_string()),
+            Err(e) => return Err(Status::permission_denied(e.to_string())),
+        };
         let wanted = |why: String| SubmitJobReply {
             model_wanted: true,
-            why,
+            calibration_wanted: calibration_wanted.is_some(),
+            why: match &calibration_wanted {
+                Some(c) => format!("{why}; {c}"),
+                None => why,
+            },
             ..Default::default()
         };
         let local = match model {
@@ -255,6 +274,23 @@ impl ClusterService {
             Err(e) if !spec.model.shared => return Ok(wanted(e.to_string())),
             Err(e) => return Err(Status::permission_denied(e.to_string())),
         };
+        if let Some(why) = calibration_wanted {
+            return Ok(SubmitJobReply {
+                calibration_wanted: true,
+                why,
+                ..Default::default()
+            });
+        }
+        if let Some(c) = &calibration {
+            for f in &c.sent {
+                sh.ensure_blob(&f.sha256).await.map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "the sent calibration file {}: {e}",
+                        f.path.display()
+                    ))
+                })?;
+            }
+        }
         if let Some(o) = output {
             spec.output = o;
         }
@@ -523,16 +559,12 @@ impl ClusterService {
                         && j.shards
                             .iter()
                             .any(|x| x.result.is_none() && x.node.as_deref() == Some(node))
-                        && j.spec
-                            .model
-                            .sent
-                            .as_ref()
-                            .is_some_and(|m| m.files.iter().any(|f| f.sha256 == r.sha256))
+                        && j.spec.sent_blobs().iter().any(|(sha, _)| *sha == r.sha256)
                 })
             });
             if !allowed {
                 return Err(Status::permission_denied(format!(
-                    "GetBlob: node {node:?} holds no running shard of {:?} whose model has blob {}",
+                    "GetBlob: node {node:?} holds no running shard of {:?} whose model or calibration data has blob {}",
                     r.job_id, r.sha256
                 )));
             }

@@ -282,13 +282,11 @@ impl JobRecord {
         self.output.is_empty()
     }
 
-    /// The blobs it needs kept: its sent model's files, its shards' files
+    /// The blobs it needs kept: its sent model's and calibration files, its shards' files
     /// while it is active, its artifact's files.
     pub fn blobs(&self) -> Vec<(&str, u64)> {
         let mut out: Vec<(&str, u64)> = Vec::new();
-        if let Some(sent) = &self.spec.model.sent {
-            out.extend(sent.files.iter().map(|f| (f.sha256.as_str(), f.bytes)));
-        }
+        out.extend(self.spec.sent_blobs());
         if self.state.is_active() {
             out.extend(
                 self.shards

@@ -730,7 +730,9 @@ fn job_spec(a: &Assignment) -> Result<JobSpec, ShardError> {
 /// the calibration (and distillation) with the other ranks, write this
 /// rank's shard and upload it. The model and calibration files are read
 /// from the paths in the job, which the coordinators confined to their
-/// model roots.
+/// model roots, or, where the job sent them, from the cluster's copies
+/// downloaded into the work dir. A federated job's site files are read
+/// in place, at their site.
 async fn group_steps(
     ctx: &Ctx,
     a: &Assignment,
@@ -740,6 +742,11 @@ async fn group_steps(
     let mut spec = job_spec(a)?;
     if let Some(sent) = &spec.model.sent {
         spec.model.local = Some(local_model(ctx, &a.job_id, sent).await?);
+    }
+    if let Some(c) = &mut spec.calibration
+        && !c.sent.is_empty()
+    {
+        local_calibration(ctx, &a.job_id, c).await?;
     }
     let members = g
         .members
@@ -943,6 +950,96 @@ async fn nccl_member(
     })
 }
 
+/// Downloads blob `sha256` (of job `job`'s inputs) from the coordinators
+/// into `to`, checking the bytes against the hash as they arrive. `stage`
+/// and `what` name it in errors.
+async fn fetch_blob(
+    ctx: &Ctx,
+    job: &str,
+    sha256: &str,
+    to: &Path,
+    stage: &str,
+    what: &str,
+) -> Result<(), ShardError> {
+    use sha2::Digest;
+    let io = |verb: &str, e: std::io::Error| retry(stage, format!("{}: {verb}: {e}", to.display()));
+    let mut out = std::fs::File::create(to).map_err(|e| io("cannot create", e))?;
+    let mut hash = sha2::Sha256::new();
+    let mut stream = ctx
+        .client
+        .call(|mut c| {
+            let r = hcx_net::proto::BlobRef {
+                sha256: sha256.to_string(),
+                offset: 0,
+                job_id: job.to_string(),
+                peer: false,
+            };
+            async move { c.get_blob(r).await }
+        })
+        .await
+        .map_err(|e| retry(stage, format!("{what}: {e}")))?;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| retry(stage, format!("{what}: {}", s.message())))?
+    {
+        hash.update(&chunk.data);
+        std::io::Write::write_all(&mut out, &chunk.data).map_err(|e| io("cannot write", e))?;
+    }
+    let got = hex::encode(hash.finalize());
+    if got != sha256 {
+        return Err(retry(
+            stage,
+            format!("{what}: received bytes hash to {got}, not {sha256}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The calibration files a job sent to the cluster, downloaded from the
+/// coordinators into the work dir (`calibration/SHA256`, once per file
+/// content) and checked against their hashes; every `text` or `sentences`
+/// path of `c` then names its local copy.
+async fn local_calibration(
+    ctx: &Ctx,
+    job: &str,
+    c: &mut hcx_protocol::Calibration,
+) -> Result<(), ShardError> {
+    let dir = ctx.cfg.work_dir.join("calibration");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        retry(
+            "calibration",
+            format!("{}: cannot create: {e}", dir.display()),
+        )
+    })?;
+    let mut local = std::collections::HashMap::new();
+    for f in &c.sent {
+        let at = hcx_protocol::Calibration::sent_path(&dir, f);
+        if !at.is_file() {
+            let tmp = dir.join(format!("{}.{job}.partial", f.sha256));
+            let what = format!("calibration file {}", f.path.display());
+            fetch_blob(ctx, job, &f.sha256, &tmp, "calibration", &what).await?;
+            std::fs::rename(&tmp, &at).map_err(|e| {
+                retry(
+                    "calibration",
+                    format!("{}: cannot rename: {e}", tmp.display()),
+                )
+            })?;
+        }
+        local.insert(f.path.clone(), at);
+    }
+    for files in c.shared_files_mut() {
+        files.try_map(|p| {
+            local.get(p).cloned().ok_or_else(|| ShardError {
+                stage: "calibration".into(),
+                reason: format!("calibration file {} was not sent", p.display()),
+                retryable: false,
+            })
+        })?;
+    }
+    Ok(())
+}
+
 /// A model sent to the cluster, downloaded from the coordinators into the
 /// work dir (once per model: the folder is named by the model's digest),
 /// each file checked against its SHA-256; returns the path to read it at.
@@ -951,7 +1048,6 @@ async fn local_model(
     job: &str,
     sent: &hcx_protocol::job::SentModel,
 ) -> Result<std::path::PathBuf, ShardError> {
-    use sha2::Digest;
     let dir = ctx.cfg.work_dir.join("models").join(sent.digest());
     let path = match &sent.file {
         Some(f) => dir.join(f),
@@ -967,41 +1063,8 @@ async fn local_model(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
     for f in &sent.files {
-        let to = tmp.join(&f.name);
-        let mut out = std::fs::File::create(&to).map_err(|e| io("cannot create", &to, e))?;
-        let mut hash = sha2::Sha256::new();
-        let mut stream = ctx
-            .client
-            .call(|mut c| {
-                let r = hcx_net::proto::BlobRef {
-                    sha256: f.sha256.clone(),
-                    offset: 0,
-                    job_id: job.to_string(),
-                    peer: false,
-                };
-                async move { c.get_blob(r).await }
-            })
-            .await
-            .map_err(|e| retry("model", format!("model file {}: {e}", f.name)))?;
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| retry("model", format!("model file {}: {}", f.name, s.message())))?
-        {
-            hash.update(&chunk.data);
-            std::io::Write::write_all(&mut out, &chunk.data)
-                .map_err(|e| io("cannot write", &to, e))?;
-        }
-        let got = hex::encode(hash.finalize());
-        if got != f.sha256 {
-            return Err(retry(
-                "model",
-                format!(
-                    "model file {}: received bytes hash to {got}, not {}",
-                    f.name, f.sha256
-                ),
-            ));
-        }
+        let what = format!("model file {}", f.name);
+        fetch_blob(ctx, job, &f.sha256, &tmp.join(&f.name), "model", &what).await?;
     }
     std::fs::write(tmp.join(".complete"), b"").map_err(|e| io("cannot write", &tmp, e))?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -578,6 +578,8 @@ pub fn finish_artifact(
     // depend on how the job named them. A federated job's site files are
     // not at the merging coordinator: they are written as absolute paths.
     if let Some(c) = &mut job.calibration {
+        // Where the files were read, not how they travelled.
+        c.sent.clear();
         for f in c.shared_files_mut() {
             let _ = f.try_map(|p| {
                 Ok::<_, std::convert::Infallible>(

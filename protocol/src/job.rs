@@ -312,6 +312,13 @@ pub struct Calibration {
     /// Tokens per window (decoders) or at most per sentence (encoders).
     #[serde(default = "default_seq_len")]
     pub seq_len: usize,
+    /// Calibration files sent to the cluster, which `submit` sets when the
+    /// coordinators cannot read them in place: each `text` or `sentences`
+    /// file by the path the job names, with its content's SHA-256 and
+    /// length. A group's nodes read the cluster's copy. A site's files are
+    /// never sent: they stay at their site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<SentFile>,
     /// Whose activations each layer is calibrated on.
     #[serde(default)]
     pub order: CalibrationOrder,
@@ -784,6 +791,8 @@ impl JobSpec {
                     ),
                 ));
             }
+            c.validate_sent()
+                .map_err(|m| ("calibration.sent".to_string(), m))?;
             for (site, f) in &c.sites {
                 if !valid_certified_name(site) {
                     return Err((
@@ -917,6 +926,19 @@ impl JobSpec {
             }
         }
         Some(spec)
+    }
+
+    /// The blobs the job's inputs travelled as (SHA-256, bytes): its sent
+    /// model's files and its sent calibration files.
+    pub fn sent_blobs(&self) -> Vec<(&str, u64)> {
+        let mut out: Vec<(&str, u64)> = Vec::new();
+        if let Some(m) = &self.model.sent {
+            out.extend(m.files.iter().map(|f| (f.sha256.as_str(), f.bytes)));
+        }
+        if let Some(c) = &self.calibration {
+            out.extend(c.sent.iter().map(|f| (f.sha256.as_str(), f.bytes)));
+        }
+        out
     }
 
     /// The stages for a tensor name: the first matching rule's, or the
@@ -1196,6 +1218,69 @@ impl SentModel {
     }
 }
 
+/// A calibration file sent to the cluster: the path the job names, and
+/// its content by SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SentFile {
+    /// The path as the job names it (absolute once submitted).
+    pub path: PathBuf,
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// Its length in bytes.
+    pub bytes: u64,
+}
+
+impl Calibration {
+    /// Checks the sent files: each one of the job's `text` or `sentences`
+    /// files, named once, with a SHA-256 in lowercase hex; and, once any
+    /// is sent, every such file sent.
+    pub fn validate_sent(&self) -> Result<(), String> {
+        if self.sent.is_empty() {
+            return Ok(());
+        }
+        let shared: Vec<&PathBuf> = [&self.text, &self.sentences]
+            .into_iter()
+            .flatten()
+            .flat_map(|f| f.as_slice())
+            .collect();
+        for (i, f) in self.sent.iter().enumerate() {
+            if !shared.contains(&&f.path) {
+                return Err(format!(
+                    "sent file {} is not among the job's `text` or `sentences` files",
+                    f.path.display()
+                ));
+            }
+            if !is_sha256_hex(&f.sha256) {
+                return Err(format!(
+                    "sent file {}: {:?} is not a SHA-256 in lowercase hex",
+                    f.path.display(),
+                    f.sha256
+                ));
+            }
+            if self.sent[..i].iter().any(|g| g.path == f.path) {
+                return Err(format!("sent file {} is named twice", f.path.display()));
+            }
+        }
+        if let Some(missing) = shared
+            .iter()
+            .find(|p| !self.sent.iter().any(|f| &f.path == **p))
+        {
+            return Err(format!(
+                "{} is not sent though other calibration files are",
+                missing.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where a sent calibration file lies on this machine once fetched:
+    /// `dir`/its SHA-256, the same path for every job that sends it.
+    pub fn sent_path(dir: &Path, f: &SentFile) -> PathBuf {
+        dir.join(&f.sha256)
+    }
+}
+
 /// Whether `s` is 64 lowercase hex digits (a SHA-256 as we write it).
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
@@ -1470,6 +1555,46 @@ mod tests {
         let y = format!("{head}  text: t.txt\n  allow_small_sites: true\n");
         let e = parse(&y).unwrap_err().to_string();
         assert!(e.contains("calibration.allow_small_sites"), "{e}");
+    }
+
+    #[test]
+    fn sent_calibration_files_are_the_jobs_own_and_all_of_them() {
+        let head = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  text: [/d/a.txt, /d/b.txt]\n";
+        let sha = "ab".repeat(32);
+        let sent = |p: &str, h: &str| format!("    - {{path: {p}, sha256: \"{h}\", bytes: 3}}\n");
+        let y = format!(
+            "{head}  sent:\n{}{}",
+            sent("/d/a.txt", &sha),
+            sent("/d/b.txt", &sha)
+        );
+        let j = parse(&y).unwrap();
+        let c = j.calibration.as_ref().unwrap();
+        assert_eq!(c.sent.len(), 2);
+        assert_eq!(
+            Calibration::sent_path(Path::new("/w"), &c.sent[0]),
+            PathBuf::from(format!("/w/{sha}"))
+        );
+        assert_eq!(j.sent_blobs(), vec![(sha.as_str(), 3), (sha.as_str(), 3)]);
+        let json = serde_json::to_string(c).unwrap();
+        assert_eq!(&serde_json::from_str::<Calibration>(&json).unwrap(), c);
+        // Only the job's own files, each once, all of them, by SHA-256.
+        for (body, why) in [
+            (sent("/d/c.txt", &sha), "not among the job's"),
+            (sent("/d/a.txt", &sha), "/d/b.txt is not sent"),
+            (
+                format!("{}{}", sent("/d/a.txt", &sha), sent("/d/a.txt", &sha)),
+                "named twice",
+            ),
+            (
+                format!("{}{}", sent("/d/a.txt", "AB"), sent("/d/b.txt", &sha)),
+                "not a SHA-256",
+            ),
+        ] {
+            let e = parse(&format!("{head}  sent:\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("calibration.sent") && e.contains(why), "{e}");
+        }
     }
 
     #[test]
