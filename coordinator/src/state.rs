@@ -187,8 +187,56 @@ pub struct GroupRecord {
     pub backend: GroupBackend,
     /// The NCCL unique id rank 0 published for this formation (NCCL
     /// groups only; the other ranks wait for it).
-    #[serde(default)]
+    #[serde(default, with = "hex_bytes::option")]
     pub nccl_id: Option<Vec<u8>>,
+}
+
+/// Bytes in the log and the snapshots as lowercase hex rather than a JSON
+/// array of numbers; arrays written before are still read.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Hex(String),
+        Numbers(Vec<u8>),
+    }
+
+    fn decode<E: serde::de::Error>(w: Written) -> Result<Vec<u8>, E> {
+        match w {
+            Written::Hex(h) => hex::decode(&h).map_err(|e| E::custom(format!("{h:?}: {e}"))),
+            Written::Numbers(v) => Ok(v),
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        decode(Written::deserialize(d)?)
+    }
+
+    pub(super) mod option {
+        use super::*;
+
+        pub(in super::super) fn serialize<S: Serializer>(
+            b: &Option<Vec<u8>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match b {
+                Some(b) => s.serialize_some(&hex::encode(b)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<u8>>, D::Error> {
+            Option::<Written>::deserialize(d)?.map(decode).transpose()
+        }
+    }
 }
 
 /// The collective backend of a group.
@@ -362,6 +410,7 @@ pub enum Command {
         /// The formation it belongs to.
         epoch: u64,
         /// ncclUniqueId, [`NCCL_ID_BYTES`] bytes.
+        #[serde(with = "hex_bytes")]
         nccl_id: Vec<u8>,
     },
     /// Give a waiting shard to a node.
@@ -945,6 +994,24 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nccl_ids_travel_as_hex_and_arrays_written_before_still_read() {
+        let cmd = super::Command::SetGroupToken {
+            job: "j1".into(),
+            epoch: 3,
+            nccl_id: vec![0, 1, 254, 255],
+        };
+        let json = serde_json::to_string(&cmd).unwrap();
+        assert!(json.contains("\"0001feff\""), "{json}");
+        let back: super::Command = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        let old = json.replace("\"0001feff\"", "[0,1,254,255]");
+        let back: super::Command = serde_json::from_str(&old).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        let bad = json.replace("0001feff", "0x01");
+        assert!(serde_json::from_str::<super::Command>(&bad).is_err());
+    }
+
     use super::*;
     use crate::scheduler::Shard;
 
