@@ -198,6 +198,7 @@ pub async fn node(
     sec: &Security,
     cores: Option<u32>,
     heartbeat_ms: u64,
+    cache_keep: Duration,
 ) -> Result<()> {
     let claimed = parse_labels(labels)?;
     let tls = match sec {
@@ -249,6 +250,7 @@ pub async fn node(
         cores: cores.unwrap_or_else(hcx_node::machine_cores),
         memory_bytes: hcx_node::machine_memory(),
         heartbeat: Duration::from_millis(heartbeat_ms),
+        cache_keep,
     };
     if cfg.coordinators.is_empty() {
         bail!("no coordinator addresses given (use --coordinators or HCX_COORDINATORS)");
@@ -987,6 +989,7 @@ impl Embedded {
                 cores,
                 memory_bytes: hcx_node::machine_memory(),
                 heartbeat: Duration::from_millis(100),
+                cache_keep: hcx_node::DEFAULT_CACHE_KEEP,
             };
             nodes.push(tokio::spawn(hcx_node::run(cfg, stop_rx.clone())));
         }

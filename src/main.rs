@@ -159,6 +159,10 @@ enum Command {
         /// counts and timings only; bind it to loopback or a private network).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Remove a downloaded model or calibration file from the work dir
+        /// once no job has used it for this long (90s, 30m, 12h, 7d).
+        #[arg(long, value_parser = cluster::parse_age, default_value = "24h")]
+        cache_keep: std::time::Duration,
     },
     /// Submit a job to a cluster and print its id.
     Submit {
@@ -840,6 +844,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             cores,
             heartbeat_ms,
             metrics_listen,
+            cache_keep,
         } => {
             let sec = tls.security()?;
             let rt = runtime()?;
@@ -856,6 +861,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 &sec,
                 cores,
                 heartbeat_ms,
+                cache_keep,
             ))
         }
         Command::Submit {

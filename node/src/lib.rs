@@ -60,6 +60,84 @@ pub struct NodeConfig {
     pub memory_bytes: u64,
     /// Time between heartbeats.
     pub heartbeat: Duration,
+    /// How long a downloaded model or calibration file stays in the work
+    /// dir after a job last used it ([`sweep_cache`]).
+    pub cache_keep: Duration,
+}
+
+/// How long a downloaded model or calibration file stays cached by
+/// default after its last use.
+pub const DEFAULT_CACHE_KEEP: Duration = Duration::from_secs(24 * 3600);
+
+/// How often a node sweeps its cache of downloaded inputs.
+const CACHE_SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// Removes the downloaded inputs under `work_dir` that no job has used for
+/// `keep` before `now`: sent models (`models/DIGEST`, whose `.complete`
+/// marker every use touches), sent calibration files
+/// (`calibration/SHA256`, touched on every use) and downloads left
+/// unfinished (`*.partial`) as old. A job still reading a removed file
+/// keeps its open handle; a later job downloads it again. Returns the
+/// bytes freed.
+pub fn sweep_cache(work_dir: &Path, keep: Duration, now: std::time::SystemTime) -> u64 {
+    fn size(p: &Path) -> u64 {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                .map(|d| d.flatten().map(|e| size(&e.path())).sum())
+                .unwrap_or(0),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        }
+    }
+    let old = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > keep))
+    };
+    let mut freed = 0;
+    for kind in ["models", "calibration"] {
+        let Ok(entries) = std::fs::read_dir(work_dir.join(kind)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let partial = p.extension().is_some_and(|x| x == "partial");
+            // A model folder's use is its marker's time; a folder without
+            // one is a download that never finished.
+            let used = if kind == "models" && !partial {
+                p.join(".complete")
+            } else {
+                p.clone()
+            };
+            let stale = if used.exists() { old(&used) } else { old(&p) };
+            if !stale {
+                continue;
+            }
+            let bytes = size(&p);
+            let gone = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match gone {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), bytes, "removed a cached input no job used for {keep:?}");
+                    freed += bytes;
+                }
+                Err(err) => {
+                    tracing::warn!(path = %p.display(), "cannot remove a stale cached input: {err}")
+                }
+            }
+        }
+    }
+    freed
+}
+
+/// Marks a cached input as used now, so the sweep keeps it.
+fn touch(p: &Path) {
+    if let Ok(f) = std::fs::File::options().append(true).open(p) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
 }
 
 /// Why the agent stopped.
@@ -286,6 +364,20 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
             }
         },
     };
+    // Downloaded inputs no job used for a while are swept from the work dir.
+    let sweeper = {
+        let (dir, keep, mut stop) = (cfg.work_dir.clone(), cfg.cache_keep, stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (d, now) = (dir.clone(), std::time::SystemTime::now());
+                let _ = tokio::task::spawn_blocking(move || sweep_cache(&d, keep, now)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(CACHE_SWEEP_EVERY) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
     // The shell: carry out the agent's actions, feed it what came of them,
     // and wait for the next tick, work end or stop.
     let mut agent = Agent::new(RETRY_AFTER);
@@ -322,6 +414,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
     for (_, h) in tasks {
         h.abort();
     }
+    sweeper.abort();
     ctx.endpoint.close(0u32.into(), b"node stopping");
     let refused = ctx.refused.lock().unwrap_or_else(|p| p.into_inner()).take();
     match refused {
@@ -1015,7 +1108,9 @@ async fn local_calibration(
     let mut local = std::collections::HashMap::new();
     for f in &c.sent {
         let at = hcx_protocol::Calibration::sent_path(&dir, f);
-        if !at.is_file() {
+        if at.is_file() {
+            touch(&at);
+        } else {
             let tmp = dir.join(format!("{}.{job}.partial", f.sha256));
             let what = format!("calibration file {}", f.path.display());
             fetch_blob(ctx, job, &f.sha256, &tmp, "calibration", &what).await?;
@@ -1054,6 +1149,7 @@ async fn local_model(
         None => dir.clone(),
     };
     if dir.join(".complete").is_file() {
+        touch(&dir.join(".complete"));
         return Ok(path);
     }
     let tmp = dir.with_extension(format!("{job}.partial"));
@@ -1220,6 +1316,63 @@ async fn upload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_sweep_removes_only_inputs_unused_for_longer_than_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        let day = Duration::from_secs(24 * 3600);
+        let now = std::time::SystemTime::now();
+        let at = |p: &Path, age: Duration| {
+            let f = std::fs::File::open(p).unwrap();
+            f.set_modified(now - age).unwrap();
+        };
+        let file = |p: &Path, bytes: usize, age: Duration| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, vec![7u8; bytes]).unwrap();
+            at(p, age);
+        };
+        // A model last used two days ago, one used an hour ago, one whose
+        // download never finished two days ago, and one still arriving.
+        file(&w.join("models/old/model.safetensors"), 100, Duration::ZERO);
+        file(&w.join("models/old/.complete"), 0, 2 * day);
+        file(&w.join("models/new/model.safetensors"), 100, 2 * day);
+        file(
+            &w.join("models/new/.complete"),
+            0,
+            Duration::from_secs(3600),
+        );
+        file(
+            &w.join("models/gone.j1.partial/model.safetensors"),
+            10,
+            2 * day,
+        );
+        at(&w.join("models/gone.j1.partial"), 2 * day);
+        file(
+            &w.join("models/fresh.j2.partial/model.safetensors"),
+            10,
+            Duration::ZERO,
+        );
+        file(&w.join("calibration/aaaa"), 30, 2 * day);
+        file(&w.join("calibration/bbbb"), 30, Duration::from_secs(60));
+        let freed = sweep_cache(w, day, now);
+        assert_eq!(freed, 100 + 10 + 30);
+        assert!(!w.join("models/old").exists());
+        assert!(!w.join("models/gone.j1.partial").exists());
+        assert!(!w.join("calibration/aaaa").exists());
+        for kept in ["models/new", "models/fresh.j2.partial", "calibration/bbbb"] {
+            assert!(w.join(kept).exists(), "{kept}");
+        }
+        // Using a cached input keeps it another `keep`.
+        touch(&w.join("models/new/.complete"));
+        assert_eq!(
+            sweep_cache(w, Duration::from_secs(1800), now + Duration::from_secs(60)),
+            0
+        );
+        assert!(w.join("models/new").exists());
+        // A work dir without a cache is no error.
+        assert_eq!(sweep_cache(&w.join("none"), day, now), 0);
+    }
 
     #[test]
     fn announced_shapes_use_checked_arithmetic() {
