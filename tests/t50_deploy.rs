@@ -883,11 +883,13 @@ fn container_faults_leave_the_artifact_unchanged() {
         );
 
         drop(stopping);
-        clients
+        let answered = clients
             .into_iter()
             .map(|h| h.join().unwrap())
-            .sum::<usize>()
+            .sum::<usize>();
+        (answered, second)
     });
+    let (answered, second) = answered;
     assert!(
         answered >= 20,
         "the history clients got only {answered} answers"
@@ -913,6 +915,192 @@ fn container_faults_leave_the_artifact_unchanged() {
         Ok(n) => println!("{n} recorded client events, linearizable"),
         Err(why) => panic!("{why}"),
     }
+
+    // 6. A follower kept down while 2,000 jobs finish and the log is
+    //    compacted past it catches up by snapshot within 30 s, and the
+    //    next job still gives the same bytes.
+    c.docker(&["start"], second);
+    let metrics = |svc: &str| format!("{}.1{}:9100", c.subnet, &svc[1..]);
+    let live_founders: Vec<&str> = ["c1", "c2", "c3"]
+        .into_iter()
+        .filter(|s| {
+            c.nodes_json()["leader"]["voters"]
+                .to_string()
+                .contains(&format!("{}.1{}:7101", c.subnet, &s[1..]))
+        })
+        .collect();
+    let leader = c.leader();
+    let leader_metrics = if leader == "c4" {
+        format!("{}.14:9100", c.subnet)
+    } else {
+        metrics(&leader)
+    };
+    let applied = |addr: &str| gauge(addr, "hcx_raft_applied_index");
+    let caught_up = |svc: &str, limit: Duration| -> Duration {
+        let started = Instant::now();
+        let target = applied(&leader_metrics).unwrap_or(f64::MAX);
+        loop {
+            if applied(&metrics(svc)).is_some_and(|a| a >= target) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{svc} did not reach the leader's applied index {target} in {limit:?}:\n{}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    caught_up(second, Duration::from_secs(60));
+    let behind = *live_founders
+        .iter()
+        .find(|s| **s != leader)
+        .expect("a live founder that does not lead");
+    c.docker(&["kill", "--signal", "KILL"], behind);
+    // Nothing it lacks can be in its log: the leader has applied all of it.
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped_at = applied(&leader_metrics).expect("the leader's metrics");
+    let started = Instant::now();
+    let finished = finish_jobs(&c, &models.join("tiny/model.safetensors"), 2000);
+    let purged = gauge(&leader_metrics, "hcx_raft_purged_index").unwrap_or(0.0);
+    let snapshot = gauge(&leader_metrics, "hcx_raft_snapshot_index").unwrap_or(0.0);
+    println!(
+        "2000 jobs finished in {:?} with {behind} down (stopped at {stopped_at}): leader snapshot at {snapshot}, purged to {purged}",
+        started.elapsed()
+    );
+    assert_eq!(finished, 2000);
+    assert!(
+        purged > stopped_at,
+        "the leader kept its log from {stopped_at} on (purged to {purged}): no snapshot is needed"
+    );
+    c.docker(&["start"], behind);
+    let took = caught_up(behind, Duration::from_secs(30));
+    let installed = gauge(&metrics(behind), "hcx_raft_snapshot_index").unwrap_or(0.0);
+    println!("{behind} caught up by snapshot in {took:?} (its snapshot at {installed})");
+    assert!(
+        installed > stopped_at,
+        "{behind} caught up without a snapshot past {stopped_at} ({installed})"
+    );
+    let id = c.submit(&job, "snapshot");
+    c.wait_job(&id, "success", |v| v["state"] == "succeeded");
+    assert_same_artifact(&reference, &c.artifact(&id));
+    // Every one of the 2,000 jobs is there once, ended.
+    let all: serde_json::Value = serde_json::from_str(&c.cli_ok(&["status", "--json"])).unwrap();
+    let bulk: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["name"] == "bulk")
+        .collect();
+    assert_eq!(bulk.len(), 2000);
+    assert!(
+        bulk.iter()
+            .all(|j| matches!(j["state"].as_str(), Some("cancelled" | "succeeded"))),
+        "{bulk:?}"
+    );
+}
+
+/// A gauge's value from the Prometheus endpoint at `addr`, or `None` while
+/// it does not answer.
+fn gauge(addr: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Submits `n` jobs named `bulk` on the sent model `model` (a file the
+/// cluster already holds) and cancels each, over the cluster API from the
+/// host, eight at a time; returns how many ended.
+fn finish_jobs(c: &Compose, model: &Path, n: usize) -> usize {
+    use hcx_net::proto::{JobRef, SubmitJobRequest};
+    let bytes = std::fs::read(model).unwrap();
+    let sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    let name = model.file_name().unwrap().to_string_lossy().to_string();
+    let mut spec = hcx_protocol::JobSpec::parse(
+        "name: bulk\nseed: 1\nmodel: m\noutput: unused\npipeline:\n  - rtn: {bits: 8}\n",
+        Path::new("bulk.yaml"),
+        model.parent().unwrap(),
+    )
+    .unwrap();
+    spec.model.path = model.to_path_buf();
+    spec.model.sent = Some(hcx_protocol::job::SentModel {
+        files: vec![hcx_protocol::job::BlobFile {
+            name: name.clone(),
+            sha256,
+            bytes: bytes.len() as u64,
+        }],
+        file: Some(name),
+    });
+    let spec_json = serde_json::to_string(&spec).unwrap();
+    let id = hcx_net::tls::Identity::load_as(
+        &c.state.join("certs/operator"),
+        hcx_net::tls::Role::Client,
+    )
+    .unwrap();
+    let addrs: Vec<String> = c.coordinators().split(',').map(String::from).collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The client's channels need the runtime.
+        let client = hcx_net::client::CoordinatorClient::new(
+            addrs,
+            Some(hcx_net::tls::tonic_client_tls(&id)),
+        )
+        .unwrap()
+        .with_patience(Duration::from_secs(60));
+        let client = &client;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let one = || async {
+            let mut done = 0;
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                let req = SubmitJobRequest {
+                    spec_json: spec_json.clone(),
+                    in_cluster: true,
+                    ..Default::default()
+                };
+                let reply = client
+                    .call(|mut g| {
+                        let r = req.clone();
+                        async move { g.submit_job(r).await }
+                    })
+                    .await
+                    .unwrap();
+                assert!(!reply.job_id.is_empty(), "{reply:?}");
+                let job = reply.job_id;
+                let cancelled = client
+                    .call(|mut g| {
+                        let r = JobRef {
+                            job_id: job.clone(),
+                        };
+                        async move { g.cancel_job(r).await }
+                    })
+                    .await;
+                match cancelled {
+                    Ok(_) => {}
+                    Err(e) if e.to_string().contains("has already ended") => {}
+                    Err(e) => panic!("cancel {job}: {e}"),
+                }
+                done += 1;
+            }
+            done
+        };
+        let counts = futures::future::join_all((0..8).map(|_| one())).await;
+        counts.into_iter().sum()
+    })
 }
 
 /// Two artifacts are the same: the tensor file and the manifest byte for

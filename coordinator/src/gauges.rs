@@ -84,6 +84,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 metrics::gauge!(names::RAFT_TERM).set(m.current_term as f64);
                 metrics::gauge!(names::RAFT_APPLIED_INDEX)
                     .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+                metrics::gauge!(names::RAFT_SNAPSHOT_INDEX)
+                    .set(m.snapshot.map(|l| l.index).unwrap_or(0) as f64);
+                metrics::gauge!(names::RAFT_PURGED_INDEX)
+                    .set(m.purged.map(|l| l.index).unwrap_or(0) as f64);
                 let c = shared.view.read(count);
                 for (state, n) in c.jobs {
                     metrics::gauge!(names::JOBS, "state" => state).set(n as f64);

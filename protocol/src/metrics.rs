@@ -54,6 +54,12 @@ metrics_table! {
     /// The index of the last log entry applied here.
     RAFT_APPLIED_INDEX = "hcx_raft_applied_index", Gauge,
         "Index of the last raft log entry applied to this coordinator's state";
+    /// The last log index this coordinator's latest snapshot covers.
+    RAFT_SNAPSHOT_INDEX = "hcx_raft_snapshot_index", Gauge,
+        "Last raft log index covered by this coordinator's latest snapshot (built or installed)";
+    /// The last log index this coordinator has purged.
+    RAFT_PURGED_INDEX = "hcx_raft_purged_index", Gauge,
+        "Last raft log index this coordinator has purged from its log (covered by a snapshot)";
     /// Leader changes this coordinator has seen.
     RAFT_LEADER_CHANGES = "hcx_raft_leader_changes_total", Counter,
         "Times this coordinator saw the raft leader change (including to none)";
