@@ -995,9 +995,12 @@ fn smollm2_kl(name: &str, edit: &dyn Fn(String) -> String) -> f64 {
 // GPTQ on the Hadamard-rotated uniform grid) 0.0314 on the example's 128
 // windows of 256 tokens (its README row), 0.0321 on the first 64 of them
 // and 0.0333 on the first 32, which the test runs to keep the suite's time
-// in bounds (169 s on 2 cores, against about 300 s with 64). Each job is its
-// own test, with its gate just above its figure, so the two can run side by
-// side.
+// in bounds (169 s on 2 cores, against about 300 s with 64), on a 2-core
+// Intel Xeon. The forward passes' matrix products are chosen by CPU
+// features, so the calibrated bits differ between CPU kinds: the same 32
+// windows measure 0.0356 on the 2-core AMD EPYC machines CI also runs on.
+// Each job is its own test, with its gate just above its figure (the
+// higher of the two machines'), so the two can run side by side.
 
 #[test]
 fn smollm2_4bit_meets_its_kl_gate() {
@@ -1011,7 +1014,7 @@ fn smollm2_4bit_gptq_meets_its_kl_gate() {
         assert!(t.contains("  samples: 128\n"));
         t.replace("  samples: 128\n", "  samples: 32\n")
     });
-    assert!(kl <= 0.034, "calibrated KL {kl}");
+    assert!(kl <= 0.036, "calibrated KL {kl}");
 }
 
 /// Exports `artifact` as GGUF in `block`, dumps the file with llama.cpp's
