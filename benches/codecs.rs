@@ -284,6 +284,22 @@ fn bench_codecs(c: &mut Criterion) {
             });
         }
         g.finish();
+        // The same codes through rANS: encode, decode, and its rate
+        // against the codes' empirical entropy (printed once).
+        let stream = hcx_kernels::rans::encode(&codes);
+        let h = hcx_kernels::rans::entropy_bits(&hcx_kernels::rans::histogram(&codes));
+        println!(
+            "rans-codes: {:.4} bits per code against an entropy of {:.4} (+{:.4})",
+            stream.len() as f64 * 8.0 / codes.len() as f64,
+            h,
+            stream.len() as f64 * 8.0 / codes.len() as f64 - h
+        );
+        let mut g = group(c, format!("rans-codes/{label}"), codes.len());
+        g.bench_function("encode", |b| b.iter(|| hcx_kernels::rans::encode(&codes)));
+        g.bench_function("decode", |b| {
+            b.iter(|| hcx_kernels::rans::decode(&stream, codes.len()).expect("rans"))
+        });
+        g.finish();
     }
 }
 

@@ -150,6 +150,7 @@ pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
             S::Gptq(_) => 20.0,
             S::Uniform(_) | S::Nonuniform(_) => 6.0,
             S::Zstd(_) => 4.0,
+            S::Rans(_) => 0.5,
             S::Rtn(_) | S::Ternary(_) | S::Sparse(_) => 1.0,
             S::Hadamard(_) | S::Cast(_) | S::Correction(_) => 0.5,
         })

@@ -224,6 +224,7 @@ pub fn encode_tensor_calibrated(
                 split.meta
             }
             StageSpec::Zstd(z) => entropy::encode(z.level, &mut parts)?,
+            StageSpec::Rans(_) => entropy::encode_rans(&mut parts)?,
             StageSpec::Gptq(g) => {
                 let s = sig.take().ok_or_else(no_signal)?;
                 let h = h_cur
@@ -432,8 +433,8 @@ fn check_declared_sizes(steps: &[StepRecord], shape: &[usize]) -> Result<usize, 
     for step in steps {
         let (rows, cols, codec) = dims(step)?;
         let kind = step.spec.kind();
-        if let StageSpec::Zstd(_) = step.spec {
-            let raw = entropy::declared_raw_bytes(codec)?;
+        if let StageSpec::Zstd(_) | StageSpec::Rans(_) = step.spec {
+            let raw = entropy::declared_raw_bytes(kind, codec)?;
             let limit = MAX_PART_BYTES_PER_VALUE * numel as u64 + (64 << 10);
             if raw > limit {
                 return Err(KernelError::Meta {
@@ -490,9 +491,10 @@ pub fn decode_tensor(
     let expect = check_declared_sizes(steps, shape)?;
     let (steps, corrections) = split_corrections(steps)?;
     for step in steps.iter().rev() {
-        if let StageSpec::Zstd(_) = step.spec {
-            let (_, _, codec) = dims(step)?;
-            entropy::decode(codec, &mut parts)?;
+        match step.spec {
+            StageSpec::Zstd(_) => entropy::decode(dims(step)?.2, &mut parts)?,
+            StageSpec::Rans(_) => entropy::decode_rans(dims(step)?.2, &mut parts)?,
+            _ => {}
         }
     }
     let mut by_stage: HashMap<String, Vec<Part>> = HashMap::new();
@@ -513,7 +515,7 @@ pub fn decode_tensor(
         let (rows, cols, codec) = dims(step)?;
         let kind = step.spec.kind();
         match &step.spec {
-            StageSpec::Zstd(_) => {}
+            StageSpec::Zstd(_) | StageSpec::Rans(_) => {}
             StageSpec::Hadamard(_) => {
                 let v = cur.as_mut().ok_or_else(|| KernelError::Meta {
                     stage: kind.into(),

@@ -24,6 +24,7 @@ pub mod hessian;
 pub mod lowrank;
 pub mod nonuniform;
 pub mod part;
+pub mod rans;
 pub mod rng;
 pub mod rtn;
 pub mod seedlm;

@@ -1014,11 +1014,13 @@ pub fn validate_chain(chain: &[StageSpec], at: &str) -> Result<(), (String, Stri
             ends_signal = true;
         }
         if let StageSpec::Uniform(_) = stage
-            && !chain.iter().any(|s| matches!(s, StageSpec::Zstd(_)))
+            && !chain
+                .iter()
+                .any(|s| s.category() == crate::stage::StageCategory::Entropy)
         {
             return Err((
                 field,
-                "the uniform quantizer writes one byte per code and needs an entropy coder after it (add `- zstd: {}`)".into(),
+                "the uniform quantizer writes one byte per code and needs an entropy coder after it (add `- rans: {}` or `- zstd: {}`)".into(),
             ));
         }
         last = cat;
