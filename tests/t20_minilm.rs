@@ -240,8 +240,21 @@ fn a_dry_run_estimates_size_and_time_within_25_percent_and_runs_nothing() {
         ],
         &t.path().join("again.out"),
     );
-    let cpu = cpu.min(cpu_again);
-    let ins = inspect_encoder(&a);
+    eprintln!("peak resident {rss} bytes");
+    assert_estimates_within_25_percent(&dry, &again, &a, cpu.min(cpu_again));
+}
+
+/// A dry run's artifact bytes, bits per weight and CPU-seconds (the least
+/// of two dry runs, `dry` and `again`) lie within 25 % of the real run's
+/// artifact at `artifact` and its least CPU-seconds `cpu`.
+fn assert_estimates_within_25_percent(
+    dry: &serde_json::Value,
+    again: &serde_json::Value,
+    artifact: &std::path::Path,
+    cpu: f64,
+) {
+    let est = &dry["estimate"];
+    let ins = inspect_encoder(artifact);
     let real_bytes = ins["artifact_bytes"].as_f64().unwrap();
     let real_bpw = ins["compressed"]["bits_per_weight"].as_f64().unwrap();
     let est_bytes = est["artifact_bytes"].as_f64().unwrap();
@@ -251,7 +264,8 @@ fn a_dry_run_estimates_size_and_time_within_25_percent_and_runs_nothing() {
         .unwrap()
         .min(again["estimate"]["cpu_seconds"].as_f64().unwrap());
     eprintln!(
-        "artifact {est_bytes} estimated, {real_bytes} real; {est_bpw:.3} / {real_bpw:.3} bits per weight; {est_cpu:.2} / {cpu:.2} CPU-seconds; peak resident {rss} bytes"
+        "artifact {est_bytes} estimated, {real_bytes} real; {est_bpw:.3} / {real_bpw:.3} bits per weight; {est_cpu:.2} / {cpu:.2} CPU-seconds; walk {}",
+        est["walk"]
     );
     let within = |est: f64, real: f64| (est / real - 1.0).abs() <= 0.25;
     assert!(within(est_bytes, real_bytes), "{est_bytes} vs {real_bytes}");
@@ -343,27 +357,7 @@ fn a_calibrated_dry_run_estimates_the_walk_within_25_percent() {
         ],
         &t.path().join("again.out"),
     );
-    let cpu = cpu.min(cpu_again);
-    let est = &dry["estimate"];
-    let ins = inspect_encoder(&a);
-    let real_bytes = ins["artifact_bytes"].as_f64().unwrap();
-    let real_bpw = ins["compressed"]["bits_per_weight"].as_f64().unwrap();
-    let est_bytes = est["artifact_bytes"].as_f64().unwrap();
-    let est_bpw = est["bits_per_weight"].as_f64().unwrap();
-    let est_cpu = est["cpu_seconds"]
-        .as_f64()
-        .unwrap()
-        .min(again["estimate"]["cpu_seconds"].as_f64().unwrap());
-    eprintln!(
-        "artifact {est_bytes} estimated, {real_bytes} real; {est_bpw:.3} / {real_bpw:.3} bits per weight; {est_cpu:.2} / {cpu:.2} CPU-seconds; walk {walk}"
-    );
-    let within = |est: f64, real: f64| (est / real - 1.0).abs() <= 0.25;
-    assert!(within(est_bytes, real_bytes), "{est_bytes} vs {real_bytes}");
-    assert!(within(est_bpw, real_bpw), "{est_bpw} vs {real_bpw}");
-    assert!(
-        within(est_cpu, cpu),
-        "{est_cpu} CPU-seconds estimated, {cpu} real"
-    );
+    assert_estimates_within_25_percent(&dry, &again, &a, cpu.min(cpu_again));
 
     // On three nodes the job is one group: three ranks, each walking a
     // third of the micro-batches and encoding every block, so each

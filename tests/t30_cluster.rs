@@ -1534,12 +1534,14 @@ fn coordinators_and_nodes_export_metrics_that_move_during_a_job() {
     wait_mid_job(&c, &id);
     let leader = c.leader();
     // Mid-job: the leader has served tensors and seen a shard come in, and
-    // a node has fetched them; the gauges (refreshed every second) show the
-    // job running.
+    // a node has fetched them; the gauges (refreshed every second, so they
+    // may lag the status that showed a shard done) show the job running.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mid = loop {
         let s = Scrape::get(&c.metrics[leader]);
-        if s.value("hcx_jobs{state=\"running\"}") == 1.0 || Instant::now() > deadline {
+        let shown = s.value("hcx_jobs{state=\"running\"}") == 1.0
+            && s.value("hcx_shards{state=\"done\"}") >= 1.0;
+        if shown || Instant::now() > deadline {
             break s;
         }
         std::thread::sleep(Duration::from_millis(300));

@@ -882,6 +882,25 @@ fn calibrate_blocks<'a>(
     })
 }
 
+/// A group of one rank: the collective a single process calibrates with.
+pub(crate) fn one_rank(
+    during: &str,
+) -> Result<hcx_kernels::collective::Ring<hcx_kernels::collective::local::LocalLink>, PipelineError>
+{
+    hcx_kernels::collective::local::group(1, 0)
+        .map_err(|source| PipelineError::Collective {
+            during: during.into(),
+            source,
+        })?
+        .pop()
+        .ok_or_else(|| PipelineError::Collective {
+            during: during.into(),
+            source: hcx_kernels::collective::CollectiveError::BadCall(
+                "a group of one has no rank".into(),
+            ),
+        })
+}
+
 /// The job's calibration section.
 pub(crate) fn calibration_of<'a>(
     spec: &'a JobSpec,

@@ -305,12 +305,7 @@ pub fn run_job(spec: &JobSpec, output: Option<&Path>) -> Result<RunOutcome, Pipe
     let output = output.unwrap_or(&spec.output).to_path_buf();
     write_artifact(spec, &output, |model, tmp, started| {
         if spec.calibration.is_some() {
-            let mut alone = hcx_kernels::collective::local::group(1, 0)
-                .map_err(|source| PipelineError::Collective {
-                    during: "setting up a one-rank run".into(),
-                    source,
-                })?
-                .remove(0);
+            let mut alone = crate::calibrate::one_rank("setting up a one-rank run")?;
             crate::calibrate::build_calibrated(spec, model, tmp, started, &mut alone, &[])
         } else {
             build(spec, model, tmp, started)

@@ -147,12 +147,7 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
     let started = process_cpu_seconds();
     let (mut net, tok) = load_net(spec, model, None)?;
     check_calibrated_tensors(&net, model, &plans)?;
-    let mut alone = hcx_kernels::collective::local::group(1, 0)
-        .map_err(|source| PipelineError::Collective {
-            during: "setting up a one-rank measurement".into(),
-            source,
-        })?
-        .remove(0);
+    let mut alone = crate::calibrate::one_rank("setting up a one-rank measurement")?;
     let Layout {
         local: all, sites, ..
     } = layout(&net, &tok, model, cal, &mut alone, &[])?;
