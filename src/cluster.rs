@@ -457,8 +457,7 @@ pub async fn send_calibration(
     c: &hcx_protocol::Calibration,
 ) -> Result<Vec<hcx_protocol::job::SentFile>> {
     let mut out: Vec<hcx_protocol::job::SentFile> = Vec::new();
-    let mut shared = c.clone();
-    for files in shared.shared_files_mut() {
+    for files in c.shared_files() {
         for p in files.as_slice() {
             let path = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
             if out.iter().any(|f| f.path == path) {

@@ -348,8 +348,13 @@ impl Calibration {
             .chain(self.sites.values_mut())
     }
 
-    /// The files read on a cluster's shared storage (`text` or
-    /// `sentences`); a site's files are read only at that site.
+    /// The files read on a cluster's shared storage or sent to it (`text`
+    /// or `sentences`); a site's files are read only at that site.
+    pub fn shared_files(&self) -> impl Iterator<Item = &Files> {
+        [&self.text, &self.sentences].into_iter().flatten()
+    }
+
+    /// As [`Calibration::shared_files`], to change them.
     pub fn shared_files_mut(&mut self) -> impl Iterator<Item = &mut Files> {
         [&mut self.text, &mut self.sentences].into_iter().flatten()
     }
@@ -1241,11 +1246,7 @@ impl Calibration {
         if self.sent.is_empty() {
             return Ok(());
         }
-        let shared: Vec<&PathBuf> = [&self.text, &self.sentences]
-            .into_iter()
-            .flatten()
-            .flat_map(|f| f.as_slice())
-            .collect();
+        let shared: Vec<&PathBuf> = self.shared_files().flat_map(|f| f.as_slice()).collect();
         for (i, f) in self.sent.iter().enumerate() {
             if !shared.contains(&&f.path) {
                 return Err(format!(
