@@ -163,6 +163,27 @@ fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
                         coefficients: 3,
                         coefficient_bits: 4,
                         exponent_bits: 4,
+                        basis: SeedlmBasis::Bits,
+                    },
+                    x,
+                    1,
+                )
+                .expect("encode");
+                (c.meta, c.parts)
+            }),
+            d(seedlm::decode),
+        ),
+        (
+            "seedlm-c8-p3-4bit-lfsr",
+            16,
+            Box::new(|x| {
+                let c = seedlm::encode(
+                    &SeedlmSpec {
+                        block: 8,
+                        coefficients: 3,
+                        coefficient_bits: 4,
+                        exponent_bits: 4,
+                        basis: SeedlmBasis::Lfsr,
                     },
                     x,
                     1,

@@ -437,6 +437,27 @@ pub struct SeedlmSpec {
     pub coefficient_bits: u8,
     /// Bits of the shared exponent.
     pub exponent_bits: u8,
+    /// How a seed becomes the basis matrix; absent: `bits`.
+    #[serde(default, skip_serializing_if = "SeedlmBasis::is_bits")]
+    pub basis: SeedlmBasis,
+}
+
+/// How SeedLM turns a seed into its `block × coefficients` basis matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SeedlmBasis {
+    /// One LFSR output bit per entry: ±1/√block (columns of unit norm).
+    #[default]
+    Bits,
+    /// One 16-bit LFSR state per entry, scaled to [−1, 1) (the paper's basis).
+    Lfsr,
+}
+
+impl SeedlmBasis {
+    /// True for the default basis (kept out of serialized specs).
+    pub fn is_bits(&self) -> bool {
+        *self == SeedlmBasis::Bits
+    }
 }
 
 /// Parameters of vector quantization.
@@ -572,6 +593,40 @@ pub struct CorrectionSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seedlm_basis_defaults_to_bits_and_stays_out_of_serialized_specs() {
+        let plain: StageSpec = serde_saphyr::from_str(
+            "seedlm: {block: 8, coefficients: 3, coefficient_bits: 4, exponent_bits: 4}",
+        )
+        .unwrap();
+        let StageSpec::Seedlm(s) = &plain else {
+            panic!("{plain:?}")
+        };
+        assert_eq!(s.basis, SeedlmBasis::Bits);
+        // Specs written before the option serialize as they did.
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("basis"), "{json}");
+        let lfsr: StageSpec = serde_saphyr::from_str(
+            "seedlm: {block: 8, coefficients: 3, coefficient_bits: 4, exponent_bits: 4, basis: lfsr}",
+        )
+        .unwrap();
+        let StageSpec::Seedlm(s) = &lfsr else {
+            panic!("{lfsr:?}")
+        };
+        assert_eq!(s.basis, SeedlmBasis::Lfsr);
+        assert!(
+            serde_json::to_string(&lfsr)
+                .unwrap()
+                .contains(r#""basis":"lfsr""#)
+        );
+        let bad = serde_saphyr::from_str::<StageSpec>(
+            "seedlm: {block: 8, coefficients: 3, coefficient_bits: 4, exponent_bits: 4, basis: gauss}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("gauss"), "{bad}");
+    }
 
     #[test]
     fn gptq_parses_with_defaults_and_validates() {
