@@ -4,12 +4,12 @@
 # hyperfine (Debian's package, installed here when missing) for whole runs.
 # Run it on an otherwise idle machine; it prints the machine first.
 #
-#   bash scripts/perf.sh [codecs] [cluster] [collectives] [e2e] [group]   (default: all five)
+#   bash scripts/perf.sh [codecs] [cluster] [scale] [collectives] [e2e] [group]   (default: all six)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster collectives e2e group)
+[ ${#parts[@]} -eq 0 ] && parts=(codecs cluster scale collectives e2e group)
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB"
 bash scripts/fetch-model.sh >&2
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -46,6 +46,8 @@ PY
       ;;
     cluster)
       cargo bench --locked --profile dev --bench cluster 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
+    scale)
+      cargo bench --locked --bench coordinator_scale 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
     collectives)
       cargo bench --locked --bench collectives 2>&1 | grep -vE '^\s*(Compiling|Finished|Running)' ;;
     e2e)
@@ -101,6 +103,6 @@ print(f"{sys.argv[2]}: forward passes {cal['forward_seconds']:.1f} s, blocks in 
 PY
         cmp -s "$out/local/model.hcx.safetensors" "$out/$d/model.hcx.safetensors" || echo "$d: the tensor file differs from the local run's" >&2
       done ;;
-    *) echo "unknown part $part (codecs, cluster, collectives, e2e, group)" >&2; exit 2 ;;
+    *) echo "unknown part $part (codecs, cluster, scale, collectives, e2e, group)" >&2; exit 2 ;;
   esac
 done
