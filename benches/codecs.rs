@@ -37,6 +37,22 @@ fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
     fn d(dec: DecodeFn) -> Dec {
         Box::new(move |m, p, r, c| dec(m, p, r, c).expect("decode"))
     }
+    // SeedLM at 4 bits per weight (C = 8, P = 3), on 16 rows.
+    let seedlm_4bit = |name, basis| -> (&'static str, usize, Enc, Dec) {
+        let spec = SeedlmSpec {
+            block: 8,
+            coefficients: 3,
+            coefficient_bits: 4,
+            exponent_bits: 4,
+            basis,
+        };
+        (
+            name,
+            16,
+            q(spec, |s, x| seedlm::encode(s, x, 1)),
+            d(seedlm::decode),
+        )
+    };
     let rtn8 = RtnSpec {
         bits: 8,
         group: None,
@@ -153,46 +169,8 @@ fn codecs() -> Vec<(&'static str, usize, Enc, Dec)> {
             }),
             d(vq::decode),
         ),
-        (
-            "seedlm-c8-p3-4bit",
-            16,
-            Box::new(|x| {
-                let c = seedlm::encode(
-                    &SeedlmSpec {
-                        block: 8,
-                        coefficients: 3,
-                        coefficient_bits: 4,
-                        exponent_bits: 4,
-                        basis: SeedlmBasis::Bits,
-                    },
-                    x,
-                    1,
-                )
-                .expect("encode");
-                (c.meta, c.parts)
-            }),
-            d(seedlm::decode),
-        ),
-        (
-            "seedlm-c8-p3-4bit-lfsr",
-            16,
-            Box::new(|x| {
-                let c = seedlm::encode(
-                    &SeedlmSpec {
-                        block: 8,
-                        coefficients: 3,
-                        coefficient_bits: 4,
-                        exponent_bits: 4,
-                        basis: SeedlmBasis::Lfsr,
-                    },
-                    x,
-                    1,
-                )
-                .expect("encode");
-                (c.meta, c.parts)
-            }),
-            d(seedlm::decode),
-        ),
+        seedlm_4bit("seedlm-c8-p3-4bit", SeedlmBasis::Bits),
+        seedlm_4bit("seedlm-c8-p3-4bit-lfsr", SeedlmBasis::Lfsr),
     ]
 }
 

@@ -13,7 +13,7 @@
 //! every seed the reference would evaluate is evaluated here too, in the
 //! same order, and the results agree bit for bit.
 
-use super::table::{BoundTable, SeedTable};
+use super::table::{BoundTable, SeedTable, group_stride};
 use super::{Best, ExpRange, Geometry, LANES, Prepared, consider, prepare};
 
 /// Blocks searched side by side.
@@ -162,7 +162,7 @@ fn tile<const P: usize, const FMA: bool>(
 ) {
     let c = g.c;
     let tri = P * (P + 1) / 2;
-    let shape_stride = (P * c + tri) * LANES;
+    let shape_stride = group_stride(c, P);
     let mut preps: [Option<Prepared>; TILE] = [None; TILE];
     // Pattern sums, one row per sign pattern, one lane per block.
     let mut sums = vec![[0f32; TILE]; 1 << c];
@@ -299,7 +299,7 @@ mod tests {
         let x = gaussian_vec(c as u64 * 100 + P as u64, c * TILE * 2);
         let scale = (1.0 / (c as f64).sqrt()) as f32;
         let tri = P * (P + 1) / 2;
-        let stride = (P * c + tri) * LANES;
+        let stride = group_stride(c, P);
         let mut worst = 0f32;
         for tile in x.chunks_exact(c * TILE) {
             let mut sums = vec![[0f32; TILE]; 1 << c];

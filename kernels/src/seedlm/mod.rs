@@ -169,16 +169,6 @@ impl Geometry {
         (1 << self.eb) - 1
     }
 
-    /// Upper-triangle entries of the Gram matrix.
-    fn tri(self) -> usize {
-        self.p * (self.p + 1) / 2
-    }
-
-    /// Floats per group of `LANES` seeds in the table.
-    fn group_stride(self) -> usize {
-        (self.p * self.c + self.tri()) * LANES
-    }
-
     fn check_cols(self, rows: usize, cols: usize) -> Result<(), KernelError> {
         if !cols.is_multiple_of(self.c) {
             return Err(KernelError::shape(
@@ -439,7 +429,7 @@ fn search_block<const P: usize>(
     let ws = &prep.ws[..c];
     let ww = prep.ww;
     let qmax = g.qmax() as f32;
-    for (gi, group) in table.chunks_exact(g.group_stride()).enumerate() {
+    for (gi, group) in table.chunks_exact(table::group_stride(c, P)).enumerate() {
         let (pinv, gram) = group.split_at(P * c * LANES);
         let (pinv, _) = pinv.as_chunks::<LANES>();
         let (gram, _) = gram.as_chunks::<LANES>();
@@ -518,7 +508,7 @@ fn search(
             .for_each(|(ws, bs)| bounded::search_tile(ws, bs, table, bound, max_seed, g, range));
         return;
     }
-    let stride = g.group_stride();
+    let stride = table::group_stride(c, g.p);
     let groups_per_chunk = (TABLE_BYTES / (stride * 4)).max(1);
     let mut own = Vec::new();
     let all_groups = max_seed.div_ceil(LANES);

@@ -32,6 +32,13 @@ pub(super) const BOUND_MAX_BLOCK: usize = 12;
 /// stray from the bound by more than the search's margin.
 const LOOSE_PIVOT: f64 = 1.0 / 16.0;
 
+/// Floats per group of `LANES` seeds in an exact table for blocks of `c`
+/// weights and `p` coefficients: the pseudo-inverse (`p·c`) and the Gram
+/// matrix's upper triangle, each entry for `LANES` seeds.
+pub(super) fn group_stride(c: usize, p: usize) -> usize {
+    (p * c + p * (p + 1) / 2) * LANES
+}
+
 /// What a seed table depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Shape {
@@ -51,7 +58,7 @@ impl Shape {
 
     /// Floats per group of `LANES` seeds in the exact table.
     pub(super) fn group_stride(self) -> usize {
-        (self.p * self.c + self.tri()) * LANES
+        group_stride(self.c, self.p)
     }
 
     /// Bytes of the exact table for every seed.
