@@ -9,9 +9,13 @@
 //! `cargo bench --bench cluster`. The end-to-end MiniLM times come from
 //! the CLI (see docs/PERFORMANCE.md for the commands).
 
+#[path = "../tests/common/ports.rs"]
+mod ports;
+use ports::free_port;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -23,16 +27,6 @@ use hcx_net::tls::Identity;
 
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 1 << 20;
-
-fn free_port(ip: &str) -> u16 {
-    loop {
-        let t = TcpListener::bind(format!("{ip}:0")).unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(format!("{ip}:{port}")).is_ok() {
-            return port;
-        }
-    }
-}
 
 /// The `p` quantile of sorted samples (nearest rank). Only asked for when at
 /// least 10 samples lie above it, so a printed p99 is never just the maximum.

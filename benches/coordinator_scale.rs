@@ -20,8 +20,11 @@
 //!
 //! `cargo bench --bench coordinator_scale` (table in docs/PERFORMANCE.md).
 
+#[path = "../tests/common/ports.rs"]
+mod ports;
+use ports::free_port;
+
 use std::collections::{HashMap, HashSet};
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,16 +50,6 @@ const SHARD_BYTES: usize = 4096;
 const SMALL_JOBS: usize = 100;
 /// How long the idle cluster is measured.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
-
-fn free_port(ip: &str) -> u16 {
-    loop {
-        let t = TcpListener::bind(format!("{ip}:0")).unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(format!("{ip}:{port}")).is_ok() {
-            return port;
-        }
-    }
-}
 
 /// Writes a safetensors file whose header declares `tensors` (bf16) and
 /// whose data is a hole: the file takes a few KiB on disk.

@@ -7,25 +7,12 @@
 
 mod common;
 
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{hcx, hcx_ok, minilm, write_job};
-
-/// A port free for both TCP and UDP on `ip`.
-fn free_port(ip: &str) -> u16 {
-    for _ in 0..100 {
-        let t = TcpListener::bind(format!("{ip}:0")).expect("bind tcp");
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(format!("{ip}:{port}")).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port on {ip}");
-}
+use common::{free_port, hcx, hcx_ok, minilm, write_job};
 
 struct Proc {
     child: Option<Child>,

@@ -2,6 +2,11 @@
 //! and small models written on the fly.
 #![allow(dead_code)]
 
+mod ports;
+// Not every test binary starts processes on ports of its own.
+#[allow(unused_imports)]
+pub use ports::free_port;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
