@@ -227,6 +227,9 @@ async fn fetch(
     .await?;
     send.write_all(raw).await.map_err(std::io::Error::from)?;
     let _ = send.finish();
+    // The stream holds its own copy of what it still has to send; the
+    // source's pages need not stay resident in this process.
+    model.release(t);
     metrics::counter!(names::TENSORS_SERVED).increment(1);
     metrics::counter!(names::TENSOR_SERVED_BYTES).increment(raw.len() as u64);
     Ok(())

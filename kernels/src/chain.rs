@@ -244,12 +244,16 @@ pub fn encode_tensor_calibrated(
                 out.coded.meta
             }
             q => {
+                // The quantizer's error is not measured here: the full
+                // decode after the chain measures the final error, and the
+                // quantizer's share is set from it (the one quantizer of a
+                // chain takes what the other stages did not add). Decoding
+                // here too would cost a second decode and a second copy of
+                // the tensor.
                 let s = sig.take().ok_or_else(no_signal)?;
                 let coded = quantize(q, &s, seed)?;
-                let local = Parts::new(coded.parts);
-                let back = dequantize(q, &coded.meta, &local, s.rows, s.cols)?;
-                err = squared_error(&s.data, &back);
-                parts.extend(prefixed(kind, local.into_vec()));
+                drop(s);
+                parts.extend(prefixed(kind, coded.parts));
                 coded.meta
             }
         };

@@ -250,13 +250,28 @@ pub fn decode(
         None
     };
     let mut out = vec![0f32; n];
-    out.par_iter_mut().enumerate().for_each(|(i, o)| {
-        let q = match hi {
-            Some(h) => i16::from_le_bytes([lo[i], h[i]]) as i32,
-            None => lo[i] as i8 as i32,
-        };
-        *o = reconstruct(q, m.step, &m.offsets);
-    });
+    const CHUNK: usize = 1 << 14;
+    match hi {
+        Some(h) => out.par_iter_mut().enumerate().for_each(|(i, o)| {
+            let q = i16::from_le_bytes([lo[i], h[i]]) as i32;
+            *o = reconstruct(q, m.step, &m.offsets);
+        }),
+        None => {
+            // One byte per code: every value the decoder can produce, looked
+            // up by the code's byte (the same `reconstruct`, so the same bits).
+            let mut table = [0f32; 256];
+            for (b, v) in table.iter_mut().enumerate() {
+                *v = reconstruct(b as u8 as i8 as i32, m.step, &m.offsets);
+            }
+            out.par_chunks_mut(CHUNK)
+                .zip(lo.par_chunks(CHUNK))
+                .for_each(|(o, c)| {
+                    for (v, b) in o.iter_mut().zip(c) {
+                        *v = table[*b as usize];
+                    }
+                });
+        }
+    }
     Ok(out)
 }
 

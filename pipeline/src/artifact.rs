@@ -102,6 +102,15 @@ impl TensorFiles {
         Ok(TensorFiles { maps })
     }
 
+    /// Drops every mapped page from this process's resident memory (see
+    /// [`crate::model::Model::release`]): decompression calls it behind
+    /// each wave.
+    fn release_all(&self) {
+        for (map, _, _) in self.maps.values() {
+            crate::model::release_range(map, 0, map.len());
+        }
+    }
+
     fn parts(&self, artifact: &Path, t: &TensorEntry) -> Result<Vec<Part>, PipelineError> {
         let (map, start, meta) = self
             .maps
@@ -335,6 +344,7 @@ pub fn decompress_sharded(
                 .par_iter()
                 .map(|t| decode_entry(artifact, &files, t))
                 .collect();
+            files.release_all();
             for (t, bytes) in m.tensors[i..j].iter().zip(wave) {
                 w.add(&t.name, &t.dtype, &t.shape, &bytes?)?;
             }

@@ -280,14 +280,56 @@ impl Model {
         raw_to_f32(self.raw(t), t.dtype)
     }
 
+    /// Drops the mapped pages of `t`'s bytes from this process's resident
+    /// memory (the kernel keeps them in its page cache; a later read maps
+    /// them again). A run calls it behind each wave, and the data plane
+    /// after serving a tensor, so a model larger than memory is never
+    /// resident as a whole. No effect on a GGUF source (held decoded).
+    pub fn release(&self, t: &TensorInfo) {
+        if self.decoded.is_some() {
+            return;
+        }
+        release_range(
+            &self.maps[t.file],
+            self.headers[t.file] + t.range.0,
+            t.range.1 - t.range.0,
+        );
+    }
+
+    /// [`Model::release`] for every mapped file as a whole.
+    pub fn release_all(&self) {
+        for m in &self.maps {
+            release_range(m, 0, m.len());
+        }
+    }
+
     /// Size on disk of every safetensors file.
     pub fn file_sizes(&self) -> Vec<u64> {
         self.maps.iter().map(|m| m.len() as u64).collect()
     }
+}
 
-    /// The full bytes of file `i` (for hashing).
-    pub fn file_bytes(&self, i: usize) -> &[u8] {
-        &self.maps[i]
+/// Drops `len` bytes of a read-only file map from `offset` out of this
+/// process's resident memory (memmap2 widens the range to whole pages).
+/// Advice only: an error leaves the pages resident and changes nothing else.
+pub(crate) fn release_range(map: &Mmap, offset: usize, len: usize) {
+    if len == 0 || offset >= map.len() {
+        return;
+    }
+    let len = len.min(map.len() - offset);
+    #[cfg(unix)]
+    // SAFETY: the map is a read-only, shared file mapping: dropping its pages
+    // loses nothing, a later access reads them from the file again.
+    unsafe {
+        let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len);
+    }
+}
+
+/// [`release_range`] for `data`, a slice of `map`.
+pub(crate) fn release_slice(map: &Mmap, data: &[u8]) {
+    let offset = (data.as_ptr() as usize).wrapping_sub(map.as_ptr() as usize);
+    if offset < map.len() {
+        release_range(map, offset, data.len());
     }
 }
 
@@ -333,4 +375,68 @@ pub fn parse_dtype(s: &str) -> Option<Dtype> {
 /// The name safetensors uses for a dtype.
 pub fn dtype_str(d: Dtype) -> String {
     dtype_name(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::TensorFileWriter;
+
+    /// Resident kilobytes of the mappings of `file` in this process, from
+    /// /proc/self/smaps (`None` where there is no such file).
+    fn resident_kb(file: &Path) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let want = file.canonicalize().ok()?.display().to_string();
+        let mut total = 0u64;
+        let mut ours = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                ours = line.ends_with(&want);
+            } else if ours && let Some(rest) = line.strip_prefix("Rss:") {
+                total += rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+            }
+        }
+        Some(total)
+    }
+
+    #[test]
+    fn released_tensors_leave_resident_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut w = TensorFileWriter::create(&path).unwrap();
+        // Four tensors of 8 MiB each.
+        for i in 0..4 {
+            let v: Vec<u8> = (0..8usize << 20).map(|k| (k * 31 + i) as u8).collect();
+            w.add(&format!("t{i}"), "U8", &[8 << 20], &v).unwrap();
+        }
+        w.finish(&BTreeMap::new()).unwrap();
+        let model = Model::open(&path).unwrap();
+        let Some(before) = resident_kb(&path) else {
+            eprintln!("skipped: no /proc/self/smaps on this system");
+            return;
+        };
+        let sum: u64 = model
+            .tensors
+            .iter()
+            .map(|t| model.raw(t).iter().step_by(4096).map(|b| u64::from(*b)).sum::<u64>())
+            .sum();
+        assert!(sum > 0);
+        let touched = resident_kb(&path).unwrap();
+        assert!(
+            touched >= before + 30 * 1024,
+            "reading 32 MiB made {touched} kB resident (from {before})"
+        );
+        model.release(&model.tensors[0]);
+        let one = resident_kb(&path).unwrap();
+        assert!(
+            one + 7 * 1024 <= touched && one >= touched.saturating_sub(9 * 1024),
+            "releasing one 8 MiB tensor took {touched} kB to {one} kB"
+        );
+        model.release_all();
+        let none = resident_kb(&path).unwrap();
+        assert!(none <= 64, "{none} kB still resident after releasing everything");
+        // A released tensor reads back the same.
+        assert_eq!(model.raw(&model.tensors[2])[12345], (12345 * 31 + 2) as u8);
+    }
 }

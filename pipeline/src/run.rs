@@ -483,6 +483,9 @@ fn build(
                 )
             })
             .collect();
+        for k in i..j {
+            model.release(&model.tensors[k]);
+        }
         for enc in wave {
             let enc = enc?;
             write_entry(&mut writer, &enc)?;
@@ -553,16 +556,20 @@ pub fn finish_artifact(
         });
     }
     let sizes = model.file_sizes();
+    // Hashed by reading each file through a buffer: hashing through the
+    // map would make the whole source resident at once.
     let source_files: Vec<FileEntry> = model
         .files
         .iter()
         .enumerate()
-        .map(|(i, name)| FileEntry {
-            name: name.clone(),
-            bytes: sizes[i],
-            sha256: hex::encode(sha2::Sha256::digest(model.file_bytes(i))),
+        .map(|(i, name)| {
+            Ok(FileEntry {
+                name: name.clone(),
+                bytes: sizes[i],
+                sha256: crate::writer::sha256_file(&model.dir.join(name))?,
+            })
         })
-        .collect();
+        .collect::<Result<_, PipelineError>>()?;
     let mut job = spec.clone();
     job.output = PathBuf::from(".");
     // The manifest records where the model was read, not how it travelled.

@@ -302,6 +302,7 @@ pub fn merge_shards(
                     ));
                 }
                 writer.add(&p.name, &p.dtype, &p.shape, view.data())?;
+                crate::model::release_slice(&shards[i].map, view.data());
             }
             entries.push(e.entry);
             seconds.push(e.seconds);
