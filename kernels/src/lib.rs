@@ -26,6 +26,7 @@ pub mod nonuniform;
 pub mod part;
 pub mod rans;
 pub mod rng;
+pub mod row_pieces;
 pub mod rtn;
 pub mod seedlm;
 pub mod sparse;

@@ -296,6 +296,13 @@ impl Model {
         );
     }
 
+    /// [`Model::release`] for `bytes`, a span of `t`'s [`Model::raw`].
+    pub fn release_bytes(&self, t: &TensorInfo, bytes: &[u8]) {
+        if self.decoded.is_none() {
+            release_slice(&self.maps[t.file], bytes);
+        }
+    }
+
     /// [`Model::release`] for every mapped file as a whole.
     pub fn release_all(&self) {
         for m in &self.maps {
@@ -394,7 +401,12 @@ mod tests {
             if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
                 ours = line.ends_with(&want);
             } else if ours && let Some(rest) = line.strip_prefix("Rss:") {
-                total += rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+                total += rest
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
             }
         }
         Some(total)
@@ -419,7 +431,14 @@ mod tests {
         let sum: u64 = model
             .tensors
             .iter()
-            .map(|t| model.raw(t).iter().step_by(4096).map(|b| u64::from(*b)).sum::<u64>())
+            .map(|t| {
+                model
+                    .raw(t)
+                    .iter()
+                    .step_by(4096)
+                    .map(|b| u64::from(*b))
+                    .sum::<u64>()
+            })
             .sum();
         assert!(sum > 0);
         let touched = resident_kb(&path).unwrap();
@@ -435,7 +454,10 @@ mod tests {
         );
         model.release_all();
         let none = resident_kb(&path).unwrap();
-        assert!(none <= 64, "{none} kB still resident after releasing everything");
+        assert!(
+            none <= 64,
+            "{none} kB still resident after releasing everything"
+        );
         // A released tensor reads back the same.
         assert_eq!(model.raw(&model.tensors[2])[12345], (12345 * 31 + 2) as u8);
     }

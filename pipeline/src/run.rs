@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use hcx_kernels::EncodedTensor;
 use hcx_kernels::chain::encode_tensor_calibrated;
+use hcx_kernels::row_pieces;
 use hcx_protocol::manifest::{FORMAT, MANIFEST_FILE};
 use hcx_protocol::{FileEntry, JobSpec, Manifest, PartEntry, StageSpec, TensorEntry};
 use rayon::prelude::*;
@@ -83,10 +84,62 @@ pub fn encode_raw(
     encode_raw_calibrated(name, dtype, shape, raw, stages, seed, None).map(|(e, _)| e)
 }
 
+/// Whether a tensor of `numel` values is encoded a piece of rows at a time
+/// (see [`encode_raw_calibrated`]): larger than a wave, no calibration
+/// statistics, a chain that codes rows independently.
+fn by_rows(numel: usize, stages: &[StageSpec], calibrated: bool) -> bool {
+    !calibrated && numel > WAVE_ELEMENTS && row_pieces::codes_rows_independently(stages)
+}
+
+/// Values of tensor `t` a run holds at once while encoding it through
+/// `stages` (with calibration statistics when `calibrated`): one piece of
+/// rows where it is encoded by rows, else the whole tensor. The planner's
+/// memory estimate for a shard is built on it.
+pub fn working_values(
+    t: &crate::model::TensorInfo,
+    stages: &[StageSpec],
+    calibrated: bool,
+) -> usize {
+    let numel = t.numel();
+    if is_integer_dtype(t.dtype) || !by_rows(numel, stages, calibrated) {
+        return numel;
+    }
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    (row_pieces::piece_rows(cols, WAVE_ELEMENTS) * cols).min(numel)
+}
+
+/// [`encode_raw`] for tensor `t` of `model`: where it is encoded a piece of
+/// rows at a time (see [`encode_raw_calibrated`]), each piece's source
+/// pages are dropped from resident memory once read.
+pub fn encode_model_tensor(
+    model: &Model,
+    t: &crate::model::TensorInfo,
+    stages: &[StageSpec],
+    seed: u64,
+) -> Result<EncodedEntry, PipelineError> {
+    encode_raw_inner(
+        &t.name,
+        t.dtype,
+        &t.shape,
+        model.raw(t),
+        stages,
+        seed,
+        None,
+        &|bytes| model.release_bytes(t, bytes),
+    )
+    .map(|(e, _)| e)
+}
+
 /// [`encode_raw`] with the statistics H = Σ x xᵀ of the tensor's inputs
 /// (row-major, columns × columns) where calibration collected them; also
 /// returns the decoded values of an encoded tensor (what the compressed
 /// model will hold), for sequential calibration.
+///
+/// A tensor of more than [`WAVE_ELEMENTS`] values without statistics whose
+/// chain codes rows independently (`hcx_kernels::row_pieces`) is encoded a
+/// piece of rows at a time, with the same bytes, so that memory holds one
+/// piece and the parts rather than the tensor (its decoded values are not
+/// returned: no calibration asks for them).
 pub fn encode_raw_calibrated(
     name: &str,
     dtype: safetensors::Dtype,
@@ -95,6 +148,22 @@ pub fn encode_raw_calibrated(
     stages: &[StageSpec],
     seed: u64,
     hessian: Option<&[f64]>,
+) -> Result<(EncodedEntry, Option<Vec<f32>>), PipelineError> {
+    encode_raw_inner(name, dtype, shape, raw, stages, seed, hessian, &|_| {})
+}
+
+/// [`encode_raw_calibrated`], calling `read` with each span of `raw` a
+/// piece-wise encoding has finished with.
+#[allow(clippy::too_many_arguments)]
+fn encode_raw_inner(
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    raw: &[u8],
+    stages: &[StageSpec],
+    seed: u64,
+    hessian: Option<&[f64]>,
+    read: &dyn Fn(&[u8]),
 ) -> Result<(EncodedEntry, Option<Vec<f32>>), PipelineError> {
     let mut entry = TensorEntry {
         name: name.to_string(),
@@ -139,15 +208,28 @@ pub fn encode_raw_calibrated(
             ),
         });
     }
-    let values = raw_to_f32(raw, dtype);
-    entry.energy = hcx_kernels::stats::energy(&values);
-    let e: EncodedTensor = encode_tensor_calibrated(
-        name, values, shape, stages, seed, elem, hessian,
-    )
-    .map_err(|source| PipelineError::Tensor {
+    let tensor_err = |source| PipelineError::Tensor {
         tensor: name.to_string(),
         source,
-    })?;
+    };
+    let e: EncodedTensor = if by_rows(numel, stages, hessian.is_some()) {
+        let cols = shape.last().copied().unwrap_or(1).max(1);
+        let per = row_pieces::piece_rows(cols, WAVE_ELEMENTS);
+        let r = row_pieces::encode_by_rows(name, shape, stages, seed, elem, per, |rows| {
+            let bytes = &raw[rows.start * cols * elem..rows.end * cols * elem];
+            let values = raw_to_f32(bytes, dtype);
+            read(bytes);
+            Ok(values)
+        })
+        .map_err(tensor_err)?;
+        entry.energy = r.energy;
+        r.tensor
+    } else {
+        let values = raw_to_f32(raw, dtype);
+        entry.energy = hcx_kernels::stats::energy(&values);
+        encode_tensor_calibrated(name, values, shape, stages, seed, elem, hessian)
+            .map_err(tensor_err)?
+    };
     let mut data = Vec::with_capacity(e.parts.len());
     for p in e.parts {
         entry.parts.push(PartEntry {
@@ -471,17 +553,7 @@ fn build(
         let (i, j) = (range.start, range.end);
         let wave: Vec<Result<EncodedEntry, PipelineError>> = (i..j)
             .into_par_iter()
-            .map(|k| {
-                let t = &model.tensors[k];
-                encode_raw(
-                    &t.name,
-                    t.dtype,
-                    &t.shape,
-                    model.raw(t),
-                    &plans[k],
-                    spec.seed,
-                )
-            })
+            .map(|k| encode_model_tensor(model, &model.tensors[k], &plans[k], spec.seed))
             .collect();
         for k in i..j {
             model.release(&model.tensors[k]);
@@ -686,6 +758,65 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("art")]);
+    }
+
+    #[test]
+    fn a_tensor_larger_than_a_wave_is_encoded_by_rows_with_the_same_bytes() {
+        use crate::model::f32_to_bytes;
+        use hcx_protocol::stage::{RansSpec, RtnSpec, StageSpec};
+        // 16,400 × 4,096 bf16 values: more than a wave, so four pieces of
+        // 16,360 rows and a last one of 40.
+        let (rows, cols) = (16_400usize, 4_096usize);
+        assert!(rows * cols > WAVE_ELEMENTS);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                ((i.wrapping_mul(2_654_435_761) % 1_000) as f32 - 500.0)
+                    * (1.0 + (i / cols % 5) as f32)
+            })
+            .collect();
+        let raw = f32_to_bytes(&values, safetensors::Dtype::BF16);
+        drop(values);
+        let stages = vec![
+            StageSpec::Rtn(RtnSpec {
+                bits: 4,
+                group: Some(128),
+                symmetric: false,
+                search: false,
+            }),
+            StageSpec::Rans(RansSpec {}),
+        ];
+        let read = std::sync::atomic::AtomicUsize::new(0);
+        let (pieces, _) = super::encode_raw_inner(
+            "w",
+            safetensors::Dtype::BF16,
+            &[rows, cols],
+            &raw,
+            &stages,
+            3,
+            None,
+            &|b| {
+                read.fetch_add(b.len(), std::sync::atomic::Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        assert_eq!(read.into_inner(), raw.len(), "every byte read once");
+        let whole = hcx_kernels::encode_tensor(
+            "w",
+            crate::model::raw_to_f32(&raw, safetensors::Dtype::BF16),
+            &[rows, cols],
+            &stages,
+            3,
+            2,
+        )
+        .unwrap();
+        assert_eq!(pieces.data.len(), whole.parts.len());
+        for (a, b) in pieces.data.iter().zip(&whole.parts) {
+            assert!(a == &b.data, "part {} differs", b.name);
+        }
+        assert_eq!(pieces.entry.steps.len(), whole.steps.len());
+        for (a, b) in pieces.entry.steps.iter().zip(&whole.steps) {
+            assert_eq!(a.meta, b.meta);
+        }
     }
 
     #[test]

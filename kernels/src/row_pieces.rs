@@ -1,0 +1,374 @@
+//! Encodes a tensor larger than memory should hold a piece of rows at a
+//! time, with the same bytes as [`crate::encode_tensor`] on the whole.
+//!
+//! Most chains code every row on its own: a Hadamard rotation mixes values
+//! within a row with signs drawn from the tensor's seed; round-to-nearest,
+//! ternary in groups and casts look at one group of a row at a time; the
+//! entropy coders come after the quantizer and see only its parts. For
+//! such a chain, the parts of consecutive row pieces laid end to end are
+//! the whole tensor's parts, byte for byte, provided each piece's codes
+//! fill whole bytes (pieces of a multiple of 40 rows: eight 1-bit codes or
+//! five trits to a byte). So a tensor of any size is encoded with one
+//! piece's values in memory, plus the parts; the entropy coders then run
+//! once over the joined parts, as they would have over the whole tensor's.
+//!
+//! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
+//! (the verification every tensor gets); the entropy stages are checked by
+//! decoding their output back to the joined parts. The step records are the
+//! whole tensor's: sizes and squared errors summed over the pieces, the
+//! quantizer's share set from the final error as the chain sets it.
+
+use std::time::Instant;
+
+use hcx_protocol::manifest::StepRecord;
+use hcx_protocol::stage::{StageCategory, StageSpec};
+use serde_json::json;
+
+use crate::chain::{EncodedTensor, encode_tensor};
+use crate::stats::{energy, sqnr_from, squared_error};
+use crate::{KernelError, Part, entropy};
+
+/// Rows in a piece are a multiple of this: 8 (1-bit codes packed eight to
+/// a byte) times 5 (trits packed five to a byte).
+pub const ROW_MULTIPLE: usize = 40;
+
+/// Whether `stages` code every row of a tensor independently of the other
+/// rows with parameters that do not depend on them, so that
+/// [`encode_by_rows`] gives the whole tensor's bytes: Hadamard rotations,
+/// then `rtn`, `cast`, or `ternary` with a group, then entropy coders.
+/// Chains that fit a tensor-wide parameter (`uniform`'s step, a codebook,
+/// a low-rank factor, a Hessian) are encoded whole.
+pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
+    let mut quantizers = 0;
+    for s in stages {
+        match s {
+            StageSpec::Hadamard(_) | StageSpec::Zstd(_) | StageSpec::Rans(_) => {}
+            StageSpec::Rtn(_) | StageSpec::Cast(_) => quantizers += 1,
+            StageSpec::Ternary(t) if t.group.is_some() => quantizers += 1,
+            _ => return false,
+        }
+    }
+    quantizers == 1
+}
+
+/// Rows per piece for rows of `cols` values and at most `max_values`
+/// values a piece: a positive multiple of [`ROW_MULTIPLE`].
+pub fn piece_rows(cols: usize, max_values: usize) -> usize {
+    let rows = max_values / cols.max(1);
+    (rows / ROW_MULTIPLE).max(1) * ROW_MULTIPLE
+}
+
+/// A tensor encoded by [`encode_by_rows`].
+#[derive(Debug, Clone)]
+pub struct RowEncoded {
+    /// Steps, parts, SQNR and seconds as [`crate::encode_tensor`] gives them
+    /// for the whole tensor; `decoded` is empty (no piece is kept).
+    pub tensor: EncodedTensor,
+    /// Σ x² over the tensor (the sum of the pieces' sums).
+    pub energy: f64,
+}
+
+/// Encodes a tensor of `shape` through `stages` (which must pass
+/// [`codes_rows_independently`]) `rows_per_piece` rows at a time (a
+/// multiple of [`ROW_MULTIPLE`]); `piece(r0..r1)` gives rows `r0..r1` as
+/// f32 values. `name`, `job_seed` and `elem_bytes` are as for
+/// [`crate::encode_tensor`].
+pub fn encode_by_rows(
+    name: &str,
+    shape: &[usize],
+    stages: &[StageSpec],
+    job_seed: u64,
+    elem_bytes: usize,
+    rows_per_piece: usize,
+    mut piece: impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+) -> Result<RowEncoded, KernelError> {
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let n: usize = shape.iter().product();
+    let rows = n / cols;
+    let not_split = |why: String| KernelError::Meta {
+        stage: "chain".into(),
+        why: format!("cannot encode `{name}` by rows: {why}"),
+    };
+    if !codes_rows_independently(stages) {
+        return Err(not_split(
+            "its chain does not code rows independently".into(),
+        ));
+    }
+    if rows_per_piece == 0 || !rows_per_piece.is_multiple_of(ROW_MULTIPLE) {
+        return Err(not_split(format!(
+            "{rows_per_piece} rows a piece is not a positive multiple of {ROW_MULTIPLE}"
+        )));
+    }
+    let split = stages
+        .iter()
+        .position(|s| s.category() == StageCategory::Entropy)
+        .unwrap_or(stages.len());
+    let (head, tail) = stages.split_at(split);
+    let mut steps: Vec<StepRecord> = Vec::new();
+    let mut parts: Vec<Part> = Vec::new();
+    let mut seconds = vec![0f64; stages.len()];
+    // Each head stage's squared error, and the final one, summed over pieces.
+    let mut errors = vec![0f64; head.len()];
+    let (mut total, mut final_error) = (0f64, 0f64);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + rows_per_piece).min(rows);
+        let values = piece(r0..r1)?;
+        if values.len() != (r1 - r0) * cols {
+            return Err(not_split(format!(
+                "rows {r0}..{r1} came as {} values, not {}",
+                values.len(),
+                (r1 - r0) * cols
+            )));
+        }
+        let piece_energy = energy(&values);
+        let original = values.clone();
+        let e = encode_tensor(name, values, &[r1 - r0, cols], head, job_seed, elem_bytes)?;
+        final_error += squared_error(&original, &e.decoded);
+        drop(original);
+        total += piece_energy;
+        for (k, s) in e.steps.iter().enumerate() {
+            errors[k] += s.error_added * piece_energy;
+            seconds[k] += e.seconds[k];
+        }
+        if steps.is_empty() {
+            steps = e.steps;
+            parts = e.parts;
+        } else {
+            for (a, b) in steps.iter_mut().zip(&e.steps) {
+                if a.meta["codec"] != b.meta["codec"] {
+                    return Err(not_split(format!(
+                        "stage `{}` coded rows {r0}..{r1} with other parameters",
+                        a.spec.kind()
+                    )));
+                }
+                a.bytes_in += b.bytes_in;
+                a.bytes_out += b.bytes_out;
+            }
+            join_parts(&mut parts, e.parts).map_err(not_split)?;
+        }
+        r0 = r1;
+    }
+    for s in &mut steps {
+        s.meta["rows"] = json!(rows);
+    }
+    // The records as the chain keeps them: running SQNR after each head
+    // stage, then the quantizer's share fixed up from the final error.
+    let mut cumulative = 0f64;
+    for (s, e) in steps.iter_mut().zip(&errors) {
+        cumulative += e;
+        s.error_added = if total > 0.0 { e / total } else { 0.0 };
+        s.sqnr_db = sqnr_from(total, cumulative);
+    }
+    let sqnr = sqnr_from(total, final_error);
+    let joined = parts.clone();
+    for (k, stage) in tail.iter().enumerate() {
+        let t0 = Instant::now();
+        let bytes_in = bytes_of(&parts);
+        let codec = match stage {
+            StageSpec::Zstd(z) => entropy::encode(z.level, &mut parts)?,
+            StageSpec::Rans(_) => entropy::encode_rans(&mut parts)?,
+            other => return Err(not_split(format!("`{}` after a quantizer", other.kind()))),
+        };
+        steps.push(StepRecord {
+            spec: stage.clone(),
+            meta: json!({ "rows": 0, "cols": 0, "codec": codec }),
+            bytes_in,
+            bytes_out: bytes_of(&parts),
+            error_added: 0.0,
+            sqnr_db: None,
+        });
+        seconds[split + k] = t0.elapsed().as_secs_f64();
+    }
+    // The entropy stages decode back to the joined parts.
+    let mut back = parts.clone();
+    for s in steps[split..].iter().rev() {
+        match s.spec {
+            StageSpec::Zstd(_) => entropy::decode(&s.meta["codec"], &mut back)?,
+            StageSpec::Rans(_) => entropy::decode_rans(&s.meta["codec"], &mut back)?,
+            _ => {}
+        }
+    }
+    if back != joined {
+        return Err(KernelError::Meta {
+            stage: tail.first().map_or("chain", |s| s.kind()).into(),
+            why: format!("`{name}`: the coded parts do not decode to what was coded"),
+        });
+    }
+    if let Some(qi) = steps
+        .iter()
+        .position(|s| s.spec.category() == StageCategory::Quantizer)
+    {
+        let others: f64 = steps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != qi)
+            .map(|(_, s)| s.error_added)
+            .sum();
+        steps[qi].error_added = if total > 0.0 {
+            (final_error / total - others).max(0.0)
+        } else {
+            0.0
+        };
+        for s in steps.iter_mut().skip(qi) {
+            s.sqnr_db = sqnr;
+        }
+    }
+    Ok(RowEncoded {
+        tensor: EncodedTensor {
+            steps,
+            parts,
+            sqnr_db: sqnr,
+            seconds,
+            output_sqnr_db: None,
+            decoded: Vec::new(),
+        },
+        energy: total,
+    })
+}
+
+/// Appends each part of a later piece to the same part of the pieces
+/// before it: the bytes, and the count along the first dimension.
+fn join_parts(into: &mut [Part], next: Vec<Part>) -> Result<(), String> {
+    if into.len() != next.len() {
+        return Err(format!(
+            "a piece has {} parts, the first had {}",
+            next.len(),
+            into.len()
+        ));
+    }
+    for (a, b) in into.iter_mut().zip(next) {
+        if a.name != b.name
+            || a.dtype != b.dtype
+            || a.shape.len() != b.shape.len()
+            || a.shape.get(1..) != b.shape.get(1..)
+        {
+            return Err(format!(
+                "part `{}` {:?} does not continue part `{}` {:?}",
+                b.name, b.shape, a.name, a.shape
+            ));
+        }
+        if let (Some(x), Some(y)) = (a.shape.first_mut(), b.shape.first()) {
+            *x += y;
+        }
+        a.data.extend_from_slice(&b.data);
+    }
+    Ok(())
+}
+
+fn bytes_of(parts: &[Part]) -> u64 {
+    parts.iter().map(|p| p.len() as u64).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::gaussian_vec;
+    use hcx_protocol::stage::*;
+
+    fn chains() -> Vec<Vec<StageSpec>> {
+        let rtn = |bits, group, symmetric| {
+            StageSpec::Rtn(RtnSpec {
+                bits,
+                group,
+                symmetric,
+                search: false,
+            })
+        };
+        vec![
+            vec![rtn(4, Some(128), false)],
+            vec![rtn(3, Some(64), true), StageSpec::Rans(RansSpec::default())],
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                rtn(4, Some(32), false),
+                StageSpec::Zstd(ZstdSpec { level: 3 }),
+            ],
+            vec![rtn(8, None, true)],
+            vec![
+                StageSpec::Ternary(TernarySpec { group: Some(64) }),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            vec![StageSpec::Cast(CastSpec {
+                dtype: CastDtype::F16,
+            })],
+        ]
+    }
+
+    #[test]
+    fn pieces_give_the_whole_tensors_bytes() {
+        // 203 rows: pieces of 40 and 80 rows leave a last piece of 3 and 43.
+        let (rows, cols) = (203, 256);
+        let mut x = gaussian_vec(11, rows * cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            // Rows of very different scales, so that a parameter shared
+            // across rows would show.
+            *v *= 1.0 + (i / cols % 7) as f32;
+        }
+        for stages in chains() {
+            assert!(codes_rows_independently(&stages), "{stages:?}");
+            let whole = encode_tensor("w", x.clone(), &[rows, cols], &stages, 5, 2).unwrap();
+            for per in [40, 80, 240] {
+                let got = encode_by_rows("w", &[rows, cols], &stages, 5, 2, per, |r| {
+                    Ok(x[r.start * cols..r.end * cols].to_vec())
+                })
+                .unwrap();
+                let t = &got.tensor;
+                assert_eq!(t.parts, whole.parts, "{stages:?} in pieces of {per} rows");
+                assert_eq!(t.steps.len(), whole.steps.len());
+                for (a, b) in t.steps.iter().zip(&whole.steps) {
+                    assert_eq!(a.meta, b.meta, "{stages:?}");
+                    assert_eq!((a.bytes_in, a.bytes_out), (b.bytes_in, b.bytes_out));
+                    assert!(
+                        (a.error_added - b.error_added).abs() <= 1e-9 * b.error_added.max(1e-12)
+                    );
+                    match (a.sqnr_db, b.sqnr_db) {
+                        (Some(p), Some(q)) => assert!((p - q).abs() < 1e-9, "{p} vs {q}"),
+                        (p, q) => assert_eq!(p, q),
+                    }
+                }
+                let (a, b) = (t.sqnr_db.unwrap(), whole.sqnr_db.unwrap());
+                assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+                let e = energy(&x);
+                assert!((got.energy - e).abs() <= 1e-9 * e);
+                // And the whole tensor's decoder reads them.
+                let back = crate::decode_tensor(&t.steps, t.parts.clone(), &[rows, cols]).unwrap();
+                assert_eq!(back, whole.decoded);
+            }
+        }
+    }
+
+    #[test]
+    fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
+        for stages in [
+            vec![StageSpec::Uniform(UniformSpec {
+                bits: 4.0,
+                deadzone: 0.0,
+            })],
+            vec![StageSpec::Ternary(TernarySpec { group: None })],
+            vec![
+                StageSpec::Lowrank(LowrankSpec {
+                    rank: Some(2),
+                    rank_fraction: None,
+                    energy: None,
+                    keep_residual: true,
+                }),
+                StageSpec::Rtn(RtnSpec {
+                    bits: 4,
+                    group: None,
+                    symmetric: true,
+                    search: false,
+                }),
+            ],
+            vec![StageSpec::Hadamard(HadamardSpec::default())],
+            vec![],
+        ] {
+            assert!(!codes_rows_independently(&stages), "{stages:?}");
+            let r = encode_by_rows("w", &[80, 64], &stages, 1, 4, 40, |_| {
+                Ok(vec![0.0; 40 * 64])
+            });
+            assert!(r.is_err());
+        }
+        assert_eq!(piece_rows(4096, 1 << 26), 16_360);
+        assert_eq!(piece_rows(1 << 30, 1 << 26), ROW_MULTIPLE);
+    }
+}
