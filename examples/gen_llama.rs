@@ -3,12 +3,16 @@
 //! more than one tensor's worth of a buffer:
 //!
 //! ```text
-//! cargo run --release --example gen_llama -- SHAPE SEED OUT_DIR
+//! cargo run --release --example gen_llama -- SHAPE SEED OUT_DIR [--zeros]
 //! ```
 //!
 //! SHAPE is `3b` (Llama-3.2-3B: 28 blocks of 3072, 3.2 B parameters, 6.4 GB),
-//! `7b` (Llama-2-7B: 32 blocks of 4096, 6.7 B parameters, 13.5 GB) or
-//! `tiny` (2 blocks of 256, for trying the tool). Values are Gaussian-like
+//! `7b` (Llama-2-7B: 32 blocks of 4096, 6.7 B parameters, 13.5 GB), `70b`
+//! (Llama-3-70B: 80 blocks of 8192, 70.6 B parameters, 141 GB) or `tiny`
+//! (2 blocks of 256, for trying the tool). With `--zeros` the file gets its
+//! header and its full length but no values: a sparse file of zeros that
+//! takes no disk, for plans and dry runs (`run --dry-run`) at sizes the
+//! disk cannot hold. Values are Gaussian-like
 //! (the sum of four uniforms) with a standard deviation of 0.02 for
 //! matrices and 1 for norms, from a xorshift generator seeded by SEED and
 //! the tensor's name, so the same arguments give the same bytes. The model
@@ -46,6 +50,15 @@ fn shape(name: &str) -> Option<Shape> {
             inter: 11_008,
             vocab: 32_000,
             heads: 32,
+            tied: false,
+        },
+        "70b" => Shape {
+            layers: 80,
+            hidden: 8192,
+            kv: 1024,
+            inter: 28_672,
+            vocab: 128_256,
+            heads: 64,
             tied: false,
         },
         "tiny" => Shape {
@@ -105,10 +118,14 @@ fn bf16(v: f32) -> u16 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: gen_llama SHAPE(3b|7b|tiny) SEED OUT_DIR";
-    let [name, seed, out] = args.as_slice() else {
-        eprintln!("{usage}");
-        std::process::exit(2);
+    let usage = "usage: gen_llama SHAPE(3b|7b|70b|tiny) SEED OUT_DIR [--zeros]";
+    let (name, seed, out, zeros) = match args.as_slice() {
+        [name, seed, out] => (name, seed, out, false),
+        [name, seed, out, z] if z == "--zeros" => (name, seed, out, true),
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
     };
     let Some(s) = shape(name) else {
         eprintln!("unknown shape {name:?}; {usage}");
@@ -144,7 +161,16 @@ fn main() {
     w.write_all(text.as_bytes()).unwrap_or_else(io);
     let mut params = 0u64;
     let mut buf = Vec::new();
-    for (n, dims) in &list {
+    if zeros {
+        params = list.iter().map(|(_, d)| d.iter().product::<u64>()).sum();
+        w.flush().unwrap_or_else(io);
+        let file = w
+            .into_inner()
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.error()));
+        file.set_len(8 + text.len() as u64 + at).unwrap_or_else(io);
+        w = BufWriter::new(file);
+    }
+    for (n, dims) in list.iter().filter(|_| !zeros) {
         let count = dims.iter().product::<u64>();
         params += count;
         let norm = dims.len() == 1;

@@ -4,7 +4,10 @@
 # hyperfine (Debian's package, installed here when missing) for whole runs.
 # Run it on an otherwise idle machine; it prints the machine first.
 #
-#   bash scripts/perf.sh [codecs] [cluster] [scale] [collectives] [e2e] [group]   (default: all six)
+#   bash scripts/perf.sh [codecs] [cluster] [scale] [collectives] [e2e] [group] [large]
+#
+# (default: the first six; `large` generates a 13.5 GB model and takes about
+# an hour on 2 cores, so it runs only when named).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -103,6 +106,38 @@ print(f"{sys.argv[2]}: forward passes {cal['forward_seconds']:.1f} s, blocks in 
 PY
         cmp -s "$out/local/model.hcx.safetensors" "$out/$d/model.hcx.safetensors" || echo "$d: the tensor file differs from the local run's" >&2
       done ;;
-    *) echo "unknown part $part (codecs, cluster, scale, collectives, e2e, group)" >&2; exit 2 ;;
+    large)
+      # A generated Llama-2-7B-shaped bf16 model (seeded, 13.5 GB; made once
+      # into models/llama-7b-gen) compressed by the local pipeline and by
+      # the embedded cluster with 2 nodes, then decompressed: wall time, CPU
+      # and peak resident memory of each from /usr/bin/time -v. The two
+      # tensor files must be the same bytes.
+      cargo build --locked --quiet --release --bin hcx-cluster --example gen_llama
+      bin="$target/release/hcx-cluster"
+      model="$root/models/llama-7b-gen"
+      [ -f "$model/config.json" ] || "$target/release/examples/gen_llama" 7b 1 "$model" >&2
+      out="$(mktemp -d -p "$root/models")"
+      trap 'rm -rf "$out"' EXIT
+      job=configs/scale/llama-7b-gen-int4.yaml
+      measure() {
+        local label="$1"; shift
+        /usr/bin/time -v "$@" >"$out/$label.out" 2>"$out/$label.time" || { cat "$out/$label.time" >&2; exit 1; }
+        python3 - "$out/$label.time" "$label" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+get = lambda k: re.search(re.escape(k) + r": (.*)", t).group(1).strip()
+print(f"| {sys.argv[2]} | {get('Elapsed (wall clock) time (h:mm:ss or m:ss)')} | "
+      f"{float(get('User time (seconds)')):.0f} + {float(get('System time (seconds)')):.0f} | "
+      f"{int(get('Maximum resident set size (kbytes)')) / 1e6:.2f} |")
+PY
+      }
+      echo "| step | wall | user + system CPU (s) | peak resident (GB) |"
+      echo "|---|---:|---:|---:|"
+      measure 'run --local' "$bin" run --local "$job" --output "$out/local"
+      measure 'run --nodes 2' "$bin" run "$job" --nodes 2 --output "$out/nodes2"
+      measure 'decompress' "$bin" decompress "$out/local" --output "$out/dense"
+      cmp "$out/local/model.hcx.safetensors" "$out/nodes2/model.hcx.safetensors"
+      echo "artifact: $(stat -c %s "$out/local/model.hcx.safetensors") bytes of tensors; the same bytes from both runs" ;;
+    *) echo "unknown part $part (codecs, cluster, scale, collectives, e2e, group, large)" >&2; exit 2 ;;
   esac
 done

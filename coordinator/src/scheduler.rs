@@ -6,8 +6,9 @@
 //! Formulas (all in abstract "cost units"; 1.0 per value = a cheap RTN pass):
 //! - shard `cost` = Σ `numel × cost_per_value` + Σ `bytes × COST_PER_BYTE`
 //!   (the byte term charges fetching the source and uploading the result);
-//! - shard `memory_bytes` = Σ source `bytes` + `F32_WORKING_COPIES × 4 × max numel`
-//!   (all sources resident, plus three f32 working copies of the largest tensor:
+//! - shard `memory_bytes` = Σ source `bytes` + `F32_WORKING_COPIES × 4 × max working values`
+//!   (all sources resident, plus three f32 working copies of the largest tensor, or of
+//!   its largest piece where it is encoded a piece of rows at a time:
 //!   decoded original, transformed, reconstructed);
 //! - a node's score for a shard = `(load + cost already assigned in this plan + shard cost) / cores`,
 //!   i.e. the node's finish time if it took the shard (with equal cores this orders nodes
@@ -39,6 +40,11 @@ pub struct TensorCost {
     pub bytes: u64,
     /// Relative encode cost per value of its codec chain (1.0 = cheap rtn); 0 for copied tensors.
     pub cost_per_value: f64,
+    /// Values of it a node holds at once while encoding it, where fewer
+    /// than `numel`: a tensor encoded a piece of rows at a time
+    /// (`hcx_pipeline::run::working_values`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_values: Option<u64>,
 }
 
 /// A worker node as the planner sees it.
@@ -233,7 +239,11 @@ pub fn make_shards(tensors: &[TensorCost], opts: &PlanOptions) -> Vec<Shard> {
             let source = members
                 .iter()
                 .fold(0u64, |acc, t| acc.saturating_add(t.bytes));
-            let largest = members.iter().map(|t| t.numel).max().unwrap_or(0);
+            let largest = members
+                .iter()
+                .map(|t| t.working_values.map_or(t.numel, |w| w.min(t.numel)))
+                .max()
+                .unwrap_or(0);
             let working = largest.saturating_mul(4 * F32_WORKING_COPIES);
             Shard {
                 id: u32::try_from(i).unwrap_or(u32::MAX),
@@ -630,6 +640,7 @@ mod tests {
             numel,
             bytes,
             cost_per_value,
+            working_values: None,
         }
     }
 
@@ -761,6 +772,15 @@ mod tests {
         let s = &make_shards(&ts, &PlanOptions::default())[0];
         assert_eq!(s.tensors, ["a.b", "a.w"]);
         assert!((s.cost - (200.0 + 240.0 * COST_PER_BYTE)).abs() < 1e-9);
+        assert_eq!(s.memory_bytes, 240 + 3 * 4 * 100);
+        // A tensor encoded a piece of rows at a time holds one piece.
+        let mut pieced = ts.clone();
+        pieced[0].working_values = Some(30);
+        let s = &make_shards(&pieced, &PlanOptions::default())[0];
+        assert_eq!(s.memory_bytes, 240 + 3 * 4 * 30);
+        // Never more than the tensor.
+        pieced[0].working_values = Some(1_000);
+        let s = &make_shards(&pieced, &PlanOptions::default())[0];
         assert_eq!(s.memory_bytes, 240 + 3 * 4 * 100);
     }
 

@@ -134,6 +134,14 @@ pub fn tensor_costs(
             } else {
                 chain_cost(&spec.stages_for(&t.name))
             },
+            working_values: {
+                let w = hcx_pipeline::run::working_values(
+                    t,
+                    &spec.stages_for(&t.name),
+                    spec.calibration.is_some(),
+                );
+                (w < t.numel()).then_some(w as u64)
+            },
         })
         .collect()
 }

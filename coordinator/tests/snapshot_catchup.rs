@@ -53,6 +53,7 @@ fn tensors() -> Vec<TensorCost> {
         numel,
         bytes: numel * 2,
         cost_per_value: cost,
+        working_values: None,
     };
     let mut out = vec![
         t("model.embed_tokens.weight".into(), vocab * h, 1.0),
@@ -431,6 +432,7 @@ async fn small_job(cs: &Coordinators, base: &JobSpec, n: usize) {
             numel: 384 * 384,
             bytes: 384 * 384 * 4,
             cost_per_value: 1.0,
+            working_values: None,
         })
         .collect();
     let shards = scheduler::make_shards(&tensors, &plan_options(&spec));
