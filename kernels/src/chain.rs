@@ -426,7 +426,10 @@ pub const MAX_PART_BYTES_PER_VALUE: u64 = 16;
 /// Checks the sizes a manifest declares before anything is allocated from
 /// them: no stage saw more values than `shape` holds, and
 /// the entropy stage's raw lengths stay within [`MAX_PART_BYTES_PER_VALUE`].
-fn check_declared_sizes(steps: &[StepRecord], shape: &[usize]) -> Result<usize, KernelError> {
+pub(crate) fn check_declared_sizes(
+    steps: &[StepRecord],
+    shape: &[usize],
+) -> Result<usize, KernelError> {
     let numel = shape
         .iter()
         .try_fold(1usize, |a, d| a.checked_mul(*d))

@@ -227,6 +227,113 @@ pub fn encode_by_rows(
     })
 }
 
+/// Whether the records `steps` of an encoded tensor describe a chain that
+/// codes rows independently (see [`codes_rows_independently`]), so that
+/// [`decode_by_rows`] can decode it a piece at a time.
+pub fn decodes_by_rows(steps: &[StepRecord]) -> bool {
+    let specs: Vec<StageSpec> = steps.iter().map(|s| s.spec.clone()).collect();
+    codes_rows_independently(&specs)
+}
+
+/// Decodes a tensor whose chain codes rows independently (see
+/// [`decodes_by_rows`]) `rows_per_piece` rows at a time (a multiple of
+/// [`ROW_MULTIPLE`]), handing each piece's values to `sink(r0..r1, values)`
+/// in order: the values [`crate::decode_tensor`] gives, with one piece in
+/// memory besides the entropy-decoded parts. A piece whose parts do not
+/// have the sizes its rows need is an error from the piece's decoder, not
+/// wrong values.
+pub fn decode_by_rows(
+    steps: &[StepRecord],
+    mut parts: Vec<Part>,
+    shape: &[usize],
+    rows_per_piece: usize,
+    mut sink: impl FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), KernelError>,
+) -> Result<(), KernelError> {
+    let bad = |why: String| KernelError::Meta {
+        stage: "chain".into(),
+        why,
+    };
+    if !decodes_by_rows(steps) {
+        return Err(bad("the chain does not code rows independently".into()));
+    }
+    if rows_per_piece == 0 || !rows_per_piece.is_multiple_of(ROW_MULTIPLE) {
+        return Err(bad(format!(
+            "{rows_per_piece} rows a piece is not a positive multiple of {ROW_MULTIPLE}"
+        )));
+    }
+    let numel = crate::chain::check_declared_sizes(steps, shape)?;
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = numel / cols;
+    let split = steps
+        .iter()
+        .position(|s| s.spec.category() == StageCategory::Entropy)
+        .unwrap_or(steps.len());
+    let (head, tail) = steps.split_at(split);
+    for s in tail.iter().rev() {
+        match s.spec {
+            StageSpec::Zstd(_) => entropy::decode(&s.meta["codec"], &mut parts)?,
+            StageSpec::Rans(_) => entropy::decode_rans(&s.meta["codec"], &mut parts)?,
+            _ => return Err(bad(format!("`{}` after an entropy coder", s.spec.kind()))),
+        }
+    }
+    for s in head {
+        if s.meta.get("rows").and_then(|v| v.as_u64()) != Some(rows as u64) {
+            return Err(bad(format!(
+                "stage `{}` records {} rows, the shape {shape:?} has {rows}",
+                s.spec.kind(),
+                s.meta.get("rows").unwrap_or(&json!(null))
+            )));
+        }
+    }
+    // Where row r starts in a part of `len` units over `rows` rows. At a
+    // multiple of ROW_MULTIPLE rows every row-independent stage's parts
+    // hold a whole number of units (bytes of packed codes or trits, group
+    // scales, values), and a part whose last byte is partly filled has the
+    // floor of the proportion there: so the floor is exact.
+    let at = |r: usize, len: usize| -> usize {
+        if rows == 0 {
+            0
+        } else {
+            (r as u128 * len as u128 / rows as u128) as usize
+        }
+    };
+    if rows <= rows_per_piece {
+        let values = crate::decode_tensor(head, parts, shape)?;
+        return sink(0..rows, values);
+    }
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + rows_per_piece).min(rows);
+        let piece_steps: Vec<StepRecord> = head
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                s.meta["rows"] = json!(r1 - r0);
+                s
+            })
+            .collect();
+        let mut piece_parts = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let end = |r: usize, len: usize| if r == rows { len } else { at(r, len) };
+            let (a, b) = (at(r0, p.data.len()), end(r1, p.data.len()));
+            let mut shape = p.shape.clone();
+            if let Some(f) = shape.first_mut() {
+                *f = end(r1, *f) - at(r0, *f);
+            }
+            piece_parts.push(Part {
+                name: p.name.clone(),
+                dtype: p.dtype,
+                shape,
+                data: p.data[a..b].to_vec(),
+            });
+        }
+        let values = crate::decode_tensor(&piece_steps, piece_parts, &[r1 - r0, cols])?;
+        sink(r0..r1, values)?;
+        r0 = r1;
+    }
+    Ok(())
+}
+
 /// Appends each part of a later piece to the same part of the pieces
 /// before it: the bytes, and the count along the first dimension.
 fn join_parts(into: &mut [Part], next: Vec<Part>) -> Result<(), String> {
@@ -335,6 +442,61 @@ mod tests {
                 assert_eq!(back, whole.decoded);
             }
         }
+    }
+
+    #[test]
+    fn pieces_decode_to_the_whole_tensors_values() {
+        let (rows, cols) = (203, 256);
+        let x = gaussian_vec(12, rows * cols);
+        for stages in chains() {
+            let whole = encode_tensor("w", x.clone(), &[rows, cols], &stages, 5, 2).unwrap();
+            assert!(decodes_by_rows(&whole.steps));
+            for per in [40, 80, 240] {
+                let mut got = Vec::new();
+                let mut pieces = 0;
+                decode_by_rows(
+                    &whole.steps,
+                    whole.parts.clone(),
+                    &[rows, cols],
+                    per,
+                    |r, v| {
+                        assert_eq!(r.start * cols, got.len());
+                        assert_eq!(v.len(), r.len() * cols);
+                        got.extend_from_slice(&v);
+                        pieces += 1;
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                assert_eq!(got, whole.decoded, "{stages:?} in pieces of {per} rows");
+                assert_eq!(pieces, rows.div_ceil(per), "{stages:?}");
+            }
+        }
+        // Rows of 50 trits end inside a byte (ten to a row of 10 bytes, the
+        // last of 41 rows' 2,050 trits in a partly filled byte): the pieces
+        // still start on whole bytes.
+        let stages = vec![StageSpec::Ternary(TernarySpec { group: Some(50) })];
+        let y = gaussian_vec(13, 41 * 50);
+        let e = encode_tensor("t", y, &[41, 50], &stages, 1, 4).unwrap();
+        let mut got = Vec::new();
+        decode_by_rows(&e.steps, e.parts.clone(), &[41, 50], 40, |_, v| {
+            got.extend(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, e.decoded);
+        // Parts cut short fail in the piece that needs the missing bytes.
+        let mut short = e.parts.clone();
+        short[0].data.pop();
+        assert!(decode_by_rows(&e.steps, short, &[41, 50], 40, |_, _| Ok(())).is_err());
+        // A chain with a tensor-wide parameter is refused.
+        let u = vec![StageSpec::Uniform(UniformSpec {
+            bits: 4.0,
+            deadzone: 0.0,
+        })];
+        let e = encode_tensor("u", gaussian_vec(14, 80 * 64), &[80, 64], &u, 1, 4).unwrap();
+        assert!(!decodes_by_rows(&e.steps));
+        assert!(decode_by_rows(&e.steps, e.parts, &[80, 64], 40, |_, _| Ok(())).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use hcx_kernels::{Part, PartDtype, decode_tensor};
+use hcx_kernels::{Part, PartDtype, decode_tensor, row_pieces};
 use hcx_protocol::manifest::{FORMAT, MANIFEST_FILE};
 use hcx_protocol::{Manifest, TensorEntry};
 use memmap2::Mmap;
@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::PipelineError;
 use crate::attribution::{Subset, is_compressed, subset, tensor_bytes};
 use crate::model::{f32_to_bytes, parse_dtype};
-use crate::run::waves;
+use crate::run::{WAVE_ELEMENTS, waves};
 use crate::writer::sha256_file;
 
 /// The attribution charts every artifact carries beside `attribution.json`
@@ -280,6 +280,43 @@ pub fn decode_values(artifact: &Path, m: &Manifest, name: &str) -> Result<Vec<f3
     })
 }
 
+/// Decodes tensor `t` a piece of rows at a time into the dense writer (its
+/// chain must code rows independently: `row_pieces::decodes_by_rows`).
+fn decode_entry_by_rows(
+    artifact: &Path,
+    files: &TensorFiles,
+    t: &TensorEntry,
+    w: &mut crate::dense::DenseWriter,
+) -> Result<(), PipelineError> {
+    let dtype = parse_dtype(&t.dtype).ok_or_else(|| PipelineError::Artifact {
+        path: artifact.to_path_buf(),
+        why: format!("tensor `{}`: unknown dtype {}", t.name, t.dtype),
+    })?;
+    let parts = files.parts(artifact, t)?;
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    let per = row_pieces::piece_rows(cols, WAVE_ELEMENTS);
+    let numel: usize = t.shape.iter().product();
+    let len = (numel * (dtype.bitsize() / 8)) as u64;
+    let tensor_err = |source| PipelineError::Tensor {
+        tensor: t.name.clone(),
+        source,
+    };
+    w.add_with(&t.name, &t.dtype, &t.shape, len, |write| {
+        // A write error stops the decoding and is the one reported.
+        let mut failed: Option<PipelineError> = None;
+        let decoded = row_pieces::decode_by_rows(&t.steps, parts, &t.shape, per, |_, values| {
+            write(&f32_to_bytes(&values, dtype)).map_err(|e| {
+                failed = Some(e);
+                hcx_kernels::KernelError::Values("the dense file could not be written".into())
+            })
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => decoded.map_err(tensor_err),
+        }
+    })
+}
+
 /// Writes a dense safetensors model (`model.safetensors`, the source's
 /// names, shapes and dtypes) plus the copied config and tokenizer files.
 pub fn decompress(artifact: &Path, output: &Path) -> Result<PathBuf, PipelineError> {
@@ -340,6 +377,14 @@ pub fn decompress_sharded(
         let sizes: Vec<usize> = m.tensors.iter().map(|t| t.shape.iter().product()).collect();
         for range in waves(&sizes) {
             let (i, j) = (range.start, range.end);
+            let t = &m.tensors[i];
+            if j == i + 1 && sizes[i] > WAVE_ELEMENTS && row_pieces::decodes_by_rows(&t.steps) {
+                // A tensor larger than a wave that decodes by rows goes to
+                // the file a piece at a time.
+                decode_entry_by_rows(artifact, &files, t, &mut w)?;
+                files.release_all();
+                continue;
+            }
             let wave: Vec<Result<Vec<u8>, PipelineError>> = m.tensors[i..j]
                 .par_iter()
                 .map(|t| decode_entry(artifact, &files, t))

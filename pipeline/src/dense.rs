@@ -91,6 +91,21 @@ impl DenseWriter {
         shape: &[usize],
         data: &[u8],
     ) -> Result<(), PipelineError> {
+        self.add_with(name, dtype, shape, data.len() as u64, |write| write(data))
+    }
+
+    /// [`DenseWriter::add`] for a tensor of `len` bytes written in pieces
+    /// (see [`TensorFileWriter::add_with`]).
+    pub fn add_with(
+        &mut self,
+        name: &str,
+        dtype: &str,
+        shape: &[usize],
+        len: u64,
+        fill: impl FnOnce(
+            &mut dyn FnMut(&[u8]) -> Result<(), PipelineError>,
+        ) -> Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
         let i = self.next;
         if self.names.get(i).map(String::as_str) != Some(name) {
             return Err(PipelineError::Output {
@@ -106,7 +121,7 @@ impl DenseWriter {
             )?);
         }
         if let Some(w) = self.current.as_mut() {
-            w.add(name, dtype, shape, data)?;
+            w.add_with(name, dtype, shape, len, fill)?;
         }
         self.next += 1;
         Ok(())

@@ -705,7 +705,7 @@ pub fn finish_artifact(
 
 #[cfg(test)]
 mod tests {
-    use super::{WAVE_ELEMENTS, waves};
+    use super::{BTreeMap, JobSpec, Model, WAVE_ELEMENTS, run_job, waves};
 
     #[test]
     fn replacing_an_artifact_never_leaves_the_output_missing() {
@@ -817,6 +817,51 @@ mod tests {
         for (a, b) in pieces.entry.steps.iter().zip(&whole.steps) {
             assert_eq!(a.meta, b.meta);
         }
+    }
+
+    #[test]
+    fn a_tensor_larger_than_a_wave_decompresses_by_rows_to_the_whole_decode() {
+        use crate::model::f32_to_bytes;
+        use crate::writer::TensorFileWriter;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("model.safetensors");
+        let (rows, cols) = (16_440usize, 4_096usize);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i.wrapping_mul(40_503) % 997) as f32 - 498.0) * 1e-3)
+            .collect();
+        let mut w = TensorFileWriter::create(&src).unwrap();
+        w.add(
+            "big.weight",
+            "BF16",
+            &[rows, cols],
+            &f32_to_bytes(&values, safetensors::Dtype::BF16),
+        )
+        .unwrap();
+        drop(values);
+        w.add("small.weight", "F32", &[2, 128], &[0u8; 1024])
+            .unwrap();
+        w.finish(&BTreeMap::new()).unwrap();
+        let out = dir.path().join("art");
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "t", "seed": 3, "model": &src, "output": &out,
+            "pipeline": [{"hadamard": {}}, {"rtn": {"bits": 4, "group": 128}}, {"rans": {}}],
+        }))
+        .unwrap();
+        run_job(&spec, None).unwrap();
+        let dense = dir.path().join("dense");
+        crate::artifact::decompress(&out, &dense).unwrap();
+        let m = crate::artifact::read_manifest(&out).unwrap();
+        let whole = crate::artifact::decode_values(&out, &m, "big.weight").unwrap();
+        let written = Model::open(&dense).unwrap();
+        let t = written
+            .tensors
+            .iter()
+            .find(|t| t.name == "big.weight")
+            .unwrap();
+        assert!(
+            written.raw(t) == f32_to_bytes(&whole, safetensors::Dtype::BF16).as_slice(),
+            "the dense tensor differs from the whole decode"
+        );
     }
 
     #[test]

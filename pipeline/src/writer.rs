@@ -54,11 +54,39 @@ impl TensorFileWriter {
         shape: &[usize],
         data: &[u8],
     ) -> Result<(), PipelineError> {
-        self.spill
-            .write_all(data)
-            .map_err(|e| PipelineError::io(&self.spill_path, "cannot write", e))?;
+        self.add_with(name, dtype, shape, data.len() as u64, |write| write(data))
+    }
+
+    /// Appends a tensor of `len` bytes written in pieces: `fill` gets a
+    /// function that appends bytes, and must append exactly `len` of them.
+    pub fn add_with(
+        &mut self,
+        name: &str,
+        dtype: &str,
+        shape: &[usize],
+        len: u64,
+        fill: impl FnOnce(
+            &mut dyn FnMut(&[u8]) -> Result<(), PipelineError>,
+        ) -> Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
         let start = self.offset;
-        self.offset += data.len() as u64;
+        let (spill, spill_path, offset) = (&mut self.spill, &self.spill_path, &mut self.offset);
+        fill(&mut |data: &[u8]| {
+            spill
+                .write_all(data)
+                .map_err(|e| PipelineError::io(spill_path, "cannot write", e))?;
+            *offset += data.len() as u64;
+            Ok(())
+        })?;
+        if self.offset - start != len {
+            return Err(PipelineError::Output {
+                path: self.path.clone(),
+                why: format!(
+                    "tensor `{name}`: {} bytes written, {len} expected",
+                    self.offset - start
+                ),
+            });
+        }
         self.entries.push((
             name.to_string(),
             dtype.to_string(),
