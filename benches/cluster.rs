@@ -6,7 +6,8 @@
 //! - QUIC throughput moving 1 GiB between two processes (TLS, the data
 //!   plane's transport settings) against a plain TCP loopback copy.
 //!
-//! `cargo bench --bench cluster`. The end-to-end MiniLM times come from
+//! `cargo bench --bench cluster` (`-- raft` or `-- transfer` for one part).
+//! The end-to-end MiniLM times come from
 //! the CLI (see docs/PERFORMANCE.md for the commands).
 
 #[path = "../tests/common/ports.rs"]
@@ -40,7 +41,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn raft_figures(dir: &Path) {
+/// The bench's certificates: the coordinators', and nodes `bench-0..3`.
+fn bench_certs(dir: &Path) -> DevCerts {
     let certs = DevCerts::create(
         &dir.join("certs"),
         &["127.0.0.2".into(), "127.0.0.3".into()],
@@ -49,6 +51,11 @@ async fn raft_figures(dir: &Path) {
     for i in 0..3 {
         certs.add_node(&format!("bench-{i}"), &[], &[]).unwrap();
     }
+    certs
+}
+
+async fn raft_figures(dir: &Path) {
+    let certs = bench_certs(dir);
     let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
     let addrs: Vec<String> = ips
         .iter()
@@ -326,7 +333,19 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // `-- raft` or `-- transfer` runs one part alone.
+    let only: Vec<String> = std::env::args()
+        .filter(|a| a == "raft" || a == "transfer")
+        .collect();
+    let run = |part: &str| only.is_empty() || only.iter().any(|a| a == part);
     let dir = tempfile::tempdir().unwrap();
-    rt.block_on(raft_figures(dir.path()));
-    rt.block_on(transfer_figures(dir.path()));
+    if run("raft") {
+        rt.block_on(raft_figures(dir.path()));
+    }
+    if run("transfer") {
+        if !run("raft") {
+            bench_certs(dir.path());
+        }
+        rt.block_on(transfer_figures(dir.path()));
+    }
 }
