@@ -99,6 +99,9 @@ pub fn encode_by_rows(
             "{rows_per_piece} rows a piece is not a positive multiple of {ROW_MULTIPLE}"
         )));
     }
+    if rows == 0 {
+        return Err(not_split("it has no values".into()));
+    }
     let split = stages
         .iter()
         .position(|s| s.category() == StageCategory::Entropy)
@@ -530,6 +533,14 @@ mod tests {
             });
             assert!(r.is_err());
         }
+        let rtn = [StageSpec::Rtn(RtnSpec {
+            bits: 4,
+            group: None,
+            symmetric: true,
+            search: false,
+        })];
+        let empty = encode_by_rows("w", &[0, 64], &rtn, 1, 4, 40, |_| Ok(Vec::new()));
+        assert!(empty.is_err(), "an empty tensor has no pieces to encode");
         assert_eq!(piece_rows(4096, 1 << 26), 16_360);
         assert_eq!(piece_rows(1 << 30, 1 << 26), ROW_MULTIPLE);
     }
