@@ -285,26 +285,7 @@ pub fn encode_tensor_calibrated(
     let decoded = decode_tensor(&steps, parts.clone(), shape)?;
     let final_err = squared_error(&original, &decoded);
     let sqnr = sqnr_from(total, final_err);
-    if let Some(qi) = steps
-        .iter()
-        .position(|s| s.spec.category() == StageCategory::Quantizer)
-    {
-        let others: f64 = steps
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != qi)
-            .map(|(_, s)| s.error_added)
-            .sum();
-        let fixed = if total > 0.0 {
-            (final_err / total - others).max(0.0)
-        } else {
-            0.0
-        };
-        steps[qi].error_added = fixed;
-        for s in steps.iter_mut().skip(qi) {
-            s.sqnr_db = sqnr;
-        }
-    }
+    settle_quantizer_share(&mut steps, total, final_err);
     let output_sqnr_db = match (hessian, output_energy) {
         (Some(h), Some(reference)) => {
             let error = hessian::error_trace(&original, &decoded, rows0, cols0, h);
@@ -320,6 +301,35 @@ pub fn encode_tensor_calibrated(
         output_sqnr_db,
         decoded,
     })
+}
+
+/// Sets the chain's quantizer step's share of the error from the final
+/// error measured by a full decode (what the other stages did not add),
+/// and the SQNR of it and every step after it to the final SQNR, so the
+/// shares add up to the true final error exactly. `total` is the tensor's
+/// energy.
+pub(crate) fn settle_quantizer_share(steps: &mut [StepRecord], total: f64, final_error: f64) {
+    let Some(qi) = steps
+        .iter()
+        .position(|s| s.spec.category() == StageCategory::Quantizer)
+    else {
+        return;
+    };
+    let others: f64 = steps
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != qi)
+        .map(|(_, s)| s.error_added)
+        .sum();
+    steps[qi].error_added = if total > 0.0 {
+        (final_error / total - others).max(0.0)
+    } else {
+        0.0
+    };
+    let sqnr = sqnr_from(total, final_error);
+    for s in steps.iter_mut().skip(qi) {
+        s.sqnr_db = sqnr;
+    }
 }
 
 /// A tensor after [`add_correction`].

@@ -24,7 +24,7 @@ use hcx_protocol::manifest::StepRecord;
 use hcx_protocol::stage::{StageCategory, StageSpec};
 use serde_json::json;
 
-use crate::chain::{EncodedTensor, encode_tensor};
+use crate::chain::{EncodedTensor, encode_tensor, settle_quantizer_share};
 use crate::stats::{energy, sqnr_from, squared_error};
 use crate::{KernelError, Part, entropy};
 
@@ -198,25 +198,7 @@ pub fn encode_by_rows(
             why: format!("`{name}`: the coded parts do not decode to what was coded"),
         });
     }
-    if let Some(qi) = steps
-        .iter()
-        .position(|s| s.spec.category() == StageCategory::Quantizer)
-    {
-        let others: f64 = steps
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != qi)
-            .map(|(_, s)| s.error_added)
-            .sum();
-        steps[qi].error_added = if total > 0.0 {
-            (final_error / total - others).max(0.0)
-        } else {
-            0.0
-        };
-        for s in steps.iter_mut().skip(qi) {
-            s.sqnr_db = sqnr;
-        }
-    }
+    settle_quantizer_share(&mut steps, total, final_error);
     Ok(RowEncoded {
         tensor: EncodedTensor {
             steps,
