@@ -260,24 +260,30 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
 /// shifts out backwards at `at`.
 #[inline(always)]
 fn put(x: &mut u32, s: &EncSymbol, buf: &mut [u8], at: &mut usize) {
-    let mut v = *x;
-    while v >= s.x_max {
-        *at -= 1;
-        buf[*at] = v as u8;
-        v >>= 8;
-    }
+    // A normalised state shifts out no, one or two bytes before a symbol
+    // (x < 2^31 and x_max ≥ 2^16): both are written, branch-free, and the
+    // position moves by as many as were needed (a byte written below it is
+    // overwritten later or left outside the stream).
+    let v = *x;
+    let k = u32::from(v >= s.x_max) + u32::from(u64::from(v) >= u64::from(s.x_max) << 8);
+    buf[*at - 1] = v as u8;
+    buf[*at - 2] = (v >> 8) as u8;
+    *at -= k as usize;
+    let v = ((u64::from(v)) >> (8 * k)) as u32;
     let q = (((u64::from(v) * u64::from(s.rcp_freq)) >> 32) as u32) >> s.rcp_shift;
     *x = v
         .wrapping_add(s.bias)
         .wrapping_add(q.wrapping_mul(s.cmpl_freq));
 }
 
-/// [`take`] where at least two bytes of the stream remain at `at`:
-/// branch-free. A normalised state takes no, one or two bytes after a
-/// symbol (the state before the refill is at least 2^8), so both are read
-/// and shifted in as many as are needed.
+/// [`take`] where the stream's next eight bytes are `w` (big-endian) and
+/// this round's earlier lanes took `off` of them: branch-free and without
+/// loads from the stream. A normalised state takes no, one or two bytes
+/// after a symbol (the state before the refill is at least 2^8), and the
+/// four lanes of a round take at most eight, so the two bytes at `off` are
+/// in the window and as many of them as are needed are shifted in.
 #[inline(always)]
-fn take_fast(x: &mut u32, slot: &[u8], fc: &[u32; 256], stream: &[u8], at: &mut usize) -> u8 {
+fn take_window(x: &mut u32, slot: &[u8; M as usize], fc: &[u32; 256], w: u64, off: &mut u32) -> u8 {
     let v = *x;
     let s = slot[(v & MASK) as usize];
     let f = fc[s as usize];
@@ -286,10 +292,10 @@ fn take_fast(x: &mut u32, slot: &[u8], fc: &[u32; 256], stream: &[u8], at: &mut 
         .wrapping_add(v & MASK)
         .wrapping_sub(f & 0xffff);
     let k = u32::from(v < L) + u32::from(v < (L >> 8));
-    let w = (u32::from(stream[*at]) << 8) | u32::from(stream[*at + 1]);
+    let next = ((w << (8 * *off)) >> 48) as u32;
     let shift = 8 * k;
-    *x = (v << shift) | (w >> (16 - shift));
-    *at += k as usize;
+    *x = (v << shift) | (next >> (16 - shift));
+    *off += k;
     s
 }
 
@@ -375,13 +381,23 @@ pub fn decode(stream: &[u8], n: usize) -> Result<Vec<u8>, RansError> {
     let mut out = vec![0u8; n];
     let body = n - n % LANES;
     let [mut x0, mut x1, mut x2, mut x3] = x;
+    let slots: &[u8; M as usize] = slot
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("slot table size"))?;
     for o in out[..body].chunks_exact_mut(LANES) {
-        // Four symbols read at most eight bytes.
-        if at + 2 * LANES <= stream.len() {
-            o[0] = take_fast(&mut x0, &slot, &fc, stream, &mut at);
-            o[1] = take_fast(&mut x1, &slot, &fc, stream, &mut at);
-            o[2] = take_fast(&mut x2, &slot, &fc, stream, &mut at);
-            o[3] = take_fast(&mut x3, &slot, &fc, stream, &mut at);
+        // Four symbols read at most eight bytes: one big-endian load of
+        // them, each lane taking its bytes from that window.
+        if let Some(win) = stream.get(at..at + 2 * LANES) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(win);
+            let w = u64::from_be_bytes(w);
+            let mut off = 0u32;
+            o[0] = take_window(&mut x0, slots, &fc, w, &mut off);
+            o[1] = take_window(&mut x1, slots, &fc, w, &mut off);
+            o[2] = take_window(&mut x2, slots, &fc, w, &mut off);
+            o[3] = take_window(&mut x3, slots, &fc, w, &mut off);
+            at += off as usize;
         } else {
             o[0] = take(&mut x0, &slot, &fc, stream, &mut at)?;
             o[1] = take(&mut x1, &slot, &fc, stream, &mut at)?;
