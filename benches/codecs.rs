@@ -266,6 +266,44 @@ fn bench_codecs(c: &mut Criterion) {
             b.iter(|| pool.install(|| gptq::encode(&spec, &w, &h)).expect("gptq"))
         });
         g.finish();
+        // The 4-bit example's whole chain as a node runs it on one tensor:
+        // Hadamard rotation, the uniform grid at 4.4 bits, rANS, and the
+        // verifying decode; then the decoder alone.
+        let chain = vec![
+            StageSpec::Hadamard(HadamardSpec::default()),
+            StageSpec::Uniform(UniformSpec {
+                bits: 4.4,
+                deadzone: 0.0,
+            }),
+            StageSpec::Rans(RansSpec {}),
+        ];
+        let enc = |x: Vec<f32>| {
+            hcx_kernels::chain::encode_tensor("bench.weight", x, &[N, N], &chain, 1, 4)
+                .expect("chain")
+        };
+        let coded = pool.install(|| enc(data.clone()));
+        let mut g = group(
+            c,
+            format!("chain-hadamard-uniform-4.4-rans/{label}"),
+            N * N * 4,
+        );
+        // The tensor is copied outside the timing: the chain takes it by value.
+        g.bench_function("encode", |b| {
+            b.iter_batched(
+                || data.clone(),
+                |x| pool.install(|| enc(x)),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("decode", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    hcx_kernels::chain::decode_tensor(&coded.steps, coded.parts.clone(), &[N, N])
+                        .expect("decode")
+                })
+            })
+        });
+        g.finish();
         if threads != 1 {
             continue; // zstd runs on one thread per part
         }

@@ -43,9 +43,28 @@ pub struct UniformMeta {
 pub(crate) fn quantize(x: f32, inv: f32, dz: f32) -> i32 {
     // floor(|x|/Δ + 1/2 − dz) clamped at 0; for non-negative values `as`
     // truncation is that floor, without a libm call.
-    let a = x.abs() * inv + 0.5 - dz;
-    let a = if a > 0.0 { a as i32 } else { 0 };
-    if x < 0.0 { -a } else { a }
+    // (`max` maps NaN to 0, as the comparison did; a ≥ 0, so its negation
+    // cannot wrap.)
+    let a = (x.abs() * inv + 0.5 - dz).max(0.0) as i32;
+    if x < 0.0 { a.wrapping_neg() } else { a }
+}
+
+/// Counts the code of `v` at step `1/inv` in `hist` (or `far`).
+#[inline(always)]
+fn count(
+    v: f32,
+    inv: f32,
+    dz: f32,
+    hist: &mut [u32; (2 * HIST_R + 1) as usize],
+    far: &mut std::collections::BTreeMap<i32, u64>,
+) {
+    let q = quantize(v, inv, dz);
+    if q.unsigned_abs() <= HIST_R as u32 {
+        let c = &mut hist[q.wrapping_add(HIST_R) as usize];
+        *c = c.wrapping_add(1);
+    } else {
+        *far.entry(q).or_default() += 1;
+    }
 }
 
 /// Zero-order entropy (bits per value) of the codes for step `1/inv`.
@@ -54,20 +73,29 @@ fn entropy_at(x: &[f32], inv: f32, dz: f32) -> f64 {
     // sum below runs in the same order every time (a HashMap's order changes
     // between runs, and with it the float sum and the bisection's step).
     use std::collections::BTreeMap;
-    const R: i32 = 512;
+    const R: i32 = HIST_R;
     let hist = x
-        .par_chunks(1 << 16)
+        .par_chunks(PASS_CHUNK)
         .map(|c| {
-            let mut h = vec![0u64; (2 * R + 1) as usize];
+            // Four histograms, one per value of each group of four, so that
+            // neighbouring values with the same code do not wait on each
+            // other's increments; u32 counts, as a chunk holds fewer values.
+            let mut h4 = [[0u32; (2 * R + 1) as usize]; 4];
             let mut far: BTreeMap<i32, u64> = BTreeMap::new();
-            for &v in c {
-                let q = quantize(v, inv, dz);
-                if q.abs() <= R {
-                    h[(q + R) as usize] += 1;
-                } else {
-                    *far.entry(q).or_default() += 1;
-                }
+            let [h0, h1, h2, h3] = &mut h4;
+            let mut groups = c.chunks_exact(4);
+            for g in &mut groups {
+                count(g[0], inv, dz, h0, &mut far);
+                count(g[1], inv, dz, h1, &mut far);
+                count(g[2], inv, dz, h2, &mut far);
+                count(g[3], inv, dz, h3, &mut far);
             }
+            for v in groups.remainder() {
+                count(*v, inv, dz, h0, &mut far);
+            }
+            let h: Vec<u64> = (0..(2 * R + 1) as usize)
+                .map(|i| h4.iter().map(|l| u64::from(l[i])).sum())
+                .collect();
             (h, far)
         })
         .reduce(
@@ -82,17 +110,7 @@ fn entropy_at(x: &[f32], inv: f32, dz: f32) -> f64 {
                 (a, fa)
             },
         );
-    let n = x.len() as f64;
-    hist.0
-        .iter()
-        .copied()
-        .chain(hist.1.values().copied())
-        .filter(|c| *c > 0)
-        .map(|c| {
-            let p = c as f64 / n;
-            -p * p.log2()
-        })
-        .sum()
+    entropy_of(&hist.0, &hist.1, x.len())
 }
 
 /// The step for a target entropy of `bits` (bisection on log2 of the step,
@@ -173,16 +191,7 @@ pub(crate) fn codes_entropy(codes: &[i32]) -> f64 {
             *far.entry(q).or_default() += 1;
         }
     }
-    let n = codes.len() as f64;
-    h.iter()
-        .copied()
-        .chain(far.values().copied())
-        .filter(|c| *c > 0)
-        .map(|c| {
-            let p = c as f64 / n;
-            -p * p.log2()
-        })
-        .sum()
+    entropy_of(&h, &far, codes.len())
 }
 
 /// The parts and metadata [`encode`] writes for codes at a step.
@@ -217,15 +226,212 @@ pub(crate) fn coded(
     })
 }
 
-/// Encodes a signal.
+/// Largest number of values the step search looks at: a tensor with more
+/// is searched on a strided sample of about this many (see [`sample`]).
+pub const SAMPLE: usize = 1 << 18;
+
+/// Every `stride`-th value of `x`, the stride the smallest at or above
+/// `x.len() / SAMPLE` that shares no factor with the row length `cols`, so
+/// that the sample walks through every column (weights' columns can have
+/// very different scales) rather than a fixed subset of them. A tensor of
+/// at most [`SAMPLE`] values is its own sample.
+pub fn sample(x: &[f32], cols: usize) -> std::borrow::Cow<'_, [f32]> {
+    let n = x.len();
+    if n <= SAMPLE {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    fn gcd(mut a: usize, mut b: usize) -> usize {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    }
+    let mut stride = n.div_ceil(SAMPLE);
+    while gcd(stride, cols.max(1)) != 1 {
+        stride += 1;
+    }
+    std::borrow::Cow::Owned(x.iter().step_by(stride).copied().collect())
+}
+
+/// What one pass over a chunk of values gathers: its codes' histogram, the
+/// sums for the reconstruction offsets, and whether any code needs the
+/// high byte.
+struct ChunkTally {
+    hist: Vec<u64>,
+    far: std::collections::BTreeMap<i32, u64>,
+    sums: [f64; OFFSETS],
+    counts: [u64; OFFSETS],
+    wide: bool,
+    too_wide: bool,
+}
+
+/// Half the width of the histogram of codes kept in an array (codes beyond
+/// ±`HIST_R` go to an ordered map).
+const HIST_R: i32 = 512;
+
+/// One value of the quantizing pass: its code's low byte, with the code
+/// counted in `hist` (or `far`), its offset from the code added to `sums`
+/// by magnitude, and the largest magnitude kept in `m_max`.
+#[inline(always)]
+fn tally(
+    v: f32,
+    inv: f32,
+    dz: f32,
+    sums: &mut [f64; OFFSETS + 2],
+    hist: &mut [u32; (2 * HIST_R + 1) as usize],
+    far: &mut std::collections::BTreeMap<i32, u64>,
+    m_max: &mut u32,
+) -> u8 {
+    let q = quantize(v, inv, dz);
+    let m = q.unsigned_abs();
+    let slot = (m as usize).min(OFFSETS + 1);
+    sums[slot] += f64::from(v.abs() * inv) - f64::from(m);
+    if m <= HIST_R as u32 {
+        let h = &mut hist[q.wrapping_add(HIST_R) as usize];
+        *h = h.wrapping_add(1);
+    } else {
+        *far.entry(q).or_default() += 1;
+    }
+    *m_max = (*m_max).max(m);
+    (q as i16).to_le_bytes()[0]
+}
+
+/// Values per chunk of the quantizing pass. Fixed, so that the chunks'
+/// partial sums, added in chunk order, do not depend on the thread count.
+const PASS_CHUNK: usize = 1 << 16;
+
+/// Codes `x` at step `1/inv` into `lo` (each code's low byte) in one pass,
+/// gathering the histogram and the offset sums on the way.
+fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
+    const R: i32 = HIST_R;
+    let tallies: Vec<ChunkTally> = x
+        .par_chunks(PASS_CHUNK)
+        .zip(lo.par_chunks_mut(PASS_CHUNK))
+        .map(|(c, out)| {
+            let mut t = ChunkTally {
+                hist: vec![0u64; (2 * R + 1) as usize],
+                far: std::collections::BTreeMap::new(),
+                sums: [0.0; OFFSETS],
+                counts: [0; OFFSETS],
+                wide: false,
+                too_wide: false,
+            };
+            // Offset sums by magnitude, slot 0 and the last slot taking the
+            // codes that have no offset, so the loop has no branch on it;
+            // four sets of sums and counts, one per value of each group of
+            // four, so that neighbouring values with the same code do not
+            // wait on each other's additions.
+            let mut sums = [[0f64; OFFSETS + 2]; 4];
+            let mut hist = [[0u32; (2 * R + 1) as usize]; 4];
+            let mut m_max = 0u32;
+            let mut vs = c.chunks_exact(4);
+            let mut os = out.chunks_exact_mut(4);
+            let [s0, s1, s2, s3] = &mut sums;
+            let [h0, h1, h2, h3] = &mut hist;
+            for (v, o) in (&mut vs).zip(&mut os) {
+                o[0] = tally(v[0], inv, dz, s0, h0, &mut t.far, &mut m_max);
+                o[1] = tally(v[1], inv, dz, s1, h1, &mut t.far, &mut m_max);
+                o[2] = tally(v[2], inv, dz, s2, h2, &mut t.far, &mut m_max);
+                o[3] = tally(v[3], inv, dz, s3, h3, &mut t.far, &mut m_max);
+            }
+            for (v, o) in vs.remainder().iter().zip(os.into_remainder()) {
+                *o = tally(*v, inv, dz, s0, h0, &mut t.far, &mut m_max);
+            }
+            for (i, h) in t.hist.iter_mut().enumerate() {
+                *h = hist.iter().map(|l| u64::from(l[i])).sum();
+            }
+            t.wide = m_max > 127;
+            t.too_wide = m_max > 32767;
+            for (i, (sum, count)) in t.sums.iter_mut().zip(&mut t.counts).enumerate() {
+                // Magnitude i + 1: the four sets' sums in a fixed order.
+                let m = i + 1;
+                *sum = sums[0][m] + sums[1][m] + sums[2][m] + sums[3][m];
+                *count = t.hist[(R + m as i32) as usize] + t.hist[(R - m as i32) as usize];
+            }
+            t
+        })
+        .collect();
+    let mut all = ChunkTally {
+        hist: vec![0u64; (2 * R + 1) as usize],
+        far: std::collections::BTreeMap::new(),
+        sums: [0.0; OFFSETS],
+        counts: [0; OFFSETS],
+        wide: false,
+        too_wide: false,
+    };
+    for t in tallies {
+        for (a, b) in all.hist.iter_mut().zip(&t.hist) {
+            *a += b;
+        }
+        for (k, v) in t.far {
+            *all.far.entry(k).or_default() += v;
+        }
+        for i in 0..OFFSETS {
+            all.sums[i] += t.sums[i];
+            all.counts[i] += t.counts[i];
+        }
+        all.wide |= t.wide;
+        all.too_wide |= t.too_wide;
+    }
+    all
+}
+
+/// Zero-order entropy (bits per value) of `n` codes from their histogram.
+fn entropy_of(hist: &[u64], far: &std::collections::BTreeMap<i32, u64>, n: usize) -> f64 {
+    let n = n as f64;
+    hist.iter()
+        .copied()
+        .chain(far.values().copied())
+        .filter(|c| *c > 0)
+        .map(|c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// Encodes a signal: the step is searched on a strided sample of the
+/// tensor ([`sample`]), then one pass codes every value and gathers the
+/// codes' entropy and the reconstruction offsets.
 pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
     check_finite(&x.data)?;
     let dz = spec.deadzone as f32;
-    let (step, entropy_bits) = find_step(&x.data, spec.bits, dz);
+    let (step, _) = find_step(&sample(&x.data, x.cols), spec.bits, dz);
     let inv = 1.0 / step;
-    let codes = codes_at(&x.data, inv, dz);
-    let offsets = offsets_for(&x.data, &codes, inv);
-    coded(&codes, step, offsets, entropy_bits)
+    let mut lo = vec![0u8; x.data.len()];
+    let t = quantize_pass(&x.data, inv, dz, &mut lo);
+    if t.too_wide {
+        return Err(KernelError::Values("uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`".into()));
+    }
+    let offsets = (0..OFFSETS)
+        .map(|i| {
+            if t.counts[i] > 0 {
+                (t.sums[i] / t.counts[i] as f64) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let entropy_bits = entropy_of(&t.hist, &t.far, x.data.len());
+    let mut parts = vec![Part::bytes("codes", lo)];
+    if t.wide {
+        parts.push(Part::bytes(
+            "codes_hi",
+            x.data
+                .par_iter()
+                .map(|v| (quantize(*v, inv, dz) as i16).to_le_bytes()[1])
+                .collect(),
+        ));
+    }
+    Ok(Coded {
+        meta: to_meta(&UniformMeta {
+            step,
+            offsets,
+            wide: t.wide,
+            entropy_bits,
+        }),
+        parts,
+    })
 }
 
 /// Decodes `rows × cols` values.
@@ -402,6 +608,66 @@ mod tests {
         .unwrap();
         assert!(decode(&c.meta, &Parts::new(vec![]), 1, 256).is_err());
         assert!(decode(&serde_json::json!({}), &Parts::new(c.parts), 1, 256).is_err());
+    }
+
+    #[test]
+    fn the_sample_walks_every_column() {
+        // 1,024 rows of 1,536: the plain stride (6) would share factors with
+        // the row length and see a sixth of the columns.
+        let (rows, cols) = (1024, 1536);
+        let x: Vec<f32> = (0..rows * cols).map(|i| (i % cols) as f32).collect();
+        let s = sample(&x, cols);
+        assert!(s.len() <= SAMPLE && s.len() > SAMPLE / 2, "{}", s.len());
+        let mut seen = vec![false; cols];
+        for v in s.iter() {
+            seen[*v as usize] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "some columns never sampled");
+        let small = &x[..SAMPLE];
+        assert!(matches!(sample(small, cols), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_large_tensor_meets_its_entropy_from_the_sample() {
+        // 2^21 values whose columns have scales from 0.25 to 4: the step is
+        // searched on an eighth of them, and the whole tensor's codes still
+        // land within 0.01 bits of the target.
+        let (rows, cols) = (1024, 2048);
+        let mut x = gaussian_vec(3, rows * cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= 0.25 + 3.75 * ((i % cols) as f32 / cols as f32);
+        }
+        let x = Signal::new(x, rows, cols);
+        for bits in [2.5, 4.4] {
+            let (y, h) = run(bits, &x);
+            assert!((h - bits).abs() < 0.01, "entropy {h} for target {bits}");
+            let m = encode(
+                &UniformSpec {
+                    bits,
+                    deadzone: 0.0,
+                },
+                &x,
+            )
+            .unwrap();
+            let meta: UniformMeta = parse_meta("uniform", &m.meta).unwrap();
+            // The one pass gives the same codes, offsets and entropy as the
+            // separate functions the calibrated quantizer uses.
+            let inv = 1.0 / meta.step;
+            let codes = codes_at(&x.data, inv, 0.0);
+            assert_eq!(
+                m.parts[0].data.as_slice(),
+                codes
+                    .iter()
+                    .map(|q| *q as i8 as u8)
+                    .collect::<Vec<_>>()
+                    .as_slice()
+            );
+            assert_eq!(meta.entropy_bits.to_bits(), codes_entropy(&codes).to_bits());
+            for (a, b) in meta.offsets.iter().zip(offsets_for(&x.data, &codes, inv)) {
+                assert!((a - b).abs() < 1e-6, "offset {a} against {b}");
+            }
+            assert!(sqnr_db(&x.data, &y).unwrap() > 6.02 * h - 1.53 - 0.1);
+        }
     }
 
     proptest! {
