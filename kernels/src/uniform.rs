@@ -181,7 +181,7 @@ pub(crate) fn codes_at(x: &[f32], inv: f32, dz: f32) -> Vec<i32> {
 /// Zero-order entropy (bits per value) of codes.
 pub(crate) fn codes_entropy(codes: &[i32]) -> f64 {
     use std::collections::BTreeMap;
-    const R: i32 = 512;
+    const R: i32 = HIST_R;
     let mut h = vec![0u64; (2 * R + 1) as usize];
     let mut far: BTreeMap<i32, u64> = BTreeMap::new();
     for &q in codes {
@@ -194,6 +194,14 @@ pub(crate) fn codes_entropy(codes: &[i32]) -> f64 {
     entropy_of(&h, &far, codes.len())
 }
 
+/// The error for codes beyond what two bytes hold.
+fn too_wide() -> KernelError {
+    KernelError::Values(
+        "uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`"
+            .into(),
+    )
+}
+
 /// The parts and metadata [`encode`] writes for codes at a step.
 pub(crate) fn coded(
     codes: &[i32],
@@ -203,7 +211,7 @@ pub(crate) fn coded(
 ) -> Result<Coded, KernelError> {
     let wide = codes.iter().any(|q| !(-127..=127).contains(q));
     if codes.iter().any(|q| !(-32767..=32767).contains(q)) {
-        return Err(KernelError::Values("uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`".into()));
+        return Err(too_wide());
     }
     let mut parts = vec![Part::bytes(
         "codes",
@@ -401,7 +409,7 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
     let mut lo = vec![0u8; x.data.len()];
     let t = quantize_pass(&x.data, inv, dz, &mut lo);
     if t.too_wide {
-        return Err(KernelError::Values("uniform codes exceed 16 bits: the tensor has outliers far beyond the step; lower `bits`".into()));
+        return Err(too_wide());
     }
     let offsets = (0..OFFSETS)
         .map(|i| {
