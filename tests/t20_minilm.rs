@@ -145,7 +145,7 @@ fn minilm_int8_keeps_embeddings() {
     hcx_ok(&["run", job.to_str().unwrap()]);
     let (bpw, sqnr, _) = encoder_linear_totals(&inspect_encoder(&a));
     eprintln!("minilm-int8: {bpw:.3} bits per weight, {sqnr:.2} dB");
-    assert!(bpw <= 8.1, "{bpw} bits per weight");
+    assert!(bpw <= 8.04, "{bpw} bits per weight");
     assert!(sqnr >= 44.55, "{sqnr} dB");
     let dense = t.path().join("dense");
     hcx_ok(&[
@@ -648,8 +648,8 @@ fn run_and_measure(dir: &std::path::Path, job: &str) -> (f64, f64, f64) {
 fn calibrated_jobs_meet_their_embedding_targets() {
     // GPTQ on the Hadamard-rotated uniform grid, calibrated on 128 sentences
     // of configs/calibration/sentences.txt (none of them an evaluation
-    // sentence). Measured: cosine 0.99614, 0.98469, 0.94865 at 4.497, 3.495
-    // and 2.613 bits per weight (0.98583, 0.94557, 0.82295 uncalibrated).
+    // sentence). Measured: cosine 0.99616, 0.98465, 0.94941 at 4.448, 3.440
+    // and 2.564 bits per weight (0.98587, 0.94521, 0.82252 uncalibrated).
     let t = tempfile::tempdir().unwrap();
     for (job, max_bpw, min_cos) in [
         ("minilm-4bit-gptq", 4.5, 0.9958),
@@ -665,9 +665,9 @@ fn calibrated_jobs_meet_their_embedding_targets() {
 #[test]
 fn distilled_2bit_job_meets_its_embedding_target() {
     // The 2-bit GPTQ job plus block-wise distillation of the LayerNorms and
-    // biases (no extra bits). Measured: cosine 0.95134 at 2.615 bits per
-    // weight on an AVX2 machine, against 0.94865 for the same job
-    // undistilled; before the Hessian became one f64 product a micro-batch,
+    // biases (no extra bits). Measured: cosine 0.95162 at 2.564 bits per
+    // weight (rANS; with zstd 0.95134 at 2.615 on an AVX2 machine), against
+    // 0.94941 for the same job undistilled; before the Hessian became one f64 product a micro-batch,
     // 0.95292 on one machine and 0.95161 on another: candle's matrix
     // kernels are chosen by CPU features, so the calibration activations
     // differ in the last bits between CPU types, and the tuned result with
@@ -711,7 +711,7 @@ fn slow_codecs_run_on_a_subset() {
         ("minilm-ternary", 1.79, 5.57),
         ("minilm-seedlm", 4.08, 16.38),
         ("minilm-vq", 4.01, 20.71),
-        ("minilm-lowrank-sparse", 8.43, 8.1),
+        ("minilm-lowrank-sparse", 8.18, 8.1),
     ] {
         let a = t.path().join(job);
         let file = example_job(t.path(), job, &small, &a);
