@@ -5,7 +5,9 @@
 //! on a sample of its rows (evenly spread, about [`SAMPLE_VALUES`] values;
 //! the whole tensor when it is smaller), timed by the process's CPU time
 //! (user and system, every thread), and the sample's CPU seconds and bytes
-//! are scaled by the tensor's size. Tensors copied as they are cost their
+//! are scaled by the tensor's size, except the share of `uniform`, whose
+//! step search stops growing at its own sample of 2^18 values
+//! ([`hcx_kernels::uniform::relative_work`]). Tensors copied as they are cost their
 //! bytes and no time. The manifest is sized from the samples' entries. A
 //! chain whose cost is not proportional to the size (an SVD, k-means on a
 //! whole tensor) is estimated less well than the quantizers and coders.
@@ -277,26 +279,39 @@ fn estimate_tensor(
     let run = |rows_taken: &[usize]| {
         let (sample, shape) = take_rows(raw, &t.shape, rows_taken);
         let before = process_cpu_seconds();
+        let started = Instant::now();
         let e = encode_raw(&t.name, t.dtype, &shape, &sample, &stages, spec.seed)?;
-        Ok::<_, PipelineError>((e, process_cpu_seconds() - before))
+        let wall = started.elapsed().as_secs_f64();
+        Ok::<_, PipelineError>((e, process_cpu_seconds() - before, wall))
     };
     // A chain that cannot run on fewer rows (a rank above the sample's
     // rows, say) is measured on the whole tensor.
-    let (e, cpu, taken) = match run(&picked) {
-        Ok((e, cpu)) => (e, cpu, picked.len()),
+    let (e, cpu, wall, taken) = match run(&picked) {
+        Ok((e, cpu, wall)) => (e, cpu, wall, picked.len()),
         Err(_) if picked.len() < rows => {
             let all: Vec<usize> = (0..rows).collect();
-            let (e, cpu) = run(&all)?;
-            (e, cpu, rows)
+            let (e, cpu, wall) = run(&all)?;
+            (e, cpu, wall, rows)
         }
         Err(err) => return Err(err),
     };
     let scale = rows as f64 / taken.max(1) as f64;
+    // Every stage's time grows with the tensor except `uniform`'s step
+    // search, which stops growing at its own sample: its share of the
+    // sample's time (by the stage's wall seconds) scales by its work.
+    let uniform_share = stages
+        .iter()
+        .position(|s| matches!(s, StageSpec::Uniform(_)))
+        .and_then(|u| e.seconds.get(u))
+        .map_or(0.0, |s| if wall > 0.0 { (s / wall).min(1.0) } else { 0.0 });
+    let uniform_scale = hcx_kernels::uniform::relative_work(rows * cols)
+        / hcx_kernels::uniform::relative_work((taken * cols).max(1));
+    let cpu_seconds = cpu * ((1.0 - uniform_share) * scale + uniform_share * uniform_scale);
     let part_bytes: u64 = e.data.iter().map(|d| d.len() as u64).sum();
     Ok(TensorEstimate {
         chain,
         sampled: (taken * cols) as u64,
-        cpu_seconds: cpu * scale,
+        cpu_seconds,
         bytes: (part_bytes as f64 * scale).round() as u64,
         overhead_bytes: overhead(&e.entry),
         ..base
