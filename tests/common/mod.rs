@@ -105,7 +105,7 @@ pub fn example_job(dir: &Path, example: &str, model: &Path, output: &Path) -> Pa
     p
 }
 
-/// Writes a synthetic bf16 model (12 tensors of 768 x 1024, seeded) to
+/// Writes a synthetic bf16 model (12 tensors of 1536 x 1024, seeded) to
 /// `file`: slow enough under [`SLOW_PIPELINE`] that faults land mid-job.
 pub fn write_slow_model(file: &Path) {
     let mut rng = 0x1234_5678_u64;
@@ -117,10 +117,10 @@ pub fn write_slow_model(file: &Path) {
     };
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for l in 0..12 {
-        let v: Vec<u8> = (0..768 * 1024)
+        let v: Vec<u8> = (0..1536 * 1024)
             .flat_map(|_| half::bf16::from_f32(next()).to_le_bytes())
             .collect();
-        data.push((format!("blocks.{l}.mlp.weight"), vec![768, 1024], v));
+        data.push((format!("blocks.{l}.mlp.weight"), vec![1536, 1024], v));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
