@@ -213,9 +213,9 @@ async fn raft_figures(dir: &Path) {
 /// Child process: receives 1 GiB on one QUIC stream, then answers one byte.
 async fn quic_sink(certs: &Path, port_file: &Path) {
     let id = Identity::load(&certs.join("coordinator")).unwrap();
-    let ep = quinn::Endpoint::server(
-        hcx_net::tls::quinn_server_config(&id).unwrap(),
+    let ep = hcx_net::tls::bulk_endpoint(
         "127.0.0.1:0".parse().unwrap(),
+        Some(hcx_net::tls::quinn_server_config(&id).unwrap()),
     )
     .unwrap();
     std::fs::write(port_file, ep.local_addr().unwrap().port().to_string()).unwrap();
@@ -292,7 +292,7 @@ async fn transfer_figures(dir: &Path) {
 
     let (mut child, port) = spawn_sink("quic", dir);
     let id = Identity::load(&certs.join("node-bench-0")).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut ep = hcx_net::tls::bulk_endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
     ep.set_default_client_config(hcx_net::tls::quinn_client_config(&id).unwrap());
     let t = Instant::now();
     let conn = ep
@@ -308,11 +308,16 @@ async fn transfer_figures(dir: &Path) {
     let mut ack = [0u8; 1];
     recv.read_exact(&mut ack).await.unwrap();
     let quic = t.elapsed().as_secs_f64();
+    let path = conn.stats().path;
     child.wait().unwrap();
     println!(
-        "1 GiB between two processes on loopback: QUIC+TLS {:.2} s ({:.0} MB/s), plain TCP {:.2} s ({:.0} MB/s)",
+        "1 GiB between two processes on loopback: QUIC+TLS {:.2} s ({:.0} MB/s; {} of {} packets lost, {} congestion events, MTU {}), plain TCP {:.2} s ({:.0} MB/s)",
         quic,
         GIB as f64 / quic / 1e6,
+        path.lost_packets,
+        path.sent_packets,
+        path.congestion_events,
+        path.current_mtu,
         tcp,
         GIB as f64 / tcp / 1e6
     );

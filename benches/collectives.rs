@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use hcx_kernels::collective::{Collective, Ring};
 use hcx_net::certs::DevCerts;
 use hcx_net::peer::{PeerPlane, QuicLink, RingPlan};
-use hcx_net::tls::{Identity, quinn_client_config, quinn_server_config};
+use hcx_net::tls::{Identity, bulk_endpoint, quinn_client_config, quinn_server_config};
 
 const SIZES: [usize; 6] = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20];
 
 fn plane(rt: &tokio::runtime::Runtime, id: &Identity) -> PeerPlane {
     rt.block_on(async {
-        let mut endpoint = quinn::Endpoint::server(
-            quinn_server_config(id).unwrap(),
+        let mut endpoint = bulk_endpoint(
             "127.0.0.1:0".parse().unwrap(),
+            Some(quinn_server_config(id).unwrap()),
         )
         .unwrap();
         endpoint.set_default_client_config(quinn_client_config(id).unwrap());
@@ -70,12 +70,12 @@ fn stream_seconds(
     reps: usize,
 ) -> Vec<f64> {
     rt.block_on(async {
-        let server = quinn::Endpoint::server(
-            quinn_server_config(id).unwrap(),
+        let server = bulk_endpoint(
             "127.0.0.1:0".parse().unwrap(),
+            Some(quinn_server_config(id).unwrap()),
         )
         .unwrap();
-        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut client = bulk_endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
         client.set_default_client_config(quinn_client_config(id).unwrap());
         let addr = server.local_addr().unwrap();
         let accept = tokio::spawn(async move {

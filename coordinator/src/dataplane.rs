@@ -32,7 +32,7 @@ pub(crate) fn start(
         Some(id) => hcx_net::tls::quinn_server_config(id)?,
         None => hcx_net::insecure::quinn_server_config()?,
     };
-    let endpoint = quinn::Endpoint::server(config, addr)
+    let endpoint = hcx_net::tls::bulk_endpoint(addr, Some(config))
         .map_err(|source| CoordinatorError::Bind { addr, source })?;
     Ok(tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {

@@ -405,6 +405,37 @@ pub fn bulk_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// Socket buffer the data plane asks for on each side of its UDP socket
+/// (16 MiB; Linux grants at most `net.core.rmem_max` / `wmem_max`).
+pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;
+
+/// A QUIC endpoint bound to `addr` for the data plane, serving `server`
+/// when given. Its UDP socket asks for [`SOCKET_BUFFER_BYTES`] each way: a
+/// bulk sender outruns a receiver whose socket holds Linux's default 208
+/// KiB, and every datagram dropped there is a loss that cuts the
+/// congestion window (1 GiB on loopback: 4.2 s with the default, 2.6 s
+/// with the larger buffer, in `cargo bench --bench cluster -- transfer`).
+/// The kernel caps the request at `net.core.rmem_max` / `wmem_max`.
+pub fn bulk_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<quinn::Endpoint> {
+    let socket = bulk_socket(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
+/// The UDP socket of [`bulk_endpoint`]: bound to `addr`, its buffers
+/// raised towards [`SOCKET_BUFFER_BYTES`].
+fn bulk_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES)?;
+    state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES)?;
+    Ok(socket)
+}
+
 /// quinn server config (ALPN `hcx/1`, mutual TLS, bulk transport).
 pub fn quinn_server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
     let tls = server_config(id, &[QUIC_ALPN])?;
@@ -664,6 +695,38 @@ mod tests {
         );
     }
 
+    /// The data plane's socket gets the buffers it asks for, as far as the
+    /// kernel's limits allow (Linux reports twice what it grants).
+    #[test]
+    fn the_bulk_socket_raises_its_buffers() {
+        let limit = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{f}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        let (Some(rmem), Some(wmem)) = (limit("rmem_max"), limit("wmem_max")) else {
+            eprintln!("skipped: no /proc/sys/net/core limits on this system");
+            return;
+        };
+        let socket = bulk_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+        let recv = state.recv_buffer_size((&socket).into()).unwrap();
+        let send = state.send_buffer_size((&socket).into()).unwrap();
+        assert!(
+            recv >= rmem.min(SOCKET_BUFFER_BYTES),
+            "receive buffer {recv}, rmem_max {rmem}"
+        );
+        assert!(
+            send >= wmem.min(SOCKET_BUFFER_BYTES),
+            "send buffer {send}, wmem_max {wmem}"
+        );
+        let default = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = state.recv_buffer_size((&default).into()).unwrap();
+        if rmem > 2 * before {
+            assert!(recv > before, "receive buffer {recv}, default {before}");
+        }
+    }
+
     /// Starts an echo server; returns its endpoint and address.
     fn echo_server(id: &Identity) -> (quinn::Endpoint, SocketAddr) {
         echo_server_at(id, "127.0.0.1:0")
@@ -671,8 +734,11 @@ mod tests {
 
     /// [`echo_server`] bound to `bind`.
     fn echo_server_at(id: &Identity, bind: &str) -> (quinn::Endpoint, SocketAddr) {
-        let ep = quinn::Endpoint::server(quinn_server_config(id).unwrap(), bind.parse().unwrap())
-            .unwrap();
+        let ep = bulk_endpoint(
+            bind.parse().unwrap(),
+            Some(quinn_server_config(id).unwrap()),
+        )
+        .unwrap();
         let addr = ep.local_addr().unwrap();
         let accept = ep.clone();
         tokio::spawn(async move {

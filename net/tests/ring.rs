@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hcx_kernels::collective::{Collective, CollectiveError, Ring, serial_sum};
 use hcx_net::certs::DevCerts;
 use hcx_net::peer::{PeerPlane, QuicLink, RingPlan};
-use hcx_net::tls::{Identity, quinn_client_config, quinn_server_config};
+use hcx_net::tls::{Identity, bulk_endpoint, quinn_client_config, quinn_server_config};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -28,9 +28,9 @@ fn certs() -> tempfile::TempDir {
 
 fn plane(rt: &tokio::runtime::Runtime, id: &Identity) -> PeerPlane {
     rt.block_on(async {
-        let mut endpoint = quinn::Endpoint::server(
-            quinn_server_config(id).unwrap(),
+        let mut endpoint = bulk_endpoint(
             "127.0.0.1:0".parse().unwrap(),
+            Some(quinn_server_config(id).unwrap()),
         )
         .unwrap();
         endpoint.set_default_client_config(quinn_client_config(id).unwrap());

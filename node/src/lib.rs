@@ -311,7 +311,7 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         Some(id) => hcx_net::tls::quinn_client_config(id)?,
         None => hcx_net::insecure::quinn_client_config()?,
     };
-    let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
+    let mut endpoint = hcx_net::tls::bulk_endpoint(cfg.listen, Some(server))
         .map_err(|e| NodeError::Config(format!("cannot bind {}: {e}", cfg.listen)))?;
     endpoint.set_default_client_config(client_config.clone());
     let bound = endpoint.local_addr().map_err(|e| {
