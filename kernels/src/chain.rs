@@ -136,6 +136,25 @@ pub fn encode_tensor_calibrated(
     elem_bytes: usize,
     hessian: Option<&[f64]>,
 ) -> Result<EncodedTensor, KernelError> {
+    encode_tensor_with(
+        name, values, shape, stages, job_seed, elem_bytes, hessian, None,
+    )
+}
+
+/// [`encode_tensor_calibrated`], a `uniform` stage coding with `uniform_fit`
+/// (the parameters fitted on the whole tensor this is a piece of) instead
+/// of fitting its own.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_tensor_with(
+    name: &str,
+    values: Vec<f32>,
+    shape: &[usize],
+    stages: &[StageSpec],
+    job_seed: u64,
+    elem_bytes: usize,
+    hessian: Option<&[f64]>,
+    uniform_fit: Option<&uniform::UniformMeta>,
+) -> Result<EncodedTensor, KernelError> {
     let original = values.clone();
     let total = energy(&original);
     let mut sig = Some(Signal::from_shape(values, shape));
@@ -251,7 +270,10 @@ pub fn encode_tensor_calibrated(
                 // here too would cost a second decode and a second copy of
                 // the tensor.
                 let s = sig.take().ok_or_else(no_signal)?;
-                let coded = quantize(q, &s, seed)?;
+                let coded = match (q, uniform_fit) {
+                    (StageSpec::Uniform(u), Some(fit)) => uniform::encode_fitted(fit, u, &s)?,
+                    _ => quantize(q, &s, seed)?,
+                };
                 drop(s);
                 parts.extend(prefixed(kind, coded.parts));
                 coded.meta

@@ -12,6 +12,15 @@
 //! piece's values in memory, plus the parts; the entropy coders then run
 //! once over the joined parts, as they would have over the whole tensor's.
 //!
+//! `uniform` has two tensor-wide parameters, its step (searched on a strided
+//! sample of the whole tensor) and its reconstruction offsets (the centroid
+//! of every value coded with each magnitude). Encoded by rows, they are
+//! fitted first in two passes over the pieces — one gathers the sample the
+//! whole tensor's search would see, one tallies the codes at the step found
+//! (exact integer sums, so the pieces add up to the whole tensor's figures
+//! bit for bit) — and every piece is then coded with them; a piece's source
+//! is read three times.
+//!
 //! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
 //! (the verification every tensor gets); the entropy stages are checked by
 //! decoding their output back to the joined parts. The step records are the
@@ -24,26 +33,29 @@ use hcx_protocol::manifest::StepRecord;
 use hcx_protocol::stage::{StageCategory, StageSpec};
 use serde_json::json;
 
-use crate::chain::{EncodedTensor, encode_tensor, settle_quantizer_share};
+use crate::chain::{EncodedTensor, encode_tensor_with, settle_quantizer_share};
 use crate::stats::{energy, sqnr_from, squared_error};
+use crate::uniform::{self, ChunkTally, UniformMeta};
 use crate::{KernelError, Part, entropy};
+use hcx_protocol::stage::UniformSpec;
 
 /// Rows in a piece are a multiple of this: 8 (1-bit codes packed eight to
 /// a byte) times 5 (trits packed five to a byte).
 pub const ROW_MULTIPLE: usize = 40;
 
 /// Whether `stages` code every row of a tensor independently of the other
-/// rows with parameters that do not depend on them, so that
-/// [`encode_by_rows`] gives the whole tensor's bytes: Hadamard rotations,
-/// then `rtn`, `cast`, or `ternary` with a group, then entropy coders.
-/// Chains that fit a tensor-wide parameter (`uniform`'s step, a codebook,
-/// a low-rank factor, a Hessian) are encoded whole.
+/// rows, given parameters [`encode_by_rows`] can fit over the pieces first,
+/// so that it gives the whole tensor's bytes: Hadamard rotations, then
+/// `rtn`, `cast`, `ternary` with a group, or `uniform` (whose step and
+/// offsets are fitted over every piece before any is coded), then entropy
+/// coders. Chains with other tensor-wide parameters (a codebook, a
+/// low-rank factor, a Hessian) are encoded whole.
 pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     let mut quantizers = 0;
     for s in stages {
         match s {
             StageSpec::Hadamard(_) | StageSpec::Zstd(_) | StageSpec::Rans(_) => {}
-            StageSpec::Rtn(_) | StageSpec::Cast(_) => quantizers += 1,
+            StageSpec::Rtn(_) | StageSpec::Cast(_) | StageSpec::Uniform(_) => quantizers += 1,
             StageSpec::Ternary(t) if t.group.is_some() => quantizers += 1,
             _ => return false,
         }
@@ -107,6 +119,23 @@ pub fn encode_by_rows(
         .position(|s| s.category() == StageCategory::Entropy)
         .unwrap_or(stages.len());
     let (head, tail) = stages.split_at(split);
+    let fit = match head.iter().position(|s| matches!(s, StageSpec::Uniform(_))) {
+        Some(u) => {
+            let StageSpec::Uniform(spec) = &head[u] else {
+                unreachable!("position matched a uniform stage")
+            };
+            let fitting = Fitting {
+                name,
+                before: &head[..u],
+                job_seed,
+                rows,
+                cols,
+                rows_per_piece,
+            };
+            Some(fitting.uniform(spec, &mut piece)?)
+        }
+        None => None,
+    };
     let mut steps: Vec<StepRecord> = Vec::new();
     let mut parts: Vec<Part> = Vec::new();
     let mut seconds = vec![0f64; stages.len()];
@@ -126,7 +155,16 @@ pub fn encode_by_rows(
         }
         let piece_energy = energy(&values);
         let original = values.clone();
-        let e = encode_tensor(name, values, &[r1 - r0, cols], head, job_seed, elem_bytes)?;
+        let e = encode_tensor_with(
+            name,
+            values,
+            &[r1 - r0, cols],
+            head,
+            job_seed,
+            elem_bytes,
+            None,
+            fit.as_ref(),
+        )?;
         final_error += squared_error(&original, &e.decoded);
         drop(original);
         total += piece_energy;
@@ -210,6 +248,96 @@ pub fn encode_by_rows(
         },
         energy: total,
     })
+}
+
+/// What fitting a tensor-wide parameter over the pieces of a tensor needs:
+/// the stages before the quantizer (Hadamard rotations, redone on every
+/// pass) and how the tensor is cut.
+struct Fitting<'a> {
+    name: &'a str,
+    before: &'a [StageSpec],
+    job_seed: u64,
+    rows: usize,
+    cols: usize,
+    rows_per_piece: usize,
+}
+
+impl Fitting<'_> {
+    /// Rows `r0..r1` as the quantizer sees them: read by `piece` and
+    /// through the stages before it, as [`encode_tensor_with`] runs them.
+    fn rotated(
+        &self,
+        r0: usize,
+        r1: usize,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<crate::Signal, KernelError> {
+        let mut x = crate::Signal::from_shape(piece(r0..r1)?, &[r1 - r0, self.cols]);
+        if x.data.len() != (r1 - r0) * self.cols {
+            return Err(KernelError::Meta {
+                stage: "chain".into(),
+                why: format!(
+                    "cannot encode `{}` by rows: rows {r0}..{r1} came as {} values, not {}",
+                    self.name,
+                    x.data.len(),
+                    (r1 - r0) * self.cols
+                ),
+            });
+        }
+        for s in self.before {
+            let StageSpec::Hadamard(h) = s else {
+                return Err(KernelError::Meta {
+                    stage: s.kind().into(),
+                    why: format!(
+                        "cannot encode `{}` by rows: `{}` before the quantizer",
+                        self.name,
+                        s.kind()
+                    ),
+                });
+            };
+            let seed = crate::rng::seed_for(self.job_seed, self.name, s.kind());
+            crate::hadamard::forward(&mut x, h.block, seed)?;
+        }
+        Ok(x)
+    }
+
+    /// `uniform`'s step and offsets for the whole tensor, as
+    /// [`uniform::encode`] fits them on it: the step from the whole
+    /// tensor's strided sample, gathered piece by piece, then every piece's
+    /// codes tallied at that step.
+    fn uniform(
+        &self,
+        spec: &UniformSpec,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<UniformMeta, KernelError> {
+        let n = self.rows * self.cols;
+        let stride = uniform::sample_stride(n, self.cols);
+        let dz = spec.deadzone as f32;
+        let pieces = || {
+            (0..self.rows)
+                .step_by(self.rows_per_piece)
+                .map(|r0| (r0, (r0 + self.rows_per_piece).min(self.rows)))
+        };
+        let mut sample = Vec::with_capacity(n.div_ceil(stride));
+        for (r0, r1) in pieces() {
+            let x = self.rotated(r0, r1, piece)?;
+            crate::rtn::check_finite(&x.data)?;
+            // The sample takes the values at multiples of the stride of
+            // the whole tensor's flat index.
+            let start = r0 * self.cols;
+            let first = start.div_ceil(stride) * stride - start;
+            sample.extend(x.data.iter().skip(first).step_by(stride));
+        }
+        let (step, _) = uniform::find_step(&sample, spec.bits, dz);
+        drop(sample);
+        let mut all = ChunkTally::empty();
+        let mut codes = Vec::new();
+        for (r0, r1) in pieces() {
+            let x = self.rotated(r0, r1, piece)?;
+            codes.resize(x.data.len(), 0u8);
+            all.add(uniform::quantize_pass(&x.data, 1.0 / step, dz, &mut codes));
+        }
+        all.fit(step, n)
+    }
 }
 
 /// Whether the records `steps` of an encoded tensor describe a chain that
@@ -355,6 +483,7 @@ fn bytes_of(parts: &[Part]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encode_tensor;
     use crate::rng::gaussian_vec;
     use hcx_protocol::stage::*;
 
@@ -383,7 +512,83 @@ mod tests {
             vec![StageSpec::Cast(CastSpec {
                 dtype: CastDtype::F16,
             })],
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                uniform(4.4, 0.0),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            vec![uniform(2.5, 0.2), StageSpec::Zstd(ZstdSpec { level: 3 })],
+            // Codes beyond ±127: a second byte plane in every piece.
+            vec![uniform(9.5, 0.0)],
         ]
+    }
+
+    fn uniform(bits: f64, deadzone: f64) -> StageSpec {
+        StageSpec::Uniform(UniformSpec { bits, deadzone })
+    }
+
+    #[test]
+    fn uniform_in_pieces_fits_on_the_whole_tensors_sample() {
+        // 1,203 rows of 512: 615,936 values, more than the step search's
+        // sample, so it takes every third value of the flat tensor, and
+        // pieces of 200 or 440 rows start off that stride. Columns and
+        // rows of different scales, so the sample and the offsets matter.
+        let (rows, cols) = (1203, 512);
+        let mut x = gaussian_vec(21, rows * cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= (0.25 + (i % cols) as f32 / 128.0) * (1.0 + (i / cols % 5) as f32);
+        }
+        assert_eq!(crate::uniform::sample_stride(rows * cols, cols), 3);
+        for stages in [
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                uniform(4.4, 0.0),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            vec![uniform(3.0, 0.1)],
+        ] {
+            let whole = encode_tensor("u", x.clone(), &[rows, cols], &stages, 9, 4).unwrap();
+            for per in [200, 440] {
+                let mut reads = 0;
+                let got = encode_by_rows("u", &[rows, cols], &stages, 9, 4, per, |r| {
+                    reads += 1;
+                    Ok(x[r.start * cols..r.end * cols].to_vec())
+                })
+                .unwrap();
+                assert_eq!(
+                    got.tensor.parts, whole.parts,
+                    "{stages:?} in pieces of {per}"
+                );
+                for (a, b) in got.tensor.steps.iter().zip(&whole.steps) {
+                    assert_eq!(a.meta, b.meta, "{stages:?} in pieces of {per}");
+                }
+                // Sample, tally, code: each piece read three times.
+                assert_eq!(reads, 3 * rows.div_ceil(per));
+                let mut back = Vec::new();
+                decode_by_rows(
+                    &got.tensor.steps,
+                    got.tensor.parts,
+                    &[rows, cols],
+                    per,
+                    |_, v| {
+                        back.extend(v);
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                assert_eq!(back, whole.decoded);
+            }
+        }
+        // A value that is not finite fails in the fitting passes, as the
+        // whole encode fails.
+        let mut bad = x.clone();
+        bad[700 * cols + 3] = f32::NAN;
+        let stages = [uniform(4.0, 0.0)];
+        assert!(encode_tensor("u", bad.clone(), &[rows, cols], &stages, 9, 4).is_err());
+        let r = encode_by_rows("u", &[rows, cols], &stages, 9, 4, 200, |r| {
+            Ok(bad[r.start * cols..r.end * cols].to_vec())
+        });
+        assert!(r.is_err());
     }
 
     #[test]
@@ -475,10 +680,7 @@ mod tests {
         short[0].data.pop();
         assert!(decode_by_rows(&e.steps, short, &[41, 50], 40, |_, _| Ok(())).is_err());
         // A chain with a tensor-wide parameter is refused.
-        let u = vec![StageSpec::Uniform(UniformSpec {
-            bits: 4.0,
-            deadzone: 0.0,
-        })];
+        let u = vec![StageSpec::Ternary(TernarySpec { group: None })];
         let e = encode_tensor("u", gaussian_vec(14, 80 * 64), &[80, 64], &u, 1, 4).unwrap();
         assert!(!decodes_by_rows(&e.steps));
         assert!(decode_by_rows(&e.steps, e.parts, &[80, 64], 40, |_, _| Ok(())).is_err());
@@ -487,10 +689,6 @@ mod tests {
     #[test]
     fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
         for stages in [
-            vec![StageSpec::Uniform(UniformSpec {
-                bits: 4.0,
-                deadzone: 0.0,
-            })],
             vec![StageSpec::Ternary(TernarySpec { group: None })],
             vec![
                 StageSpec::Lowrank(LowrankSpec {

@@ -153,19 +153,42 @@ pub(crate) fn reconstruct(q: i32, step: f32, offsets: &[f32]) -> f32 {
 
 /// The centroid offsets (in steps) of the values coded with |q| = 1..=8.
 pub(crate) fn offsets_for(x: &[f32], codes: &[i32], inv: f32) -> Vec<f32> {
-    let mut sums = [0f64; OFFSETS];
+    let mut sums = [0i64; OFFSETS];
     let mut counts = [0u64; OFFSETS];
     for (v, q) in x.iter().zip(codes) {
         let m = q.unsigned_abs() as usize;
         if (1..=OFFSETS).contains(&m) {
-            sums[m - 1] += (v.abs() * inv) as f64 - m as f64;
+            sums[m - 1] += i64::from(scaled(v.abs() * inv));
             counts[m - 1] += 1;
         }
     }
+    offsets_from(&sums, &counts)
+}
+
+/// Scale of the offsets' exact sums: a value coded with |q| ≥ 1 is at least
+/// half a step from zero (the dead zone only moves that up), and an f32 of
+/// at least 1/2 is a whole multiple of 2^-24, so |x|/Δ · 2^24 is an
+/// integer. Summed as integers, the offsets do not depend on the order the
+/// values are added in: not on chunks, threads or pieces of rows.
+const OFFSET_SCALE: f32 = (1u32 << 24) as f32;
+
+/// |x|/Δ as an integer multiple of 2^-24 (exact for the magnitudes 1 to
+/// [`OFFSETS`]; the cast saturates for the others, whose sums are unused).
+#[inline(always)]
+fn scaled(a: f32) -> i32 {
+    (a * OFFSET_SCALE) as i32
+}
+
+/// The offsets (in steps) from the exact sums of |x|/Δ · 2^24 and the
+/// counts of the values coded with each magnitude 1 to [`OFFSETS`].
+fn offsets_from(sums: &[i64; OFFSETS], counts: &[u64; OFFSETS]) -> Vec<f32> {
     (0..OFFSETS)
         .map(|i| {
             if counts[i] > 0 {
-                (sums[i] / counts[i] as f64) as f32
+                // Σ(|x|/Δ − m) · 2^24, exact in i128, then one rounding.
+                let m = (i + 1) as i128;
+                let excess = i128::from(sums[i]) - m * i128::from(counts[i]) * (1 << 24);
+                (excess as f64 / OFFSET_SCALE as f64 / counts[i] as f64) as f32
             } else {
                 0.0
             }
@@ -264,6 +287,15 @@ pub fn sample(x: &[f32], cols: usize) -> std::borrow::Cow<'_, [f32]> {
     if n <= SAMPLE {
         return std::borrow::Cow::Borrowed(x);
     }
+    std::borrow::Cow::Owned(x.iter().step_by(sample_stride(n, cols)).copied().collect())
+}
+
+/// The stride [`sample`] takes through `n` values in rows of `cols`: 1 for
+/// at most [`SAMPLE`] values.
+pub(crate) fn sample_stride(n: usize, cols: usize) -> usize {
+    if n <= SAMPLE {
+        return 1;
+    }
     fn gcd(mut a: usize, mut b: usize) -> usize {
         while b != 0 {
             (a, b) = (b, a % b);
@@ -274,16 +306,17 @@ pub fn sample(x: &[f32], cols: usize) -> std::borrow::Cow<'_, [f32]> {
     while gcd(stride, cols.max(1)) != 1 {
         stride += 1;
     }
-    std::borrow::Cow::Owned(x.iter().step_by(stride).copied().collect())
+    stride
 }
 
 /// What one pass over a chunk of values gathers: its codes' histogram, the
 /// sums for the reconstruction offsets, and whether any code needs the
 /// high byte.
-struct ChunkTally {
+pub(crate) struct ChunkTally {
     hist: Vec<u64>,
     far: std::collections::BTreeMap<i32, u64>,
-    sums: [f64; OFFSETS],
+    /// Σ |x|/Δ · 2^24 by magnitude 1 to [`OFFSETS`] (see [`scaled`]).
+    sums: [i64; OFFSETS],
     counts: [u64; OFFSETS],
     wide: bool,
     too_wide: bool,
@@ -291,15 +324,47 @@ struct ChunkTally {
 
 impl ChunkTally {
     /// A tally of no values.
-    fn empty() -> ChunkTally {
+    pub(crate) fn empty() -> ChunkTally {
         ChunkTally {
             hist: vec![0u64; (2 * HIST_R + 1) as usize],
             far: std::collections::BTreeMap::new(),
-            sums: [0.0; OFFSETS],
+            sums: [0; OFFSETS],
             counts: [0; OFFSETS],
             wide: false,
             too_wide: false,
         }
+    }
+
+    /// Adds `t`'s counts and sums to this tally's (exact: the result does
+    /// not depend on the order tallies are added in).
+    pub(crate) fn add(&mut self, t: ChunkTally) {
+        for (a, b) in self.hist.iter_mut().zip(&t.hist) {
+            *a += b;
+        }
+        for (k, v) in t.far {
+            *self.far.entry(k).or_default() += v;
+        }
+        for i in 0..OFFSETS {
+            self.sums[i] += t.sums[i];
+            self.counts[i] += t.counts[i];
+        }
+        self.wide |= t.wide;
+        self.too_wide |= t.too_wide;
+    }
+
+    /// The parameters [`encode`] records for `n` values tallied at `step`:
+    /// the offsets, whether codes need a high byte, the codes' entropy; an
+    /// error where a code needs more than two bytes.
+    pub(crate) fn fit(&self, step: f32, n: usize) -> Result<UniformMeta, KernelError> {
+        if self.too_wide {
+            return Err(too_wide());
+        }
+        Ok(UniformMeta {
+            step,
+            offsets: offsets_from(&self.sums, &self.counts),
+            wide: self.wide,
+            entropy_bits: entropy_of(&self.hist, &self.far, n),
+        })
     }
 }
 
@@ -315,7 +380,7 @@ fn tally(
     v: f32,
     inv: f32,
     dz: f32,
-    sums: &mut [f64; OFFSETS + 2],
+    sums: &mut [i64; OFFSETS + 2],
     hist: &mut [u32; (2 * HIST_R + 1) as usize],
     far: &mut std::collections::BTreeMap<i32, u64>,
     m_max: &mut u32,
@@ -323,7 +388,8 @@ fn tally(
     let q = quantize(v, inv, dz);
     let m = q.unsigned_abs();
     let slot = (m as usize).min(OFFSETS + 1);
-    sums[slot] += f64::from(v.abs() * inv) - f64::from(m);
+    // Slots 0 and OFFSETS + 1 are never read; their sums may wrap.
+    sums[slot] = sums[slot].wrapping_add(i64::from(scaled(v.abs() * inv)));
     if m <= HIST_R as u32 {
         let h = &mut hist[q.wrapping_add(HIST_R) as usize];
         *h = h.wrapping_add(1);
@@ -334,13 +400,12 @@ fn tally(
     (q as i16).to_le_bytes()[0]
 }
 
-/// Values per chunk of the quantizing pass. Fixed, so that the chunks'
-/// partial sums, added in chunk order, do not depend on the thread count.
+/// Values per chunk of the quantizing pass and the entropy search.
 const PASS_CHUNK: usize = 1 << 16;
 
 /// Codes `x` at step `1/inv` into `lo` (each code's low byte) in one pass,
 /// gathering the histogram and the offset sums on the way.
-fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
+pub(crate) fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
     const R: i32 = HIST_R;
     let tallies: Vec<ChunkTally> = x
         .par_chunks(PASS_CHUNK)
@@ -352,7 +417,7 @@ fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
             // four sets of sums and counts, one per value of each group of
             // four, so that neighbouring values with the same code do not
             // wait on each other's additions.
-            let mut sums = [[0f64; OFFSETS + 2]; 4];
+            let mut sums = [[0i64; OFFSETS + 2]; 4];
             let mut hist = [[0u32; (2 * R + 1) as usize]; 4];
             let mut m_max = 0u32;
             let mut vs = c.chunks_exact(4);
@@ -384,18 +449,7 @@ fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
         .collect();
     let mut all = ChunkTally::empty();
     for t in tallies {
-        for (a, b) in all.hist.iter_mut().zip(&t.hist) {
-            *a += b;
-        }
-        for (k, v) in t.far {
-            *all.far.entry(k).or_default() += v;
-        }
-        for i in 0..OFFSETS {
-            all.sums[i] += t.sums[i];
-            all.counts[i] += t.counts[i];
-        }
-        all.wide |= t.wide;
-        all.too_wide |= t.too_wide;
+        all.add(t);
     }
     all
 }
@@ -421,41 +475,55 @@ pub fn encode(spec: &UniformSpec, x: &Signal) -> Result<Coded, KernelError> {
     check_finite(&x.data)?;
     let dz = spec.deadzone as f32;
     let (step, _) = find_step(&sample(&x.data, x.cols), spec.bits, dz);
-    let inv = 1.0 / step;
     let mut lo = vec![0u8; x.data.len()];
-    let t = quantize_pass(&x.data, inv, dz, &mut lo);
+    let t = quantize_pass(&x.data, 1.0 / step, dz, &mut lo);
+    let fit = t.fit(step, x.data.len())?;
+    Ok(coded_with(fit, dz, &x.data, lo))
+}
+
+/// Encodes a signal with parameters fitted beforehand on a tensor it is a
+/// piece of ([`ChunkTally::fit`] over every piece's tally at the step the
+/// whole tensor's sample gave): the pieces' parts laid end to end are the
+/// parts [`encode`] gives the whole tensor.
+pub(crate) fn encode_fitted(
+    fit: &UniformMeta,
+    spec: &UniformSpec,
+    x: &Signal,
+) -> Result<Coded, KernelError> {
+    check_finite(&x.data)?;
+    let dz = spec.deadzone as f32;
+    let mut lo = vec![0u8; x.data.len()];
+    let t = quantize_pass(&x.data, 1.0 / fit.step, dz, &mut lo);
     if t.too_wide {
         return Err(too_wide());
     }
-    let offsets = (0..OFFSETS)
-        .map(|i| {
-            if t.counts[i] > 0 {
-                (t.sums[i] / t.counts[i] as f64) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let entropy_bits = entropy_of(&t.hist, &t.far, x.data.len());
+    if t.wide && !fit.wide {
+        return Err(KernelError::Meta {
+            stage: "uniform".into(),
+            why: "a piece has codes beyond ±127 that the fit over the whole tensor did not see"
+                .into(),
+        });
+    }
+    Ok(coded_with(fit.clone(), dz, &x.data, lo))
+}
+
+/// The parts and metadata of `x` coded with `fit`, its codes' low bytes
+/// already in `lo`.
+fn coded_with(fit: UniformMeta, dz: f32, x: &[f32], lo: Vec<u8>) -> Coded {
+    let inv = 1.0 / fit.step;
     let mut parts = vec![Part::bytes("codes", lo)];
-    if t.wide {
+    if fit.wide {
         parts.push(Part::bytes(
             "codes_hi",
-            x.data
-                .par_iter()
+            x.par_iter()
                 .map(|v| (quantize(*v, inv, dz) as i16).to_le_bytes()[1])
                 .collect(),
         ));
     }
-    Ok(Coded {
-        meta: to_meta(&UniformMeta {
-            step,
-            offsets,
-            wide: t.wide,
-            entropy_bits,
-        }),
+    Coded {
+        meta: to_meta(&fit),
         parts,
-    })
+    }
 }
 
 /// Decodes `rows × cols` values.
@@ -687,9 +755,8 @@ mod tests {
                     .as_slice()
             );
             assert_eq!(meta.entropy_bits.to_bits(), codes_entropy(&codes).to_bits());
-            for (a, b) in meta.offsets.iter().zip(offsets_for(&x.data, &codes, inv)) {
-                assert!((a - b).abs() < 1e-6, "offset {a} against {b}");
-            }
+            // Exact sums: the same offsets, bit for bit.
+            assert_eq!(meta.offsets, offsets_for(&x.data, &codes, inv));
             assert!(sqnr_db(&x.data, &y).unwrap() > 6.02 * h - 1.53 - 0.1);
         }
     }

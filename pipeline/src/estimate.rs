@@ -306,7 +306,21 @@ fn estimate_tensor(
         .map_or(0.0, |s| if wall > 0.0 { (s / wall).min(1.0) } else { 0.0 });
     let uniform_scale = hcx_kernels::uniform::relative_work(rows * cols)
         / hcx_kernels::uniform::relative_work((taken * cols).max(1));
-    let cpu_seconds = cpu * ((1.0 - uniform_share) * scale + uniform_share * uniform_scale);
+    let mut cpu_seconds = cpu * ((1.0 - uniform_share) * scale + uniform_share * uniform_scale);
+    // A tensor larger than a wave whose `uniform` is fitted over its pieces
+    // of rows runs the stages before it (Hadamard) three times: to sample,
+    // to tally, to code.
+    if uniform_share > 0.0 && crate::run::working_values(t, &stages, false) < t.numel() {
+        let before: f64 = stages
+            .iter()
+            .zip(&e.seconds)
+            .take_while(|(s, _)| !matches!(s, StageSpec::Uniform(_)))
+            .map(|(_, secs)| secs)
+            .sum();
+        if wall > 0.0 {
+            cpu_seconds += cpu * 2.0 * (before / wall).min(1.0) * scale;
+        }
+    }
     let part_bytes: u64 = e.data.iter().map(|d| d.len() as u64).sum();
     Ok(TensorEstimate {
         chain,

@@ -763,7 +763,7 @@ mod tests {
     #[test]
     fn a_tensor_larger_than_a_wave_is_encoded_by_rows_with_the_same_bytes() {
         use crate::model::f32_to_bytes;
-        use hcx_protocol::stage::{RansSpec, RtnSpec, StageSpec};
+        use hcx_protocol::stage::{HadamardSpec, RansSpec, RtnSpec, StageSpec, UniformSpec};
         // 16,400 × 4,096 bf16 values: more than a wave, so four pieces of
         // 16,360 rows and a last one of 40.
         let (rows, cols) = (16_400usize, 4_096usize);
@@ -776,7 +776,7 @@ mod tests {
             .collect();
         let raw = f32_to_bytes(&values, safetensors::Dtype::BF16);
         drop(values);
-        let stages = vec![
+        let rtn = vec![
             StageSpec::Rtn(RtnSpec {
                 bits: 4,
                 group: Some(128),
@@ -785,37 +785,49 @@ mod tests {
             }),
             StageSpec::Rans(RansSpec {}),
         ];
-        let read = std::sync::atomic::AtomicUsize::new(0);
-        let (pieces, _) = super::encode_raw_inner(
-            "w",
-            safetensors::Dtype::BF16,
-            &[rows, cols],
-            &raw,
-            &stages,
-            3,
-            None,
-            &|b| {
-                read.fetch_add(b.len(), std::sync::atomic::Ordering::Relaxed);
-            },
-        )
-        .unwrap();
-        assert_eq!(read.into_inner(), raw.len(), "every byte read once");
-        let whole = hcx_kernels::encode_tensor(
-            "w",
-            crate::model::raw_to_f32(&raw, safetensors::Dtype::BF16),
-            &[rows, cols],
-            &stages,
-            3,
-            2,
-        )
-        .unwrap();
-        assert_eq!(pieces.data.len(), whole.parts.len());
-        for (a, b) in pieces.data.iter().zip(&whole.parts) {
-            assert!(a == &b.data, "part {} differs", b.name);
-        }
-        assert_eq!(pieces.entry.steps.len(), whole.steps.len());
-        for (a, b) in pieces.entry.steps.iter().zip(&whole.steps) {
-            assert_eq!(a.meta, b.meta);
+        // `uniform` fits its step and offsets over the pieces first: each
+        // piece is read three times (sample, tally, code).
+        let uniform = vec![
+            StageSpec::Hadamard(HadamardSpec::default()),
+            StageSpec::Uniform(UniformSpec {
+                bits: 4.4,
+                deadzone: 0.0,
+            }),
+            StageSpec::Rans(RansSpec {}),
+        ];
+        for (stages, reads) in [(rtn, 1), (uniform, 3)] {
+            let read = std::sync::atomic::AtomicUsize::new(0);
+            let (pieces, _) = super::encode_raw_inner(
+                "w",
+                safetensors::Dtype::BF16,
+                &[rows, cols],
+                &raw,
+                &stages,
+                3,
+                None,
+                &|b| {
+                    read.fetch_add(b.len(), std::sync::atomic::Ordering::Relaxed);
+                },
+            )
+            .unwrap();
+            assert_eq!(read.into_inner(), reads * raw.len(), "{stages:?}");
+            let whole = hcx_kernels::encode_tensor(
+                "w",
+                crate::model::raw_to_f32(&raw, safetensors::Dtype::BF16),
+                &[rows, cols],
+                &stages,
+                3,
+                2,
+            )
+            .unwrap();
+            assert_eq!(pieces.data.len(), whole.parts.len());
+            for (a, b) in pieces.data.iter().zip(&whole.parts) {
+                assert!(a == &b.data, "part {} differs in {stages:?}", b.name);
+            }
+            assert_eq!(pieces.entry.steps.len(), whole.steps.len());
+            for (a, b) in pieces.entry.steps.iter().zip(&whole.steps) {
+                assert_eq!(a.meta, b.meta);
+            }
         }
     }
 
