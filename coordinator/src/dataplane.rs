@@ -69,9 +69,19 @@ pub(crate) fn start(
                         // lasts is refused from its next stream on.
                         let certs = certs.as_deref();
                         if let Err(s) = shared.caller(certs, "the data plane") {
-                            let mut send = send;
-                            let _ = recv_stop(recv);
+                            // The request (one bounded frame, waited for
+                            // at most 5 s) is read before the refusal, so
+                            // the peer is not still writing it when the
+                            // stream is stopped: it reads the reason
+                            // rather than a reset.
+                            let (mut send, mut recv) = (send, recv);
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(5),
+                                read_frame::<_, Request>(&mut recv),
+                            )
+                            .await;
                             reply_error(&mut send, s.message().to_string(), None).await;
+                            let _ = recv_stop(recv);
                             return;
                         }
                         let certified = (*certified).as_ref();
