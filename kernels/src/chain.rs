@@ -141,9 +141,9 @@ pub fn encode_tensor_calibrated(
     )
 }
 
-/// [`encode_tensor_calibrated`], a `uniform` stage coding with `uniform_fit`
-/// (the parameters fitted on the whole tensor this is a piece of) instead
-/// of fitting its own.
+/// [`encode_tensor_calibrated`], the quantizer coding with `fit` (the
+/// parameters fitted on the whole tensor this is a piece of, see
+/// [`crate::row_pieces`]) instead of fitting its own.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_tensor_with(
     name: &str,
@@ -153,7 +153,7 @@ pub(crate) fn encode_tensor_with(
     job_seed: u64,
     elem_bytes: usize,
     hessian: Option<&[f64]>,
-    uniform_fit: Option<&uniform::UniformMeta>,
+    fit: Option<&crate::row_pieces::Fitted>,
 ) -> Result<EncodedTensor, KernelError> {
     let original = values.clone();
     let total = energy(&original);
@@ -270,9 +270,24 @@ pub(crate) fn encode_tensor_with(
                 // here too would cost a second decode and a second copy of
                 // the tensor.
                 let s = sig.take().ok_or_else(no_signal)?;
-                let coded = match (q, uniform_fit) {
-                    (StageSpec::Uniform(u), Some(fit)) => uniform::encode_fitted(fit, u, &s)?,
-                    _ => quantize(q, &s, seed)?,
+                use crate::row_pieces::Fitted;
+                let coded = match (q, fit) {
+                    (StageSpec::Uniform(u), Some(Fitted::Uniform(m))) => {
+                        uniform::encode_fitted(m, u, &s)?
+                    }
+                    (StageSpec::Ternary(_), Some(Fitted::Ternary { gamma })) => {
+                        crate::ternary::encode_fitted(*gamma, &s)?
+                    }
+                    (_, None) => quantize(q, &s, seed)?,
+                    (q, Some(_)) => {
+                        return Err(KernelError::Meta {
+                            stage: q.kind().into(),
+                            why: format!(
+                                "`{name}`: parameters fitted for another quantizer than `{}`",
+                                q.kind()
+                            ),
+                        });
+                    }
                 };
                 drop(s);
                 parts.extend(prefixed(kind, coded.parts));

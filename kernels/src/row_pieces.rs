@@ -19,7 +19,10 @@
 //! whole tensor's search would see, one tallies the codes at the step found
 //! (exact integer sums, so the pieces add up to the whole tensor's figures
 //! bit for bit) — and every piece is then coded with them; a piece's source
-//! is read three times.
+//! is read three times. `ternary` without a group has one scale for the
+//! tensor, the mean magnitude: one pass carries the sum from piece to piece
+//! in the order the whole encode adds it, so a piece's source is read
+//! twice; its one-value `scales` part is the tensor's, kept once.
 //!
 //! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
 //! (the verification every tensor gets); the entropy stages are checked by
@@ -46,21 +49,60 @@ pub const ROW_MULTIPLE: usize = 40;
 /// Whether `stages` code every row of a tensor independently of the other
 /// rows, given parameters [`encode_by_rows`] can fit over the pieces first,
 /// so that it gives the whole tensor's bytes: Hadamard rotations, then
-/// `rtn`, `cast`, `ternary` with a group, or `uniform` (whose step and
-/// offsets are fitted over every piece before any is coded), then entropy
-/// coders. Chains with other tensor-wide parameters (a codebook, a
-/// low-rank factor, a Hessian) are encoded whole.
+/// `rtn`, `cast`, `ternary`, or `uniform` (`uniform`'s step and offsets and
+/// `ternary`'s one scale without a group are fitted over every piece before
+/// any is coded), then entropy coders. Chains with other tensor-wide
+/// parameters (a codebook, a low-rank factor, a Hessian) are encoded whole.
 pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     let mut quantizers = 0;
     for s in stages {
         match s {
             StageSpec::Hadamard(_) | StageSpec::Zstd(_) | StageSpec::Rans(_) => {}
-            StageSpec::Rtn(_) | StageSpec::Cast(_) | StageSpec::Uniform(_) => quantizers += 1,
-            StageSpec::Ternary(t) if t.group.is_some() => quantizers += 1,
+            StageSpec::Rtn(_)
+            | StageSpec::Cast(_)
+            | StageSpec::Uniform(_)
+            | StageSpec::Ternary(_) => quantizers += 1,
             _ => return false,
         }
     }
     quantizers == 1
+}
+
+/// How many times [`encode_by_rows`] reads each piece's source (and runs
+/// the stages before the quantizer on it) before the pass that codes it:
+/// two for `uniform` (sample, tally), one for `ternary` without a group
+/// (its scale), none otherwise.
+pub fn fitting_passes(stages: &[StageSpec]) -> usize {
+    stages
+        .iter()
+        .map(|s| match s {
+            StageSpec::Uniform(_) => 2,
+            StageSpec::Ternary(t) if t.group.is_none() => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Parameters fitted on a whole tensor, over its pieces of rows, that every
+/// piece is then coded with.
+#[derive(Debug, Clone)]
+pub(crate) enum Fitted {
+    /// `uniform`'s step and offsets.
+    Uniform(UniformMeta),
+    /// `ternary`'s one scale (on its f16 grid), without a group.
+    Ternary { gamma: f32 },
+}
+
+/// The names of the parts a stage writes once for the whole tensor rather
+/// than a share per row: each piece carries them whole.
+fn tensor_wide_parts(stages: &[StageSpec]) -> Vec<String> {
+    stages
+        .iter()
+        .filter_map(|s| match s {
+            StageSpec::Ternary(t) if t.group.is_none() => Some(format!("{}.scales", s.kind())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Rows per piece for rows of `cols` values and at most `max_values`
@@ -119,23 +161,25 @@ pub fn encode_by_rows(
         .position(|s| s.category() == StageCategory::Entropy)
         .unwrap_or(stages.len());
     let (head, tail) = stages.split_at(split);
-    let fit = match head.iter().position(|s| matches!(s, StageSpec::Uniform(_))) {
-        Some(u) => {
-            let StageSpec::Uniform(spec) = &head[u] else {
-                unreachable!("position matched a uniform stage")
-            };
-            let fitting = Fitting {
-                name,
-                before: &head[..u],
-                job_seed,
-                rows,
-                cols,
-                rows_per_piece,
-            };
-            Some(fitting.uniform(spec, &mut piece)?)
-        }
-        None => None,
+    let quantizer = head
+        .iter()
+        .position(|s| s.category() == StageCategory::Quantizer)
+        .unwrap_or(0);
+    let fitting = Fitting {
+        name,
+        before: &head[..quantizer],
+        job_seed,
+        rows,
+        cols,
+        rows_per_piece,
     };
+    let fit = match head.get(quantizer) {
+        Some(StageSpec::Uniform(spec)) => Some(Fitted::Uniform(fitting.uniform(spec, &mut piece)?)),
+        Some(StageSpec::Ternary(t)) if t.group.is_none() => Some(fitting.ternary(&mut piece)?),
+        _ => None,
+    };
+    let shared = tensor_wide_parts(head);
+    let mut pieces = 0u64;
     let mut steps: Vec<StepRecord> = Vec::new();
     let mut parts: Vec<Part> = Vec::new();
     let mut seconds = vec![0f64; stages.len()];
@@ -155,7 +199,7 @@ pub fn encode_by_rows(
         }
         let piece_energy = energy(&values);
         let original = values.clone();
-        let e = encode_tensor_with(
+        let mut e = encode_tensor_with(
             name,
             values,
             &[r1 - r0, cols],
@@ -165,6 +209,14 @@ pub fn encode_by_rows(
             None,
             fit.as_ref(),
         )?;
+        pieces += 1;
+        // A piece coded with the tensor's one scale records itself as
+        // one group; the tensor is one group of all its values.
+        for (s, spec) in e.steps.iter_mut().zip(head) {
+            if matches!(spec, StageSpec::Ternary(t) if t.group.is_none()) {
+                s.meta["codec"]["group"] = json!(n);
+            }
+        }
         final_error += squared_error(&original, &e.decoded);
         drop(original);
         total += piece_energy;
@@ -186,12 +238,26 @@ pub fn encode_by_rows(
                 a.bytes_in += b.bytes_in;
                 a.bytes_out += b.bytes_out;
             }
-            join_parts(&mut parts, e.parts).map_err(not_split)?;
+            join_parts(&mut parts, e.parts, &shared).map_err(not_split)?;
         }
         r0 = r1;
     }
     for s in &mut steps {
         s.meta["rows"] = json!(rows);
+    }
+    // A tensor-wide part was counted in every piece's sizes; the whole
+    // tensor has it once.
+    let once: u64 = parts
+        .iter()
+        .filter(|p| shared.contains(&p.name))
+        .map(|p| p.len() as u64)
+        .sum();
+    let extra = once * (pieces - 1);
+    for (k, s) in steps.iter_mut().enumerate().skip(quantizer) {
+        s.bytes_out -= extra;
+        if k > quantizer {
+            s.bytes_in -= extra;
+        }
     }
     // The records as the chain keeps them: running SQNR after each head
     // stage, then the quantizer's share fixed up from the final error.
@@ -338,6 +404,26 @@ impl Fitting<'_> {
         }
         all.fit(step, n)
     }
+
+    /// `ternary`'s scale without a group, as [`crate::ternary::encode`]
+    /// finds it on the whole tensor: the magnitudes summed in the tensor's
+    /// order, carried from piece to piece.
+    fn ternary(
+        &self,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<Fitted, KernelError> {
+        let n = self.rows * self.cols;
+        let mut sum = 0f64;
+        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
+            let r1 = (r0 + self.rows_per_piece).min(self.rows);
+            let x = self.rotated(r0, r1, piece)?;
+            crate::rtn::check_finite(&x.data)?;
+            sum = crate::ternary::abs_sum(sum, &x.data);
+        }
+        Ok(Fitted::Ternary {
+            gamma: crate::ternary::scale_of(sum, n),
+        })
+    }
 }
 
 /// Whether the records `steps` of an encoded tensor describe a chain that
@@ -382,6 +468,7 @@ pub fn decode_by_rows(
         .position(|s| s.spec.category() == StageCategory::Entropy)
         .unwrap_or(steps.len());
     let (head, tail) = steps.split_at(split);
+    let shared = tensor_wide_parts(&head.iter().map(|s| s.spec.clone()).collect::<Vec<_>>());
     for s in tail.iter().rev() {
         match s.spec {
             StageSpec::Zstd(_) => entropy::decode(&s.meta["codec"], &mut parts)?,
@@ -422,11 +509,19 @@ pub fn decode_by_rows(
             .map(|s| {
                 let mut s = s.clone();
                 s.meta["rows"] = json!(r1 - r0);
+                if matches!(&s.spec, StageSpec::Ternary(t) if t.group.is_none()) {
+                    // The tensor's one scale is the piece's one scale.
+                    s.meta["codec"]["group"] = json!((r1 - r0) * cols);
+                }
                 s
             })
             .collect();
         let mut piece_parts = Vec::with_capacity(parts.len());
         for p in &parts {
+            if shared.contains(&p.name) {
+                piece_parts.push(p.clone());
+                continue;
+            }
             let end = |r: usize, len: usize| if r == rows { len } else { at(r, len) };
             let (a, b) = (at(r0, p.data.len()), end(r1, p.data.len()));
             let mut shape = p.shape.clone();
@@ -448,8 +543,10 @@ pub fn decode_by_rows(
 }
 
 /// Appends each part of a later piece to the same part of the pieces
-/// before it: the bytes, and the count along the first dimension.
-fn join_parts(into: &mut [Part], next: Vec<Part>) -> Result<(), String> {
+/// before it: the bytes, and the count along the first dimension. A part
+/// named in `shared` is the tensor's, the same in every piece, and kept
+/// once.
+fn join_parts(into: &mut [Part], next: Vec<Part>, shared: &[String]) -> Result<(), String> {
     if into.len() != next.len() {
         return Err(format!(
             "a piece has {} parts, the first had {}",
@@ -467,6 +564,15 @@ fn join_parts(into: &mut [Part], next: Vec<Part>) -> Result<(), String> {
                 "part `{}` {:?} does not continue part `{}` {:?}",
                 b.name, b.shape, a.name, a.shape
             ));
+        }
+        if shared.contains(&a.name) {
+            if a.data != b.data {
+                return Err(format!(
+                    "part `{}` is the tensor's, yet a piece wrote other bytes",
+                    a.name
+                ));
+            }
+            continue;
         }
         if let (Some(x), Some(y)) = (a.shape.first_mut(), b.shape.first()) {
             *x += y;
@@ -520,6 +626,13 @@ mod tests {
             vec![uniform(2.5, 0.2), StageSpec::Zstd(ZstdSpec { level: 3 })],
             // Codes beyond ±127: a second byte plane in every piece.
             vec![uniform(9.5, 0.0)],
+            // One scale for the tensor.
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                StageSpec::Ternary(TernarySpec { group: None }),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            vec![StageSpec::Ternary(TernarySpec { group: None })],
         ]
     }
 
@@ -589,6 +702,70 @@ mod tests {
             Ok(bad[r.start * cols..r.end * cols].to_vec())
         });
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn ternary_in_pieces_sums_the_whole_tensors_magnitudes() {
+        // 1,003 rows of 320 with rows and columns of different scales:
+        // the one scale is the mean magnitude of all 320,960 values, added
+        // in the tensor's order across pieces of 120 and 400 rows.
+        let (rows, cols) = (1003, 320);
+        let mut x = gaussian_vec(31, rows * cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= (0.5 + (i % cols) as f32 / 64.0) * (1.0 + (i / cols % 9) as f32);
+        }
+        for stages in [
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                StageSpec::Ternary(TernarySpec { group: None }),
+                StageSpec::Zstd(ZstdSpec { level: 3 }),
+            ],
+            vec![StageSpec::Ternary(TernarySpec { group: None })],
+        ] {
+            let whole = encode_tensor("t", x.clone(), &[rows, cols], &stages, 4, 2).unwrap();
+            for per in [120, 400] {
+                let mut reads = 0;
+                let got = encode_by_rows("t", &[rows, cols], &stages, 4, 2, per, |r| {
+                    reads += 1;
+                    Ok(x[r.start * cols..r.end * cols].to_vec())
+                })
+                .unwrap();
+                let t = &got.tensor;
+                assert_eq!(t.parts, whole.parts, "{stages:?} in pieces of {per}");
+                for (a, b) in t.steps.iter().zip(&whole.steps) {
+                    assert_eq!(a.meta, b.meta, "{stages:?} in pieces of {per}");
+                    assert_eq!((a.bytes_in, a.bytes_out), (b.bytes_in, b.bytes_out));
+                }
+                // Scale, code: each piece read twice.
+                assert_eq!(reads, 2 * rows.div_ceil(per));
+                let mut back = Vec::new();
+                decode_by_rows(&t.steps, t.parts.clone(), &[rows, cols], per, |_, v| {
+                    back.extend(v);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(back, whole.decoded, "{stages:?} in pieces of {per}");
+            }
+        }
+        assert_eq!(
+            fitting_passes(&[StageSpec::Ternary(TernarySpec { group: None })]),
+            1
+        );
+        // A value that is not finite fails while the scale is fitted.
+        let mut bad = x.clone();
+        bad[900 * cols + 7] = f32::INFINITY;
+        let stages = [StageSpec::Ternary(TernarySpec { group: None })];
+        assert!(encode_tensor("t", bad.clone(), &[rows, cols], &stages, 4, 2).is_err());
+        let mut reads = 0;
+        let r = encode_by_rows("t", &[rows, cols], &stages, 4, 2, 120, |r| {
+            reads += 1;
+            Ok(bad[r.start * cols..r.end * cols].to_vec())
+        });
+        assert!(r.is_err());
+        assert_eq!(
+            reads, 8,
+            "refused in the fitting pass, at the piece holding row 900"
+        );
     }
 
     #[test]
@@ -680,7 +857,15 @@ mod tests {
         short[0].data.pop();
         assert!(decode_by_rows(&e.steps, short, &[41, 50], 40, |_, _| Ok(())).is_err());
         // A chain with a tensor-wide parameter is refused.
-        let u = vec![StageSpec::Ternary(TernarySpec { group: None })];
+        let u = vec![
+            StageSpec::Lowrank(LowrankSpec {
+                rank: Some(2),
+                rank_fraction: None,
+                energy: None,
+                keep_residual: true,
+            }),
+            StageSpec::Ternary(TernarySpec { group: Some(64) }),
+        ];
         let e = encode_tensor("u", gaussian_vec(14, 80 * 64), &[80, 64], &u, 1, 4).unwrap();
         assert!(!decodes_by_rows(&e.steps));
         assert!(decode_by_rows(&e.steps, e.parts, &[80, 64], 40, |_, _| Ok(())).is_err());
@@ -689,7 +874,12 @@ mod tests {
     #[test]
     fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
         for stages in [
-            vec![StageSpec::Ternary(TernarySpec { group: None })],
+            vec![StageSpec::Vq(VqSpec {
+                dim: 2,
+                bits: 4,
+                iterations: 2,
+                residual: false,
+            })],
             vec![
                 StageSpec::Lowrank(LowrankSpec {
                     rank: Some(2),

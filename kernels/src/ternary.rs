@@ -32,23 +32,56 @@ pub fn encode(spec: &TernarySpec, x: &Signal) -> Result<Coded, KernelError> {
         .par_chunks(g)
         .zip(trits.par_chunks_mut(g))
         .map(|(grp, out)| {
-            let gamma = round_f16(
-                (grp.iter().map(|v| v.abs() as f64).sum::<f64>() / grp.len() as f64) as f32,
-            );
-            let inv = if gamma > 0.0 { 1.0 / gamma } else { 0.0 };
-            for (v, t) in grp.iter().zip(out.iter_mut()) {
-                *t = (crate::rtn::round_i32(v * inv).clamp(-1, 1) + 1) as u8;
-            }
+            let gamma = scale_of(abs_sum(0.0, grp), grp.len());
+            code_with(grp, gamma, out);
             gamma
         })
         .collect();
-    Ok(Coded {
-        meta: to_meta(&TernaryMeta { group: g }),
+    Ok(coded(g, trits, &scales))
+}
+
+/// `acc` plus Σ |v| over `values`, added one value after another in order,
+/// so that a tensor's sum carried from one piece of rows to the next is
+/// the whole tensor's sum bit for bit.
+pub(crate) fn abs_sum(acc: f64, values: &[f32]) -> f64 {
+    values.iter().fold(acc, |a, v| a + v.abs() as f64)
+}
+
+/// γ of a group of `len` values whose magnitudes sum to `sum`: their mean,
+/// on the f16 grid it is stored on.
+pub(crate) fn scale_of(sum: f64, len: usize) -> f32 {
+    round_f16((sum / len as f64) as f32)
+}
+
+/// Codes `values` as trits (0, 1, 2 for −1, 0, +1) at scale `gamma`.
+fn code_with(values: &[f32], gamma: f32, out: &mut [u8]) {
+    let inv = if gamma > 0.0 { 1.0 / gamma } else { 0.0 };
+    for (v, t) in values.iter().zip(out.iter_mut()) {
+        *t = (crate::rtn::round_i32(v * inv).clamp(-1, 1) + 1) as u8;
+    }
+}
+
+fn coded(group: usize, trits: Vec<u8>, scales: &[f32]) -> Coded {
+    Coded {
+        meta: to_meta(&TernaryMeta { group }),
         parts: vec![
             Part::bytes("trits", bits::pack_trits(&trits)),
-            Part::f16("scales", &scales, vec![scales.len()]),
+            Part::f16("scales", scales, vec![scales.len()]),
         ],
-    })
+    }
+}
+
+/// Encodes a piece of rows of a tensor coded with one scale `gamma` fitted
+/// on all of it (see [`crate::row_pieces`]): the piece's trits and the
+/// tensor's scale, as one group of the piece's length.
+pub(crate) fn encode_fitted(gamma: f32, x: &Signal) -> Result<Coded, KernelError> {
+    check_finite(&x.data)?;
+    let mut trits = vec![1u8; x.len()];
+    x.data
+        .par_chunks(1 << 16)
+        .zip(trits.par_chunks_mut(1 << 16))
+        .for_each(|(v, out)| code_with(v, gamma, out));
+    Ok(coded(x.len().max(1), trits, &[gamma]))
 }
 
 /// Decodes `rows × cols` values.

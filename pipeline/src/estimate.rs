@@ -19,6 +19,7 @@
 use std::time::Instant;
 
 use hcx_protocol::manifest::TensorEntry;
+use hcx_protocol::stage::StageCategory;
 use hcx_protocol::{JobSpec, StageSpec};
 use serde::Serialize;
 
@@ -307,18 +308,20 @@ fn estimate_tensor(
     let uniform_scale = hcx_kernels::uniform::relative_work(rows * cols)
         / hcx_kernels::uniform::relative_work((taken * cols).max(1));
     let mut cpu_seconds = cpu * ((1.0 - uniform_share) * scale + uniform_share * uniform_scale);
-    // A tensor larger than a wave whose `uniform` is fitted over its pieces
-    // of rows runs the stages before it (Hadamard) three times: to sample,
-    // to tally, to code.
-    if uniform_share > 0.0 && crate::run::working_values(t, &stages, false) < t.numel() {
+    // A tensor larger than a wave whose quantizer is fitted over its
+    // pieces of rows runs the stages before it (Hadamard) once more for
+    // each fitting pass: `uniform` samples and tallies, `ternary` without
+    // a group sums magnitudes, then each codes.
+    let passes = hcx_kernels::row_pieces::fitting_passes(&stages);
+    if passes > 0 && crate::run::working_values(t, &stages, false) < t.numel() {
         let before: f64 = stages
             .iter()
             .zip(&e.seconds)
-            .take_while(|(s, _)| !matches!(s, StageSpec::Uniform(_)))
+            .take_while(|(s, _)| s.category() == StageCategory::Transform)
             .map(|(_, secs)| secs)
             .sum();
         if wall > 0.0 {
-            cpu_seconds += cpu * 2.0 * (before / wall).min(1.0) * scale;
+            cpu_seconds += cpu * passes as f64 * (before / wall).min(1.0) * scale;
         }
     }
     let part_bytes: u64 = e.data.iter().map(|d| d.len() as u64).sum();

@@ -763,7 +763,9 @@ mod tests {
     #[test]
     fn a_tensor_larger_than_a_wave_is_encoded_by_rows_with_the_same_bytes() {
         use crate::model::f32_to_bytes;
-        use hcx_protocol::stage::{HadamardSpec, RansSpec, RtnSpec, StageSpec, UniformSpec};
+        use hcx_protocol::stage::{
+            HadamardSpec, RansSpec, RtnSpec, StageSpec, TernarySpec, UniformSpec,
+        };
         // 16,400 × 4,096 bf16 values: more than a wave, so four pieces of
         // 16,360 rows and a last one of 40.
         let (rows, cols) = (16_400usize, 4_096usize);
@@ -795,7 +797,13 @@ mod tests {
             }),
             StageSpec::Rans(RansSpec {}),
         ];
-        for (stages, reads) in [(rtn, 1), (uniform, 3)] {
+        // `ternary` without a group sums the magnitudes for its one scale
+        // over the pieces first: each piece is read twice.
+        let ternary = vec![
+            StageSpec::Ternary(TernarySpec { group: None }),
+            StageSpec::Rans(RansSpec {}),
+        ];
+        for (stages, reads) in [(rtn, 1), (uniform, 3), (ternary, 2)] {
             let read = std::sync::atomic::AtomicUsize::new(0);
             let (pieces, _) = super::encode_raw_inner(
                 "w",
