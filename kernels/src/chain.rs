@@ -278,6 +278,11 @@ pub(crate) fn encode_tensor_with(
                     (StageSpec::Ternary(_), Some(Fitted::Ternary { gamma })) => {
                         crate::ternary::encode_fitted(*gamma, &s)?
                     }
+                    (StageSpec::Nonuniform(n), Some(Fitted::Levels(levels))) => {
+                        let f = nonuniform::fit_with(n, &s, Some(levels))?;
+                        nonuniform::coded(n, &f)
+                    }
+                    (StageSpec::Vq(v), Some(Fitted::Vq(f))) => vq::encode_fitted(f, v, &s)?,
                     (_, None) => quantize(q, &s, seed)?,
                     (q, Some(_)) => {
                         return Err(KernelError::Meta {

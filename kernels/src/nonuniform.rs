@@ -72,23 +72,51 @@ fn group_rms(g: &[f32]) -> f32 {
 
 /// Lloyd iterations over values already divided by their group's RMS.
 fn learn_levels(x: &[f32], group: usize, start: &[f32]) -> Vec<f32> {
-    let mut levels = start.to_vec();
     // Normalised sample (deterministic stride, at most ~1M values).
-    let stride = (x.len() / (1 << 20)).max(1);
-    let sample: Vec<f32> = x
-        .chunks(group)
-        .flat_map(|g| {
-            let r = group_rms(g);
-            let inv = if r > 0.0 { 1.0 / r } else { 0.0 };
-            g.iter().map(move |v| v * inv)
-        })
-        .step_by(stride)
-        .collect();
+    let mut sample = Vec::new();
+    extend_sample(&mut sample, x, group, 0, sample_stride(x.len()));
+    levels_from_sample(&sample, start)
+}
+
+/// Every how many values of a tensor of `n` the learned levels' sample
+/// takes one (at most about 2^20 values).
+pub(crate) fn sample_stride(n: usize) -> usize {
+    (n / (1 << 20)).max(1)
+}
+
+/// Appends to `sample` the values of `x` (whole groups of `group`, the
+/// tensor's values from flat index `start` on) divided by their group's
+/// RMS, at the flat indices of the whole tensor that are multiples of
+/// `stride`.
+pub(crate) fn extend_sample(
+    sample: &mut Vec<f32>,
+    x: &[f32],
+    group: usize,
+    start: usize,
+    stride: usize,
+) {
+    let first = start.div_ceil(stride) * stride - start;
+    sample.extend(
+        x.chunks(group)
+            .flat_map(|g| {
+                let r = group_rms(g);
+                let inv = if r > 0.0 { 1.0 / r } else { 0.0 };
+                g.iter().map(move |v| v * inv)
+            })
+            .skip(first)
+            .step_by(stride),
+    );
+}
+
+/// Levels fitted by Lloyd iterations to a sample of normalised values,
+/// starting from `start`, rounded to f16.
+pub(crate) fn levels_from_sample(sample: &[f32], start: &[f32]) -> Vec<f32> {
+    let mut levels = start.to_vec();
     for _ in 0..30 {
         let th = thresholds(&levels);
         let mut sum = vec![0f64; levels.len()];
         let mut cnt = vec![0u64; levels.len()];
-        for v in &sample {
+        for v in sample {
             let i = nearest(&th, *v);
             sum[i] += *v as f64;
             cnt[i] += 1;
@@ -121,11 +149,24 @@ pub(crate) struct NonuniformFit {
 /// Chooses the levels and every group's scale as [`encode`] does and codes
 /// each value as its nearest level.
 pub(crate) fn fit(spec: &NonuniformSpec, x: &Signal) -> Result<NonuniformFit, KernelError> {
+    fit_with(spec, x, None)
+}
+
+/// [`fit`], with `levels` learned beforehand on the whole tensor this is a
+/// piece of rows of (see [`crate::row_pieces`]) where given.
+pub(crate) fn fit_with(
+    spec: &NonuniformSpec,
+    x: &Signal,
+    learned: Option<&[f32]>,
+) -> Result<NonuniformFit, KernelError> {
     check_finite(&x.data)?;
     let g = group_len(Some(spec.group), x.rows, x.cols)?;
     let mut levels = lloyd_max_levels(spec.bits);
     if spec.levels == LevelSource::Learned {
-        levels = learn_levels(&x.data, g, &levels);
+        levels = match learned {
+            Some(l) => l.to_vec(),
+            None => learn_levels(&x.data, g, &levels),
+        };
     }
     let th = thresholds(&levels);
     let mults: Vec<f32> = (0..13).map(|i| 0.70 + 0.05 * i as f32).collect();

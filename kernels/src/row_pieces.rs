@@ -23,6 +23,11 @@
 //! tensor, the mean magnitude: one pass carries the sum from piece to piece
 //! in the order the whole encode adds it, so a piece's source is read
 //! twice; its one-value `scales` part is the tensor's, kept once.
+//! `nonuniform`'s learned levels come from a strided sample, gathered as
+//! `uniform`'s is; `vq`'s codebooks from seeded subsamples of the tensor's
+//! vectors, whose places are drawn before any piece is read (a tensor with
+//! at most 256 vectors an entry trains on all of them and is encoded
+//! whole). Their levels and codebooks are parts of the tensor, kept once.
 //!
 //! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
 //! (the verification every tensor gets); the entropy stages are checked by
@@ -37,10 +42,11 @@ use hcx_protocol::stage::{StageCategory, StageSpec};
 use serde_json::json;
 
 use crate::chain::{EncodedTensor, encode_tensor_with, settle_quantizer_share};
+use crate::rng::SplitMix64;
 use crate::stats::{energy, sqnr_from, squared_error};
 use crate::uniform::{self, ChunkTally, UniformMeta};
-use crate::{KernelError, Part, entropy};
-use hcx_protocol::stage::UniformSpec;
+use crate::{KernelError, Part, entropy, nonuniform, vq};
+use hcx_protocol::stage::{LevelSource, NonuniformSpec, UniformSpec, VqSpec};
 
 /// Rows in a piece are a multiple of this: 8 (1-bit codes packed eight to
 /// a byte) times 5 (trits packed five to a byte).
@@ -48,11 +54,14 @@ pub const ROW_MULTIPLE: usize = 40;
 
 /// Whether `stages` code every row of a tensor independently of the other
 /// rows, given parameters [`encode_by_rows`] can fit over the pieces first,
-/// so that it gives the whole tensor's bytes: Hadamard rotations, then
-/// `rtn`, `cast`, `ternary`, or `uniform` (`uniform`'s step and offsets and
-/// `ternary`'s one scale without a group are fitted over every piece before
-/// any is coded), then entropy coders. Chains with other tensor-wide
-/// parameters (a codebook, a low-rank factor, a Hessian) are encoded whole.
+/// so that it gives the whole tensor's bytes: Hadamard rotations, then one
+/// of `rtn`, `cast`, `ternary`, `uniform`, `nonuniform` or `vq`
+/// (`uniform`'s step and offsets, `ternary`'s one scale without a group,
+/// `nonuniform`'s learned levels and `vq`'s codebooks are fitted over
+/// every piece before any is coded), then entropy coders. Chains with other
+/// tensor-wide parameters (a low-rank factor, a Hessian, SeedLM's search)
+/// are encoded whole. Every such chain decodes by rows; see
+/// [`encodes_by_rows`] for which tensors it encodes by rows.
 pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     let mut quantizers = 0;
     for s in stages {
@@ -61,23 +70,41 @@ pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
             StageSpec::Rtn(_)
             | StageSpec::Cast(_)
             | StageSpec::Uniform(_)
-            | StageSpec::Ternary(_) => quantizers += 1,
+            | StageSpec::Ternary(_)
+            | StageSpec::Nonuniform(_)
+            | StageSpec::Vq(_) => quantizers += 1,
             _ => return false,
         }
     }
     quantizers == 1
 }
 
+/// Whether [`encode_by_rows`] can encode a tensor of `values` values
+/// through `stages`: a chain that [`codes_rows_independently`] whose `vq`
+/// codebooks, if any, train on a subsample of the tensor's vectors (a
+/// tensor of at most 256 vectors an entry trains on all of them, and is
+/// encoded whole).
+pub fn encodes_by_rows(stages: &[StageSpec], values: usize) -> bool {
+    codes_rows_independently(stages)
+        && stages.iter().all(|s| match s {
+            StageSpec::Vq(v) => vq::entries_and_sampled(v, values).1,
+            _ => true,
+        })
+}
+
 /// How many times [`encode_by_rows`] reads each piece's source (and runs
 /// the stages before the quantizer on it) before the pass that codes it:
 /// two for `uniform` (sample, tally), one for `ternary` without a group
-/// (its scale), none otherwise.
+/// (its scale), for `nonuniform` with learned levels (their sample) and
+/// for `vq` (its codebooks' samples), none otherwise.
 pub fn fitting_passes(stages: &[StageSpec]) -> usize {
     stages
         .iter()
         .map(|s| match s {
             StageSpec::Uniform(_) => 2,
             StageSpec::Ternary(t) if t.group.is_none() => 1,
+            StageSpec::Nonuniform(n) if n.levels == LevelSource::Learned => 1,
+            StageSpec::Vq(_) => 1,
             _ => 0,
         })
         .sum()
@@ -91,6 +118,10 @@ pub(crate) enum Fitted {
     Uniform(UniformMeta),
     /// `ternary`'s one scale (on its f16 grid), without a group.
     Ternary { gamma: f32 },
+    /// `nonuniform`'s learned levels (on their f16 grid).
+    Levels(Vec<f32>),
+    /// `vq`'s codebooks.
+    Vq(vq::VqFit),
 }
 
 /// The names of the parts a stage writes once for the whole tensor rather
@@ -98,9 +129,21 @@ pub(crate) enum Fitted {
 fn tensor_wide_parts(stages: &[StageSpec]) -> Vec<String> {
     stages
         .iter()
-        .filter_map(|s| match s {
-            StageSpec::Ternary(t) if t.group.is_none() => Some(format!("{}.scales", s.kind())),
-            _ => None,
+        .flat_map(|s| match s {
+            StageSpec::Ternary(t) if t.group.is_none() => {
+                vec![format!("{}.scales", s.kind())]
+            }
+            StageSpec::Nonuniform(n) if n.levels == LevelSource::Learned => {
+                vec![format!("{}.levels", s.kind())]
+            }
+            StageSpec::Vq(v) if v.residual => {
+                vec![
+                    format!("{}.codebook", s.kind()),
+                    format!("{}.codebook2", s.kind()),
+                ]
+            }
+            StageSpec::Vq(_) => vec![format!("{}.codebook", s.kind())],
+            _ => vec![],
         })
         .collect()
 }
@@ -148,6 +191,11 @@ pub fn encode_by_rows(
             "its chain does not code rows independently".into(),
         ));
     }
+    if !encodes_by_rows(stages, n) {
+        return Err(not_split(
+            "its codebook trains on every one of its vectors, not on a sample".into(),
+        ));
+    }
     if rows_per_piece == 0 || !rows_per_piece.is_multiple_of(ROW_MULTIPLE) {
         return Err(not_split(format!(
             "{rows_per_piece} rows a piece is not a positive multiple of {ROW_MULTIPLE}"
@@ -176,6 +224,10 @@ pub fn encode_by_rows(
     let fit = match head.get(quantizer) {
         Some(StageSpec::Uniform(spec)) => Some(Fitted::Uniform(fitting.uniform(spec, &mut piece)?)),
         Some(StageSpec::Ternary(t)) if t.group.is_none() => Some(fitting.ternary(&mut piece)?),
+        Some(StageSpec::Nonuniform(nu)) if nu.levels == LevelSource::Learned => {
+            Some(fitting.levels(nu, &mut piece)?)
+        }
+        Some(StageSpec::Vq(v)) => Some(fitting.vq(v, &mut piece)?),
         _ => None,
     };
     let shared = tensor_wide_parts(head);
@@ -424,6 +476,90 @@ impl Fitting<'_> {
             gamma: crate::ternary::scale_of(sum, n),
         })
     }
+
+    /// `nonuniform`'s learned levels, as [`crate::nonuniform::encode`]
+    /// learns them on the whole tensor: the strided sample of values
+    /// divided by their group's RMS, gathered piece by piece.
+    fn levels(
+        &self,
+        spec: &NonuniformSpec,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<Fitted, KernelError> {
+        let n = self.rows * self.cols;
+        let group = crate::rtn::group_len(Some(spec.group), self.rows, self.cols)?;
+        let stride = nonuniform::sample_stride(n);
+        let mut sample = Vec::with_capacity(n.div_ceil(stride));
+        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
+            let r1 = (r0 + self.rows_per_piece).min(self.rows);
+            let x = self.rotated(r0, r1, piece)?;
+            crate::rtn::check_finite(&x.data)?;
+            nonuniform::extend_sample(&mut sample, &x.data, group, r0 * self.cols, stride);
+        }
+        let start = nonuniform::lloyd_max_levels(spec.bits);
+        Ok(Fitted::Levels(nonuniform::levels_from_sample(
+            &sample, &start,
+        )))
+    }
+
+    /// `vq`'s codebooks, as [`crate::vq::encode`] trains them on the whole
+    /// tensor: the vectors its seeded subsamples take (drawn from the
+    /// stage's seed before any piece is read) are gathered in one pass,
+    /// then k-means runs on them with the draws that follow.
+    fn vq(
+        &self,
+        spec: &VqSpec,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<Fitted, KernelError> {
+        vq::check_shape(spec, self.rows, self.cols)?;
+        let v = spec.dim;
+        let n = self.rows * self.cols / v;
+        let (entries, sampled) = vq::entries_and_sampled(spec, n * v);
+        if !sampled {
+            return Err(KernelError::Meta {
+                stage: "vq".into(),
+                why: format!(
+                    "cannot fit `{}`'s codebook over pieces: it trains on all {n} vectors",
+                    self.name
+                ),
+            });
+        }
+        let m = entries * vq::SAMPLE_PER_ENTRY;
+        let seed = crate::rng::seed_for(self.job_seed, self.name, "vq");
+        let (seed1, seed2) = vq::codebook_seeds(seed);
+        let mut rng1 = SplitMix64::new(seed1);
+        let mut rng2 = SplitMix64::new(seed2);
+        let at1 = vq::sample_positions(n, m, &mut rng1);
+        let at2 = if spec.residual {
+            vq::sample_positions(n, m, &mut rng2)
+        } else {
+            Vec::new()
+        };
+        let (mut sample1, mut sample2) = (Vec::with_capacity(m * v), Vec::new());
+        let (mut i1, mut i2) = (0, 0);
+        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
+            let r1 = (r0 + self.rows_per_piece).min(self.rows);
+            let x = self.rotated(r0, r1, piece)?;
+            vq::check_finite_from(&x.data, r0 * self.cols)?;
+            let (first, end) = (r0 * self.cols / v, r1 * self.cols / v);
+            for (at, i, sample) in [(&at1, &mut i1, &mut sample1), (&at2, &mut i2, &mut sample2)] {
+                while let Some(&p) = at.get(*i).filter(|&&p| p < end) {
+                    let k = p - first;
+                    sample.extend_from_slice(&x.data[k * v..(k + 1) * v]);
+                    *i += 1;
+                }
+            }
+        }
+        let codebook = vq::codebook_from_sample(&sample1, v, entries, spec.iterations, &mut rng1);
+        let codebook2 = spec.residual.then(|| {
+            let rest = vq::residuals(&sample2, v, &codebook);
+            vq::codebook_from_sample(&rest, v, entries, spec.iterations, &mut rng2)
+        });
+        Ok(Fitted::Vq(vq::VqFit {
+            entries,
+            codebook,
+            codebook2,
+        }))
+    }
 }
 
 /// Whether the records `steps` of an encoded tensor describe a chain that
@@ -633,7 +769,41 @@ mod tests {
                 StageSpec::Rans(RansSpec::default()),
             ],
             vec![StageSpec::Ternary(TernarySpec { group: None })],
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                nonuniform(3, 64, LevelSource::LloydMax),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            // Levels learned on the whole tensor's sample.
+            vec![
+                nonuniform(4, 128, LevelSource::Learned),
+                StageSpec::Zstd(ZstdSpec { level: 3 }),
+            ],
+            // Codebooks trained on subsamples: 25,984 vectors of 2 against
+            // 16 × 256, and 12,992 of 4 against 32 × 256.
+            vec![vq_stage(2, 4, true), StageSpec::Rans(RansSpec::default())],
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                vq_stage(4, 5, false),
+            ],
         ]
+    }
+
+    fn nonuniform(bits: u8, group: usize, levels: LevelSource) -> StageSpec {
+        StageSpec::Nonuniform(NonuniformSpec {
+            bits,
+            group,
+            levels,
+        })
+    }
+
+    fn vq_stage(dim: usize, bits: u8, residual: bool) -> StageSpec {
+        StageSpec::Vq(VqSpec {
+            dim,
+            bits,
+            iterations: 4,
+            residual,
+        })
     }
 
     fn uniform(bits: f64, deadzone: f64) -> StageSpec {
@@ -769,6 +939,34 @@ mod tests {
     }
 
     #[test]
+    fn learned_levels_in_pieces_take_the_whole_tensors_strided_sample() {
+        // 1,600 rows of 2,000: 3.2 M values, so the levels' sample takes
+        // every third value of the flat tensor, and pieces of 40 rows
+        // (80,000 values) start off that stride.
+        let (rows, cols) = (1600, 2000);
+        let mut x = gaussian_vec(41, rows * cols);
+        for (i, v) in x.iter_mut().enumerate() {
+            // Heavy tails in some rows, so the learned levels move.
+            if i / cols % 3 == 0 {
+                *v = v.powi(3);
+            }
+        }
+        assert_eq!(crate::nonuniform::sample_stride(rows * cols), 3);
+        let stages = [nonuniform(3, 50, LevelSource::Learned)];
+        let whole = encode_tensor("l", x.clone(), &[rows, cols], &stages, 6, 2).unwrap();
+        for per in [40, 1000] {
+            let mut reads = 0;
+            let got = encode_by_rows("l", &[rows, cols], &stages, 6, 2, per, |r| {
+                reads += 1;
+                Ok(x[r.start * cols..r.end * cols].to_vec())
+            })
+            .unwrap();
+            assert_eq!(got.tensor.parts, whole.parts, "pieces of {per}");
+            assert_eq!(reads, 2 * rows.div_ceil(per));
+        }
+    }
+
+    #[test]
     fn pieces_give_the_whole_tensors_bytes() {
         // 203 rows: pieces of 40 and 80 rows leave a last piece of 3 and 43.
         let (rows, cols) = (203, 256);
@@ -874,11 +1072,12 @@ mod tests {
     #[test]
     fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
         for stages in [
-            vec![StageSpec::Vq(VqSpec {
-                dim: 2,
-                bits: 4,
-                iterations: 2,
-                residual: false,
+            vec![StageSpec::Seedlm(SeedlmSpec {
+                block: 8,
+                coefficients: 3,
+                coefficient_bits: 4,
+                exponent_bits: 4,
+                basis: SeedlmBasis::default(),
             })],
             vec![
                 StageSpec::Lowrank(LowrankSpec {
@@ -909,6 +1108,31 @@ mod tests {
             symmetric: true,
             search: false,
         })];
+        // A codebook that trains on every vector (80 × 64 / 2 = 2,560 of
+        // them, not above 16 × 256) is fitted on the whole tensor, though
+        // the tensor decodes by rows.
+        let small_vq = [vq_stage(2, 4, false)];
+        assert!(codes_rows_independently(&small_vq));
+        assert!(!encodes_by_rows(&small_vq, 80 * 64));
+        assert!(encodes_by_rows(&small_vq, 2 * 16 * 256 + 2));
+        let x = gaussian_vec(15, 80 * 64);
+        let r = encode_by_rows("w", &[80, 64], &small_vq, 1, 4, 40, |r| {
+            Ok(x[r.start * 64..r.end * 64].to_vec())
+        });
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("trains on every one of its vectors")),
+            "{:?}",
+            r.map(|_| ())
+        );
+        let whole = encode_tensor("w", x, &[80, 64], &small_vq, 1, 4).unwrap();
+        let mut back = Vec::new();
+        decode_by_rows(&whole.steps, whole.parts, &[80, 64], 40, |_, v| {
+            back.extend(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, whole.decoded);
         let empty = encode_by_rows("w", &[0, 64], &rtn, 1, 4, 40, |_| Ok(Vec::new()));
         assert!(empty.is_err(), "an empty tensor has no pieces to encode");
         assert_eq!(piece_rows(4096, 1 << 26), 16_360);

@@ -48,7 +48,7 @@ const MAX_DIM: usize = 16;
 /// Widest index.
 const MAX_BITS: u8 = 16;
 /// Training vectors per codebook entry at most; larger tensors are subsampled.
-const SAMPLE_PER_ENTRY: usize = 256;
+pub(crate) const SAMPLE_PER_ENTRY: usize = 256;
 /// Vectors per parallel task in the assignment step.
 const ASSIGN_CHUNK: usize = 1024;
 /// Distances per partial sum in k-means++.
@@ -319,15 +319,24 @@ fn update(data: &[f32], v: usize, labels: &[u32], dists: &[f32], codebook: &mut 
     }
 }
 
+/// The vectors [`subsample`] takes: one per each of `m` equal slices of
+/// `n` vectors, at a seeded random place in its slice, ascending.
+pub(crate) fn sample_positions(n: usize, m: usize, rng: &mut SplitMix64) -> Vec<usize> {
+    (0..m)
+        .map(|j| {
+            let lo = (j as u128 * n as u128 / m as u128) as usize;
+            let hi = ((j + 1) as u128 * n as u128 / m as u128) as usize;
+            lo + rng.below(hi - lo)
+        })
+        .collect()
+}
+
 /// One vector per each of `m` equal slices of the tensor, at a seeded
 /// random place in its slice (`m` < number of vectors).
 fn subsample(data: &[f32], v: usize, m: usize, rng: &mut SplitMix64) -> Vec<f32> {
     let n = data.len() / v;
     let mut out = Vec::with_capacity(m * v);
-    for j in 0..m {
-        let lo = (j as u128 * n as u128 / m as u128) as usize;
-        let hi = ((j + 1) as u128 * n as u128 / m as u128) as usize;
-        let i = lo + rng.below(hi - lo);
+    for i in sample_positions(n, m, rng) {
         out.extend_from_slice(&data[i * v..(i + 1) * v]);
     }
     out
@@ -336,13 +345,23 @@ fn subsample(data: &[f32], v: usize, m: usize, rng: &mut SplitMix64) -> Vec<f32>
 /// Fits a `k`-entry codebook (f32) to the vectors of `data`.
 fn train(data: &[f32], v: usize, k: usize, iterations: usize, rng: &mut SplitMix64) -> Vec<f32> {
     let n = data.len() / v;
-    let sample;
-    let train = if n > k * SAMPLE_PER_ENTRY {
-        sample = subsample(data, v, k * SAMPLE_PER_ENTRY, rng);
-        &sample[..]
+    if n > k * SAMPLE_PER_ENTRY {
+        let sample = subsample(data, v, k * SAMPLE_PER_ENTRY, rng);
+        train_on(&sample, v, k, iterations, rng)
     } else {
-        data
-    };
+        train_on(data, v, k, iterations, rng)
+    }
+}
+
+/// Fits a `k`-entry codebook (f32) to every vector of `train`: k-means++,
+/// then Lloyd iterations.
+fn train_on(
+    train: &[f32],
+    v: usize,
+    k: usize,
+    iterations: usize,
+    rng: &mut SplitMix64,
+) -> Vec<f32> {
     let m = train.len() / v;
     let mut codebook = kmeans_pp(train, v, k, rng);
     let mut labels = vec![u32::MAX; m];
@@ -459,16 +478,10 @@ fn encode_inner(spec: &VqSpec, x: &Signal, seed: u64) -> Result<(Coded, Vec<f32>
         ));
     }
     check_cols(v, x.rows, x.cols)?;
-    if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
-        return Err(KernelError::Values(format!(
-            "value {} at flat index {i} is not finite",
-            x.data[i]
-        )));
-    }
+    check_finite_from(&x.data, 0)?;
     let n = x.len() / v;
     let entries = n.min(1usize << spec.bits);
-    let mut rng = SplitMix64::new(seed);
-    let (seed1, seed2) = (rng.next_u64(), rng.next_u64());
+    let (seed1, seed2) = codebook_seeds(seed);
 
     let (codebook, labels) = quantize(&x.data, v, entries, spec.iterations, seed1);
     let mut recon = vec![0f32; x.len()];
@@ -497,6 +510,117 @@ fn encode_inner(spec: &VqSpec, x: &Signal, seed: u64) -> Result<(Coded, Vec<f32>
         },
         recon,
     ))
+}
+
+/// Refuses a value that is not finite, naming its flat index in a tensor
+/// whose values from `start` on are `data`.
+pub(crate) fn check_finite_from(data: &[f32], start: usize) -> Result<(), KernelError> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(KernelError::Values(format!(
+            "value {} at flat index {} is not finite",
+            data[i],
+            start + i
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The seeds of the first and the residual codebook's draws, from the
+/// stage's seed.
+pub(crate) fn codebook_seeds(seed: u64) -> (u64, u64) {
+    let mut rng = SplitMix64::new(seed);
+    (rng.next_u64(), rng.next_u64())
+}
+
+/// Checks the parameters against a tensor of `rows × cols` values.
+pub(crate) fn check_shape(spec: &VqSpec, rows: usize, cols: usize) -> Result<(), KernelError> {
+    check_params(spec.dim, spec.bits)?;
+    check_cols(spec.dim, rows, cols)
+}
+
+/// Codebook entries for a tensor of `values` values, and whether its
+/// codebooks are trained on a subsample of its vectors (so that they can
+/// be fitted over pieces of its rows by gathering the sample first).
+pub(crate) fn entries_and_sampled(spec: &VqSpec, values: usize) -> (usize, bool) {
+    let n = values / spec.dim.max(1);
+    let k = n.min(1usize << spec.bits.min(MAX_BITS));
+    (k, n > k * SAMPLE_PER_ENTRY)
+}
+
+/// Trains a `k`-entry codebook on every vector of `sample` with `rng` (as
+/// [`encode`] does once it has drawn the sample) and rounds it to f16.
+pub(crate) fn codebook_from_sample(
+    sample: &[f32],
+    v: usize,
+    k: usize,
+    iterations: usize,
+    rng: &mut SplitMix64,
+) -> Vec<f32> {
+    let mut codebook = train_on(sample, v, k, iterations, rng);
+    for c in codebook.iter_mut() {
+        *c = to_f16_grid(*c);
+    }
+    codebook
+}
+
+/// What each of `vectors` leaves after its nearest entry of `codebook`,
+/// computed as [`encode`] computes the residual codebook's input.
+pub(crate) fn residuals(vectors: &[f32], v: usize, codebook: &[f32]) -> Vec<f32> {
+    let n = vectors.len() / v;
+    let mut labels = vec![0u32; n];
+    let mut dists = vec![0f32; n];
+    assign(vectors, v, codebook, &mut labels, &mut dists);
+    let mut recon = vec![0f32; vectors.len()];
+    add_entries(&mut recon, v, codebook, &labels);
+    vectors.iter().zip(&recon).map(|(a, b)| a - b).collect()
+}
+
+/// A `vq` stage's codebooks fitted on a whole tensor, over its pieces of
+/// rows (see [`crate::row_pieces`]).
+#[derive(Debug, Clone)]
+pub(crate) struct VqFit {
+    /// Entries of each codebook.
+    pub(crate) entries: usize,
+    /// The first codebook, on the f16 grid.
+    pub(crate) codebook: Vec<f32>,
+    /// The residual codebook, where the stage has one.
+    pub(crate) codebook2: Option<Vec<f32>>,
+}
+
+/// Encodes a piece of rows of a tensor whose codebooks were fitted on all
+/// of it: every vector's nearest entries, and the tensor's codebooks, as
+/// [`encode`] writes them for the whole tensor.
+pub(crate) fn encode_fitted(fit: &VqFit, spec: &VqSpec, x: &Signal) -> Result<Coded, KernelError> {
+    check_shape(spec, x.rows, x.cols)?;
+    let v = spec.dim;
+    check_finite_from(&x.data, 0)?;
+    let n = x.len() / v;
+    let codebook = &fit.codebook;
+    let mut labels = vec![0u32; n];
+    let mut dists = vec![0f32; n];
+    assign(&x.data, v, codebook, &mut labels, &mut dists);
+    let mut parts = vec![
+        Part::f16("codebook", codebook, vec![fit.entries, v]),
+        index_part("indices", &labels, spec.bits),
+    ];
+    if let Some(codebook2) = &fit.codebook2 {
+        let mut recon = vec![0f32; x.len()];
+        add_entries(&mut recon, v, codebook, &labels);
+        let rest: Vec<f32> = x.data.iter().zip(&recon).map(|(a, b)| a - b).collect();
+        assign(&rest, v, codebook2, &mut labels, &mut dists);
+        parts.push(Part::f16("codebook2", codebook2, vec![fit.entries, v]));
+        parts.push(index_part("indices2", &labels, spec.bits));
+    }
+    let meta = VqMeta {
+        dim: v,
+        bits: spec.bits,
+        entries: fit.entries,
+        residual: fit.codebook2.is_some(),
+    };
+    Ok(Coded {
+        meta: to_meta(&meta),
+        parts,
+    })
 }
 
 /// Encodes a signal (rows × cols, row-major) into the decoder's metadata and

@@ -86,9 +86,10 @@ pub fn encode_raw(
 
 /// Whether a tensor of `numel` values is encoded a piece of rows at a time
 /// (see [`encode_raw_calibrated`]): larger than a wave, no calibration
-/// statistics, a chain that codes rows independently.
+/// statistics, a chain that codes rows independently (with `vq`
+/// codebooks trained on a sample).
 fn by_rows(numel: usize, stages: &[StageSpec], calibrated: bool) -> bool {
-    !calibrated && numel > WAVE_ELEMENTS && row_pieces::codes_rows_independently(stages)
+    !calibrated && numel > WAVE_ELEMENTS && row_pieces::encodes_by_rows(stages, numel)
 }
 
 /// Values of tensor `t` a run holds at once while encoding it through
@@ -764,7 +765,7 @@ mod tests {
     fn a_tensor_larger_than_a_wave_is_encoded_by_rows_with_the_same_bytes() {
         use crate::model::f32_to_bytes;
         use hcx_protocol::stage::{
-            HadamardSpec, RansSpec, RtnSpec, StageSpec, TernarySpec, UniformSpec,
+            HadamardSpec, RansSpec, RtnSpec, StageSpec, TernarySpec, UniformSpec, VqSpec,
         };
         // 16,400 × 4,096 bf16 values: more than a wave, so four pieces of
         // 16,360 rows and a last one of 40.
@@ -803,7 +804,17 @@ mod tests {
             StageSpec::Ternary(TernarySpec { group: None }),
             StageSpec::Rans(RansSpec {}),
         ];
-        for (stages, reads) in [(rtn, 1), (uniform, 3), (ternary, 2)] {
+        // `vq` gathers its codebook's seeded subsample first: twice.
+        let vq = vec![
+            StageSpec::Vq(VqSpec {
+                dim: 2,
+                bits: 4,
+                iterations: 3,
+                residual: false,
+            }),
+            StageSpec::Rans(RansSpec {}),
+        ];
+        for (stages, reads) in [(rtn, 1), (uniform, 3), (ternary, 2), (vq, 2)] {
             let read = std::sync::atomic::AtomicUsize::new(0);
             let (pieces, _) = super::encode_raw_inner(
                 "w",
