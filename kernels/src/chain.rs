@@ -283,6 +283,9 @@ pub(crate) fn encode_tensor_with(
                         nonuniform::coded(n, &f)
                     }
                     (StageSpec::Vq(v), Some(Fitted::Vq(f))) => vq::encode_fitted(f, v, &s)?,
+                    (StageSpec::Seedlm(sl), Some(Fitted::SeedlmTop(top))) => {
+                        seedlm::encode_fitted(sl, &s, *top)?
+                    }
                     (_, None) => quantize(q, &s, seed)?,
                     (q, Some(_)) => {
                         return Err(KernelError::Meta {

@@ -28,6 +28,8 @@
 //! vectors, whose places are drawn before any piece is read (a tensor with
 //! at most 256 vectors an entry trains on all of them and is encoded
 //! whole). Their levels and codebooks are parts of the tensor, kept once.
+//! `seedlm`'s exponent range follows the largest block, a maximum over the
+//! pieces.
 //!
 //! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
 //! (the verification every tensor gets); the entropy stages are checked by
@@ -46,7 +48,7 @@ use crate::rng::SplitMix64;
 use crate::stats::{energy, sqnr_from, squared_error};
 use crate::uniform::{self, ChunkTally, UniformMeta};
 use crate::{KernelError, Part, entropy, nonuniform, vq};
-use hcx_protocol::stage::{LevelSource, NonuniformSpec, UniformSpec, VqSpec};
+use hcx_protocol::stage::{LevelSource, NonuniformSpec, SeedlmSpec, UniformSpec, VqSpec};
 
 /// Rows in a piece are a multiple of this: 8 (1-bit codes packed eight to
 /// a byte) times 5 (trits packed five to a byte).
@@ -55,12 +57,12 @@ pub const ROW_MULTIPLE: usize = 40;
 /// Whether `stages` code every row of a tensor independently of the other
 /// rows, given parameters [`encode_by_rows`] can fit over the pieces first,
 /// so that it gives the whole tensor's bytes: Hadamard rotations, then one
-/// of `rtn`, `cast`, `ternary`, `uniform`, `nonuniform` or `vq`
+/// of `rtn`, `cast`, `ternary`, `uniform`, `nonuniform`, `vq` or `seedlm`
 /// (`uniform`'s step and offsets, `ternary`'s one scale without a group,
-/// `nonuniform`'s learned levels and `vq`'s codebooks are fitted over
-/// every piece before any is coded), then entropy coders. Chains with other
-/// tensor-wide parameters (a low-rank factor, a Hessian, SeedLM's search)
-/// are encoded whole. Every such chain decodes by rows; see
+/// `nonuniform`'s learned levels, `vq`'s codebooks and `seedlm`'s exponent
+/// range are fitted over every piece before any is coded), then entropy
+/// coders. Chains with other tensor-wide parameters (a low-rank factor or
+/// sparsity pattern, a Hessian) are encoded whole. Every such chain decodes by rows; see
 /// [`encodes_by_rows`] for which tensors it encodes by rows.
 pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     let mut quantizers = 0;
@@ -72,7 +74,8 @@ pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
             | StageSpec::Uniform(_)
             | StageSpec::Ternary(_)
             | StageSpec::Nonuniform(_)
-            | StageSpec::Vq(_) => quantizers += 1,
+            | StageSpec::Vq(_)
+            | StageSpec::Seedlm(_) => quantizers += 1,
             _ => return false,
         }
     }
@@ -95,8 +98,9 @@ pub fn encodes_by_rows(stages: &[StageSpec], values: usize) -> bool {
 /// How many times [`encode_by_rows`] reads each piece's source (and runs
 /// the stages before the quantizer on it) before the pass that codes it:
 /// two for `uniform` (sample, tally), one for `ternary` without a group
-/// (its scale), for `nonuniform` with learned levels (their sample) and
-/// for `vq` (its codebooks' samples), none otherwise.
+/// (its scale), for `nonuniform` with learned levels (their sample), for
+/// `vq` (its codebooks' samples) and for `seedlm` (its largest block),
+/// none otherwise.
 pub fn fitting_passes(stages: &[StageSpec]) -> usize {
     stages
         .iter()
@@ -104,7 +108,7 @@ pub fn fitting_passes(stages: &[StageSpec]) -> usize {
             StageSpec::Uniform(_) => 2,
             StageSpec::Ternary(t) if t.group.is_none() => 1,
             StageSpec::Nonuniform(n) if n.levels == LevelSource::Learned => 1,
-            StageSpec::Vq(_) => 1,
+            StageSpec::Vq(_) | StageSpec::Seedlm(_) => 1,
             _ => 0,
         })
         .sum()
@@ -122,6 +126,8 @@ pub(crate) enum Fitted {
     Levels(Vec<f32>),
     /// `vq`'s codebooks.
     Vq(vq::VqFit),
+    /// The top of `seedlm`'s exponent range, from the largest block.
+    SeedlmTop(i32),
 }
 
 /// The names of the parts a stage writes once for the whole tensor rather
@@ -228,6 +234,7 @@ pub fn encode_by_rows(
             Some(fitting.levels(nu, &mut piece)?)
         }
         Some(StageSpec::Vq(v)) => Some(fitting.vq(v, &mut piece)?),
+        Some(StageSpec::Seedlm(sl)) => Some(fitting.seedlm(sl, &mut piece)?),
         _ => None,
     };
     let shared = tensor_wide_parts(head);
@@ -560,6 +567,26 @@ impl Fitting<'_> {
             codebook2,
         }))
     }
+
+    /// The top of `seedlm`'s exponent range, as [`crate::seedlm::encode`]
+    /// sets it from the whole tensor's largest block (a maximum, the same
+    /// over pieces in any order).
+    fn seedlm(
+        &self,
+        spec: &SeedlmSpec,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+    ) -> Result<Fitted, KernelError> {
+        let mut max_sq = 0f64;
+        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
+            let r1 = (r0 + self.rows_per_piece).min(self.rows);
+            let x = self.rotated(r0, r1, piece)?;
+            vq::check_finite_from(&x.data, r0 * self.cols)?;
+            max_sq = max_sq.max(crate::seedlm::max_block_norm_sq(&x.data, spec.block));
+        }
+        Ok(Fitted::SeedlmTop(crate::seedlm::top_exponent(
+            spec, max_sq,
+        )?))
+    }
 }
 
 /// Whether the records `steps` of an encoded tensor describe a chain that
@@ -785,6 +812,16 @@ mod tests {
             vec![
                 StageSpec::Hadamard(HadamardSpec::default()),
                 vq_stage(4, 5, false),
+            ],
+            vec![
+                StageSpec::Seedlm(SeedlmSpec {
+                    block: 8,
+                    coefficients: 3,
+                    coefficient_bits: 4,
+                    exponent_bits: 3,
+                    basis: SeedlmBasis::Bits,
+                }),
+                StageSpec::Rans(RansSpec::default()),
             ],
         ]
     }
@@ -1072,13 +1109,15 @@ mod tests {
     #[test]
     fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
         for stages in [
-            vec![StageSpec::Seedlm(SeedlmSpec {
-                block: 8,
-                coefficients: 3,
-                coefficient_bits: 4,
-                exponent_bits: 4,
-                basis: SeedlmBasis::default(),
-            })],
+            vec![
+                StageSpec::Sparse(SparseSpec {
+                    pattern: SparsePattern::TwoFour,
+                    density: 0.5,
+                }),
+                StageSpec::Cast(CastSpec {
+                    dtype: CastDtype::F16,
+                }),
+            ],
             vec![
                 StageSpec::Lowrank(LowrankSpec {
                     rank: Some(2),

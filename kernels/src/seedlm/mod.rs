@@ -555,12 +555,57 @@ fn encode_with(
     max_seed: usize,
     how: How,
 ) -> Result<(Coded, Vec<f32>), KernelError> {
-    let g = Geometry::new(
+    encode_with_top(spec, x, max_seed, how, None)
+}
+
+fn geometry(spec: &SeedlmSpec) -> Result<Geometry, KernelError> {
+    Geometry::new(
         spec.block,
         spec.coefficients,
         spec.coefficient_bits,
         spec.exponent_bits,
-    )?;
+    )
+}
+
+/// The largest squared norm of a block of `block` consecutive values of
+/// `x` (0 for none). The largest of a tensor's pieces is the tensor's, in
+/// any order.
+pub(crate) fn max_block_norm_sq(x: &[f32], block: usize) -> f64 {
+    x.chunks_exact(block.max(1))
+        .map(|b| b.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
+        .fold(0f64, f64::max)
+}
+
+/// The exponent of the tensor's largest block, `e_top`, from its squared
+/// norm (see the module's conventions).
+pub(crate) fn top_exponent(spec: &SeedlmSpec, max_norm_sq: f64) -> Result<i32, KernelError> {
+    let g = geometry(spec)?;
+    let max_norm = max_norm_sq.sqrt();
+    Ok(if max_norm > 0.0 {
+        let raw = (2.0 * max_norm / g.qmax() as f64).log2().ceil();
+        raw.clamp(EXP_MIN as f64, EXP_MAX as f64) as i32
+    } else {
+        0
+    })
+}
+
+/// Encodes a piece of rows of a tensor whose largest block gives `top`
+/// (see [`crate::row_pieces`]): every block is searched on its own, so the
+/// piece's parts are the whole tensor's parts for those rows.
+pub(crate) fn encode_fitted(spec: &SeedlmSpec, x: &Signal, top: i32) -> Result<Coded, KernelError> {
+    encode_with_top(spec, x, SEEDS, How::Fastest, Some(top)).map(|(coded, _)| coded)
+}
+
+/// [`encode_with`], with the exponent range's top given (`Some`) or taken
+/// from `x`'s largest block.
+fn encode_with_top(
+    spec: &SeedlmSpec,
+    x: &Signal,
+    max_seed: usize,
+    how: How,
+    top: Option<i32>,
+) -> Result<(Coded, Vec<f32>), KernelError> {
+    let g = geometry(spec)?;
     if x.data.len() != x.rows * x.cols {
         return Err(KernelError::shape(
             x.rows,
@@ -573,17 +618,9 @@ fn encode_with(
     let (c, p) = (g.c, g.p);
     let nb = x.len() / c;
 
-    let max_norm = x
-        .data
-        .chunks_exact(c)
-        .map(|b| b.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())
-        .fold(0f64, f64::max)
-        .sqrt();
-    let top = if max_norm > 0.0 {
-        let raw = (2.0 * max_norm / g.qmax() as f64).log2().ceil();
-        raw.clamp(EXP_MIN as f64, EXP_MAX as f64) as i32
-    } else {
-        0
+    let top = match top {
+        Some(t) => t,
+        None => top_exponent(spec, max_block_norm_sq(&x.data, c))?,
     };
     let exponent_min = top - g.exp_span();
     let range = ExpRange {
