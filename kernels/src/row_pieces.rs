@@ -29,7 +29,8 @@
 //! at most 256 vectors an entry trains on all of them and is encoded
 //! whole). Their levels and codebooks are parts of the tensor, kept once.
 //! `seedlm`'s exponent range follows the largest block, a maximum over the
-//! pieces.
+//! pieces. A `sparse` stage masks each row on its own and passes the row's
+//! kept values on, so it may come before any of these quantizers.
 //!
 //! Each piece is encoded, decoded and measured by [`crate::encode_tensor`]
 //! (the verification every tensor gets); the entropy stages are checked by
@@ -56,19 +57,22 @@ pub const ROW_MULTIPLE: usize = 40;
 
 /// Whether `stages` code every row of a tensor independently of the other
 /// rows, given parameters [`encode_by_rows`] can fit over the pieces first,
-/// so that it gives the whole tensor's bytes: Hadamard rotations, then one
-/// of `rtn`, `cast`, `ternary`, `uniform`, `nonuniform`, `vq` or `seedlm`
+/// so that it gives the whole tensor's bytes: Hadamard rotations and
+/// `sparse` masks (per row), then one of `rtn`, `cast`, `ternary`,
+/// `uniform`, `nonuniform`, `vq` or `seedlm`
 /// (`uniform`'s step and offsets, `ternary`'s one scale without a group,
 /// `nonuniform`'s learned levels, `vq`'s codebooks and `seedlm`'s exponent
 /// range are fitted over every piece before any is coded), then entropy
-/// coders. Chains with other tensor-wide parameters (a low-rank factor or
-/// sparsity pattern, a Hessian) are encoded whole. Every such chain decodes by rows; see
+/// coders. Chains with other tensor-wide parameters (a low-rank factor, a
+/// Hessian) are encoded whole. Every such chain decodes by rows; see
 /// [`encodes_by_rows`] for which tensors it encodes by rows.
 pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     let mut quantizers = 0;
     for s in stages {
         match s {
             StageSpec::Hadamard(_) | StageSpec::Zstd(_) | StageSpec::Rans(_) => {}
+            // A mask per row; the rows' kept values go on.
+            StageSpec::Sparse(_) if quantizers == 0 => {}
             StageSpec::Rtn(_)
             | StageSpec::Cast(_)
             | StageSpec::Uniform(_)
@@ -82,17 +86,26 @@ pub fn codes_rows_independently(stages: &[StageSpec]) -> bool {
     quantizers == 1
 }
 
-/// Whether [`encode_by_rows`] can encode a tensor of `values` values
-/// through `stages`: a chain that [`codes_rows_independently`] whose `vq`
-/// codebooks, if any, train on a subsample of the tensor's vectors (a
+/// Whether [`encode_by_rows`] can encode a tensor of `shape` through
+/// `stages`: a chain that [`codes_rows_independently`] whose `vq`
+/// codebooks, if any, train on a subsample of the vectors they see (a
 /// tensor of at most 256 vectors an entry trains on all of them, and is
 /// encoded whole).
-pub fn encodes_by_rows(stages: &[StageSpec], values: usize) -> bool {
-    codes_rows_independently(stages)
-        && stages.iter().all(|s| match s {
-            StageSpec::Vq(v) => vq::entries_and_sampled(v, values).1,
-            _ => true,
-        })
+pub fn encodes_by_rows(stages: &[StageSpec], shape: &[usize]) -> bool {
+    if !codes_rows_independently(stages) {
+        return false;
+    }
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = shape.iter().product::<usize>() / cols;
+    let mut width = cols;
+    stages.iter().all(|s| match s {
+        StageSpec::Sparse(sp) => {
+            width = crate::sparse::rest_cols(sp, width);
+            true
+        }
+        StageSpec::Vq(v) => vq::entries_and_sampled(v, rows * width).1,
+        _ => true,
+    })
 }
 
 /// How many times [`encode_by_rows`] reads each piece's source (and runs
@@ -197,7 +210,7 @@ pub fn encode_by_rows(
             "its chain does not code rows independently".into(),
         ));
     }
-    if !encodes_by_rows(stages, n) {
+    if !encodes_by_rows(stages, shape) {
         return Err(not_split(
             "its codebook trains on every one of its vectors, not on a sample".into(),
         ));
@@ -225,6 +238,10 @@ pub fn encode_by_rows(
         job_seed,
         rows,
         cols,
+        qcols: head[..quantizer].iter().fold(cols, |c, s| match s {
+            StageSpec::Sparse(sp) => crate::sparse::rest_cols(sp, c),
+            _ => c,
+        }),
         rows_per_piece,
     };
     let fit = match head.get(quantizer) {
@@ -273,7 +290,7 @@ pub fn encode_by_rows(
         // one group; the tensor is one group of all its values.
         for (s, spec) in e.steps.iter_mut().zip(head) {
             if matches!(spec, StageSpec::Ternary(t) if t.group.is_none()) {
-                s.meta["codec"]["group"] = json!(n);
+                s.meta["codec"]["group"] = json!(rows * fitting.qcols);
             }
         }
         final_error += squared_error(&original, &e.decoded);
@@ -376,14 +393,18 @@ pub fn encode_by_rows(
 }
 
 /// What fitting a tensor-wide parameter over the pieces of a tensor needs:
-/// the stages before the quantizer (Hadamard rotations, redone on every
-/// pass) and how the tensor is cut.
+/// the stages before the quantizer (Hadamard rotations and sparse masks,
+/// redone on every pass) and how the tensor is cut.
 struct Fitting<'a> {
     name: &'a str,
     before: &'a [StageSpec],
     job_seed: u64,
     rows: usize,
+    /// Values in a row of the source.
     cols: usize,
+    /// Values in a row as the quantizer sees it (the kept values of a row
+    /// after a sparse stage).
+    qcols: usize,
     rows_per_piece: usize,
 }
 
@@ -409,18 +430,39 @@ impl Fitting<'_> {
             });
         }
         for s in self.before {
-            let StageSpec::Hadamard(h) = s else {
-                return Err(KernelError::Meta {
-                    stage: s.kind().into(),
-                    why: format!(
-                        "cannot encode `{}` by rows: `{}` before the quantizer",
-                        self.name,
-                        s.kind()
-                    ),
-                });
-            };
             let seed = crate::rng::seed_for(self.job_seed, self.name, s.kind());
-            crate::hadamard::forward(&mut x, h.block, seed)?;
+            match s {
+                StageSpec::Hadamard(h) => {
+                    crate::hadamard::forward(&mut x, h.block, seed)?;
+                }
+                StageSpec::Sparse(sp) => {
+                    x = crate::sparse::encode(sp, &x, seed)?.rest.ok_or_else(|| {
+                        KernelError::Meta {
+                            stage: s.kind().into(),
+                            why: format!("`{}`: the sparse stage passed no rest on", self.name),
+                        }
+                    })?;
+                }
+                _ => {
+                    return Err(KernelError::Meta {
+                        stage: s.kind().into(),
+                        why: format!(
+                            "cannot encode `{}` by rows: `{}` before the quantizer",
+                            self.name,
+                            s.kind()
+                        ),
+                    });
+                }
+            }
+        }
+        if x.cols != self.qcols {
+            return Err(KernelError::Meta {
+                stage: "chain".into(),
+                why: format!(
+                    "cannot encode `{}` by rows: rows of {} values reach the quantizer, not {}",
+                    self.name, x.cols, self.qcols
+                ),
+            });
         }
         Ok(x)
     }
@@ -434,8 +476,8 @@ impl Fitting<'_> {
         spec: &UniformSpec,
         piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
     ) -> Result<UniformMeta, KernelError> {
-        let n = self.rows * self.cols;
-        let stride = uniform::sample_stride(n, self.cols);
+        let n = self.rows * self.qcols;
+        let stride = uniform::sample_stride(n, self.qcols);
         let dz = spec.deadzone as f32;
         let pieces = || {
             (0..self.rows)
@@ -448,7 +490,7 @@ impl Fitting<'_> {
             crate::rtn::check_finite(&x.data)?;
             // The sample takes the values at multiples of the stride of
             // the whole tensor's flat index.
-            let start = r0 * self.cols;
+            let start = r0 * self.qcols;
             let first = start.div_ceil(stride) * stride - start;
             sample.extend(x.data.iter().skip(first).step_by(stride));
         }
@@ -471,7 +513,7 @@ impl Fitting<'_> {
         &self,
         piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
     ) -> Result<Fitted, KernelError> {
-        let n = self.rows * self.cols;
+        let n = self.rows * self.qcols;
         let mut sum = 0f64;
         for r0 in (0..self.rows).step_by(self.rows_per_piece) {
             let r1 = (r0 + self.rows_per_piece).min(self.rows);
@@ -492,15 +534,15 @@ impl Fitting<'_> {
         spec: &NonuniformSpec,
         piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
     ) -> Result<Fitted, KernelError> {
-        let n = self.rows * self.cols;
-        let group = crate::rtn::group_len(Some(spec.group), self.rows, self.cols)?;
+        let n = self.rows * self.qcols;
+        let group = crate::rtn::group_len(Some(spec.group), self.rows, self.qcols)?;
         let stride = nonuniform::sample_stride(n);
         let mut sample = Vec::with_capacity(n.div_ceil(stride));
         for r0 in (0..self.rows).step_by(self.rows_per_piece) {
             let r1 = (r0 + self.rows_per_piece).min(self.rows);
             let x = self.rotated(r0, r1, piece)?;
             crate::rtn::check_finite(&x.data)?;
-            nonuniform::extend_sample(&mut sample, &x.data, group, r0 * self.cols, stride);
+            nonuniform::extend_sample(&mut sample, &x.data, group, r0 * self.qcols, stride);
         }
         let start = nonuniform::lloyd_max_levels(spec.bits);
         Ok(Fitted::Levels(nonuniform::levels_from_sample(
@@ -517,9 +559,9 @@ impl Fitting<'_> {
         spec: &VqSpec,
         piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
     ) -> Result<Fitted, KernelError> {
-        vq::check_shape(spec, self.rows, self.cols)?;
+        vq::check_shape(spec, self.rows, self.qcols)?;
         let v = spec.dim;
-        let n = self.rows * self.cols / v;
+        let n = self.rows * self.qcols / v;
         let (entries, sampled) = vq::entries_and_sampled(spec, n * v);
         if !sampled {
             return Err(KernelError::Meta {
@@ -546,8 +588,8 @@ impl Fitting<'_> {
         for r0 in (0..self.rows).step_by(self.rows_per_piece) {
             let r1 = (r0 + self.rows_per_piece).min(self.rows);
             let x = self.rotated(r0, r1, piece)?;
-            vq::check_finite_from(&x.data, r0 * self.cols)?;
-            let (first, end) = (r0 * self.cols / v, r1 * self.cols / v);
+            vq::check_finite_from(&x.data, r0 * self.qcols)?;
+            let (first, end) = (r0 * self.qcols / v, r1 * self.qcols / v);
             for (at, i, sample) in [(&at1, &mut i1, &mut sample1), (&at2, &mut i2, &mut sample2)] {
                 while let Some(&p) = at.get(*i).filter(|&&p| p < end) {
                     let k = p - first;
@@ -580,7 +622,7 @@ impl Fitting<'_> {
         for r0 in (0..self.rows).step_by(self.rows_per_piece) {
             let r1 = (r0 + self.rows_per_piece).min(self.rows);
             let x = self.rotated(r0, r1, piece)?;
-            vq::check_finite_from(&x.data, r0 * self.cols)?;
+            vq::check_finite_from(&x.data, r0 * self.qcols)?;
             max_sq = max_sq.max(crate::seedlm::max_block_norm_sq(&x.data, spec.block));
         }
         Ok(Fitted::SeedlmTop(crate::seedlm::top_exponent(
@@ -673,8 +715,10 @@ pub fn decode_by_rows(
                 let mut s = s.clone();
                 s.meta["rows"] = json!(r1 - r0);
                 if matches!(&s.spec, StageSpec::Ternary(t) if t.group.is_none()) {
-                    // The tensor's one scale is the piece's one scale.
-                    s.meta["codec"]["group"] = json!((r1 - r0) * cols);
+                    // The tensor's one scale is the piece's one scale, over
+                    // the values of its rows the quantizer saw.
+                    let width = s.meta.get("cols").and_then(|c| c.as_u64()).unwrap_or(0);
+                    s.meta["codec"]["group"] = json!((r1 - r0) as u64 * width);
                 }
                 s
             })
@@ -823,7 +867,27 @@ mod tests {
                 }),
                 StageSpec::Rans(RansSpec::default()),
             ],
+            // Sparse masks per row; the quantizer sees the kept values.
+            vec![
+                StageSpec::Hadamard(HadamardSpec::default()),
+                sparse(SparsePattern::TwoFour, 0.5),
+                uniform(3.0, 0.0),
+                StageSpec::Rans(RansSpec::default()),
+            ],
+            vec![
+                sparse(SparsePattern::Unstructured, 0.3),
+                StageSpec::Ternary(TernarySpec { group: None }),
+            ],
+            vec![
+                sparse(SparsePattern::Unstructured, 0.5),
+                vq_stage(2, 4, false),
+                StageSpec::Zstd(ZstdSpec { level: 3 }),
+            ],
         ]
+    }
+
+    fn sparse(pattern: SparsePattern, density: f64) -> StageSpec {
+        StageSpec::Sparse(SparseSpec { pattern, density })
     }
 
     fn nonuniform(bits: u8, group: usize, levels: LevelSource) -> StageSpec {
@@ -1110,15 +1174,6 @@ mod tests {
     fn chains_with_a_tensor_wide_parameter_are_encoded_whole() {
         for stages in [
             vec![
-                StageSpec::Sparse(SparseSpec {
-                    pattern: SparsePattern::TwoFour,
-                    density: 0.5,
-                }),
-                StageSpec::Cast(CastSpec {
-                    dtype: CastDtype::F16,
-                }),
-            ],
-            vec![
                 StageSpec::Lowrank(LowrankSpec {
                     rank: Some(2),
                     rank_fraction: None,
@@ -1152,8 +1207,17 @@ mod tests {
         // the tensor decodes by rows.
         let small_vq = [vq_stage(2, 4, false)];
         assert!(codes_rows_independently(&small_vq));
-        assert!(!encodes_by_rows(&small_vq, 80 * 64));
-        assert!(encodes_by_rows(&small_vq, 2 * 16 * 256 + 2));
+        assert!(!encodes_by_rows(&small_vq, &[80, 64]));
+        assert!(encodes_by_rows(&small_vq, &[129, 64]));
+        // 2:4 halves the vectors the codebook sees.
+        let two_four = StageSpec::Sparse(SparseSpec {
+            pattern: SparsePattern::TwoFour,
+            density: 0.5,
+        });
+        assert!(!encodes_by_rows(
+            &[two_four, vq_stage(2, 4, false)],
+            &[129, 64]
+        ));
         let x = gaussian_vec(15, 80 * 64);
         let r = encode_by_rows("w", &[80, 64], &small_vq, 1, 4, 40, |r| {
             Ok(x[r.start * 64..r.end * 64].to_vec())

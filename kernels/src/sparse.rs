@@ -64,6 +64,20 @@ pub fn encode(spec: &SparseSpec, x: &Signal, _seed: u64) -> Result<Split, Kernel
     }
 }
 
+/// Values an unstructured mask keeps in each row of `cols`.
+fn kept_per_row(density: f64, cols: usize) -> usize {
+    ((density * cols as f64).round() as usize).clamp(1, cols)
+}
+
+/// The width of the rest a sparse stage passes on for rows of `cols`
+/// values: the values kept in each row.
+pub(crate) fn rest_cols(spec: &SparseSpec, cols: usize) -> usize {
+    match spec.pattern {
+        SparsePattern::Unstructured => kept_per_row(spec.density, cols),
+        SparsePattern::TwoFour => cols / 2,
+    }
+}
+
 fn encode_unstructured(density: f64, x: &Signal) -> Result<Split, KernelError> {
     let (rows, cols) = (x.rows, x.cols);
     if !(density > 0.0 && density <= 1.0) {
@@ -72,7 +86,7 @@ fn encode_unstructured(density: f64, x: &Signal) -> Result<Split, KernelError> {
             why: format!("density {density} is not in (0, 1]"),
         });
     }
-    let k = ((density * cols as f64).round() as usize).clamp(1, cols);
+    let k = kept_per_row(density, cols);
     let mut codes = vec![0u8; rows * cols];
     let mut kept = vec![0f32; rows * k];
     codes

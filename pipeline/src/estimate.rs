@@ -309,7 +309,7 @@ fn estimate_tensor(
         / hcx_kernels::uniform::relative_work((taken * cols).max(1));
     let mut cpu_seconds = cpu * ((1.0 - uniform_share) * scale + uniform_share * uniform_scale);
     // A tensor larger than a wave whose quantizer is fitted over its
-    // pieces of rows runs the stages before it (Hadamard) once more for
+    // pieces of rows runs the stages before it (Hadamard, sparse) once more for
     // each fitting pass: `uniform` samples and tallies, `ternary` without
     // a group sums magnitudes, then each codes.
     let passes = hcx_kernels::row_pieces::fitting_passes(&stages);
@@ -317,7 +317,7 @@ fn estimate_tensor(
         let before: f64 = stages
             .iter()
             .zip(&e.seconds)
-            .take_while(|(s, _)| s.category() == StageCategory::Transform)
+            .take_while(|(s, _)| s.category() != StageCategory::Quantizer)
             .map(|(_, secs)| secs)
             .sum();
         if wall > 0.0 {

@@ -88,8 +88,9 @@ pub fn encode_raw(
 /// (see [`encode_raw_calibrated`]): larger than a wave, no calibration
 /// statistics, a chain that codes rows independently (with `vq`
 /// codebooks trained on a sample).
-fn by_rows(numel: usize, stages: &[StageSpec], calibrated: bool) -> bool {
-    !calibrated && numel > WAVE_ELEMENTS && row_pieces::encodes_by_rows(stages, numel)
+fn by_rows(shape: &[usize], stages: &[StageSpec], calibrated: bool) -> bool {
+    let numel: usize = shape.iter().product();
+    !calibrated && numel > WAVE_ELEMENTS && row_pieces::encodes_by_rows(stages, shape)
 }
 
 /// Values of tensor `t` a run holds at once while encoding it through
@@ -102,7 +103,7 @@ pub fn working_values(
     calibrated: bool,
 ) -> usize {
     let numel = t.numel();
-    if is_integer_dtype(t.dtype) || !by_rows(numel, stages, calibrated) {
+    if is_integer_dtype(t.dtype) || !by_rows(&t.shape, stages, calibrated) {
         return numel;
     }
     let cols = t.shape.last().copied().unwrap_or(1).max(1);
@@ -213,7 +214,7 @@ fn encode_raw_inner(
         tensor: name.to_string(),
         source,
     };
-    let e: EncodedTensor = if by_rows(numel, stages, hessian.is_some()) {
+    let e: EncodedTensor = if by_rows(shape, stages, hessian.is_some()) {
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let per = row_pieces::piece_rows(cols, WAVE_ELEMENTS);
         let r = row_pieces::encode_by_rows(name, shape, stages, seed, elem, per, |rows| {
