@@ -467,6 +467,20 @@ impl Fitting<'_> {
         Ok(x)
     }
 
+    /// Runs `f(r0, values)` on every piece of rows in order, with the
+    /// piece's values as the quantizer sees them ([`Self::rotated`]).
+    fn each_piece(
+        &self,
+        piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
+        mut f: impl FnMut(usize, &[f32]) -> Result<(), KernelError>,
+    ) -> Result<(), KernelError> {
+        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
+            let r1 = (r0 + self.rows_per_piece).min(self.rows);
+            f(r0, &self.rotated(r0, r1, piece)?.data)?;
+        }
+        Ok(())
+    }
+
     /// `uniform`'s step and offsets for the whole tensor, as
     /// [`uniform::encode`] fits them on it: the step from the whole
     /// tensor's strided sample, gathered piece by piece, then every piece's
@@ -479,30 +493,25 @@ impl Fitting<'_> {
         let n = self.rows * self.qcols;
         let stride = uniform::sample_stride(n, self.qcols);
         let dz = spec.deadzone as f32;
-        let pieces = || {
-            (0..self.rows)
-                .step_by(self.rows_per_piece)
-                .map(|r0| (r0, (r0 + self.rows_per_piece).min(self.rows)))
-        };
         let mut sample = Vec::with_capacity(n.div_ceil(stride));
-        for (r0, r1) in pieces() {
-            let x = self.rotated(r0, r1, piece)?;
-            crate::rtn::check_finite(&x.data)?;
+        self.each_piece(piece, |r0, x| {
+            crate::rtn::check_finite(x)?;
             // The sample takes the values at multiples of the stride of
             // the whole tensor's flat index.
             let start = r0 * self.qcols;
             let first = start.div_ceil(stride) * stride - start;
-            sample.extend(x.data.iter().skip(first).step_by(stride));
-        }
+            sample.extend(x.iter().skip(first).step_by(stride));
+            Ok(())
+        })?;
         let (step, _) = uniform::find_step(&sample, spec.bits, dz);
         drop(sample);
         let mut all = ChunkTally::empty();
         let mut codes = Vec::new();
-        for (r0, r1) in pieces() {
-            let x = self.rotated(r0, r1, piece)?;
-            codes.resize(x.data.len(), 0u8);
-            all.add(uniform::quantize_pass(&x.data, 1.0 / step, dz, &mut codes));
-        }
+        self.each_piece(piece, |_, x| {
+            codes.resize(x.len(), 0u8);
+            all.add(uniform::quantize_pass(x, 1.0 / step, dz, &mut codes));
+            Ok(())
+        })?;
         all.fit(step, n)
     }
 
@@ -515,12 +524,11 @@ impl Fitting<'_> {
     ) -> Result<Fitted, KernelError> {
         let n = self.rows * self.qcols;
         let mut sum = 0f64;
-        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
-            let r1 = (r0 + self.rows_per_piece).min(self.rows);
-            let x = self.rotated(r0, r1, piece)?;
-            crate::rtn::check_finite(&x.data)?;
-            sum = crate::ternary::abs_sum(sum, &x.data);
-        }
+        self.each_piece(piece, |_, x| {
+            crate::rtn::check_finite(x)?;
+            sum = crate::ternary::abs_sum(sum, x);
+            Ok(())
+        })?;
         Ok(Fitted::Ternary {
             gamma: crate::ternary::scale_of(sum, n),
         })
@@ -538,12 +546,11 @@ impl Fitting<'_> {
         let group = crate::rtn::group_len(Some(spec.group), self.rows, self.qcols)?;
         let stride = nonuniform::sample_stride(n);
         let mut sample = Vec::with_capacity(n.div_ceil(stride));
-        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
-            let r1 = (r0 + self.rows_per_piece).min(self.rows);
-            let x = self.rotated(r0, r1, piece)?;
-            crate::rtn::check_finite(&x.data)?;
-            nonuniform::extend_sample(&mut sample, &x.data, group, r0 * self.qcols, stride);
-        }
+        self.each_piece(piece, |r0, x| {
+            crate::rtn::check_finite(x)?;
+            nonuniform::extend_sample(&mut sample, x, group, r0 * self.qcols, stride);
+            Ok(())
+        })?;
         let start = nonuniform::lloyd_max_levels(spec.bits);
         Ok(Fitted::Levels(nonuniform::levels_from_sample(
             &sample, &start,
@@ -585,19 +592,19 @@ impl Fitting<'_> {
         };
         let (mut sample1, mut sample2) = (Vec::with_capacity(m * v), Vec::new());
         let (mut i1, mut i2) = (0, 0);
-        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
-            let r1 = (r0 + self.rows_per_piece).min(self.rows);
-            let x = self.rotated(r0, r1, piece)?;
-            vq::check_finite_from(&x.data, r0 * self.qcols)?;
-            let (first, end) = (r0 * self.qcols / v, r1 * self.qcols / v);
+        self.each_piece(piece, |r0, x| {
+            vq::check_finite_from(x, r0 * self.qcols)?;
+            let first = r0 * self.qcols / v;
+            let end = first + x.len() / v;
             for (at, i, sample) in [(&at1, &mut i1, &mut sample1), (&at2, &mut i2, &mut sample2)] {
                 while let Some(&p) = at.get(*i).filter(|&&p| p < end) {
                     let k = p - first;
-                    sample.extend_from_slice(&x.data[k * v..(k + 1) * v]);
+                    sample.extend_from_slice(&x[k * v..(k + 1) * v]);
                     *i += 1;
                 }
             }
-        }
+            Ok(())
+        })?;
         let codebook = vq::codebook_from_sample(&sample1, v, entries, spec.iterations, &mut rng1);
         let codebook2 = spec.residual.then(|| {
             let rest = vq::residuals(&sample2, v, &codebook);
@@ -619,12 +626,11 @@ impl Fitting<'_> {
         piece: &mut impl FnMut(std::ops::Range<usize>) -> Result<Vec<f32>, KernelError>,
     ) -> Result<Fitted, KernelError> {
         let mut max_sq = 0f64;
-        for r0 in (0..self.rows).step_by(self.rows_per_piece) {
-            let r1 = (r0 + self.rows_per_piece).min(self.rows);
-            let x = self.rotated(r0, r1, piece)?;
-            vq::check_finite_from(&x.data, r0 * self.qcols)?;
-            max_sq = max_sq.max(crate::seedlm::max_block_norm_sq(&x.data, spec.block));
-        }
+        self.each_piece(piece, |r0, x| {
+            vq::check_finite_from(x, r0 * self.qcols)?;
+            max_sq = max_sq.max(crate::seedlm::max_block_norm_sq(x, spec.block));
+            Ok(())
+        })?;
         Ok(Fitted::SeedlmTop(crate::seedlm::top_exponent(
             spec, max_sq,
         )?))
