@@ -340,5 +340,49 @@ fn bench_codecs(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_codecs);
+/// The GPU kernels on device 0, built with `--features cuda` on a machine
+/// with a device (`cargo bench --features cuda --bench codecs -- gpu`):
+/// the calibration Gram matrix of 4,096 rows × 1,536 and the Hadamard
+/// rotation of the 64 MiB tensor, each with its copies to the device and
+/// back. Elsewhere the group says why it is skipped.
+fn bench_gpu(c: &mut Criterion) {
+    #[cfg(feature = "cuda")]
+    {
+        let gpu = match hcx_kernels::gpu::Gpu::open(0) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("gpu: skipped: {e}");
+                return;
+            }
+        };
+        let (n, cols) = (4096, 1536);
+        let inputs = gaussian_vec(7, n * cols);
+        eprintln!("gpu: {}", gpu.describe());
+        let mut g = group(c, "gpu".into(), n * cols * 4);
+        g.bench_function("gram-4096x1536", |b| {
+            b.iter(|| gpu.gram_upper(&inputs, n, cols).expect("gram"))
+        });
+        let x = gaussian_vec(1, N * N);
+        let signs: Vec<f32> = (0..N)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        g.throughput(Throughput::Bytes((N * N * 4) as u64));
+        g.bench_function("hadamard-4096x4096", |b| {
+            b.iter(|| {
+                let mut s = x.clone();
+                gpu.hadamard_rows(&mut s, &signs, N, N, true)
+                    .expect("rotate");
+                s
+            })
+        });
+        g.finish();
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = c;
+        eprintln!("gpu: skipped: this build has no `cuda` feature");
+    }
+}
+
+criterion_group!(benches, bench_codecs, bench_gpu);
 criterion_main!(benches);

@@ -14,6 +14,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The GPU code (NCCL through cudarc, opened at run time) must build without a
 # CUDA toolkit; its tests skip where there is no device.
 cargo clippy -p hcx-kernels -p hcx-node --features hcx-node/cuda --all-targets --locked -- -D warnings
+# With that feature, the device tests skip and say why on a machine without
+# a device; the kernels' source is still checked on the host (gpu::host_check).
+cargo test -p hcx-kernels --features cuda --locked --lib -- gpu:: collective::nccl
 # cargo-nextest, where the machine has it, runs every test in its own
 # process, two at a time with the slowest first (.config/nextest.toml), which
 # keeps the 2-core CI machines busy; plain cargo test runs the same tests.

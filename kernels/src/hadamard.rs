@@ -138,15 +138,34 @@ pub fn forward(
 ) -> Result<HadamardMeta, KernelError> {
     let block = choose_block(requested, x.rows, x.cols)?;
     let s = signs(seed, x.cols);
-    x.data.par_chunks_mut(x.cols).for_each(|row| {
-        for (v, sg) in row.iter_mut().zip(&s) {
+    // The device's rotation has the CPU's bits (`crate::gpu`).
+    if !crate::gpu::hadamard_rows(&mut x.data, &s, x.cols, block, true) {
+        forward_rows(&mut x.data, x.cols, block, &s);
+    }
+    Ok(HadamardMeta { block, seed })
+}
+
+/// [`forward`] without the GPU, for comparisons.
+#[cfg(test)]
+pub(crate) fn forward_on_cpu(
+    x: &mut Signal,
+    requested: Option<usize>,
+    seed: u64,
+) -> Result<HadamardMeta, KernelError> {
+    let block = choose_block(requested, x.rows, x.cols)?;
+    forward_rows(&mut x.data, x.cols, block, &signs(seed, x.cols));
+    Ok(HadamardMeta { block, seed })
+}
+
+fn forward_rows(data: &mut [f32], cols: usize, block: usize, s: &[f32]) {
+    data.par_chunks_mut(cols).for_each(|row| {
+        for (v, sg) in row.iter_mut().zip(s) {
             *v *= sg;
         }
         for b in row.chunks_mut(block) {
             fwht(b);
         }
     });
-    Ok(HadamardMeta { block, seed })
 }
 
 /// Undoes [`forward`] in place on `rows × cols` values.
@@ -167,15 +186,35 @@ pub fn inverse(
         why: e.to_string(),
     })?;
     let s = signs(meta.seed, cols);
+    if !crate::gpu::hadamard_rows(data, &s, cols, block, false) {
+        inverse_rows(data, cols, block, &s);
+    }
+    Ok(())
+}
+
+/// [`inverse`] without the GPU, for comparisons.
+#[cfg(test)]
+pub(crate) fn inverse_on_cpu(
+    data: &mut [f32],
+    rows: usize,
+    cols: usize,
+    meta: &HadamardMeta,
+) -> Result<(), KernelError> {
+    debug_assert_eq!(data.len(), rows * cols);
+    let block = choose_block(Some(meta.block), rows, cols)?;
+    inverse_rows(data, cols, block, &signs(meta.seed, cols));
+    Ok(())
+}
+
+fn inverse_rows(data: &mut [f32], cols: usize, block: usize, s: &[f32]) {
     data.par_chunks_mut(cols).for_each(|row| {
         for b in row.chunks_mut(block) {
             fwht(b);
         }
-        for (v, sg) in row.iter_mut().zip(&s) {
+        for (v, sg) in row.iter_mut().zip(s) {
             *v *= sg;
         }
     });
-    Ok(())
 }
 
 #[cfg(test)]

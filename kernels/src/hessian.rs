@@ -6,9 +6,10 @@
 //! Floating-point sums depend on their order, so H is held in integers:
 //!
 //! * each batch (a calibration micro-batch, whose rows follow from the data
-//!   alone) gives its XᵀX as one f64 matrix product: the products of two f32
-//!   values are exact in f64, and the product's summation order depends only
-//!   on the batch's shape, never on the thread count;
+//!   alone) gives its XᵀX in f64, every entry summed over the rows in row
+//!   order ([`crate::gram`]): the products of two f32 values are exact in
+//!   f64, so the bits depend on the inputs alone, never on the thread
+//!   count, the processor's vector width or whether a GPU computed them;
 //! * that f64 matrix is rounded to integer units of 2^-48 ([`SUM_FRAC_BITS`])
 //!   and added into the upper triangle's i128 accumulator: integer addition
 //!   is associative, so the same batches, merged in any grouping and any
@@ -29,6 +30,7 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::KernelError;
+use crate::gram::{PANEL, Panels, TILE_WIDTH};
 use crate::hadamard::{HadamardMeta, choose_block, signs};
 
 /// Half of [`SUM_FRAC_BITS`]: an input of magnitude |x| adds at most
@@ -40,9 +42,6 @@ pub const SUM_FRAC_BITS: u32 = 2 * INPUT_FRAC_BITS;
 
 /// The largest input magnitude accepted, 2^38.
 pub const MAX_INPUT: f32 = 274_877_906_944.0;
-
-/// Columns of H per parallel task.
-const COL_BLOCK: usize = 128;
 
 /// First bytes of [`HessianSum::to_bytes`].
 const MAGIC: &[u8; 8] = b"HCXHESS1";
@@ -100,6 +99,16 @@ impl HessianSum {
     /// Adds `rows` input rows (`x` row-major, `rows × dim`). On error nothing
     /// is added.
     pub fn add_batch(&mut self, x: &[f32], rows: usize) -> Result<(), KernelError> {
+        self.add_batch_with(x, rows, true)
+    }
+
+    /// [`add_batch`](Self::add_batch) without the GPU, for comparisons.
+    #[cfg(test)]
+    pub(crate) fn add_batch_on_cpu(&mut self, x: &[f32], rows: usize) -> Result<(), KernelError> {
+        self.add_batch_with(x, rows, false)
+    }
+
+    fn add_batch_with(&mut self, x: &[f32], rows: usize, device: bool) -> Result<(), KernelError> {
         let dim = self.dim;
         if rows.checked_mul(dim) != Some(x.len()) {
             return Err(KernelError::shape(
@@ -141,7 +150,14 @@ impl HessianSum {
             _ => return Err(too_big()),
         }
         if dim > 0 && rows > 0 {
-            self.add_gram(x, rows);
+            // The device's Gram matrix has the CPU's bits (`crate::gram`).
+            match device
+                .then(|| crate::gpu::gram_upper(x, rows, dim))
+                .flatten()
+            {
+                Some(upper) => self.add_upper(&upper),
+                None => self.add_gram(x, rows),
+            }
         }
         self.count = count;
         Ok(())
@@ -151,11 +167,13 @@ impl HessianSum {
     fn add_gram(&mut self, x: &[f32], rows: usize) {
         let dim = self.dim;
         let unit = (SUM_FRAC_BITS as f64).exp2();
-        let xm = Mat::<f64>::from_fn(rows, dim, |r, c| x[r * dim + c] as f64);
+        let panels = Panels::pack(x, rows, dim);
+        // Columns of H one tile wide, one task each.
+        let width = TILE_WIDTH;
         let mut blocks: Vec<(usize, usize, &mut [i128])> = Vec::new();
         let mut rest: &mut [i128] = &mut self.acc;
-        for j0 in (0..dim).step_by(COL_BLOCK) {
-            let j1 = (j0 + COL_BLOCK).min(dim);
+        for j0 in (0..dim).step_by(width) {
+            let j1 = (j0 + width).min(dim);
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(tri(j1) - tri(j0));
             blocks.push((j0, j1, head));
             rest = tail;
@@ -163,31 +181,57 @@ impl HessianSum {
         self.max_abs = blocks
             .into_par_iter()
             .map(|(j0, j1, acc)| {
-                // Each block's product has a shape fixed by the batch and
-                // runs on one thread, so its bits do not depend on the pool.
-                let mut tile = Mat::<f64>::zeros(j1, j1 - j0);
-                matmul(
-                    tile.as_mut(),
-                    Accum::Replace,
-                    xm.as_ref().get(.., 0..j1).transpose(),
-                    xm.as_ref().get(.., j0..j1),
-                    1.0,
-                    Par::Seq,
-                );
-                let mut off = 0;
-                for (c, j) in (j0..j1).enumerate() {
-                    let col = &tile.col_as_slice(c)[..=j];
-                    for (s, v) in acc[off..off + j + 1].iter_mut().zip(col) {
-                        // Scaling by a power of two is exact; the bound
-                        // check keeps the integer within i128.
-                        *s += (*v * unit).round_ties_even() as i128;
+                // Every entry is the fixed-order sum of `gram`, so the
+                // bits do not depend on the pool, the processor or how
+                // the work is cut.
+                let pj = j0 / PANEL;
+                for pi in 0..=(j1 - 1) / PANEL {
+                    let tile = panels.tile(pi, pj);
+                    for (a, row) in tile.iter().enumerate() {
+                        let i = pi * PANEL + a;
+                        for (b, v) in row.iter().enumerate() {
+                            let j = j0 + b;
+                            if i > j || j >= j1 {
+                                continue;
+                            }
+                            // Scaling by a power of two is exact; the bound
+                            // check keeps the integer within i128.
+                            acc[tri(j) - tri(j0) + i] += (*v * unit).round_ties_even() as i128;
+                        }
                     }
-                    off += j + 1;
                 }
                 acc.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0)
             })
             .max()
             .unwrap_or(0);
+    }
+
+    /// Adds round(XᵀX) given as its packed upper triangle (the layout of
+    /// `acc`), for a batch whose bound has been checked.
+    fn add_upper(&mut self, upper: &[f64]) {
+        let unit = (SUM_FRAC_BITS as f64).exp2();
+        self.max_abs = self
+            .acc
+            .par_chunks_mut(1 << 14)
+            .zip(upper.par_chunks(1 << 14))
+            .map(|(acc, g)| {
+                let mut m = 0u128;
+                for (s, v) in acc.iter_mut().zip(g) {
+                    *s += (*v * unit).round_ties_even() as i128;
+                    m = m.max(s.unsigned_abs());
+                }
+                m
+            })
+            .max()
+            .unwrap_or(0);
+    }
+
+    /// Adds a batch given as its Gram matrix's packed upper triangle, for
+    /// the host check of the device kernel (the bound is not checked).
+    #[cfg(test)]
+    pub(crate) fn add_upper_for_test(&mut self, upper: &[f64], rows: usize) {
+        self.add_upper(upper);
+        self.count += rows as u64;
     }
 
     /// Adds another partial sum over the same `dim`.

@@ -6,8 +6,9 @@
 //! chain over one tensor; each codec module (`rtn`, `uniform`, `nonuniform`,
 //! `ternary`, `seedlm`, `vq`, `gptq`, `lowrank`, `sparse`, `hadamard`,
 //! `entropy`) holds one stage's encoder and decoder, `correction` the gains
-//! and low-rank terms distillation adds after a chain, and `hessian` the
-//! exact, additive calibration statistics.
+//! and low-rank terms distillation adds after a chain, `hessian` the
+//! exact, additive calibration statistics (over `gram`'s fixed-order XᵀX),
+//! and `gpu` the CUDA kernels that repeat the hot paths on a device.
 //! Nothing here does I/O or knows about the network.
 #![warn(missing_docs, unreachable_pub)]
 
@@ -19,6 +20,8 @@ pub mod correction;
 pub mod entropy;
 pub mod error;
 pub mod gptq;
+pub mod gpu;
+pub mod gram;
 pub mod hadamard;
 pub mod hessian;
 pub mod lowrank;

@@ -312,6 +312,7 @@ pub(crate) fn sample_stride(n: usize, cols: usize) -> usize {
 /// What one pass over a chunk of values gathers: its codes' histogram, the
 /// sums for the reconstruction offsets, and whether any code needs the
 /// high byte.
+#[derive(Debug, PartialEq)]
 pub(crate) struct ChunkTally {
     hist: Vec<u64>,
     far: std::collections::BTreeMap<i32, u64>,
@@ -332,6 +333,23 @@ impl ChunkTally {
             counts: [0; OFFSETS],
             wide: false,
             too_wide: false,
+        }
+    }
+
+    /// The tally of a pass the device ran ([`crate::gpu::uniform_tally`]).
+    pub(crate) fn from_device(d: crate::gpu::UniformTally) -> ChunkTally {
+        let mut far = std::collections::BTreeMap::new();
+        for q in d.far {
+            *far.entry(q).or_default() += 1;
+        }
+        let r = HIST_R as usize;
+        ChunkTally {
+            counts: std::array::from_fn(|i| d.hist[r + i + 1] + d.hist[r - i - 1]),
+            hist: d.hist,
+            far,
+            sums: d.sums,
+            wide: d.max_magnitude > 127,
+            too_wide: d.max_magnitude > 32767,
         }
     }
 
@@ -406,6 +424,15 @@ const PASS_CHUNK: usize = 1 << 16;
 /// Codes `x` at step `1/inv` into `lo` (each code's low byte) in one pass,
 /// gathering the histogram and the offset sums on the way.
 pub(crate) fn quantize_pass(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
+    // The device's pass has the CPU's bits (`crate::gpu`).
+    match crate::gpu::uniform_tally(x, inv, dz, lo) {
+        Some(t) => ChunkTally::from_device(t),
+        None => quantize_pass_on_cpu(x, inv, dz, lo),
+    }
+}
+
+/// [`quantize_pass`] on the CPU.
+pub(crate) fn quantize_pass_on_cpu(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> ChunkTally {
     const R: i32 = HIST_R;
     let tallies: Vec<ChunkTally> = x
         .par_chunks(PASS_CHUNK)
