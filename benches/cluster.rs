@@ -116,6 +116,7 @@ async fn raft_figures(dir: &Path) {
         memory_bytes: 1 << 34,
         gpus: vec![],
         nccl: false,
+        gpu_kernels: String::new(),
         labels: Default::default(),
     };
     for i in 0..20 {

@@ -158,6 +158,7 @@ async fn simulate_node(
         memory_bytes: 64 << 30,
         gpus: vec![],
         nccl: false,
+        gpu_kernels: String::new(),
         labels: Default::default(),
     };
     while client

@@ -783,6 +783,7 @@ pub async fn registered_nodes(
                 memory_bytes: i.memory_bytes,
                 labels: i.labels.into_iter().collect(),
                 draining: n.draining,
+                gpu: !i.gpu_kernels.is_empty(),
             }
         })
         .collect())
@@ -808,6 +809,7 @@ pub async fn nodes(client: &CoordinatorClient, json: bool) -> Result<()> {
                 serde_json::json!({
                     "name": i.name, "listen": i.listen, "cores": i.cores,
                     "memory_bytes": i.memory_bytes, "gpus": i.gpus, "nccl": i.nccl,
+                    "gpu_kernels": (!i.gpu_kernels.is_empty()).then_some(&i.gpu_kernels),
                     "labels": i.labels.into_iter().collect::<BTreeMap<_, _>>(),
                     "draining": n.draining, "last_seen_ms_ago": n.last_seen_ms_ago,
                     "shards": n.shards,
@@ -831,12 +833,17 @@ pub async fn nodes(client: &CoordinatorClient, json: bool) -> Result<()> {
         let i = n.info.clone().unwrap_or_default();
         let labels: BTreeMap<_, _> = i.labels.into_iter().collect();
         println!(
-            "{:<12} {:>3} cores {:>7.1} GiB  gpus {}{}  labels {:?}  {}  shards {}  seen {}",
+            "{:<12} {:>3} cores {:>7.1} GiB  gpus {}{}{}  labels {:?}  {}  shards {}  seen {}",
             i.name,
             i.cores,
             i.memory_bytes as f64 / (1u64 << 30) as f64,
             i.gpus.len(),
             if i.nccl { " (nccl)" } else { "" },
+            if i.gpu_kernels.is_empty() {
+                String::new()
+            } else {
+                format!(" (kernels on {})", i.gpu_kernels)
+            },
             labels,
             if n.draining { "draining" } else { "active" },
             n.shards,

@@ -539,6 +539,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sends the kernels to this machine's first CUDA device where the build
+/// (`--features cuda`) and the machine have one; the bytes are the CPU's
+/// either way.
+fn use_gpu() {
+    match hcx_kernels::gpu::install() {
+        Ok(device) => tracing::info!("kernels run on {device}"),
+        Err(why) => tracing::debug!("kernels run on the CPU: {why}"),
+    }
+}
+
 /// An error and its causes joined with `: `, each said once: many errors
 /// already put their source's text in their own message, and a cause whose
 /// text is already there is skipped.
@@ -966,6 +976,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             local,
             dry_run,
         } => {
+            use_gpu();
             let (spec, allocation) = resolve_target(&load_job(job.as_deref())?, !json)?;
             if dry_run {
                 let mut d = plan::dry_run(
@@ -1037,6 +1048,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             output,
             max_shard_size,
         } => {
+            use_gpu();
             let out = artifact::decompress_sharded(&artifact, &output, max_shard_size)?;
             println!("dense model written to {}", out.display());
             Ok(())

@@ -99,6 +99,7 @@ pub fn local_nodes(n: usize) -> Vec<NodeCapacity> {
             memory_bytes: memory_bytes(),
             labels: BTreeMap::new(),
             draining: false,
+            gpu: hcx_kernels::gpu::describe().is_some(),
         })
         .collect()
 }

@@ -12,7 +12,9 @@
 //!   decoded original, transformed, reconstructed);
 //! - a node's score for a shard = `(load + cost already assigned in this plan + shard cost) / cores`,
 //!   i.e. the node's finish time if it took the shard (with equal cores this orders nodes
-//!   exactly as "least loaded"; with unequal cores it keeps a big shard off a tiny idle node).
+//!   exactly as "least loaded"; with unequal cores it keeps a big shard off a tiny idle node);
+//!   on a node whose kernels run on a GPU the shard's `gpu_cost` (its stages with a GPU
+//!   kernel) counts [`GPU_SPEEDUP`] times less, so such shards prefer GPU nodes.
 //!
 //! Non-finite or negative costs and loads count as 0 (a `+inf` load stays `+inf`), zero
 //! cores count as 1; no input makes these functions panic.
@@ -26,6 +28,10 @@ use serde::{Deserialize, Serialize};
 pub const COST_PER_BYTE: f64 = 0.01;
 /// f32 working copies of the largest tensor a node holds at once while encoding a shard.
 pub const F32_WORKING_COPIES: u64 = 3;
+/// How many times faster a GPU node is assumed to run the stages that have
+/// a GPU kernel than its CPU cores would: a planning estimate (no device
+/// has measured it yet), used only to rank nodes.
+pub const GPU_SPEEDUP: f64 = 10.0;
 /// Dotted name components that introduce a layer index (`layers.N`, `layer.N`, `h.N`, `blocks.N`).
 pub const LAYER_KEYS: [&str; 4] = ["layers", "layer", "h", "blocks"];
 
@@ -40,6 +46,10 @@ pub struct TensorCost {
     pub bytes: u64,
     /// Relative encode cost per value of its codec chain (1.0 = cheap rtn); 0 for copied tensors.
     pub cost_per_value: f64,
+    /// The part of `cost_per_value` spent in stages a GPU node runs on its
+    /// device (the Hadamard rotation); at most `cost_per_value`.
+    #[serde(default)]
+    pub gpu_cost_per_value: f64,
     /// Values of it a node holds at once while encoding it, where fewer
     /// than `numel`: a tensor encoded a piece of rows at a time
     /// (`hcx_pipeline::run::working_values`).
@@ -62,6 +72,9 @@ pub struct NodeCapacity {
     /// A draining node takes no new shards.
     #[serde(default)]
     pub draining: bool,
+    /// Its kernels run on a GPU (see [`GPU_SPEEDUP`]).
+    #[serde(default)]
+    pub gpu: bool,
 }
 
 /// A shard: a contiguous group of tensors compressed together on one node.
@@ -77,6 +90,9 @@ pub struct Shard {
     pub tensors: Vec<String>,
     /// Estimated encode cost (see the module docs for the formula).
     pub cost: f64,
+    /// The part of `cost` in stages with a GPU kernel.
+    #[serde(default)]
+    pub gpu_cost: f64,
     /// peak working memory estimate in bytes
     pub memory_bytes: u64,
 }
@@ -236,6 +252,10 @@ pub fn make_shards(tensors: &[TensorCost], opts: &PlanOptions) -> Vec<Shard> {
                     clean(t.numel as f64 * clean(t.cost_per_value)) + t.bytes as f64 * COST_PER_BYTE
                 })
                 .sum();
+            let gpu_cost: f64 = members
+                .iter()
+                .map(|t| clean(t.numel as f64 * clean(t.gpu_cost_per_value.min(t.cost_per_value))))
+                .sum();
             let source = members
                 .iter()
                 .fold(0u64, |acc, t| acc.saturating_add(t.bytes));
@@ -251,6 +271,7 @@ pub fn make_shards(tensors: &[TensorCost], opts: &PlanOptions) -> Vec<Shard> {
                 layers,
                 tensors: members.iter().map(|t| t.name.clone()).collect(),
                 cost: clean(cost).min(f64::MAX),
+                gpu_cost: clean(gpu_cost).min(clean(cost)).min(f64::MAX),
                 memory_bytes: source.saturating_add(working),
             }
         })
@@ -353,7 +374,7 @@ fn pick<'a>(
         if check(n, shard.memory_bytes, opts, exclude).is_err() {
             continue;
         }
-        let score = (load(&n.name) + clean(shard.cost)) / f64::from(n.cores.max(1));
+        let score = (load(&n.name) + cost_on(shard, n)) / f64::from(n.cores.max(1));
         let better = best.is_none_or(|(s, name)| {
             score.total_cmp(&s).then_with(|| n.name.as_str().cmp(name)) == Ordering::Less
         });
@@ -363,6 +384,18 @@ fn pick<'a>(
     }
     best.map(|(_, name)| name)
         .ok_or_else(|| no_eligible(shard, nodes, opts, exclude))
+}
+
+/// The shard's cost on a node: the part with a GPU kernel runs
+/// [`GPU_SPEEDUP`] times faster on a GPU node.
+fn cost_on(shard: &Shard, node: &NodeCapacity) -> f64 {
+    let cost = clean(shard.cost);
+    if node.gpu {
+        let gpu = clean(shard.gpu_cost).min(cost);
+        cost - gpu + gpu / GPU_SPEEDUP
+    } else {
+        cost
+    }
 }
 
 fn load_of(load: &BTreeMap<String, f64>, node: &str) -> f64 {
@@ -401,7 +434,11 @@ pub fn place(
             |n| load_of(load, n) + assigned.get(n).copied().unwrap_or(0.0),
             &[],
         )?;
-        *assigned.entry(node).or_insert(0.0) += clean(shard.cost);
+        let on = nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map_or(clean(shard.cost), |n| cost_on(shard, n));
+        *assigned.entry(node).or_insert(0.0) += on;
         out.push(Placement {
             shard: shard.id,
             node: node.to_string(),
@@ -516,6 +553,11 @@ pub fn rank_shards(units: &[Shard], n: usize) -> Vec<Shard> {
                     .map(|u| clean(u.cost))
                     .sum::<f64>()
                     .min(f64::MAX),
+                gpu_cost: members
+                    .iter()
+                    .map(|u| clean(u.gpu_cost))
+                    .sum::<f64>()
+                    .min(f64::MAX),
                 memory_bytes: members
                     .iter()
                     .fold(0u64, |acc, u| acc.saturating_add(u.memory_bytes)),
@@ -556,6 +598,7 @@ pub fn group_members(
             layers: None,
             tensors: Vec::new(),
             cost: 0.0,
+            gpu_cost: 0.0,
             memory_bytes: need_bytes,
         };
         return Err(no_eligible(&whole, &sorted, opts, &[]));
@@ -586,6 +629,7 @@ fn site_members(
                 layers: None,
                 tensors: Vec::new(),
                 cost: 0.0,
+                gpu_cost: 0.0,
                 memory_bytes: need_bytes,
             };
             return Err(no_eligible(&whole, sorted, &o, &[]));
@@ -640,6 +684,7 @@ mod tests {
             numel,
             bytes,
             cost_per_value,
+            gpu_cost_per_value: 0.0,
             working_values: None,
         }
     }
@@ -662,6 +707,7 @@ mod tests {
             memory_bytes: mem,
             labels,
             draining,
+            gpu: false,
         }
     }
 
@@ -795,6 +841,41 @@ mod tests {
         assert!(p.placements.iter().all(|pl| pl.node == "a1"));
         let ids: Vec<u32> = p.placements.iter().map(|pl| pl.shard).collect();
         assert_eq!(ids, (0..8).collect::<Vec<_>>());
+    }
+
+    /// Shards whose chains have a GPU kernel (the Hadamard rotation) go to
+    /// a node whose kernels run on a GPU while it is not much busier than
+    /// the others; shards without one are placed by load alone.
+    #[test]
+    fn gpu_nodes_take_the_shards_with_gpu_kernels() {
+        let rotated = |name: &str| TensorCost {
+            gpu_cost_per_value: 0.5,
+            ..tc(name, 1000, 4000, 6.5)
+        };
+        let mut gpu = node("b", 2, GIB, None, false);
+        gpu.gpu = true;
+        let nodes = [node("a", 2, GIB, None, false), gpu.clone()];
+        let shards = make_shards(&[rotated("layer.0.w")], &opts(1, None));
+        assert!((shards[0].gpu_cost - 500.0).abs() < 1e-9);
+        // Alone, the rotated shard goes to the GPU node (by name it would
+        // go to `a`); a plain one goes to `a`.
+        let p = place(&shards, &nodes, &opts(1, None), &BTreeMap::new()).unwrap();
+        assert_eq!(p[0].node, "b");
+        let plain = make_shards(&[tc("layer.0.w", 1000, 4000, 6.5)], &opts(1, None));
+        let p = place(&plain, &nodes, &opts(1, None), &BTreeMap::new()).unwrap();
+        assert_eq!(p[0].node, "a");
+        // The saving is what it is worth, not a rule: with more load on the
+        // GPU node than the saving, the shard goes to the idle CPU node.
+        let busy: BTreeMap<String, f64> = [("b".to_string(), 1000.0)].into();
+        let p = place(&shards, &nodes, &opts(1, None), &busy).unwrap();
+        assert_eq!(p[0].node, "a");
+        let light: BTreeMap<String, f64> = [("b".to_string(), 100.0)].into();
+        let p = place(&shards, &nodes, &opts(1, None), &light).unwrap();
+        assert_eq!(p[0].node, "b");
+        assert_eq!(
+            reassign(&shards[0], &nodes, &opts(1, None), &BTreeMap::new(), &[]).unwrap(),
+            "b"
+        );
     }
 
     #[test]

@@ -134,6 +134,11 @@ pub fn tensor_costs(
             } else {
                 chain_cost(&spec.stages_for(&t.name))
             },
+            gpu_cost_per_value: if t.is_integer() {
+                0.0
+            } else {
+                chain_gpu_cost(&spec.stages_for(&t.name))
+            },
             working_values: {
                 let w = hcx_pipeline::run::working_values(
                     t,
@@ -163,6 +168,17 @@ pub fn chain_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
             S::Hadamard(_) | S::Cast(_) | S::Correction(_) => 0.5,
         })
         .sum()
+}
+
+/// The part of [`chain_cost`] in stages a GPU node runs on its device.
+pub fn chain_gpu_cost(stages: &[hcx_protocol::StageSpec]) -> f64 {
+    use hcx_protocol::StageSpec as S;
+    let gpu: Vec<hcx_protocol::StageSpec> = stages
+        .iter()
+        .filter(|s| matches!(s, S::Hadamard(_)))
+        .cloned()
+        .collect();
+    chain_cost(&gpu)
 }
 
 impl ClusterService {
@@ -812,6 +828,7 @@ impl Cluster for ClusterService {
             memory_bytes: n.memory_bytes,
             gpus: n.gpus,
             nccl: n.nccl,
+            gpu_kernels: (!n.gpu_kernels.is_empty()).then_some(n.gpu_kernels),
             labels,
             draining: false,
             registered_ms: crate::now_ms(),
@@ -1177,6 +1194,7 @@ fn node_info(n: &NodeRecord) -> NodeInfo {
         gpus: n.gpus.clone(),
         labels: n.labels.clone().into_iter().collect(),
         nccl: n.nccl,
+        gpu_kernels: n.gpu_kernels.clone().unwrap_or_default(),
     }
 }
 
@@ -1188,6 +1206,7 @@ pub fn capacity(n: &NodeRecord) -> NodeCapacity {
         memory_bytes: n.memory_bytes,
         labels: n.labels.clone(),
         draining: n.draining,
+        gpu: n.gpu_kernels.is_some(),
     }
 }
 

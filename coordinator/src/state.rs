@@ -61,6 +61,9 @@ pub struct NodeRecord {
     /// libnccl present).
     #[serde(default)]
     pub nccl: bool,
+    /// The device its kernels run on, where they run on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_kernels: Option<String>,
     /// Operator labels such as `site=a`.
     pub labels: BTreeMap<String, String>,
     /// A drained node keeps its running shard but gets nothing new.
@@ -1030,6 +1033,7 @@ mod tests {
             layers: Some((id, id)),
             tensors: vec![format!("layer.{id}.w")],
             cost: 1.0,
+            gpu_cost: 0.0,
             memory_bytes: 16,
         }
     }
@@ -1042,6 +1046,7 @@ mod tests {
             memory_bytes: 1 << 30,
             gpus: vec![],
             nccl: false,
+            gpu_kernels: None,
             labels: BTreeMap::new(),
             draining: false,
             registered_ms: 1,

@@ -770,6 +770,7 @@ mod tests {
             memory_bytes: 1 << 30,
             labels: BTreeMap::new(),
             draining: false,
+            gpu: false,
         }
     }
 
@@ -787,6 +788,7 @@ mod tests {
             layers: Some((0, 0)),
             tensors: vec!["layer.0.w".into()],
             cost: 1.0,
+            gpu_cost: 0.0,
             memory_bytes: 16,
         };
         let r = st.apply(Command::SubmitJob {

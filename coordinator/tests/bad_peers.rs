@@ -516,6 +516,7 @@ async fn only_rank_0_publishes_an_nccl_id_and_only_members_read_it() {
     for (id, name) in [(&a, "a"), (&b, "b")] {
         let info = hcx_net::proto::NodeInfo {
             nccl: true,
+            gpu_kernels: String::new(),
             ..node_info(name)
         };
         grpc_as(&h, id).register_node(info).await.unwrap();

@@ -35,6 +35,7 @@ fn tensors() -> Vec<TensorCost> {
                 numel,
                 bytes: numel * 4,
                 cost_per_value: 1.0,
+                gpu_cost_per_value: 0.0,
                 working_values: None,
             });
         }

@@ -53,6 +53,7 @@ fn tensors() -> Vec<TensorCost> {
         numel,
         bytes: numel * 2,
         cost_per_value: cost,
+        gpu_cost_per_value: 0.0,
         working_values: None,
     };
     let mut out = vec![
@@ -432,6 +433,7 @@ async fn small_job(cs: &Coordinators, base: &JobSpec, n: usize) {
             numel: 384 * 384,
             bytes: 384 * 384 * 4,
             cost_per_value: 1.0,
+            gpu_cost_per_value: 0.0,
             working_values: None,
         })
         .collect();

@@ -346,7 +346,20 @@ pub async fn run(cfg: NodeConfig, mut stop: watch::Receiver<bool>) -> Result<(),
         refused: std::sync::Mutex::new(None),
         progress: Progress::default(),
     });
+    // The kernels go to the first CUDA device where this build and machine
+    // have one (the same bytes as the CPU's, `hcx_kernels::gpu`).
+    let gpu_kernels = match hcx_kernels::gpu::install() {
+        Ok(device) => {
+            tracing::info!("kernels run on {device}");
+            device
+        }
+        Err(why) => {
+            tracing::debug!("kernels run on the CPU: {why}");
+            String::new()
+        }
+    };
     let info = NodeInfo {
+        gpu_kernels,
         name: cfg.name.clone(),
         listen: listen.to_string(),
         cores: cfg.cores,
