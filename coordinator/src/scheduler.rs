@@ -387,8 +387,9 @@ fn pick<'a>(
 }
 
 /// The shard's cost on a node: the part with a GPU kernel runs
-/// [`GPU_SPEEDUP`] times faster on a GPU node.
-fn cost_on(shard: &Shard, node: &NodeCapacity) -> f64 {
+/// [`GPU_SPEEDUP`] times faster on a GPU node. The load a node carries is
+/// the sum of this over its shards.
+pub fn cost_on(shard: &Shard, node: &NodeCapacity) -> f64 {
     let cost = clean(shard.cost);
     if node.gpu {
         let gpu = clean(shard.gpu_cost).min(cost);

@@ -298,7 +298,7 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
     for j in &jobs {
         for s in &j.shards {
             if let (Some(n), None) = (&s.node, &s.result) {
-                *load.entry(n.clone()).or_default() += s.shard.cost;
+                *load.entry(n.clone()).or_default() += load_on(&s.shard, n, &nodes);
             }
         }
     }
@@ -341,7 +341,7 @@ async fn tick(shared: &Arc<Shared>, merging: &Arc<Mutex<HashSet<String>>>) {
                     let Some(node) = next_node(s, &nodes, &opts, &load) else {
                         continue;
                     };
-                    *load.entry(node.clone()).or_default() += s.shard.cost;
+                    *load.entry(node.clone()).or_default() += load_on(&s.shard, &node, &nodes);
                     let cmd = Command::Assign {
                         job: j.id.clone(),
                         shard: s.shard.id,
@@ -447,6 +447,16 @@ async fn group_tick(
             members,
         })
         .await;
+}
+
+/// What `shard` adds to the load of node `name`: its cost there
+/// ([`crate::scheduler::cost_on`], less on a GPU node for the stages with a
+/// GPU kernel), as the planner counted it.
+fn load_on(shard: &crate::scheduler::Shard, name: &str, nodes: &[NodeCapacity]) -> f64 {
+    nodes
+        .iter()
+        .find(|c| c.name == name)
+        .map_or(shard.cost, |c| crate::scheduler::cost_on(shard, c))
 }
 
 /// The node a waiting shard goes to next: the least loaded able node, but

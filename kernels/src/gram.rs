@@ -26,6 +26,10 @@ pub struct Panels {
     rows: usize,
     dim: usize,
     values: Vec<f64>,
+    /// One panel of zeros, standing for the panels past the last column
+    /// so that every tile runs the vector path (a zero product leaves a
+    /// sum as it is, and those columns are thrown away).
+    zeros: Vec<f64>,
 }
 
 impl Panels {
@@ -49,7 +53,12 @@ impl Panels {
                     }
                 });
         }
-        Panels { rows, dim, values }
+        Panels {
+            rows,
+            dim,
+            values,
+            zeros: vec![0f64; rows * PANEL],
+        }
     }
 
     /// Number of panels.
@@ -65,13 +74,11 @@ impl Panels {
     /// [`TILE_PANELS`] panels from `pj` (zeros past the last panel):
     /// `out[a][b]` is entry (pi·PANEL + a, pj·PANEL + b).
     pub fn tile(&self, pi: usize, pj: usize) -> Tile {
-        let zero: &[f64] = &[];
         let b: [&[f64]; TILE_PANELS] = std::array::from_fn(|k| {
             if pj + k < self.count() {
                 self.panel(pj + k)
             } else {
-                // A zero panel: every product is zero and leaves the sum.
-                zero
+                &self.zeros
             }
         });
         tile(self.panel(pi), b, self.rows)

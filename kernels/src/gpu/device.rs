@@ -114,7 +114,9 @@ impl Gpu {
         Ok(Gpu {
             name,
             memory,
-            stream: ctx.default_stream(),
+            // A stream of its own: the default one is NCCL's, and a kernel
+            // queued behind a collective would wait for it.
+            stream: ctx.new_stream().map_err(driver("stream"))?,
             gram: f("gram_upper")?,
             hadamard: f("hadamard_rows")?,
             uniform: f("uniform_tally")?,
@@ -162,7 +164,11 @@ impl Gpu {
         s.clone_dtoh(&out).map_err(driver("copy from device"))
     }
 
-    /// [`super::hadamard_rows`] on this device.
+    /// [`super::hadamard_rows`] on this device: `Ok(true)` with `x`
+    /// rotated, or `Ok(false)` with `x` unchanged where the result holds a
+    /// NaN (a GPU writes every NaN as the canonical one, where the CPU
+    /// keeps an input NaN's sign and payload and writes inf − inf as
+    /// −NaN, so those rows must come from the CPU for the same bytes).
     pub fn hadamard_rows(
         &self,
         x: &mut [f32],
@@ -170,7 +176,7 @@ impl Gpu {
         cols: usize,
         block: usize,
         signs_first: bool,
-    ) -> Result<(), GpuError> {
+    ) -> Result<bool, GpuError> {
         if cols == 0
             || block == 0
             || !cols.is_multiple_of(block)
@@ -214,7 +220,12 @@ impl Gpu {
         // SAFETY: the arguments match the kernel's signature; every thread
         // stays inside its row's block of `dx`.
         unsafe { launch.launch(cfg) }.map_err(driver("hadamard_rows launch"))?;
-        s.memcpy_dtoh(&dx, x).map_err(driver("copy from device"))
+        let out = s.clone_dtoh(&dx).map_err(driver("copy from device"))?;
+        if out.iter().any(|v| v.is_nan()) {
+            return Ok(false);
+        }
+        x.copy_from_slice(&out);
+        Ok(true)
     }
 
     /// [`super::uniform_tally`] on this device; `Ok(None)` where more
@@ -280,7 +291,8 @@ impl Gpu {
         if far_count > far_cap as u64 {
             return Ok(None);
         }
-        s.memcpy_dtoh(&dlo, lo).map_err(driver("copy from device"))?;
+        s.memcpy_dtoh(&dlo, lo)
+            .map_err(driver("copy from device"))?;
         let sums = s.clone_dtoh(&sums).map_err(driver("copy from device"))?;
         let mut far = s.clone_dtoh(&far).map_err(driver("copy from device"))?;
         far.truncate(far_count as usize);
@@ -354,16 +366,51 @@ mod tests {
             let meta = crate::hadamard::forward_on_cpu(&mut cpu, Some(block), 11).unwrap();
             let signs = crate::hadamard::signs(11, cols);
             let mut gpu = x.clone();
-            g.hadamard_rows(&mut gpu, &signs, cols, block, true)
-                .unwrap();
+            assert!(
+                g.hadamard_rows(&mut gpu, &signs, cols, block, true)
+                    .unwrap()
+            );
             assert_eq!(gpu, cpu.data);
             crate::hadamard::inverse_on_cpu(&mut cpu.data, rows, cols, &meta).unwrap();
-            g.hadamard_rows(&mut gpu, &signs, cols, block, false)
-                .unwrap();
+            assert!(
+                g.hadamard_rows(&mut gpu, &signs, cols, block, false)
+                    .unwrap()
+            );
             assert_eq!(gpu, cpu.data);
         }
+        // Two infinities in one block meet as inf − inf, a NaN: the
+        // rotation goes back to the CPU with `x` untouched. One infinity a
+        // block spreads as ±inf, which keeps its bits on the device.
+        let mut x = gaussian_vec(9, 64 * 256);
+        x[5] = f32::INFINITY;
+        x[6] = f32::INFINITY;
+        x[300] = f32::NEG_INFINITY;
+        let signs = crate::hadamard::signs(3, 256);
+        let mut gpu = x.clone();
+        assert!(!g.hadamard_rows(&mut gpu, &signs, 256, 256, true).unwrap());
+        assert_eq!(
+            gpu.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        x[6] = 1.0;
+        let mut gpu = x.clone();
+        let mut cpu = crate::Signal::new(x.clone(), 64, 256);
+        crate::hadamard::forward_on_cpu(&mut cpu, Some(256), 3).unwrap();
+        assert!(g.hadamard_rows(&mut gpu, &signs, 256, 256, true).unwrap());
+        assert_eq!(
+            gpu.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            cpu.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         let mut x = gaussian_vec(5, 100_003);
-        x.extend([f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0, -0.0, 3e38, -3e38]);
+        x.extend([
+            f32::NAN,
+            f32::INFINITY,
+            -f32::INFINITY,
+            0.0,
+            -0.0,
+            3e38,
+            -3e38,
+        ]);
         for (inv, dz) in [(1.0f32, 0.0f32), (7.31, 0.17), (1e-3, 0.5), (900.0, 0.0)] {
             let mut cpu_lo = vec![0u8; x.len()];
             let cpu = crate::uniform::quantize_pass_on_cpu(&x, inv, dz, &mut cpu_lo);

@@ -115,7 +115,8 @@ pub fn uniform_tally(x: &[f32], inv: f32, dz: f32, lo: &mut [u8]) -> Option<Unif
 
 /// Rotates rows in place on the device as [`crate::hadamard`] does on the
 /// CPU (`signs_first` going forward, after the transform going back);
-/// `false` where it did not run there, and `x` is then unchanged.
+/// `false` where it did not run there or its result holds a NaN (whose
+/// bits a GPU does not keep as the CPU does), and `x` is then unchanged.
 pub fn hadamard_rows(
     x: &mut [f32],
     signs: &[f32],
@@ -133,7 +134,7 @@ pub fn hadamard_rows(
         }
         g.hadamard_rows(x, signs, cols, block, signs_first)
             .map_err(|e| tracing::warn!("GPU Hadamard rotation failed, using the CPU: {e}"))
-            .is_ok()
+            .unwrap_or(false)
     }
     #[cfg(not(feature = "cuda"))]
     {
