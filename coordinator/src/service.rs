@@ -134,7 +134,9 @@ pub fn tensor_costs(
             } else {
                 chain_cost(&spec.stages_for(&t.name))
             },
-            gpu_cost_per_value: if t.is_integer() {
+            // A tensor smaller than the kernels hand to a device stays on
+            // the CPU of a GPU node too.
+            gpu_cost_per_value: if t.is_integer() || t.numel() < hcx_kernels::gpu::MIN_VALUES {
                 0.0
             } else {
                 chain_gpu_cost(&spec.stages_for(&t.name))
@@ -1318,5 +1320,41 @@ mod tests {
         // Without TLS the claim stands.
         let got = certified_labels("n1", labels(&[("site", "b")]), None).unwrap();
         assert_eq!(got, labels(&[("site", "b")]));
+    }
+
+    /// The rotation's share of a tensor's cost is its GPU part, except for
+    /// tensors the kernels keep on the CPU (small or integer).
+    #[test]
+    fn the_gpu_part_of_a_tensors_cost_is_its_rotation() {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "t", "model": "/m", "output": "/o",
+            "pipeline": [{"hadamard": {}}, {"uniform": {"bits": 4.0}}, {"rans": {}}]
+        }))
+        .unwrap();
+        let info = |name: &str, dtype, shape: Vec<usize>| hcx_pipeline::model::TensorInfo {
+            name: name.into(),
+            dtype,
+            shape,
+            file: 0,
+            range: (0, 0),
+            stored_bytes: 0,
+        };
+        use safetensors::Dtype;
+        let costs = tensor_costs(
+            &[
+                info("big", Dtype::F32, vec![512, 512]),
+                info("small", Dtype::F32, vec![100, 100]),
+                info("ids", Dtype::I64, vec![512, 512]),
+            ],
+            &spec,
+        );
+        assert_eq!(costs[0].cost_per_value, 0.5 + 6.0 + 0.5);
+        assert_eq!(costs[0].gpu_cost_per_value, 0.5);
+        assert_eq!(costs[1].cost_per_value, 7.0);
+        assert_eq!(costs[1].gpu_cost_per_value, 0.0);
+        assert_eq!(
+            (costs[2].cost_per_value, costs[2].gpu_cost_per_value),
+            (0.0, 0.0)
+        );
     }
 }
