@@ -147,7 +147,8 @@ pub(crate) fn corrected_matmul(
     train: bool,
 ) -> candle_core::Result<candle_core::Tensor> {
     let product = |x: &candle_core::Tensor| {
-        if train && x.rank() == 2 {
+        // A weight being tuned (a variable) needs its own gradient.
+        if train && x.rank() == 2 && !w.is_variable() {
             x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
         } else {
             x.matmul(&w.t()?)

@@ -377,6 +377,31 @@ pub(crate) fn settle_quantizer_share(steps: &mut [StepRecord], total: f64, final
     }
 }
 
+/// Measures `e`, encoded from other values than `original` (a weight that
+/// distillation tuned before it was encoded), against `original`: its
+/// SQNRs become the original's, and the quantizer's share of the error
+/// takes the whole difference, so the shares still add up to the error
+/// the artifact has against the source.
+pub fn measure_against(
+    e: &mut EncodedTensor,
+    original: &[f32],
+    shape: &[usize],
+    hessian: Option<&[f64]>,
+) {
+    let total = energy(original);
+    let error = squared_error(original, &e.decoded);
+    settle_quantizer_share(&mut e.steps, total, error);
+    e.sqnr_db = sqnr_from(total, error);
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = original.len() / cols;
+    e.output_sqnr_db = hessian.and_then(|h| {
+        sqnr_from(
+            hessian::quadratic_trace(original, rows, cols, h),
+            hessian::error_trace(original, &e.decoded, rows, cols, h),
+        )
+    });
+}
+
 /// A tensor after [`add_correction`].
 #[derive(Debug, Clone)]
 pub struct CorrectedTensor {

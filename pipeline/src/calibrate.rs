@@ -53,11 +53,11 @@ use rayon::prelude::*;
 
 use crate::PipelineError;
 use crate::attribution::{Attribution, ReportSection};
-use crate::distill::{BlockDistillation, MicroBatches, distill_block};
+use crate::distill::{BlockDistillation, MicroBatches, distill_block, output_error};
 use crate::model::{Model, f32_to_bytes, raw_to_f32};
 use crate::run::{
-    EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, finish_artifact, waves,
-    write_artifact, write_entry,
+    EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, encode_tuned_calibrated,
+    finish_artifact, waves, write_artifact, write_entry,
 };
 use crate::shard::{ShardSummary, ShardWriter};
 use crate::writer::TensorFileWriter;
@@ -997,6 +997,14 @@ pub(crate) fn calibrate_block(
     };
     let world = ranks.world();
     let t0 = Instant::now();
+    // With `distill.params: [weights]` the block's weights are encoded a
+    // site at a time, in the order the block reads them, and the sites not
+    // yet encoded are tuned in between: each site's statistics are taken
+    // only once the sites before it are encoded.
+    let staged = spec
+        .distill
+        .as_ref()
+        .is_some_and(|d| d.params.contains(&DistillParam::Weights));
     let mut stats: HashMap<Site, HessianSum> = HashMap::new();
     let mut outputs = Vec::with_capacity(batches.len());
     for b in batches.iter() {
@@ -1025,54 +1033,232 @@ pub(crate) fn calibrate_block(
         .filter(|(_, t)| net.site_of(&t.name).is_some_and(|(l, _)| l == layer))
         .map(|(i, _)| i)
         .collect();
-    if world > 1 {
-        let dims: HashMap<Site, usize> = members
+    let member_sites: HashMap<usize, Site> = members
+        .iter()
+        .filter_map(|&k| Some((k, net.site_of(&model.tensors[k].name)?.1)))
+        .collect();
+    let site_of = |k: usize| member_sites.get(&k).copied();
+    let dims: HashMap<Site, usize> = members
+        .iter()
+        .filter_map(|&k| Some((site_of(k)?, *model.tensors[k].shape.last()?)))
+        .collect();
+    // The groups encoded in turn: a site each when staged, else the block.
+    let groups: Vec<Vec<usize>> = if staged {
+        Site::ALL
             .iter()
-            .filter_map(|&k| {
-                let t = &model.tensors[k];
-                let (_, s) = net.site_of(&t.name)?;
-                Some((s, *t.shape.last()?))
+            .map(|s| {
+                members
+                    .iter()
+                    .copied()
+                    .filter(|&k| site_of(k) == Some(*s))
+                    .collect::<Vec<_>>()
             })
-            .collect();
+            .filter(|g| !g.is_empty())
+            .collect()
+    } else {
+        vec![members.clone()]
+    };
+    let sequential = cal.order == CalibrationOrder::Sequential;
+    if world > 1 {
         reduce_stats(&mut stats, &dims, layer, ranks)?;
     }
-    // Encode this block's linear weights with their inputs' statistics.
-    let hessians: HashMap<Site, Vec<f64>> = stats.iter().map(|(s, h)| (*s, h.to_f64())).collect();
-    let encoded: Vec<(usize, Encoded)> = members
-        .par_iter()
-        .map(|&k| {
-            let t = &model.tensors[k];
-            let h = net.site_of(&t.name).and_then(|(_, s)| hessians.get(&s));
-            (
-                k,
-                encode_raw_calibrated(
-                    &t.name,
-                    t.dtype,
-                    &t.shape,
-                    model.raw(t),
-                    &plans[k],
-                    spec.seed,
-                    h.map(Vec::as_slice),
-                ),
-            )
-        })
-        .collect();
-    let mut decoded = Vec::new();
-    for (k, r) in encoded {
-        let (entry, values) = r?;
-        if let Some(v) = values {
-            decoded.push((k, v));
+    let mut hessians: HashMap<Site, Vec<f64>> =
+        stats.drain().map(|(s, h)| (s, h.to_f64())).collect();
+    let encode_untuned = |k: usize, hessians: &HashMap<Site, Vec<f64>>| {
+        let t = &model.tensors[k];
+        let h = site_of(k).and_then(|s| hessians.get(&s));
+        encode_raw_calibrated(
+            &t.name,
+            t.dtype,
+            &t.shape,
+            model.raw(t),
+            &plans[k],
+            spec.seed,
+            h.map(Vec::as_slice),
+        )
+    };
+    // Staged, the block's output error with every weight encoded as
+    // calibration alone encodes it (each with the statistics of the block's
+    // inputs, no tuning) is what the tuning is measured against; the first
+    // site's encodings are the ones kept.
+    let mut first: HashMap<usize, Encoded> = HashMap::new();
+    let mut untuned_error = None;
+    if staged {
+        let encoded: Vec<(usize, Encoded)> = members
+            .par_iter()
+            .map(|&k| (k, encode_untuned(k, &hessians)))
+            .collect();
+        let mut saved = Vec::with_capacity(members.len());
+        for (k, r) in encoded {
+            let name = &model.tensors[k].name;
+            if let Ok((_, Some(v))) = &r {
+                let t = net.tensor(name).map_err(|e| forward_error(model, e))?;
+                saved.push((name, t));
+                net.set_weight(name, v.clone())
+                    .map_err(|e| forward_error(model, e))?;
+            }
+            if groups.first().is_some_and(|g| g.contains(&k)) {
+                first.insert(k, r);
+            }
         }
-        if let (Some(w), Some(o)) = (entry.entry.sqnr_db, entry.entry.output_sqnr_db) {
-            figures.push(TensorFigure {
-                params: entry.entry.shape.iter().product::<usize>() as f64,
-                weight_db: w,
-                output_db: o,
-            });
+        let data = MicroBatches {
+            local: batches,
+            global,
+            targets: if original.is_empty() {
+                &outputs[..]
+            } else {
+                &original[..]
+            },
+            samples: all_samples,
+            elements: all_elements,
+        };
+        untuned_error = Some(output_error(net, layer, &data, ranks)?);
+        for (name, t) in saved {
+            net.set_tensor(name, t)
+                .map_err(|e| forward_error(model, e))?;
         }
-        done[k] = Some(entry);
     }
-    let sequential = cal.order == CalibrationOrder::Sequential;
+    let mut decoded = Vec::new();
+    let mut tuned_weights = 0;
+    for (gi, group) in groups.iter().enumerate() {
+        if gi > 0 {
+            // This site's inputs as the block now gives them.
+            let t1 = Instant::now();
+            let sites: HashSet<Site> = group.iter().filter_map(|&k| site_of(k)).collect();
+            stats.clear();
+            for b in batches.iter() {
+                let mut capture = |site: Site, input: &Tensor| {
+                    if !sites.contains(&site) {
+                        return Ok(());
+                    }
+                    add_input(&mut stats, layer, site, input)
+                };
+                net.run(layer, b, &mut capture)
+                    .map_err(|e| forward_error(model, e))?;
+            }
+            *forward_seconds += t1.elapsed().as_secs_f64();
+            if world > 1 {
+                reduce_stats(&mut stats, &dims, layer, ranks)?;
+            }
+            hessians.extend(stats.drain().map(|(s, h)| (s, h.to_f64())));
+        }
+        // Encode the group's linear weights with their inputs' statistics
+        // (a weight tuned by an earlier group's distillation as tuned).
+        let sources: Vec<Option<Vec<f32>>> = group
+            .iter()
+            .map(|&k| {
+                if gi == 0 {
+                    return Ok(None);
+                }
+                let t = net
+                    .tensor(&model.tensors[k].name)
+                    .map_err(|e| forward_error(model, e))?;
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map(Some)
+                    .map_err(|e| bad(model, e.to_string()))
+            })
+            .collect::<Result<_, PipelineError>>()?;
+        let encoded: Vec<(usize, Encoded)> = if gi == 0 && staged {
+            group
+                .iter()
+                .filter_map(|k| first.remove(k).map(|r| (*k, r)))
+                .collect()
+        } else {
+            group
+                .par_iter()
+                .zip(sources)
+                .map(|(&k, tuned)| {
+                    let t = &model.tensors[k];
+                    let h = site_of(k).and_then(|s| hessians.get(&s));
+                    let h = h.map(Vec::as_slice);
+                    let r = match tuned {
+                        None => encode_untuned(k, &hessians),
+                        Some(v) => encode_tuned_calibrated(
+                            &t.name,
+                            t.dtype,
+                            &t.shape,
+                            model.raw(t),
+                            v,
+                            &plans[k],
+                            spec.seed,
+                            h,
+                        ),
+                    };
+                    (k, r)
+                })
+                .collect()
+        };
+        let mut group_decoded = Vec::new();
+        for (k, r) in encoded {
+            let (entry, values) = r?;
+            if let Some(v) = values {
+                group_decoded.push((k, v));
+            }
+            if let (Some(w), Some(o)) = (entry.entry.sqnr_db, entry.entry.output_sqnr_db) {
+                figures.push(TensorFigure {
+                    params: entry.entry.shape.iter().product::<usize>() as f64,
+                    weight_db: w,
+                    output_db: o,
+                });
+            }
+            done[k] = Some(entry);
+        }
+        if !staged {
+            decoded = group_decoded;
+            continue;
+        }
+        for (k, v) in &group_decoded {
+            net.set_weight(&model.tensors[*k].name, v.clone())
+                .map_err(|e| forward_error(model, e))?;
+        }
+        decoded.extend(group_decoded);
+        // The sites still in full precision make up for this one's error.
+        let later: Vec<String> = groups[gi + 1..]
+            .iter()
+            .flatten()
+            .map(|&k| model.tensors[k].name.clone())
+            .collect();
+        if let (Some(d), false) = (&spec.distill, later.is_empty()) {
+            let phase = hcx_protocol::Distill {
+                params: Vec::new(),
+                ..d.clone()
+            };
+            let data = MicroBatches {
+                local: batches,
+                global,
+                targets: if original.is_empty() {
+                    &outputs[..]
+                } else {
+                    &original[..]
+                },
+                samples: all_samples,
+                elements: all_elements,
+            };
+            let mut store = |name: &str, _: &Correction| -> Result<Vec<f32>, PipelineError> {
+                Err(bad(
+                    model,
+                    format!("`{name}`: no correction is tuned with the weights"),
+                ))
+            };
+            let identity = |_: &str, v: Vec<f32>| v;
+            let report = distill_block(
+                net, layer, &phase, spec.seed, &later, &data, &identity, &mut store, ranks,
+            )?;
+            // The first tuning takes every weight the later ones take.
+            if gi == 0 {
+                tuned_weights = report.params;
+            }
+            tracing::info!(
+                layer,
+                encoded = gi,
+                before_db = report.before.sqnr_db(),
+                after_db = report.after.sqnr_db(),
+                seconds = report.seconds,
+                "tuned the block's weights in full precision"
+            );
+        }
+    }
     let corrects = spec.distill.as_ref().is_some_and(|d| {
         d.params
             .iter()
@@ -1145,7 +1331,21 @@ pub(crate) fn calibrate_block(
             samples: all_samples,
             elements: all_elements,
         };
-        let report = distill_block(net, layer, d, spec.seed, &data, &round, &mut store, ranks)?;
+        let mut report = distill_block(
+            net,
+            layer,
+            d,
+            spec.seed,
+            &[],
+            &data,
+            &round,
+            &mut store,
+            ranks,
+        )?;
+        if let Some(e) = untuned_error {
+            report.before = e;
+            report.params += tuned_weights;
+        }
         // The block's tuning time, shared among its corrections by size.
         let sizes: Vec<(usize, f64)> = report
             .corrected

@@ -121,9 +121,10 @@ fn fail(layer: usize, why: impl std::fmt::Display) -> PipelineError {
 }
 
 /// Tunes block `layer` of `net` (whose linear weights are already the
-/// encoded ones); `round` maps a tuned tensor's values to what the artifact
-/// will store (its dtype), and those values are left in `net`. With
-/// `scales` or `lowrank_correction`, each linear weight's learned
+/// encoded ones, but for `weights`, which are tuned whole, with
+/// `spec.weights_lr`); `round` maps a tuned tensor's values to what the
+/// artifact will store (its dtype), and those values are left in `net`.
+/// With `scales` or `lowrank_correction`, each linear weight's learned
 /// correction goes to `store`, and the weight it returns replaces the
 /// weight in `net`.
 #[allow(clippy::too_many_arguments)]
@@ -132,6 +133,7 @@ pub(crate) fn distill_block(
     layer: usize,
     spec: &Distill,
     job_seed: u64,
+    weights: &[String],
     data: &MicroBatches<'_>,
     round: &dyn Fn(&str, Vec<f32>) -> Vec<f32>,
     store: &mut StoreCorrection<'_>,
@@ -159,9 +161,10 @@ pub(crate) fn distill_block(
         match p {
             DistillParam::Norms => names.extend(net.tunable(layer, Tunable::Norms)),
             DistillParam::Offsets => names.extend(net.tunable(layer, Tunable::Biases)),
-            DistillParam::Scales | DistillParam::LowrankCorrection => {}
+            DistillParam::Scales | DistillParam::LowrankCorrection | DistillParam::Weights => {}
         }
     }
+    names.extend(weights.iter().cloned());
     let mut vars = Vec::with_capacity(names.len());
     for name in &names {
         let t = net.tensor(name).map_err(|e| fail(layer, e))?;
@@ -170,8 +173,19 @@ pub(crate) fn distill_block(
             .map_err(|e| fail(layer, e))?;
         vars.push(v);
     }
+    let weight_vars = names.len() - weights.len()..names.len();
     let corrections = correction_vars(net, layer, spec, job_seed, &mut vars)?;
     let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+    // Each variable's learning rate: the weights' own, or the gains'.
+    let mut lrs: Vec<f64> = Vec::with_capacity(sizes.len());
+    for (i, &size) in sizes.iter().enumerate() {
+        let lr = if weight_vars.contains(&i) {
+            spec.weights_lr
+        } else {
+            spec.lr
+        };
+        lrs.extend(std::iter::repeat_n(lr, size));
+    }
     let params: usize = sizes.iter().sum();
     let mut values: Vec<f32> = Vec::with_capacity(params);
     for v in &vars {
@@ -255,7 +269,7 @@ pub(crate) fn distill_block(
                 let g = acc[i] as f64 / scale;
                 m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
                 v2[i] = BETA2 * v2[i] + (1.0 - BETA2) * g * g;
-                master[i] -= spec.lr * (m[i] / c1) / ((v2[i] / c2).sqrt() + EPSILON);
+                master[i] -= lrs[i] * (m[i] / c1) / ((v2[i] / c2).sqrt() + EPSILON);
             }
             let mut at = 0;
             for (var, &size) in vars.iter().zip(&sizes) {
@@ -389,7 +403,7 @@ const ERROR_FRACTION_BITS: i32 = 32;
 /// micro-batch's two sums are rounded to fixed point and added as
 /// integers, so the total is exact and the same for any split over ranks;
 /// only the two totals are exchanged.
-fn output_error(
+pub(crate) fn output_error(
     net: &Net,
     layer: usize,
     data: &MicroBatches<'_>,

@@ -124,6 +124,7 @@ pub fn encode_model_tensor(
         t.dtype,
         &t.shape,
         model.raw(t),
+        None,
         stages,
         seed,
         None,
@@ -151,7 +152,45 @@ pub fn encode_raw_calibrated(
     seed: u64,
     hessian: Option<&[f64]>,
 ) -> Result<(EncodedEntry, Option<Vec<f32>>), PipelineError> {
-    encode_raw_inner(name, dtype, shape, raw, stages, seed, hessian, &|_| {})
+    encode_raw_inner(
+        name,
+        dtype,
+        shape,
+        raw,
+        None,
+        stages,
+        seed,
+        hessian,
+        &|_| {},
+    )
+}
+
+/// [`encode_raw_calibrated`] coding `tuned` (the weight as distillation
+/// left it before its encoding) in place of the source values `raw`; the
+/// entry still describes the source (its dtype, bytes and energy) and its
+/// errors are measured against it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_tuned_calibrated(
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    raw: &[u8],
+    tuned: Vec<f32>,
+    stages: &[StageSpec],
+    seed: u64,
+    hessian: Option<&[f64]>,
+) -> Result<(EncodedEntry, Option<Vec<f32>>), PipelineError> {
+    encode_raw_inner(
+        name,
+        dtype,
+        shape,
+        raw,
+        Some(tuned),
+        stages,
+        seed,
+        hessian,
+        &|_| {},
+    )
 }
 
 /// [`encode_raw_calibrated`], calling `read` with each span of `raw` a
@@ -162,6 +201,7 @@ fn encode_raw_inner(
     dtype: safetensors::Dtype,
     shape: &[usize],
     raw: &[u8],
+    tuned: Option<Vec<f32>>,
     stages: &[StageSpec],
     seed: u64,
     hessian: Option<&[f64]>,
@@ -214,7 +254,13 @@ fn encode_raw_inner(
         tensor: name.to_string(),
         source,
     };
-    let e: EncodedTensor = if by_rows(shape, stages, hessian.is_some()) {
+    if tuned.as_ref().is_some_and(|t| t.len() != numel) {
+        return Err(PipelineError::Model {
+            path: PathBuf::from(name),
+            why: format!("the tuned weight holds other than the {numel} values of {shape:?}"),
+        });
+    }
+    let e: EncodedTensor = if tuned.is_none() && by_rows(shape, stages, hessian.is_some()) {
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let per = row_pieces::piece_rows(cols, WAVE_ELEMENTS);
         let r = row_pieces::encode_by_rows(name, shape, stages, seed, elem, per, |rows| {
@@ -229,8 +275,16 @@ fn encode_raw_inner(
     } else {
         let values = raw_to_f32(raw, dtype);
         entry.energy = hcx_kernels::stats::energy(&values);
-        encode_tensor_calibrated(name, values, shape, stages, seed, elem, hessian)
-            .map_err(tensor_err)?
+        match tuned {
+            None => encode_tensor_calibrated(name, values, shape, stages, seed, elem, hessian)
+                .map_err(tensor_err)?,
+            Some(t) => {
+                let mut e = encode_tensor_calibrated(name, t, shape, stages, seed, elem, hessian)
+                    .map_err(tensor_err)?;
+                hcx_kernels::chain::measure_against(&mut e, &values, shape, hessian);
+                e
+            }
+        }
     };
     let mut data = Vec::with_capacity(e.parts.len());
     for p in e.parts {
@@ -822,6 +876,7 @@ mod tests {
                 safetensors::Dtype::BF16,
                 &[rows, cols],
                 &raw,
+                None,
                 &stages,
                 3,
                 None,

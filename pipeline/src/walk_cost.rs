@@ -25,7 +25,7 @@ use hcx_forward::llama::Site;
 use hcx_kernels::correction::Correction;
 use hcx_kernels::hessian::HessianSum;
 use hcx_protocol::manifest::PartEntry;
-use hcx_protocol::{CalibrationOrder, Distill, JobSpec};
+use hcx_protocol::{CalibrationOrder, Distill, DistillParam, JobSpec};
 use serde::Serialize;
 
 use crate::PipelineError;
@@ -64,11 +64,14 @@ pub struct WalkCost {
     /// into micro-batches (measured whole).
     pub load_cpu_seconds: f64,
     /// The forward passes of every block over every micro-batch: one that
-    /// captures the inputs' statistics, and `plain_passes` more.
+    /// captures the inputs' statistics (and, with `distill.params:
+    /// [weights]`, one more for each input site after the first, each
+    /// costed as a full capturing pass), and `plain_passes` more.
     pub forward_cpu_seconds: f64,
     /// Passes without statistics per block: the original model's beside
-    /// the compressed one's when distilling, and the re-run on the encoded
-    /// weights with `order: sequential`.
+    /// the compressed one's when distilling, the re-run on the encoded
+    /// weights with `order: sequential`, and with `weights` the block as
+    /// calibration alone encodes it.
     pub plain_passes: usize,
     /// Encoding every calibrated tensor with its statistics.
     pub encode_cpu_seconds: f64,
@@ -242,10 +245,27 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
         }
     }
     let encode: f64 = tensor_cpu_seconds.values().sum();
+    // Staged weight tuning encodes every weight but the first site's twice:
+    // as calibration alone would, and from its tuned values.
+    let staged = spec
+        .distill
+        .as_ref()
+        .is_some_and(|d| d.params.contains(&DistillParam::Weights));
+    let staged_encode: f64 = if staged {
+        tensor_cpu_seconds
+            .iter()
+            .filter(|(n, _)| net.site_of(n).is_some_and(|(_, s)| s != Site::ALL[0]))
+            .map(|(_, c)| c)
+            .sum()
+    } else {
+        0.0
+    };
 
     // Distillation: block 0 tuned with no step, then with a few, over the
     // sample; the difference is the steps' cost.
     let (mut distill, mut distill_steps, mut per_step) = (0.0, 0.0, 1);
+    // Staged weight tuning's extra capturing and plain passes a block.
+    let mut staged_passes = (0usize, 0usize);
     let mut tensor_correction_bytes = HashMap::new();
     if let Some(d) = &spec.distill {
         let shapes: HashMap<String, (Vec<f32>, Vec<usize>)> =
@@ -297,6 +317,7 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
                     layer,
                     &d,
                     spec.seed,
+                    &[],
                     &data,
                     &|_: &str, v: Vec<f32>| v,
                     &mut store,
@@ -318,6 +339,68 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
         let step_rows = per_step as f64 * per;
         distill_steps = blocks as f64 * d.steps as f64 * step_rows * step_per_row;
         distill = distill_steps + blocks as f64 * fixed * scale;
+        if d.params.contains(&DistillParam::Weights) {
+            // Each site but the last is followed by tuning the sites after
+            // it in full precision: timed as the final tuning is.
+            let members = net.linear_weights(layer);
+            let site_of = |n: &String| net.site_of(n).map(|(_, s)| s);
+            let phases: Vec<Vec<String>> = Site::ALL[1..]
+                .iter()
+                .map(|first| {
+                    let from = Site::ALL.iter().position(|s| s == first).unwrap_or(0);
+                    members
+                        .iter()
+                        .filter(|n| {
+                            site_of(n).is_some_and(|s| {
+                                Site::ALL.iter().position(|x| *x == s).unwrap_or(0) >= from
+                            })
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .collect();
+            for weights in &phases {
+                let mut tune_weights = |steps: usize| -> Result<f64, PipelineError> {
+                    let phase = Distill {
+                        steps,
+                        batch: usize::MAX,
+                        params: Vec::new(),
+                        ..d.clone()
+                    };
+                    let mut store =
+                        |name: &str, _: &Correction| -> Result<Vec<f32>, PipelineError> {
+                            Err(PipelineError::Estimate {
+                                why: format!("`{name}`: no correction is tuned with the weights"),
+                            })
+                        };
+                    let before = process_cpu_seconds();
+                    distill_block(
+                        &mut net,
+                        layer,
+                        &phase,
+                        spec.seed,
+                        weights,
+                        &data,
+                        &|_: &str, v: Vec<f32>| v,
+                        &mut store,
+                        &mut alone,
+                    )?;
+                    Ok(process_cpu_seconds() - before)
+                };
+                tune_weights(1)?;
+                let fixed = tune_weights(0)?;
+                let stepped = tune_weights(MEASURED_STEPS)?;
+                let per_row = (stepped - fixed).max(0.0) / (MEASURED_STEPS * sampled_rows) as f64;
+                let steps = blocks as f64 * d.steps as f64 * step_rows * per_row;
+                distill_steps += steps;
+                distill += steps + blocks as f64 * fixed * scale;
+            }
+            // Each site after the first is captured again once the sites
+            // before it are encoded, and the block is run once more with
+            // every weight as calibration alone encodes it (which is also
+            // encoded once more, but for the first site).
+            staged_passes = (Site::ALL.len() - 1, 1);
+        }
         // Every block's weights take the corrections block 0's took.
         for t in &model.tensors {
             let Some((_, site)) = net.site_of(&t.name) else {
@@ -340,9 +423,12 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
         sampled_micro_batches: sample.len(),
         sampled_rows,
         load_cpu_seconds: load,
-        forward_cpu_seconds: blocks as f64 * (capture + plain * plain_passes as f64) * scale,
-        plain_passes,
-        encode_cpu_seconds: encode,
+        forward_cpu_seconds: blocks as f64
+            * (capture * (1 + staged_passes.0) as f64
+                + plain * (plain_passes + staged_passes.1) as f64)
+            * scale,
+        plain_passes: plain_passes + staged_passes.1,
+        encode_cpu_seconds: encode + staged_encode,
         distill_cpu_seconds: distill,
         distill_steps_cpu_seconds: distill_steps,
         micro_batches_per_step: per_step,

@@ -439,6 +439,14 @@ pub struct Distill {
     /// (`lowrank_correction`).
     #[serde(default = "default_distill_rank")]
     pub rank: usize,
+    /// Adam's learning rate for the linear weights themselves (`weights`),
+    /// which are far larger than the gains `lr` suits.
+    #[serde(default = "default_distill_weights_lr")]
+    pub weights_lr: f64,
+}
+
+fn default_distill_weights_lr() -> f64 {
+    1e-4
 }
 
 fn default_distill_rank() -> usize {
@@ -477,6 +485,13 @@ pub enum DistillParam {
     /// A low-rank term A·B (`distill.rank`) added to each quantized linear
     /// weight, stored in f16 beside its codes.
     LowrankCorrection,
+    /// The block's linear weights while they are still in full precision:
+    /// the block's weights are encoded a group at a time in the order the
+    /// block uses them (attention inputs, attention output, MLP inputs,
+    /// MLP output), and after each group the groups not yet encoded are
+    /// tuned to make up for its error, then calibrated on the inputs the
+    /// block now gives them and encoded in turn. Costs no bits.
+    Weights,
 }
 
 impl DistillParam {
@@ -487,6 +502,7 @@ impl DistillParam {
             DistillParam::Offsets => "offsets",
             DistillParam::Scales => "scales",
             DistillParam::LowrankCorrection => "lowrank_correction",
+            DistillParam::Weights => "weights",
         }
     }
 }
@@ -753,13 +769,20 @@ impl JobSpec {
             if !(d.lr.is_finite() && d.lr > 0.0 && d.lr <= 1.0) {
                 return Err(("distill.lr".into(), format!("{} is not in (0, 1]", d.lr)));
             }
+            if !(d.weights_lr.is_finite() && d.weights_lr > 0.0 && d.weights_lr <= 1.0) {
+                return Err((
+                    "distill.weights_lr".into(),
+                    format!("{} is not in (0, 1]", d.weights_lr),
+                ));
+            }
             if d.batch == 0 {
                 return Err(("distill.batch".into(), "must be at least 1".into()));
             }
             if d.params.is_empty() {
                 return Err((
                     "distill.params".into(),
-                    "name at least one of norms, offsets, scales, lowrank_correction".into(),
+                    "name at least one of norms, offsets, scales, lowrank_correction, weights"
+                        .into(),
                 ));
             }
             if d.params.contains(&DistillParam::LowrankCorrection)
@@ -1493,6 +1516,20 @@ mod tests {
         assert!(parse(&y).unwrap_err().to_string().contains("named twice"));
         let y = format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{lr: 0}}\n");
         assert!(parse(&y).unwrap_err().to_string().contains("distill.lr"));
+        let y = format!(
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{params: [weights, norms]}}\n"
+        );
+        let d = parse(&y).unwrap().distill.unwrap();
+        assert_eq!(d.params[0], DistillParam::Weights);
+        assert_eq!(d.weights_lr, 1e-4);
+        let y = format!(
+            "name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{params: [weights], weights_lr: 2}}\n"
+        );
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("distill.weights_lr") && e.contains("2 is not in (0, 1]"),
+            "{e}"
+        );
         let y = format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {{step: 3}}\n");
         assert!(parse(&y).is_err(), "unknown distill fields are refused");
         let y = "name: t\nmodel: m\noutput: o\npipeline: []\ndistillation:\n  steps: 3\n";
