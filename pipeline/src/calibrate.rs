@@ -53,7 +53,7 @@ use rayon::prelude::*;
 
 use crate::PipelineError;
 use crate::attribution::{Attribution, ReportSection};
-use crate::distill::{BlockDistillation, MicroBatches, distill_block, output_error};
+use crate::distill::{BlockDistillation, MicroBatches, distill_block, no_correction, output_error};
 use crate::model::{Model, f32_to_bytes, raw_to_f32};
 use crate::run::{
     EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, encode_tuned_calibrated,
@@ -1025,6 +1025,19 @@ pub(crate) fn calibrate_block(
             .map_err(|e| forward_error(model, e))?;
     }
     *forward_seconds += t0.elapsed().as_secs_f64();
+    // The micro-batches, and the outputs every tuning of this block
+    // matches: the original model's where the walk keeps them.
+    let data = MicroBatches {
+        local: batches,
+        global,
+        targets: if original.is_empty() {
+            &outputs[..]
+        } else {
+            &original[..]
+        },
+        samples: all_samples,
+        elements: all_elements,
+    };
     // This block's linear weights, and the width of each input site.
     let members: Vec<usize> = model
         .tensors
@@ -1101,17 +1114,6 @@ pub(crate) fn calibrate_block(
                 first.insert(k, r);
             }
         }
-        let data = MicroBatches {
-            local: batches,
-            global,
-            targets: if original.is_empty() {
-                &outputs[..]
-            } else {
-                &original[..]
-            },
-            samples: all_samples,
-            elements: all_elements,
-        };
         untuned_error = Some(output_error(net, layer, &data, ranks)?);
         for (name, t) in saved {
             net.set_tensor(name, t)
@@ -1224,23 +1226,7 @@ pub(crate) fn calibrate_block(
                 params: Vec::new(),
                 ..d.clone()
             };
-            let data = MicroBatches {
-                local: batches,
-                global,
-                targets: if original.is_empty() {
-                    &outputs[..]
-                } else {
-                    &original[..]
-                },
-                samples: all_samples,
-                elements: all_elements,
-            };
-            let mut store = |name: &str, _: &Correction| -> Result<Vec<f32>, PipelineError> {
-                Err(bad(
-                    model,
-                    format!("`{name}`: no correction is tuned with the weights"),
-                ))
-            };
+            let mut store = no_correction(layer);
             let identity = |_: &str, v: Vec<f32>| v;
             let report = distill_block(
                 net, layer, &phase, spec.seed, &later, &data, &identity, &mut store, ranks,
@@ -1319,17 +1305,6 @@ pub(crate) fn calibrate_block(
             e.entry.output_sqnr_db = out.output_sqnr_db;
             e.seconds.push(0.0);
             Ok(out.decoded)
-        };
-        let data = MicroBatches {
-            local: batches,
-            global,
-            targets: if original.is_empty() {
-                &outputs
-            } else {
-                original
-            },
-            samples: all_samples,
-            elements: all_elements,
         };
         let mut report = distill_block(
             net,

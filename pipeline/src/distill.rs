@@ -120,6 +120,20 @@ fn fail(layer: usize, why: impl std::fmt::Display) -> PipelineError {
     }
 }
 
+/// The correction store of a tuning that learns no correction (the
+/// weight tunings between a block's encoded sites): any correction it is
+/// handed is an error naming the block and the weight.
+pub(crate) fn no_correction(
+    layer: usize,
+) -> impl FnMut(&str, &Correction) -> Result<Vec<f32>, PipelineError> {
+    move |name, _| {
+        Err(fail(
+            layer,
+            format!("`{name}`: no correction is tuned with the weights"),
+        ))
+    }
+}
+
 /// Tunes block `layer` of `net` (whose linear weights are already the
 /// encoded ones, but for `weights`, which are tuned whole, with
 /// `spec.weights_lr`); `round` maps a tuned tensor's values to what the

@@ -33,7 +33,7 @@ use crate::calibrate::{
     Batch, BatchSize, Layout, add_input, calibration_of, check_calibrated_tensors, check_site_rows,
     forward_error, layout, load_net, plans_of,
 };
-use crate::distill::{MicroBatches, distill_block};
+use crate::distill::{MicroBatches, distill_block, no_correction};
 use crate::estimate::process_cpu_seconds;
 use crate::model::Model;
 use crate::run::encode_raw_calibrated;
@@ -367,12 +367,7 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
                         params: Vec::new(),
                         ..d.clone()
                     };
-                    let mut store =
-                        |name: &str, _: &Correction| -> Result<Vec<f32>, PipelineError> {
-                            Err(PipelineError::Estimate {
-                                why: format!("`{name}`: no correction is tuned with the weights"),
-                            })
-                        };
+                    let mut store = no_correction(layer);
                     let before = process_cpu_seconds();
                     distill_block(
                         &mut net,
