@@ -267,7 +267,7 @@ pub fn print(d: &DryRun) {
     );
     if let Some(w) = &e.walk {
         println!(
-            "calibration walk (measured on block 0 over {} of {} micro-batches, {} of {} token rows, scaled to {} blocks): loading {:.1}, forward passes and statistics {:.1} (1 + {} passes a block), calibrated encoding {:.1}, distillation {:.1} CPU-seconds",
+            "calibration walk (measured on block 0 over {} of {} micro-batches, {} of {} token rows, scaled to {} blocks): loading {:.1}, forward passes and statistics {:.1} (1 + {} passes a block), calibrated encoding {:.1}, distillation {:.1}, end-to-end tuning {:.1} CPU-seconds",
             w.sampled_micro_batches,
             w.micro_batches,
             w.sampled_rows,
@@ -277,7 +277,8 @@ pub fn print(d: &DryRun) {
             w.forward_cpu_seconds,
             w.plain_passes,
             w.encode_cpu_seconds,
-            w.distill_cpu_seconds
+            w.distill_cpu_seconds,
+            w.end_to_end_cpu_seconds
         );
     }
     if let Some(g) = &d.group {

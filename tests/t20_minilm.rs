@@ -371,6 +371,7 @@ fn a_calibrated_dry_run_estimates_the_walk_within_25_percent() {
             "forward_cpu_seconds",
             "encode_cpu_seconds",
             "distill_cpu_seconds",
+            "end_to_end_cpu_seconds",
         ]
         .iter()
         .map(|k| w[k].as_f64().unwrap())
@@ -688,6 +689,29 @@ fn distilled_2bit_job_meets_its_embedding_target() {
         let after = b["output_sqnr_db_after"].as_f64().unwrap();
         assert!(after > before + 0.1, "block error did not fall: {b}");
     }
+}
+
+#[test]
+fn end_to_end_tuning_of_an_encoder_is_refused() {
+    // End-to-end tuning matches next-token distributions, which an encoder
+    // does not have: the job stops before the walk, with no artifact.
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let job = common::example_job(t.path(), "minilm-2bit-distill", &minilm(), &out);
+    let yaml = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        yaml.replace("  steps: 200\n", "  steps: 200\n  end_to_end: {steps: 2}\n"),
+    )
+    .unwrap();
+    let o = common::hcx(&["run", "--local", job.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("distill.end_to_end") && e.contains("encoder"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a refused job left an artifact");
 }
 
 #[test]

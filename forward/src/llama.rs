@@ -234,6 +234,9 @@ impl Block {
     }
 }
 
+/// The HF name of the final norm's gain (before the head).
+pub const FINAL_NORM: &str = "model.norm.weight";
+
 /// A loaded Llama-family decoder (f32, CPU).
 pub struct Llama {
     /// Its shape.
@@ -463,8 +466,15 @@ impl Llama {
             .ok_or_else(|| crate::not_loaded(format!("model.layers.{layer}")))
     }
 
-    /// A block tensor (linear weight or bias, norm gain) by its HF name.
+    /// A block tensor (linear weight or bias, norm gain), or the final
+    /// norm's gain ([`FINAL_NORM`]), by its HF name.
     pub fn tensor(&self, name: &str) -> Result<&Tensor, ForwardError> {
+        if name == FINAL_NORM {
+            return self
+                .norm
+                .as_ref()
+                .ok_or_else(|| crate::not_loaded(name.into()));
+        }
         let (layer, suffix) = self.locate(name)?;
         block_tensor!(self.block(layer)?, suffix, as_ref).ok_or_else(|| ForwardError::Weight {
             name: name.into(),
@@ -475,6 +485,9 @@ impl Llama {
     /// Replaces a block tensor by its HF name; the shape must not change.
     /// Distillation swaps in trainable variables this way.
     pub fn set_tensor(&mut self, name: &str, t: Tensor) -> Result<(), ForwardError> {
+        if name == FINAL_NORM {
+            return crate::replace_block_tensor(self.norm.as_mut(), name, t);
+        }
         let (layer, suffix) = self.locate(name)?;
         crate::replace_block_tensor(
             block_tensor!(self.block_mut(layer)?, suffix, as_mut, mut),
@@ -665,11 +678,48 @@ impl Llama {
 
     /// Final norm and head: logits `[rows, vocab]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
-        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
-            return Err(crate::not_loaded("model.norm.weight".into()));
-        };
+        let norm = self.tensor(FINAL_NORM)?;
+        self.logits_with_norm(x, norm)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `x` through a final
+    /// norm of gain `norm` (another than the model's, such as the original
+    /// model's while the model's own is tuned) and the head.
+    pub fn logits_with_norm(&self, x: &Tensor, norm: &Tensor) -> Result<Tensor, ForwardError> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| crate::not_loaded("lm_head.weight".into()))?;
         let xn = candle_nn::ops::rms_norm(x, norm, self.cfg.eps as f32)?;
         Ok(xn.matmul(&head.t()?)?)
+    }
+
+    /// Every block over `x` (`[batch·len, hidden]`, the embedded windows)
+    /// with operations that record gradients: the final hidden states,
+    /// before the final norm. For end-to-end tuning.
+    pub fn hidden_for_training(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+    ) -> Result<Tensor, ForwardError> {
+        let mut x = x.clone();
+        for l in 0..self.cfg.layers {
+            x = self.run_block(l, &x, batch, len, &mut |_, _| Ok(()), true)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and head with operations that record gradients (the
+    /// head itself gets none): logits `[rows, vocab]`.
+    pub fn logits_for_training(&self, x: &Tensor) -> Result<Tensor, ForwardError> {
+        let norm = self.tensor(FINAL_NORM)?;
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| crate::not_loaded("lm_head.weight".into()))?;
+        let xn = candle_nn::ops::rms_norm_slow(x, norm, self.cfg.eps as f32)?;
+        Ok(crate::corrected_matmul(&xn, head, None, true)?)
     }
 
     /// Logits of `batch` windows of `len` tokens: `[batch·len, vocab]`.

@@ -54,6 +54,7 @@ use rayon::prelude::*;
 use crate::PipelineError;
 use crate::attribution::{Attribution, ReportSection};
 use crate::distill::{BlockDistillation, MicroBatches, distill_block, no_correction, output_error};
+use crate::end_to_end::{EndToEndTuning, tune_end_to_end};
 use crate::model::{Model, f32_to_bytes, raw_to_f32};
 use crate::run::{
     EncodedEntry, RunOutcome, TENSOR_FILE, encode_raw_calibrated, encode_tuned_calibrated,
@@ -681,6 +682,8 @@ pub(crate) struct Calibrated<'a> {
     pub(crate) seconds: f64,
     /// What distillation did to each block (empty without `distill:`).
     pub(crate) distilled: Vec<BlockDistillation>,
+    /// What end-to-end tuning did (`distill.end_to_end`).
+    pub(crate) end_to_end: Option<EndToEndTuning>,
 }
 
 /// Sums the ranks' statistics of block `layer` exactly. The ranks first
@@ -865,10 +868,57 @@ fn calibrate_blocks<'a>(
     check_site_rows(&net, model, cal, &sites)?;
     let samples: usize = sizes.iter().map(|b| b.samples).sum();
     let tokens: usize = sizes.iter().map(|b| b.rows).sum();
+    let end_to_end = spec.distill.as_ref().and_then(|d| d.end_to_end.as_ref());
+    // End-to-end tuning starts again from the embedded windows.
+    let inputs: Vec<Batch> = match (end_to_end, &net) {
+        (None, _) => Vec::new(),
+        (Some(_), Net::Decoder(_)) => batches
+            .iter()
+            .map(|b| Batch {
+                x: b.x.clone(),
+                windows: b.windows,
+                len: b.len,
+            })
+            .collect(),
+        (Some(_), Net::Encoder(_)) => {
+            return Err(bad(
+                model,
+                "`distill.end_to_end` tunes a decoder against its next-token distributions; this model is an encoder".into(),
+            ));
+        }
+    };
     let mut walk = Walk::new(spec, model, net, batches, global, &sizes, None);
     for layer in 0..walk.net.layers() {
         calibrate_block(spec, model, &plans, &mut walk, layer, ranks)?;
     }
+    let end_to_end = match (end_to_end, &mut walk.net) {
+        (Some(e), Net::Decoder(llama)) => {
+            // The original model's final hidden states: carried beside the
+            // compressed model's, or the walk's own with `order: original`.
+            let teacher: Vec<Tensor> = if walk.original.is_empty() {
+                walk.batches.iter().map(|b| b.x.clone()).collect()
+            } else {
+                walk.original.clone()
+            };
+            let data = MicroBatches {
+                local: &inputs,
+                global: &walk.global,
+                targets: &teacher,
+                samples: &walk.all_samples,
+                elements: &walk.all_elements,
+            };
+            let round = stored_round(model);
+            let tuning = tune_end_to_end(llama, e, spec.seed, &data, &round, ranks)?;
+            tracing::info!(
+                kl_before = tuning.before,
+                kl_after = tuning.after,
+                seconds = tuning.seconds,
+                "tuned the norm gains end to end"
+            );
+            Some(tuning)
+        }
+        _ => None,
+    };
     Ok(Calibrated {
         cal,
         plans,
@@ -879,7 +929,18 @@ fn calibrate_blocks<'a>(
         forward_seconds: walk.forward_seconds,
         seconds: t_cal.elapsed().as_secs_f64(),
         distilled: walk.distilled,
+        end_to_end,
     })
+}
+
+/// Maps a tuned tensor's values to what the artifact stores (its dtype).
+fn stored_round(model: &Model) -> impl Fn(&str, Vec<f32>) -> Vec<f32> + '_ {
+    let by_name: HashMap<&str, &crate::model::TensorInfo> =
+        model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    move |name: &str, values: Vec<f32>| match by_name.get(name) {
+        Some(t) => raw_to_f32(&f32_to_bytes(&values, t.dtype), t.dtype),
+        None => values,
+    }
 }
 
 /// A group of one rank: the collective a single process calibrates with.
@@ -986,15 +1047,8 @@ pub(crate) fn calibrate_block(
         forward_seconds,
         distilled,
     } = walk;
-    let by_name: HashMap<&str, &crate::model::TensorInfo> =
-        model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     // A tuned tensor's values as the artifact stores them (its dtype).
-    let round = |name: &str, values: Vec<f32>| -> Vec<f32> {
-        match by_name.get(name) {
-            Some(t) => raw_to_f32(&f32_to_bytes(&values, t.dtype), t.dtype),
-            None => values,
-        }
-    };
+    let round = stored_round(model);
     let world = ranks.world();
     let t0 = Instant::now();
     // With `distill.params: [weights]` the block's weights are encoded a
@@ -1467,11 +1521,15 @@ fn encode_calibrated(
         forward_seconds,
         seconds: calibration_seconds,
         distilled,
+        end_to_end,
     } = calibrated;
-    // Blocks another stage tuned carry their tensors' names only.
+    // Blocks another stage tuned carry their tensors' names only. End-to-end
+    // tuning comes last and has the last word.
     let tuned: HashMap<&str, &Vec<f32>> = distilled
         .iter()
-        .flat_map(|d| d.tuned.iter().filter(|(_, v)| !v.is_empty()))
+        .flat_map(|d| d.tuned.iter())
+        .chain(end_to_end.iter().flat_map(|e| e.tuned.iter()))
+        .filter(|(_, v)| !v.is_empty())
         .map(|(n, v)| (n.as_str(), v))
         .collect();
     // Everything outside the blocks, in bounded waves, without statistics.
@@ -1542,14 +1600,18 @@ fn encode_calibrated(
     };
     let mut sections = vec![section];
     if let Some(d) = &spec.distill {
-        sections.push(distill_section(d, &distilled));
+        sections.push(distill_section(d, &distilled, end_to_end.as_ref()));
     }
     Ok((done, sections))
 }
 
 /// The report's account of distillation: each block's output error against
 /// the original model on the calibration samples, before and after tuning.
-fn distill_section(spec: &hcx_protocol::Distill, blocks: &[BlockDistillation]) -> ReportSection {
+fn distill_section(
+    spec: &hcx_protocol::Distill,
+    blocks: &[BlockDistillation],
+    end_to_end: Option<&EndToEndTuning>,
+) -> ReportSection {
     let params: Vec<&str> = spec.params.iter().map(|p| p.name()).collect();
     let mut md = format!(
         "## Distillation\n\nBlock by block after encoding: {} tuned with Adam (lr {}) for {} steps of {} samples, to match the original model's activations after the block on the calibration samples. Output SQNR = 10·log10(Σt²/Σ(y − t)²), the original model's activations t, the compressed model's y (so it includes the error of the blocks before).\n\n| block | tuned scalars | output SQNR before (dB) | after (dB) | seconds |\n|---:|---:|---:|---:|---:|\n",
@@ -1568,7 +1630,20 @@ fn distill_section(spec: &hcx_protocol::Distill, blocks: &[BlockDistillation]) -
             b.seconds
         ));
     }
+    if let (Some(e), Some(t)) = (&spec.end_to_end, end_to_end) {
+        md.push_str(&format!(
+            "\nThen end to end: the norm gains of every block and the final norm ({} scalars) tuned with Adam (lr {}) for {} steps of {} windows against the original model's next-token distributions. Mean KL(original ‖ compressed) per position of the calibration windows: {:.4} before, {:.4} after ({:.1} s).\n",
+            t.params, e.lr, e.steps, e.batch, t.before, t.after, t.seconds
+        ));
+    }
     let json = serde_json::json!({
+        "end_to_end": end_to_end.map(|t| serde_json::json!({
+            "tuned_scalars": t.params,
+            "kl_before": t.before,
+            "kl_after": t.after,
+            "seconds": t.seconds,
+            "tuned_tensors": t.tuned.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        })),
         "steps": spec.steps,
         "lr": spec.lr,
         "batch": spec.batch,

@@ -39,7 +39,7 @@ use crate::PipelineError;
 use crate::calibrate::{Batch, Net};
 
 /// Fraction bits of the fixed-point gradient sum.
-const FRACTION_BITS: i32 = 64;
+pub(crate) const FRACTION_BITS: i32 = 64;
 
 /// Adam's moment decay rates and denominator guard (Kingma & Ba's defaults).
 const BETA1: f64 = 0.9;
@@ -217,8 +217,7 @@ pub(crate) fn distill_block(
         }
         let scale = 2f64.powi(FRACTION_BITS);
         let limit = 2f64.powi(126 - 64) / total as f64;
-        let (mut m, mut v2) = (vec![0f64; params], vec![0f64; params]);
-        let mut master: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+        let mut adam = Adam::new(&values);
         for step in 0..spec.steps {
             let set: Vec<usize> = (0..k).map(|j| order[(step * k + j) % total]).collect();
             let n: usize = set.iter().map(|&g| data.elements[g]).sum();
@@ -242,23 +241,14 @@ pub(crate) fn distill_block(
                         .map_err(|e| fail(layer, e))?;
                     let grads = loss.backward().map_err(|e| fail(layer, e))?;
                     let mut fixed = vec![0i128; params];
-                    let mut at = 0;
-                    for (var, &size) in vars.iter().zip(&sizes) {
-                        if let Some(gr) = grads.get(var.as_tensor()) {
-                            let gr = flat(gr).map_err(|e| fail(layer, e))?;
-                            for (a, x) in fixed[at..at + size].iter_mut().zip(gr) {
-                                let x = f64::from(x);
-                                if !(x.is_finite() && x.abs() < limit) {
-                                    return Err(fail(
-                                        layer,
-                                        format!("gradient {x} at step {step} is out of range; lower `distill.lr`"),
-                                    ));
-                                }
-                                *a = (x * scale).round() as i128;
-                            }
-                        }
-                        at += size;
-                    }
+                    add_fixed(&mut fixed, &vars, &sizes, &grads, scale, limit)
+                        .map_err(|e| fail(layer, e))?
+                        .map_err(|x| {
+                            fail(
+                                layer,
+                                format!("gradient {x} at step {step} is out of range; lower `distill.lr`"),
+                            )
+                        })?;
                     Ok(fixed)
                 })
                 .collect();
@@ -276,25 +266,10 @@ pub(crate) fn distill_block(
                         source,
                     })?;
             }
-            // Adam (no weight decay: the tuned parameters are gains and shifts).
-            let t = (step + 1) as i32;
-            let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
-            for i in 0..params {
-                let g = acc[i] as f64 / scale;
-                m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
-                v2[i] = BETA2 * v2[i] + (1.0 - BETA2) * g * g;
-                master[i] -= lrs[i] * (m[i] / c1) / ((v2[i] / c2).sqrt() + EPSILON);
-            }
-            let mut at = 0;
-            for (var, &size) in vars.iter().zip(&sizes) {
-                let vals: Vec<f32> = master[at..at + size].iter().map(|&x| x as f32).collect();
-                let t = Tensor::from_vec(vals, var.shape(), var.device())
-                    .map_err(|e| fail(layer, e))?;
-                var.set(&t).map_err(|e| fail(layer, e))?;
-                at += size;
-            }
+            adam.step(&acc, scale, &lrs);
+            adam.write(&vars, &sizes).map_err(|e| fail(layer, e))?;
         }
-        values = master.iter().map(|&x| x as f32).collect();
+        values = adam.values();
     }
     // The tuned values as the artifact stores them, back into the model as
     // plain tensors.
@@ -406,7 +381,89 @@ fn correction_vars(
     Ok(out)
 }
 
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+/// Adam over a flat vector of tuned scalars, kept in f64 (no weight
+/// decay: the tuned parameters are gains, shifts and weights), stepped
+/// with exact fixed-point gradient sums so every rank computes the same
+/// numbers.
+pub(crate) struct Adam {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    master: Vec<f64>,
+    steps: i32,
+}
+
+impl Adam {
+    pub(crate) fn new(values: &[f32]) -> Adam {
+        Adam {
+            m: vec![0.0; values.len()],
+            v: vec![0.0; values.len()],
+            master: values.iter().map(|&x| f64::from(x)).collect(),
+            steps: 0,
+        }
+    }
+
+    /// One step with the gradient `acc` (fixed point, `scale` units to
+    /// one) and a learning rate per scalar.
+    pub(crate) fn step(&mut self, acc: &[i128], scale: f64, lrs: &[f64]) {
+        self.steps += 1;
+        let t = self.steps;
+        let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+        for i in 0..self.master.len() {
+            let g = acc[i] as f64 / scale;
+            self.m[i] = BETA1 * self.m[i] + (1.0 - BETA1) * g;
+            self.v[i] = BETA2 * self.v[i] + (1.0 - BETA2) * g * g;
+            self.master[i] -= lrs[i] * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + EPSILON);
+        }
+    }
+
+    /// Puts the current values (as f32) into the variables, laid out one
+    /// after another with `sizes`.
+    pub(crate) fn write(&self, vars: &[Var], sizes: &[usize]) -> candle_core::Result<()> {
+        let mut at = 0;
+        for (var, &size) in vars.iter().zip(sizes) {
+            let vals: Vec<f32> = self.master[at..at + size]
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            var.set(&Tensor::from_vec(vals, var.shape(), var.device())?)?;
+            at += size;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn values(&self) -> Vec<f32> {
+        self.master.iter().map(|&x| x as f32).collect()
+    }
+}
+
+/// Adds each variable's gradient in `grads` (absent: zero) to `fixed`, in
+/// fixed point (`scale` units to one). The inner error is the first
+/// gradient that is not finite or not below `limit` in size.
+pub(crate) fn add_fixed(
+    fixed: &mut [i128],
+    vars: &[Var],
+    sizes: &[usize],
+    grads: &candle_core::backprop::GradStore,
+    scale: f64,
+    limit: f64,
+) -> candle_core::Result<Result<(), f64>> {
+    let mut at = 0;
+    for (var, &size) in vars.iter().zip(sizes) {
+        if let Some(gr) = grads.get(var.as_tensor()) {
+            for (a, x) in fixed[at..at + size].iter_mut().zip(flat(gr)?) {
+                let x = f64::from(x);
+                if !(x.is_finite() && x.abs() < limit) {
+                    return Ok(Err(x));
+                }
+                *a += (x * scale).round() as i128;
+            }
+        }
+        at += size;
+    }
+    Ok(Ok(()))
+}
+
+pub(crate) fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 

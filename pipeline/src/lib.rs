@@ -12,6 +12,7 @@ pub mod calibrate;
 pub mod charts;
 pub mod dense;
 mod distill;
+mod end_to_end;
 pub mod estimate;
 pub mod gates;
 pub mod gguf;
@@ -125,6 +126,12 @@ pub enum PipelineError {
     Distill {
         /// The block.
         block: usize,
+        /// What went wrong.
+        why: String,
+    },
+    /// End-to-end tuning of the norm gains failed.
+    #[error("end-to-end tuning: {why}")]
+    EndToEnd {
         /// What went wrong.
         why: String,
     },

@@ -385,6 +385,7 @@ pub(crate) fn calibrate_stage<'a>(
         forward_seconds: h.forward_seconds,
         seconds: h.seconds,
         distilled,
+        end_to_end: None,
     })
 }
 

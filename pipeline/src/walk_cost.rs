@@ -12,7 +12,9 @@
 //! tensor's stages, shape and input site) is encoded once with the
 //! sample's statistics; and with `distill:` block 0 is tuned twice, with no
 //! step and with [`MEASURED_STEPS`] steps over the sample, whose difference
-//! is the cost of a step. Forward and distillation costs scale with the
+//! is the cost of a step; with `distill.end_to_end` one window's gradient
+//! and one window's KL through the whole model are timed and scaled to the
+//! steps and the measuring passes. Forward and distillation costs scale with the
 //! token rows (attention's part, which grows with a window's length, is
 //! in the sample's per-row figure since the sample has the job's windows),
 //! and every block is taken to cost what block 0 costs: true of the models
@@ -82,6 +84,13 @@ pub struct WalkCost {
     pub distill_steps_cpu_seconds: f64,
     /// Micro-batches each distillation step takes.
     pub micro_batches_per_step: usize,
+    /// End-to-end tuning (`distill.end_to_end`): its steps and the KL
+    /// measured before and after over every window (0 without it).
+    pub end_to_end_cpu_seconds: f64,
+    /// Of that, the steps.
+    pub end_to_end_steps_cpu_seconds: f64,
+    /// Micro-batches each end-to-end step takes.
+    pub end_to_end_micro_batches_per_step: usize,
     /// Bytes the learned corrections add to the artifact (parts, manifest
     /// and header entries), over every corrected weight.
     pub correction_bytes: u64,
@@ -100,6 +109,7 @@ impl WalkCost {
             + self.forward_cpu_seconds
             + self.encode_cpu_seconds
             + self.distill_cpu_seconds
+            + self.end_to_end_cpu_seconds
     }
 
     /// CPU seconds of the busiest rank of a data-parallel group of
@@ -116,6 +126,8 @@ impl WalkCost {
             + (self.forward_cpu_seconds + self.distill_cpu_seconds - self.distill_steps_cpu_seconds)
                 * data
             + self.distill_steps_cpu_seconds * step
+            + (self.end_to_end_cpu_seconds - self.end_to_end_steps_cpu_seconds) * data
+            + self.end_to_end_steps_cpu_seconds * share(self.end_to_end_micro_batches_per_step)
     }
 }
 
@@ -411,7 +423,29 @@ pub(crate) fn measure(spec: &JobSpec, model: &Model) -> Result<WalkCost, Pipelin
             }
         }
     }
+    // End-to-end tuning: one window's gradient and one window's KL
+    // through the whole model, scaled to the steps' windows and to the
+    // two measuring passes over every window.
+    let (mut end_to_end, mut end_to_end_steps, mut end_to_end_per_step) = (0.0, 0.0, 1);
+    if let (Some(e), crate::calibrate::Net::Decoder(llama)) = (
+        spec.distill.as_ref().and_then(|d| d.end_to_end.as_ref()),
+        &mut net,
+    ) {
+        let b = &sample[0];
+        let x =
+            b.x.narrow(0, 0, b.len)
+                .map_err(|e| PipelineError::Estimate { why: e.to_string() })?;
+        let (gradient, kl) = crate::end_to_end::measure_window(llama, &x)?;
+        let per_batch = sizes[0].samples.max(1);
+        end_to_end_per_step = e.batch.div_ceil(per_batch).clamp(1, micro_batches);
+        let windows: usize = sizes.iter().map(|b| b.samples).sum();
+        end_to_end_steps = (e.steps * end_to_end_per_step * per_batch) as f64 * gradient;
+        end_to_end = end_to_end_steps + 2.0 * windows as f64 * kl;
+    }
     Ok(WalkCost {
+        end_to_end_cpu_seconds: end_to_end,
+        end_to_end_steps_cpu_seconds: end_to_end_steps,
+        end_to_end_micro_batches_per_step: end_to_end_per_step,
         blocks,
         micro_batches,
         rows,

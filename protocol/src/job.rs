@@ -443,6 +443,42 @@ pub struct Distill {
     /// which are far larger than the gains `lr` suits.
     #[serde(default = "default_distill_weights_lr")]
     pub weights_lr: f64,
+    /// After the walk, every norm gain (the blocks' and the final norm's)
+    /// tuned together against the original model's next-token
+    /// distributions (decoders only).
+    #[serde(default)]
+    pub end_to_end: Option<EndToEnd>,
+}
+
+/// End-to-end tuning: once every block is encoded (and tuned block by
+/// block), the norm gains of the whole model are tuned together with Adam
+/// to minimise KL(original ‖ compressed) of the next-token distributions on
+/// the calibration windows, which is what the model is judged by; the
+/// block-wise objective only matches each block's activations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndToEnd {
+    /// Optimiser steps.
+    #[serde(default = "default_end_to_end_steps")]
+    pub steps: usize,
+    /// Adam's learning rate.
+    #[serde(default = "default_end_to_end_lr")]
+    pub lr: f64,
+    /// Calibration windows per step; rounded up to whole micro-batches.
+    #[serde(default = "default_end_to_end_batch")]
+    pub batch: usize,
+}
+
+fn default_end_to_end_steps() -> usize {
+    50
+}
+
+fn default_end_to_end_lr() -> f64 {
+    1e-4
+}
+
+fn default_end_to_end_batch() -> usize {
+    8
 }
 
 fn default_distill_weights_lr() -> f64 {
@@ -763,8 +799,41 @@ impl JobSpec {
                     "distillation tunes blocks on calibration activations: add a `calibration:` section".into(),
                 ));
             }
-            if d.steps == 0 {
-                return Err(("distill.steps".into(), "must be at least 1".into()));
+            if d.steps == 0 && d.end_to_end.is_none() {
+                return Err((
+                    "distill.steps".into(),
+                    "must be at least 1 (0, no block-wise tuning, only with `end_to_end`)".into(),
+                ));
+            }
+            if let Some(e) = &d.end_to_end {
+                if e.steps == 0 {
+                    return Err((
+                        "distill.end_to_end.steps".into(),
+                        "must be at least 1".into(),
+                    ));
+                }
+                if !(e.lr.is_finite() && e.lr > 0.0 && e.lr <= 1.0) {
+                    return Err((
+                        "distill.end_to_end.lr".into(),
+                        format!("{} is not in (0, 1]", e.lr),
+                    ));
+                }
+                if e.batch == 0 {
+                    return Err((
+                        "distill.end_to_end.batch".into(),
+                        "must be at least 1".into(),
+                    ));
+                }
+                if self
+                    .calibration
+                    .as_ref()
+                    .is_some_and(|c| c.parallel == CalibrationParallel::Layers)
+                {
+                    return Err((
+                        "distill.end_to_end".into(),
+                        "tunes the whole model at once, which `calibration.parallel: layers` splits over nodes; use the default data-parallel split".into(),
+                    ));
+                }
             }
             if !(d.lr.is_finite() && d.lr > 0.0 && d.lr <= 1.0) {
                 return Err(("distill.lr".into(), format!("{} is not in (0, 1]", d.lr)));
@@ -1476,6 +1545,55 @@ mod tests {
         assert!(e.contains("placement.layers_per_shard"), "{e}");
         let y = "name: t\nmodel: m\noutput: o\npipeline: []\nplacement:\n  site: b\n";
         assert!(parse(y).is_err(), "unknown placement fields are refused");
+    }
+
+    #[test]
+    fn end_to_end_tuning_parses_and_is_checked() {
+        let cal = "calibration:\n  text: t.txt\n";
+        let job =
+            |d: &str| format!("name: t\nmodel: m\noutput: o\npipeline: []\n{cal}distill: {d}\n");
+        let d = parse(&job("{steps: 0, end_to_end: {}}"))
+            .unwrap()
+            .distill
+            .unwrap();
+        assert_eq!(d.steps, 0, "no block-wise tuning");
+        let e = d.end_to_end.unwrap();
+        assert_eq!((e.steps, e.lr, e.batch), (50, 1e-4, 8));
+        let d = parse(&job("{end_to_end: {steps: 7, lr: 0.002, batch: 16}}"))
+            .unwrap()
+            .distill
+            .unwrap();
+        assert_eq!(
+            d.end_to_end,
+            Some(EndToEnd {
+                steps: 7,
+                lr: 0.002,
+                batch: 16
+            })
+        );
+        let e = parse(&job("{steps: 0}")).unwrap_err().to_string();
+        assert!(
+            e.contains("distill.steps") && e.contains("end_to_end"),
+            "{e}"
+        );
+        for (d, field) in [
+            ("{end_to_end: {steps: 0}}", "distill.end_to_end.steps"),
+            ("{end_to_end: {lr: 2}}", "distill.end_to_end.lr"),
+            ("{end_to_end: {batch: 0}}", "distill.end_to_end.batch"),
+        ] {
+            let e = parse(&job(d)).unwrap_err().to_string();
+            assert!(e.contains(field), "{d}: {e}");
+        }
+        let e = parse(&job("{end_to_end: {step: 3}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step"), "{e}");
+        let y = "name: t\nmodel: m\noutput: o\npipeline: []\ncalibration:\n  text: t.txt\n  parallel: layers\ndistill: {end_to_end: {}}\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(
+            e.contains("distill.end_to_end") && e.contains("parallel: layers"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ pub mod metrics;
 pub mod stage;
 
 pub use job::{
-    Calibration, CalibrationOrder, CalibrationParallel, Distill, DistillParam, Files, Gates,
-    JobError, JobSpec, Keep, OnMiss, Place, Placement, Rule,
+    Calibration, CalibrationOrder, CalibrationParallel, Distill, DistillParam, EndToEnd, Files,
+    Gates, JobError, JobSpec, Keep, OnMiss, Place, Placement, Rule,
 };
 pub use manifest::{FileEntry, Manifest, PartEntry, StepRecord, TensorEntry};
 pub use stage::{StageCategory, StageSpec};
